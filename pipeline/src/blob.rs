@@ -1,0 +1,89 @@
+//! Blob store for intermediate data (uploaded PDFs, page images above the
+//! inline limit): the JetStream Object Store bucket `<prefix>_blobs`, so no
+//! extra service is needed. Objects are streamed in chunks, never held whole.
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+/// Key of an uploaded document.
+pub fn upload_key(doc_id: &str) -> String {
+    format!("uploads/{doc_id}")
+}
+
+/// Key of a page image sent by claim check.
+pub fn page_image_key(doc_id: &str, page: u32, format: &str) -> String {
+    format!("pages/{doc_id}/{page}.{format}")
+}
+
+#[derive(Clone)]
+pub struct BlobStore {
+    store: ObjectStore,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlobStore")
+    }
+}
+
+impl BlobStore {
+    pub fn new(store: ObjectStore) -> Self {
+        BlobStore { store }
+    }
+
+    /// Streams `reader` into `key` (overwriting); returns the bytes written.
+    pub async fn put_reader<R: AsyncRead + Unpin>(&self, key: &str, reader: &mut R) -> Result<u64> {
+        let meta = ObjectMetadata { name: key.to_string(), ..Default::default() };
+        let info = self
+            .store
+            .put(meta, reader)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("writing blob {key}"))?;
+        Ok(info.size as u64)
+    }
+
+    pub async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<u64> {
+        let mut reader = bytes;
+        self.put_reader(key, &mut reader).await
+    }
+
+    /// Streams `key` into `writer`; returns the bytes copied.
+    pub async fn copy_to<W: AsyncWrite + Unpin>(&self, key: &str, writer: &mut W) -> Result<u64> {
+        let mut obj = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("opening blob {key}"))?;
+        tokio::io::copy(&mut obj, writer).await.with_context(|| format!("reading blob {key}"))
+    }
+
+    pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>> {
+        let mut obj = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("opening blob {key}"))?;
+        let mut out = Vec::new();
+        obj.read_to_end(&mut out).await.with_context(|| format!("reading blob {key}"))?;
+        Ok(out)
+    }
+
+    /// Deletes `key`; a missing key is not an error (idempotent clean-up).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(key).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("{e}")).with_context(|| format!("deleting blob {key}")),
+        }
+    }
+
+    /// Whether the error chain says the object does not exist.
+    pub fn is_not_found(err: &anyhow::Error) -> bool {
+        let text = format!("{err:#}").to_ascii_lowercase();
+        text.contains("not found")
+    }
+}

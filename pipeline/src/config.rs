@@ -1,0 +1,477 @@
+//! Layered, typed configuration: embedded defaults → optional TOML file
+//! (`--config FILE` or `PAGESTREAM_CONFIG`) → environment variables
+//! `PAGESTREAM_<SECTION>_<KEY>` (e.g. `PAGESTREAM_SPLITTER_DPI=200`).
+//!
+//! Every problem is collected and reported at once ([`ConfigError`]); the
+//! binaries exit with code 64 on it, before binding any port.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// Exit code for invalid configuration (EX_USAGE).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Environment variables with the `PAGESTREAM_` prefix that are not
+/// `<SECTION>_<KEY>` settings.
+const RESERVED_ENV: &[&str] = &["PAGESTREAM_CONFIG", "PAGESTREAM_DEPS", "PAGESTREAM_LOG", "PAGESTREAM_BLESS", "PAGESTREAM_CORPUS"];
+
+/// The whole configuration; each binary reads the sections it needs, so one
+/// file can configure every stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub ingress: IngressConfig,
+    pub splitter: SplitterConfig,
+    pub inferencer: InferencerConfig,
+    pub uploader: UploaderConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// NATS server URL.
+    pub url: String,
+    /// Prefix of every subject, stream and bucket (`[a-z0-9_-]`), so several
+    /// pipelines can share one server.
+    pub prefix: String,
+    /// Deliveries of one message before it is dead-lettered.
+    pub max_deliver: i64,
+    /// Seconds to wait for a connection at start-up.
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// Address the HTTP API listens on.
+    pub addr: String,
+    /// Largest accepted upload, in bytes (HTTP 413 above).
+    pub max_upload_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitterConfig {
+    /// Rendering resolution when the submission does not set one.
+    pub dpi: f32,
+    /// Largest page bitmap in pixels; larger pages are rendered downscaled.
+    pub max_pixels: u64,
+    /// Largest page image sent inline in a message; larger ones go to the blob store.
+    pub inline_image_max_bytes: usize,
+    /// Path to libpdfium.so (default: `<deps>/lib/libpdfium.so`).
+    pub pdfium_library: PathBuf,
+    /// Documents split at the same time by one process.
+    pub concurrency: usize,
+    /// Address of /metrics, /livez, /readyz (empty: disabled).
+    pub admin_addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferencerConfig {
+    /// Model name: a manifest `models/<name>/model.toml`.
+    pub model: String,
+    /// Directory of model manifests (default: the repository's `models/`,
+    /// else the manifests built into the binary).
+    pub models_dir: PathBuf,
+    /// Directory holding the ONNX weights (default: `<deps>/models`).
+    pub weights_dir: PathBuf,
+    /// Path to libonnxruntime.so (default: `<deps>/lib/libonnxruntime.so`).
+    pub onnxruntime_library: PathBuf,
+    /// Intra-op threads for ONNX Runtime (0: one per core).
+    pub threads: usize,
+    /// Address of /metrics, /livez, /readyz (empty: disabled).
+    pub admin_addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploaderConfig {
+    /// `local` (a directory) or `s3`.
+    pub target: String,
+    /// Results directory for `target = "local"`.
+    pub dir: PathBuf,
+    /// Key prefix under which `<doc_id>/…` is written (both targets).
+    pub prefix: String,
+    pub s3_bucket: String,
+    /// Custom endpoint (MinIO, moto, …); empty for AWS.
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most S3 servers other than AWS.
+    pub s3_path_style: bool,
+    /// Static credentials; empty: the standard AWS chain (env, profile, IMDS).
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
+    /// Pages written at the same time by one process.
+    pub concurrency: usize,
+    /// Address of /metrics, /livez, /readyz (empty: disabled).
+    pub admin_addr: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats: NatsConfig::default(),
+            ingress: IngressConfig::default(),
+            splitter: SplitterConfig::default(),
+            inferencer: InferencerConfig::default(),
+            uploader: UploaderConfig::default(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: "pagestream".into(),
+            max_deliver: 5,
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            addr: "127.0.0.1:8080".into(),
+            max_upload_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for SplitterConfig {
+    fn default() -> Self {
+        SplitterConfig {
+            dpi: 150.0,
+            max_pixels: 4096 * 4096,
+            inline_image_max_bytes: 512 * 1024,
+            pdfium_library: deps_dir().join("lib/libpdfium.so"),
+            concurrency: 1,
+            admin_addr: "127.0.0.1:9101".into(),
+        }
+    }
+}
+
+impl Default for InferencerConfig {
+    fn default() -> Self {
+        InferencerConfig {
+            model: "layout_cdla".into(),
+            models_dir: repo_models_dir(),
+            weights_dir: deps_dir().join("models"),
+            onnxruntime_library: deps_dir().join("lib/libonnxruntime.so"),
+            threads: 0,
+            admin_addr: "127.0.0.1:9102".into(),
+        }
+    }
+}
+
+impl Default for UploaderConfig {
+    fn default() -> Self {
+        UploaderConfig {
+            target: "local".into(),
+            dir: PathBuf::from("out"),
+            prefix: String::new(),
+            s3_bucket: String::new(),
+            s3_endpoint: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_path_style: false,
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
+            concurrency: 4,
+            admin_addr: "127.0.0.1:9103".into(),
+        }
+    }
+}
+
+/// Every problem found in the configuration sources.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The project-local dependency folder: `$PAGESTREAM_DEPS`, else the first
+/// `.deps` found walking up from the executable, then from the working
+/// directory, else `.deps`.
+pub fn deps_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PAGESTREAM_DEPS") {
+        return PathBuf::from(d);
+    }
+    find_upwards(".deps").unwrap_or_else(|| PathBuf::from(".deps"))
+}
+
+fn repo_models_dir() -> PathBuf {
+    find_upwards("models/layout_cdla/model.toml")
+        .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("models"))
+}
+
+fn find_upwards(rel: &str) -> Option<PathBuf> {
+    let starts = [
+        std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)),
+        std::env::current_dir().ok(),
+    ];
+    for start in starts.into_iter().flatten() {
+        for dir in start.ancestors() {
+            let candidate = dir.join(rel);
+            if candidate.exists() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `$PAGESTREAM_CONFIG`), then the process
+    /// environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_file = std::env::var_os("PAGESTREAM_CONFIG").map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let text = match &file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| ConfigError {
+                errors: vec![format!("cannot read config file {}: {e}", path.display())],
+            })?),
+            None => None,
+        };
+        Self::from_sources(text.as_deref(), std::env::vars())
+    }
+
+    /// Builds a config from a TOML text and `(name, value)` environment
+    /// pairs; the testable core of [`Config::load`].
+    pub fn from_sources(
+        toml_text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let defaults = to_table(&Config::default());
+        let mut errors = Vec::new();
+        let mut merged = defaults.clone();
+
+        if let Some(text) = toml_text {
+            match text.parse::<Table>() {
+                Ok(file) => overlay_file(&defaults, &mut merged, file, &mut errors),
+                Err(e) => errors.push(format!("config file is not valid TOML: {e}")),
+            }
+        }
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        for (name, raw) in &env {
+            let Some(rest) = name.strip_prefix("PAGESTREAM_") else { continue };
+            if RESERVED_ENV.contains(&name.as_str()) {
+                continue;
+            }
+            let lower = rest.to_ascii_lowercase();
+            let Some((section, key)) = lower.split_once('_') else {
+                errors.push(format!("{name}: expected PAGESTREAM_<SECTION>_<KEY>"));
+                continue;
+            };
+            match defaults.get(section).and_then(Value::as_table).and_then(|t| t.get(key)) {
+                None => errors.push(format!("{name}: unknown setting {section}.{key}")),
+                Some(default) => match parse_like(default, raw) {
+                    Ok(v) => {
+                        merged[section].as_table_mut().expect("section").insert(key.into(), v);
+                    }
+                    Err(e) => errors.push(format!("{name}={raw:?}: {e}")),
+                },
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError { errors });
+        }
+        // Every key is known and typed like its default by now; deserialise
+        // section by section so each type error is reported.
+        for (section, value) in &merged {
+            let mut probe = defaults.clone();
+            probe.insert(section.clone(), value.clone());
+            if let Err(e) = Value::Table(probe).try_into::<Config>() {
+                errors.push(format!("[{section}]: {}", e.message().trim()));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError { errors });
+        }
+        let config: Config = Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError { errors: vec![e.to_string()] })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks serde cannot express; all reported together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let p = &self.nats.prefix;
+        if p.is_empty()
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            errors.push(format!("nats.prefix {p:?}: use 1+ characters of [a-z0-9_-]"));
+        }
+        if self.nats.max_deliver < 1 {
+            errors.push("nats.max_deliver must be at least 1".into());
+        }
+        if !(10.0..=1200.0).contains(&self.splitter.dpi) {
+            errors.push(format!("splitter.dpi {} is outside 10..=1200", self.splitter.dpi));
+        }
+        if self.splitter.max_pixels < 64 * 64 {
+            errors.push("splitter.max_pixels must be at least 4096".into());
+        }
+        if self.splitter.inline_image_max_bytes > 900 * 1024 {
+            errors.push("splitter.inline_image_max_bytes must stay below NATS's 1 MiB payload limit (max 921600)".into());
+        }
+        for (name, n) in [
+            ("splitter.concurrency", self.splitter.concurrency),
+            ("uploader.concurrency", self.uploader.concurrency),
+        ] {
+            if n == 0 {
+                errors.push(format!("{name} must be at least 1"));
+            }
+        }
+        match self.uploader.target.as_str() {
+            "local" => {}
+            "s3" => {
+                if self.uploader.s3_bucket.is_empty() {
+                    errors.push("uploader.s3_bucket is required when uploader.target = \"s3\"".into());
+                }
+                if self.uploader.s3_access_key_id.is_empty() != self.uploader.s3_secret_access_key.is_empty() {
+                    errors.push("uploader.s3_access_key_id and uploader.s3_secret_access_key go together".into());
+                }
+            }
+            other => errors.push(format!("uploader.target {other:?}: expected \"local\" or \"s3\"")),
+        }
+        if self.uploader.prefix.starts_with('/') || self.uploader.prefix.contains("..") {
+            errors.push("uploader.prefix must be relative and must not contain '..'".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { errors })
+        }
+    }
+}
+
+fn to_table(config: &Config) -> Table {
+    match Value::try_from(config).expect("config serialises") {
+        Value::Table(t) => t,
+        _ => unreachable!("a struct serialises to a table"),
+    }
+}
+
+fn overlay_file(defaults: &Table, merged: &mut Table, file: Table, errors: &mut Vec<String>) {
+    for (section, value) in file {
+        let Some(known) = defaults.get(&section).and_then(Value::as_table) else {
+            errors.push(format!("config file: unknown section [{section}]"));
+            continue;
+        };
+        let Value::Table(entries) = value else {
+            errors.push(format!("config file: [{section}] must be a table"));
+            continue;
+        };
+        for (key, v) in entries {
+            if known.contains_key(&key) {
+                merged[&section].as_table_mut().expect("section").insert(key, v);
+            } else {
+                errors.push(format!("config file: unknown setting {section}.{key}"));
+            }
+        }
+    }
+}
+
+/// Parses an environment value with the type of the setting's default.
+fn parse_like(default: &Value, raw: &str) -> Result<Value, String> {
+    let raw = raw.trim();
+    match default {
+        Value::String(_) => Ok(Value::String(raw.to_string())),
+        Value::Integer(_) => raw
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| "expected an integer".into()),
+        Value::Float(_) => raw
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| "expected a number".into()),
+        Value::Boolean(_) => match raw.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Value::Boolean(true)),
+            "0" | "false" | "no" | "off" => Ok(Value::Boolean(false)),
+            _ => Err("expected true or false".into()),
+        },
+        _ => Err("this setting cannot be set from the environment".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_sources(None, env(&[])).unwrap();
+        assert_eq!(c.splitter.dpi, 150.0);
+        assert_eq!(c.uploader.target, "local");
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        let file = "[splitter]\ndpi = 200.0\n[uploader]\nconcurrency = 2\n";
+        let c = Config::from_sources(
+            Some(file),
+            env(&[("PAGESTREAM_SPLITTER_DPI", "300"), ("PAGESTREAM_UPLOADER_S3_PATH_STYLE", "true"), ("OTHER", "x")]),
+        )
+        .unwrap();
+        assert_eq!(c.splitter.dpi, 300.0);
+        assert_eq!(c.uploader.concurrency, 2);
+        assert!(c.uploader.s3_path_style);
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let file = "[splitter]\ndpi = \"high\"\nbogus = 1\n[nope]\nx = 1\n";
+        let err = Config::from_sources(
+            Some(file),
+            env(&[
+                ("PAGESTREAM_UPLOADER_CONCURRENCY", "many"),
+                ("PAGESTREAM_INGRESS_NOPE", "1"),
+                ("PAGESTREAM_DEPS", "/ignored"),
+            ]),
+        )
+        .unwrap_err();
+        let all = err.to_string();
+        for needle in ["splitter.bogus", "[nope]", "PAGESTREAM_UPLOADER_CONCURRENCY", "ingress.nope"] {
+            assert!(all.contains(needle), "{needle} missing from: {all}");
+        }
+        assert_eq!(err.errors.len(), 4, "{all}");
+    }
+
+    #[test]
+    fn type_and_semantic_errors_are_listed() {
+        let err = Config::from_sources(Some("[splitter]\ndpi = \"high\"\n"), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("[splitter]"), "{err}");
+        let err = Config::from_sources(
+            None,
+            env(&[("PAGESTREAM_UPLOADER_TARGET", "s3"), ("PAGESTREAM_NATS_PREFIX", "Bad.Prefix")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.errors.len(), 2, "{err}");
+    }
+}

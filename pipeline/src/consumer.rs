@@ -1,0 +1,248 @@
+//! The one consumer loop every transform and sink uses: fetch → handle →
+//! ack / nak-with-delay / term + dead letter → metrics.
+//!
+//! Rules: a message is acked only after its handler returned `Ok`, which
+//! handlers do only once their outputs are durable (PubAck received, object
+//! written). A transient error naks with an exponential delay until
+//! `max_deliver` is reached; then, like a permanent error, the message is
+//! dead-lettered with its original payload and terminated. Long handlers
+//! keep their message alive with in-progress acks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use pagestream_schemas::{encode, DeadLetter, ErrorInfo, VERSION};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::nats::Names;
+use crate::util::now_rfc3339;
+
+/// Is retrying worth it?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// May succeed later (network, store unavailable): nak with back-off.
+    Transient,
+    /// Will never succeed for this message: dead-letter and terminate.
+    Permanent,
+}
+
+/// A handler failure, with a stable code for records and metrics.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct StageError {
+    pub kind: ErrorKind,
+    pub code: &'static str,
+    pub message: String,
+    pub doc_id: Option<String>,
+}
+
+impl StageError {
+    pub fn transient(code: &'static str, message: impl std::fmt::Display) -> Self {
+        StageError { kind: ErrorKind::Transient, code, message: message.to_string(), doc_id: None }
+    }
+    pub fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
+        StageError { kind: ErrorKind::Permanent, code, message: message.to_string(), doc_id: None }
+    }
+    pub fn doc(mut self, doc_id: &str) -> Self {
+        self.doc_id = Some(doc_id.to_string());
+        self
+    }
+    pub fn info(&self) -> ErrorInfo {
+        ErrorInfo { code: self.code.to_string(), message: self.message.clone() }
+    }
+}
+
+/// Anything async that failed talking to NATS or a store is worth a retry.
+pub fn transient<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> StageError {
+    move |e| StageError::transient(code, e)
+}
+
+/// What a stage does with one message.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, msg: &jetstream::Message) -> impl Future<Output = Result<(), StageError>> + Send;
+}
+
+/// Where and how a stage consumes.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Stage name for metrics, logs and the dead-letter subject.
+    pub stage: &'static str,
+    pub stream: String,
+    pub durable: String,
+    /// Messages handled at the same time.
+    pub concurrency: usize,
+    pub max_deliver: i64,
+}
+
+/// Runs the loop until `shutdown` is cancelled, then waits for in-flight
+/// messages (they finish and are acked; nothing is cut).
+pub async fn run<H: Handler>(
+    js: jetstream::Context,
+    names: Names,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let stream = js.get_stream(&spec.stream).await.with_context(|| format!("stream {}", spec.stream))?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer(&spec.durable)
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {} on {}: {e}", spec.durable, spec.stream))?;
+    let ack_wait = consumer.cached_info().config.ack_wait;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.concurrency.max(1))
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+        .context("starting pull subscription")?;
+
+    let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    tracing::info!(stage = spec.stage, stream = %spec.stream, consumer = %spec.durable, "consuming");
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        // Reap finished tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(stage = spec.stage, error = %e, "pull error; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            None => anyhow::bail!("{}: message stream ended", spec.stage),
+        };
+        let ctx = (js.clone(), names.clone(), spec.clone(), handler.clone(), metrics.clone());
+        tasks.spawn(async move {
+            let (js, names, spec, handler, metrics) = ctx;
+            process(&js, &names, &spec, handler.as_ref(), &metrics, msg, ack_wait).await;
+            drop(permit);
+        });
+    }
+    drop(messages);
+    tracing::info!(stage = spec.stage, in_flight = tasks.len(), "stopping: finishing in-flight messages");
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn process<H: Handler>(
+    js: &jetstream::Context,
+    names: &Names,
+    spec: &ConsumerSpec,
+    handler: &H,
+    metrics: &Metrics,
+    msg: jetstream::Message,
+    ack_wait: Duration,
+) {
+    let started = Instant::now();
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    // Keep the message alive while a slow handler works.
+    let keepalive = {
+        let msg = msg.clone();
+        let every = (ack_wait / 3).max(Duration::from_millis(500));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if msg.ack_with(AckKind::Progress).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let result = handler.handle(&msg).await;
+    keepalive.abort();
+    metrics.observe_handling(spec.stage, started.elapsed());
+
+    let outcome = match result {
+        Ok(()) => match msg.double_ack().await {
+            Ok(()) => "ack",
+            Err(e) => {
+                // The work is done and idempotent; a redelivery only repeats it.
+                tracing::warn!(stage = spec.stage, error = %e, "ack not confirmed; message may be redelivered");
+                "ack_unconfirmed"
+            }
+        },
+        Err(err) if err.kind == ErrorKind::Transient && delivered < spec.max_deliver => {
+            let delay = backoff(delivered);
+            tracing::warn!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, ?delay, "transient failure; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            "nak"
+        }
+        Err(err) => {
+            tracing::error!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, "giving up on message; dead-lettering");
+            match dead_letter(js, names, spec.stage, &msg, &err, delivered).await {
+                Ok(()) => {
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    "dead_letter"
+                }
+                Err(e) => {
+                    // Without a dead-letter record we must not drop the message.
+                    tracing::error!(stage = spec.stage, error = %e, "dead-letter publish failed; nak");
+                    let _ = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+                    "nak"
+                }
+            }
+        }
+    };
+    metrics.message(spec.stage, outcome);
+}
+
+/// 0.5 s, 1 s, 2 s, … capped at 30 s.
+pub fn backoff(delivered: i64) -> Duration {
+    let exp = delivered.clamp(1, 7) as u32 - 1;
+    Duration::from_millis(500 * 2u64.pow(exp)).min(Duration::from_secs(30))
+}
+
+/// Publishes a [`DeadLetter`] record for `msg` and waits for its PubAck.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    names: &Names,
+    stage: &str,
+    msg: &jetstream::Message,
+    err: &StageError,
+    attempts: i64,
+) -> Result<()> {
+    let record = DeadLetter {
+        v: VERSION,
+        stage: stage.to_string(),
+        subject: msg.subject.to_string(),
+        doc_id: err.doc_id.clone(),
+        error: err.info(),
+        attempts: attempts.max(1) as u64,
+        payload: serde_bytes::ByteBuf::from(msg.payload.to_vec()),
+        at: now_rfc3339(),
+    };
+    js.publish(names.dlq(stage), encode(&record).into())
+        .await?
+        .await
+        .context("dead-letter PubAck")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(100), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,130 @@
+//! Metric names, defined once. Every stage records into one [`Metrics`]
+//! registry, served in Prometheus text format by [`crate::admin`].
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub stage: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+/// All of pagestream's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// `pagestream_messages_total{stage,outcome}`: ack, nak, dead_letter, …
+    pub messages: Family<OutcomeLabels, Counter>,
+    /// `pagestream_pages_total{stage}`: pages rendered / inferred / uploaded.
+    pub pages: Family<StageLabel, Counter>,
+    /// `pagestream_page_failures_total{stage}`.
+    pub page_failures: Family<StageLabel, Counter>,
+    /// `pagestream_handle_seconds{stage}`: time to handle one message.
+    pub handle_seconds: Family<StageLabel, Histogram>,
+    /// `pagestream_documents_total{stage,outcome}`: submitted, completed, failed, …
+    pub documents: Family<OutcomeLabels, Counter>,
+    /// `pagestream_upload_bytes_total`: PDF bytes accepted by the ingress.
+    pub upload_bytes: Counter,
+    /// `pagestream_http_requests_total{route,status}`.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// `pagestream_ready`: 1 when every component of this process is ready.
+    pub ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pagestream");
+        let messages = Family::<OutcomeLabels, Counter>::default();
+        let pages = Family::<StageLabel, Counter>::default();
+        let page_failures = Family::<StageLabel, Counter>::default();
+        let handle_seconds = Family::<StageLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let documents = Family::<OutcomeLabels, Counter>::default();
+        let upload_bytes = Counter::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let ready = Gauge::default();
+        registry.register("messages", "Messages handled, by stage and outcome", messages.clone());
+        registry.register("pages", "Pages processed, by stage", pages.clone());
+        registry.register("page_failures", "Pages that failed permanently, by stage", page_failures.clone());
+        registry.register("handle_seconds", "Time to handle one message, by stage", handle_seconds.clone());
+        registry.register("documents", "Documents, by stage and outcome", documents.clone());
+        registry.register("upload_bytes", "PDF bytes accepted by the ingress", upload_bytes.clone());
+        registry.register("http_requests", "HTTP requests, by route and status", http_requests.clone());
+        registry.register("ready", "1 when this process is ready", ready.clone());
+        Metrics {
+            registry: Mutex::new(registry),
+            messages,
+            pages,
+            page_failures,
+            handle_seconds,
+            documents,
+            upload_bytes,
+            http_requests,
+            ready,
+        }
+    }
+
+    pub fn message(&self, stage: &str, outcome: &str) {
+        self.messages
+            .get_or_create(&OutcomeLabels { stage: stage.into(), outcome: outcome.into() })
+            .inc();
+    }
+
+    pub fn page(&self, stage: &str) {
+        self.pages.get_or_create(&StageLabel { stage: stage.into() }).inc();
+    }
+
+    pub fn page_failure(&self, stage: &str) {
+        self.page_failures.get_or_create(&StageLabel { stage: stage.into() }).inc();
+    }
+
+    pub fn document(&self, stage: &str, outcome: &str) {
+        self.documents
+            .get_or_create(&OutcomeLabels { stage: stage.into(), outcome: outcome.into() })
+            .inc();
+    }
+
+    pub fn observe_handling(&self, stage: &str, took: Duration) {
+        self.handle_seconds
+            .get_or_create(&StageLabel { stage: stage.into() })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn http(&self, route: &str, status: u16) {
+        self.http_requests.get_or_create(&HttpLabels { route: route.into(), status }).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");
+        out
+    }
+}

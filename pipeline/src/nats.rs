@@ -1,0 +1,195 @@
+//! NATS connection, subject and stream names, and idempotent provisioning of
+//! the streams, consumers and blob bucket described by the data files in
+//! `nats/` (JetStream's own JSON format, with `{prefix}`, `{PREFIX}` and
+//! `{max_deliver}` placeholders).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, consumer, object_store, stream};
+use serde::Deserialize;
+
+use crate::config::NatsConfig;
+
+const STREAMS_JSON: &str = include_str!("../../nats/streams.json");
+const CONSUMERS_JSON: &str = include_str!("../../nats/consumers.json");
+
+/// Every subject, stream, consumer and bucket name, derived from the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Names { prefix: prefix.into() }
+    }
+    fn upper(&self) -> String {
+        self.prefix.to_ascii_uppercase().replace('-', "_")
+    }
+    pub fn docs_submitted(&self) -> String {
+        format!("{}.docs.submitted", self.prefix)
+    }
+    pub fn docs_failed(&self) -> String {
+        format!("{}.docs.failed", self.prefix)
+    }
+    pub fn pages_rendered(&self) -> String {
+        format!("{}.pages.rendered", self.prefix)
+    }
+    pub fn pages_inferred(&self) -> String {
+        format!("{}.pages.inferred", self.prefix)
+    }
+    /// `<p>.events.<doc>.doc.<state>`
+    pub fn doc_event(&self, doc_id: &str, state: &str) -> String {
+        format!("{}.events.{doc_id}.doc.{state}", self.prefix)
+    }
+    /// `<p>.events.<doc>.page.<state>.<page>`
+    pub fn page_event(&self, doc_id: &str, state: &str, page: u32) -> String {
+        format!("{}.events.{doc_id}.page.{state}.{page}", self.prefix)
+    }
+    /// Filter for every event of a document.
+    pub fn doc_events(&self, doc_id: &str) -> String {
+        format!("{}.events.{doc_id}.>", self.prefix)
+    }
+    pub fn dlq(&self, stage: &str) -> String {
+        format!("{}.dlq.{stage}", self.prefix)
+    }
+    pub fn docs_stream(&self) -> String {
+        format!("{}_DOCS", self.upper())
+    }
+    pub fn pages_stream(&self) -> String {
+        format!("{}_PAGES", self.upper())
+    }
+    pub fn inferred_stream(&self) -> String {
+        format!("{}_INFERRED", self.upper())
+    }
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper())
+    }
+    pub fn dlq_stream(&self) -> String {
+        format!("{}_DLQ", self.upper())
+    }
+    /// Object Store bucket for uploads and large page images.
+    pub fn blob_bucket(&self) -> String {
+        format!("{}_blobs", self.prefix)
+    }
+}
+
+/// Connects to NATS, retrying until `connect_timeout_secs` elapses, and
+/// returns a JetStream context.
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.connect_timeout_secs);
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(&cfg.url);
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(client)) => {
+                // retry_on_initial_connect returns before the first connection;
+                // wait until it is really up so start-up errors are precise.
+                while client.connection_state() != async_nats::connection::State::Connected {
+                    if tokio::time::Instant::now() > deadline {
+                        anyhow::bail!(
+                            "cannot connect to NATS at {} within {} s (is nats-server running? scripts/demo starts one)",
+                            cfg.url,
+                            cfg.connect_timeout_secs
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return Ok(jetstream::new(client));
+            }
+            Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url)),
+            Err(_) => anyhow::bail!(
+                "cannot connect to NATS at {} within {} s",
+                cfg.url,
+                cfg.connect_timeout_secs
+            ),
+        }
+    }
+}
+
+fn render_template(text: &str, names: &Names, max_deliver: i64) -> String {
+    text.replace("\"{max_deliver}\"", &max_deliver.to_string())
+        .replace("{PREFIX}", &names.upper())
+        .replace("{prefix}", &names.prefix)
+}
+
+/// The stream definitions of `nats/streams.json` for this prefix.
+pub fn stream_configs(names: &Names) -> Result<Vec<stream::Config>> {
+    serde_json::from_str(&render_template(STREAMS_JSON, names, 1)).context("nats/streams.json is invalid")
+}
+
+#[derive(Deserialize)]
+struct ConsumerDef {
+    stream: String,
+    config: consumer::pull::Config,
+}
+
+/// `(stream, consumer config)` pairs of `nats/consumers.json`.
+pub fn consumer_configs(names: &Names, max_deliver: i64) -> Result<Vec<(String, consumer::pull::Config)>> {
+    let defs: Vec<ConsumerDef> = serde_json::from_str(&render_template(CONSUMERS_JSON, names, max_deliver))
+        .context("nats/consumers.json is invalid")?;
+    Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
+}
+
+/// Creates or updates every stream and consumer and the blob bucket.
+/// Safe to run concurrently from every stage at start-up.
+pub async fn provision(js: &jetstream::Context, names: &Names, max_deliver: i64) -> Result<()> {
+    for cfg in stream_configs(names)? {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .with_context(|| format!("creating or updating stream {name}"))?;
+    }
+    for (stream_name, cfg) in consumer_configs(names, max_deliver)? {
+        let durable = cfg.durable_name.clone().unwrap_or_default();
+        let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
+        // Creating a durable consumer with an identical config is a no-op;
+        // a changed config is applied as an update.
+        stream
+            .create_consumer(cfg)
+            .await
+            .with_context(|| format!("creating or updating consumer {durable} on {stream_name}"))?;
+    }
+    blob_store(js, names).await?;
+    Ok(())
+}
+
+/// The Object Store bucket used for uploads and large page images.
+pub async fn blob_store(js: &jetstream::Context, names: &Names) -> Result<object_store::ObjectStore> {
+    let bucket = names.blob_bucket();
+    if let Ok(store) = js.get_object_store(&bucket).await {
+        return Ok(store);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: bucket.clone(),
+        description: Some("pagestream uploads and large page images".into()),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating object store bucket {bucket}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_files_parse_for_any_prefix() {
+        let names = Names::new("t-42");
+        let streams = stream_configs(&names).unwrap();
+        assert_eq!(streams.len(), 5);
+        assert_eq!(streams[0].name, "T_42_DOCS");
+        assert_eq!(streams[0].subjects, vec!["t-42.docs.submitted"]);
+        assert_eq!(streams[3].max_messages_per_subject, 1);
+        let consumers = consumer_configs(&names, 7).unwrap();
+        assert_eq!(consumers.len(), 3);
+        assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7));
+        assert_eq!(consumers[0].0, names.docs_stream());
+    }
+}

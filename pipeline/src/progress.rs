@@ -1,0 +1,258 @@
+//! Per-document progress, derived from the events stream.
+//!
+//! Each stage publishes one event per page and state on
+//! `<p>.events.<doc>.page.<state>.<page>` and document-level events on
+//! `<p>.events.<doc>.doc.<state>`. The stream keeps one message per subject
+//! and every publish carries `Nats-Msg-Id` = subject, so a redelivered page
+//! never counts twice: counts are the number of distinct subjects, read with
+//! one stream-info request. Counts can only grow and never exceed the page
+//! count, whatever the number of replicas or redeliveries.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, stream::Stream};
+use futures::TryStreamExt;
+use pagestream_schemas::{decode, encode, DocInfo, ErrorInfo, Event, EventState, Message, VERSION};
+use serde::Serialize;
+
+use crate::nats::Names;
+use crate::util::now_rfc3339;
+
+/// Publishes `payload` on `subject` with `Nats-Msg-Id` and waits for the PubAck.
+pub async fn publish_durable(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Vec<u8>,
+) -> Result<(), async_nats::Error> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject, headers, payload.into()).await?.await?;
+    Ok(())
+}
+
+/// Publishes a message of the public schema with a deterministic message id.
+pub async fn publish_message<M: Message>(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    msg: &M,
+) -> Result<(), async_nats::Error> {
+    publish_durable(js, subject, msg_id, encode(msg)).await
+}
+
+/// Builder-ish helper for the events a stage emits.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    js: jetstream::Context,
+    names: Names,
+    stage: &'static str,
+}
+
+impl Progress {
+    pub fn new(js: jetstream::Context, names: Names, stage: &'static str) -> Self {
+        Progress { js, names, stage }
+    }
+
+    /// A page reached `state` (rendered, inferred, uploaded, failed).
+    pub async fn page(&self, doc_id: &str, page: u32, state: EventState, error: Option<ErrorInfo>) -> Result<(), async_nats::Error> {
+        let subject = self.names.page_event(doc_id, state.as_str(), page);
+        let ev = Event {
+            v: VERSION,
+            doc_id: doc_id.into(),
+            stage: self.stage.into(),
+            state,
+            page: Some(page),
+            error,
+            info: None,
+            at: now_rfc3339(),
+        };
+        publish_message(&self.js, subject.clone(), &subject, &ev).await
+    }
+
+    /// A document reached `state` (queued, split, failed, completed).
+    pub async fn doc(&self, doc_id: &str, state: EventState, info: Option<DocInfo>, error: Option<ErrorInfo>) -> Result<(), async_nats::Error> {
+        let subject = self.names.doc_event(doc_id, state.as_str());
+        let ev = Event {
+            v: VERSION,
+            doc_id: doc_id.into(),
+            stage: self.stage.into(),
+            state,
+            page: None,
+            error,
+            info,
+            at: now_rfc3339(),
+        };
+        publish_message(&self.js, subject.clone(), &subject, &ev).await
+    }
+}
+
+/// Document state as users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocState {
+    Queued,
+    Running,
+    Completed,
+    CompletedWithErrors,
+    Failed,
+}
+
+impl DocState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, DocState::Completed | DocState::CompletedWithErrors | DocState::Failed)
+    }
+}
+
+/// Distinct pages per state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PageCounts {
+    pub rendered: u32,
+    pub inferred: u32,
+    pub uploaded: u32,
+    pub failed: u32,
+}
+
+/// A page that failed, with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailedPage {
+    pub page: u32,
+    pub stage: String,
+    pub error: ErrorInfo,
+}
+
+/// Everything known about a document, from its events.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DocStatus {
+    pub doc_id: String,
+    pub state: DocState,
+    pub page_count: Option<u32>,
+    pub pages: PageCounts,
+    pub info: DocInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    pub failed_pages: Vec<FailedPage>,
+    pub queued_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl DocStatus {
+    /// Every page has a terminal outcome (uploaded or failed).
+    pub fn all_pages_done(&self) -> bool {
+        matches!(self.page_count, Some(n) if self.pages.uploaded + self.pages.failed >= n)
+    }
+}
+
+/// Reads a document's status; `None` when no event exists for it.
+/// With `page_details`, failed pages' reasons are fetched too (one direct
+/// get per failed page).
+pub async fn read_status(js: &jetstream::Context, names: &Names, doc_id: &str, page_details: bool) -> Result<Option<DocStatus>> {
+    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
+    let subjects = subject_counts(&stream, &names.doc_events(doc_id)).await?;
+    if subjects.is_empty() {
+        return Ok(None);
+    }
+    let base = format!("{}.events.{doc_id}.", names.prefix);
+    let mut counts = PageCounts::default();
+    let mut doc_states = Vec::new();
+    let mut failed_subjects = Vec::new();
+    for subject in subjects.keys() {
+        let Some(rest) = subject.strip_prefix(&base) else { continue };
+        let parts: Vec<&str> = rest.split('.').collect();
+        match parts.as_slice() {
+            ["doc", state] => doc_states.push((*state).to_string()),
+            ["page", state, _page] => {
+                match *state {
+                    "rendered" => counts.rendered += 1,
+                    "inferred" => counts.inferred += 1,
+                    "uploaded" => counts.uploaded += 1,
+                    "failed" => {
+                        counts.failed += 1;
+                        failed_subjects.push(subject.clone());
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut status = DocStatus {
+        doc_id: doc_id.into(),
+        state: DocState::Queued,
+        page_count: None,
+        pages: counts,
+        info: DocInfo::default(),
+        error: None,
+        failed_pages: Vec::new(),
+        queued_at: None,
+        started_at: None,
+        finished_at: None,
+    };
+    // Fold document-level events in lifecycle order.
+    for state in ["queued", "split", "failed", "completed"] {
+        if !doc_states.iter().any(|s| s == state) {
+            continue;
+        }
+        let ev = last_event(&stream, &names.doc_event(doc_id, state)).await?;
+        if let Some(info) = ev.info {
+            merge_info(&mut status.info, info);
+        }
+        match state {
+            "queued" => status.queued_at = Some(ev.at),
+            "split" => {
+                status.started_at = Some(ev.at);
+                status.state = DocState::Running;
+            }
+            "failed" => {
+                status.error = ev.error;
+                status.state = DocState::Failed;
+                status.finished_at = Some(ev.at);
+            }
+            _ => {
+                status.finished_at = Some(ev.at);
+                status.state = match status.info.status.as_deref() {
+                    Some("failed") => DocState::Failed,
+                    Some("completed_with_errors") => DocState::CompletedWithErrors,
+                    _ => DocState::Completed,
+                };
+            }
+        }
+    }
+    status.page_count = status.info.page_count;
+    if page_details {
+        for subject in &failed_subjects {
+            let ev = last_event(&stream, subject).await?;
+            status.failed_pages.push(FailedPage {
+                page: ev.page.unwrap_or(0),
+                stage: ev.stage,
+                error: ev.error.unwrap_or_default(),
+            });
+        }
+        status.failed_pages.sort_by_key(|f| f.page);
+    }
+    Ok(Some(status))
+}
+
+fn merge_info(into: &mut DocInfo, from: DocInfo) {
+    macro_rules! take {
+        ($($f:ident),*) => { $( if from.$f.is_some() { into.$f = from.$f; } )* };
+    }
+    take!(title, filename, sha256, bytes, page_count, status, manifest, model);
+}
+
+async fn last_event(stream: &Stream, subject: &str) -> Result<Event> {
+    let raw = stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .with_context(|| format!("reading {subject}"))?;
+    decode::<Event>(&raw.payload).with_context(|| format!("decoding event {subject}"))
+}
+
+/// Subject → message count for every subject matching `filter`.
+pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, usize>> {
+    let info = stream.info_with_subjects(filter).await.context("stream info with subjects")?;
+    info.try_collect::<BTreeMap<_, _>>().await.context("listing event subjects")
+}

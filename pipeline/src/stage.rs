@@ -1,0 +1,45 @@
+//! What a stage needs from its process: the JetStream context, names,
+//! metrics, readiness and config. Binaries build one with [`StageContext::connect`];
+//! the all-in-one mode and the tests share one between every stage.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_nats::jetstream;
+
+use crate::blob::BlobStore;
+use crate::config::Config;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::nats::{self, Names};
+use crate::progress::Progress;
+
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub health: Health,
+}
+
+impl StageContext {
+    /// Connects to NATS and provisions streams, consumers and the blob bucket
+    /// (idempotent). `name` is the client name shown by the server.
+    pub async fn connect(config: Config, name: &str, metrics: Arc<Metrics>, health: Health) -> Result<Self> {
+        health.register("nats");
+        let js = nats::connect(&config.nats, name).await?;
+        let names = Names::new(config.nats.prefix.clone());
+        nats::provision(&js, &names, config.nats.max_deliver).await?;
+        health.set_ready("nats", true);
+        Ok(StageContext { js, names, config: Arc::new(config), metrics, health })
+    }
+
+    pub async fn blobs(&self) -> Result<BlobStore> {
+        Ok(BlobStore::new(nats::blob_store(&self.js, &self.names).await?))
+    }
+
+    pub fn progress(&self, stage: &'static str) -> Progress {
+        Progress::new(self.js.clone(), self.names.clone(), stage)
+    }
+}

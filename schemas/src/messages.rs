@@ -1,0 +1,341 @@
+//! The message types. Field names are the wire names; see the crate docs for
+//! the encoding rules and `messages.schema.json` for other languages.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::{validate_doc_id, Message};
+
+/// Where a PDF to process can be read from. Exactly one of `inline`, `blob`
+/// or `url` is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// The PDF bytes themselves (small documents; NATS payload limit applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<ByteBuf>,
+    /// Key of the PDF in the pipeline's blob store (JetStream Object Store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+    /// `s3://bucket/key` of the PDF.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Original file name, shown in the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// Size in bytes, when known to the publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Hex sha256 of the PDF, when known to the publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Per-document processing options.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubmitOptions {
+    /// Rendering resolution; the splitter's configured default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpi: Option<f32>,
+    /// Model name from the installed set; the deployment's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// A document to process: subject `<prefix>.docs.submitted`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentSubmitted {
+    pub v: u32,
+    pub doc_id: String,
+    /// Human title; defaults to the source file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub source: Source,
+    #[serde(default)]
+    pub options: SubmitOptions,
+    /// RFC 3339 time of submission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<String>,
+}
+
+/// An image carried by a message: inline bytes or a blob-store key (claim
+/// check, for images above the inline limit). Exactly one is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// Encoding of the bytes: `png`.
+    pub format: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<ByteBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+}
+
+/// One rendered page: subject `<prefix>.pages.rendered`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PageRendered {
+    pub v: u32,
+    pub doc_id: String,
+    /// 1-based page number.
+    pub page: u32,
+    pub page_count: u32,
+    /// Pixel size of the image.
+    pub width: u32,
+    pub height: u32,
+    /// Effective resolution (lower than requested when the pixel cap applied).
+    pub dpi: f32,
+    pub image: ImageRef,
+    #[serde(default)]
+    pub options: SubmitOptions,
+    /// Milliseconds spent rendering and encoding this page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub render_ms: Option<f32>,
+}
+
+/// A detected region, in pixels of the page image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub label: String,
+    pub score: f32,
+    /// `[x0, y0, x1, y1]`, top-left origin.
+    pub bbox: [f32; 4],
+}
+
+/// The model that produced detections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    /// Hex sha256 of the ONNX weights.
+    pub sha256: String,
+}
+
+/// Per-page timings in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub render_ms: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infer_ms: Option<f32>,
+}
+
+/// Detections for one page: subject `<prefix>.pages.inferred`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PageInferred {
+    pub v: u32,
+    pub doc_id: String,
+    pub page: u32,
+    pub page_count: u32,
+    pub width: u32,
+    pub height: u32,
+    pub dpi: f32,
+    pub model: ModelRef,
+    pub detections: Vec<Detection>,
+    /// The page image, passed through for the uploader; absent when `error` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+    #[serde(default)]
+    pub timings: Timings,
+    /// Set when the page failed permanently in an earlier stage (render or
+    /// inference): the uploader records it as a failed page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// A machine-readable error code and a message for people.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+/// A document that failed as a whole (cannot be fetched or opened): subject
+/// `<prefix>.docs.failed`, consumed by the uploader, which writes a manifest
+/// with `status: failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentFailed {
+    pub v: u32,
+    pub doc_id: String,
+    /// Stage that gave up: `splitter`, `inferencer`, …
+    pub stage: String,
+    pub error: ErrorInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub source: Source,
+    pub at: String,
+}
+
+/// Progress states, as they appear in events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventState {
+    /// Document accepted by the ingress.
+    Queued,
+    /// Splitter opened the document; `info` carries page count and metadata.
+    Split,
+    /// A page was rendered / inferred / uploaded.
+    Rendered,
+    Inferred,
+    Uploaded,
+    /// A page or the whole document failed; `error` says why.
+    Failed,
+    /// All pages have a terminal outcome and the manifest is written.
+    Completed,
+}
+
+impl EventState {
+    /// The token used in event subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventState::Queued => "queued",
+            EventState::Split => "split",
+            EventState::Rendered => "rendered",
+            EventState::Inferred => "inferred",
+            EventState::Uploaded => "uploaded",
+            EventState::Failed => "failed",
+            EventState::Completed => "completed",
+        }
+    }
+}
+
+/// Document metadata carried by `queued`, `split` and `completed` events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_count: Option<u32>,
+    /// Final document status (`completed`, `completed_with_errors`, `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Where the manifest was written (`file://…` or `s3://…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// A progress event: subject `<prefix>.events.<doc_id>.doc.<state>` or
+/// `<prefix>.events.<doc_id>.page.<state>.<page>`. The events stream keeps
+/// one message per subject, so counting subjects counts pages exactly once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub v: u32,
+    pub doc_id: String,
+    /// Stage that emitted it.
+    pub stage: String,
+    pub state: EventState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<DocInfo>,
+    pub at: String,
+}
+
+/// A message a stage gave up on: subject `<prefix>.dlq.<stage>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub v: u32,
+    pub stage: String,
+    /// Subject the original message was received on.
+    pub subject: String,
+    /// Document id, when the payload could be decoded far enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_id: Option<String>,
+    pub error: ErrorInfo,
+    /// Deliveries made before giving up.
+    pub attempts: u64,
+    /// The original payload, unchanged.
+    pub payload: ByteBuf,
+    pub at: String,
+}
+
+fn check_doc_id(id: &str) -> Result<(), String> {
+    validate_doc_id(id).map_err(|e| e.to_string())
+}
+
+fn check_page(page: u32, page_count: u32) -> Result<(), String> {
+    if page == 0 || page > page_count {
+        return Err(format!("page {page} is outside 1..={page_count}"));
+    }
+    Ok(())
+}
+
+impl ImageRef {
+    fn validate(&self) -> Result<(), String> {
+        match (&self.inline, &self.blob) {
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err("image: exactly one of `inline` or `blob` must be set".into()),
+        }
+    }
+}
+
+impl Message for DocumentSubmitted {
+    const KIND: &'static str = "DocumentSubmitted";
+    fn validate(&self) -> Result<(), String> {
+        check_doc_id(&self.doc_id)?;
+        let set = [
+            self.source.inline.is_some(),
+            self.source.blob.is_some(),
+            self.source.url.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            return Err("source: exactly one of `inline`, `blob` or `url` must be set".into());
+        }
+        if let Some(dpi) = self.options.dpi {
+            if !(dpi.is_finite() && (10.0..=1200.0).contains(&dpi)) {
+                return Err(format!("options.dpi {dpi} is outside 10..=1200"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Message for PageRendered {
+    const KIND: &'static str = "PageRendered";
+    fn validate(&self) -> Result<(), String> {
+        check_doc_id(&self.doc_id)?;
+        check_page(self.page, self.page_count)?;
+        self.image.validate()
+    }
+}
+
+impl Message for PageInferred {
+    const KIND: &'static str = "PageInferred";
+    fn validate(&self) -> Result<(), String> {
+        check_doc_id(&self.doc_id)?;
+        check_page(self.page, self.page_count)?;
+        match (&self.image, &self.error) {
+            (Some(image), None) => image.validate(),
+            (_, Some(_)) => Ok(()),
+            (None, None) => Err("image is required unless error is set".into()),
+        }
+    }
+}
+
+impl Message for DocumentFailed {
+    const KIND: &'static str = "DocumentFailed";
+    fn validate(&self) -> Result<(), String> {
+        check_doc_id(&self.doc_id)
+    }
+}
+
+impl Message for Event {
+    const KIND: &'static str = "Event";
+    fn validate(&self) -> Result<(), String> {
+        check_doc_id(&self.doc_id)
+    }
+}
+
+impl Message for DeadLetter {
+    const KIND: &'static str = "DeadLetter";
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}

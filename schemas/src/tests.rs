@@ -1,0 +1,200 @@
+//! Golden vectors and decoding rules. Set `PAGESTREAM_BLESS=1` to rewrite the
+//! golden files after a deliberate schema change (then review the diff).
+
+use std::path::PathBuf;
+
+use serde_bytes::ByteBuf;
+
+use super::*;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+fn submitted() -> DocumentSubmitted {
+    DocumentSubmitted {
+        v: VERSION,
+        doc_id: "01JDOC0000000000000000000A".into(),
+        title: Some("Annual report".into()),
+        source: Source {
+            blob: Some("uploads/01JDOC0000000000000000000A".into()),
+            filename: Some("report.pdf".into()),
+            bytes: Some(419062),
+            ..Source::default()
+        },
+        options: SubmitOptions {
+            dpi: Some(150.0),
+            model: None,
+        },
+        submitted_at: Some("2026-11-28T12:00:00Z".into()),
+    }
+}
+
+fn rendered() -> PageRendered {
+    PageRendered {
+        v: VERSION,
+        doc_id: "doc-1".into(),
+        page: 2,
+        page_count: 28,
+        width: 1275,
+        height: 1650,
+        dpi: 150.0,
+        image: ImageRef {
+            format: "png".into(),
+            inline: Some(ByteBuf::from(vec![0x89, b'P', b'N', b'G'])),
+            blob: None,
+        },
+        options: SubmitOptions::default(),
+        render_ms: Some(9.5),
+    }
+}
+
+fn inferred() -> PageInferred {
+    PageInferred {
+        v: VERSION,
+        doc_id: "doc-1".into(),
+        page: 2,
+        page_count: 28,
+        width: 1275,
+        height: 1650,
+        dpi: 150.0,
+        model: ModelRef {
+            name: "layout_cdla".into(),
+            sha256: "25b1f27e".into(),
+        },
+        detections: vec![Detection {
+            label: "text".into(),
+            score: 0.875,
+            bbox: [10.0, 20.5, 300.0, 400.25],
+        }],
+        image: Some(ImageRef {
+            format: "png".into(),
+            inline: None,
+            blob: Some("pages/doc-1/2.png".into()),
+        }),
+        timings: Timings {
+            render_ms: Some(9.5),
+            infer_ms: Some(150.0),
+        },
+        error: None,
+    }
+}
+
+fn event() -> Event {
+    Event {
+        v: VERSION,
+        doc_id: "doc-1".into(),
+        stage: "splitter".into(),
+        state: EventState::Split,
+        page: None,
+        error: None,
+        info: Some(DocInfo {
+            title: Some("Annual report".into()),
+            page_count: Some(28),
+            ..DocInfo::default()
+        }),
+        at: "2026-11-28T12:00:01Z".into(),
+    }
+}
+
+fn failed() -> DocumentFailed {
+    DocumentFailed {
+        v: VERSION,
+        doc_id: "doc-2".into(),
+        stage: "splitter".into(),
+        error: ErrorInfo {
+            code: "pdf_unreadable".into(),
+            message: "pdfium could not open the document: format error".into(),
+        },
+        title: None,
+        source: Source::default(),
+        at: "2026-11-28T12:00:02Z".into(),
+    }
+}
+
+fn check_golden<M: Message + PartialEq + std::fmt::Debug>(name: &str, msg: &M) {
+    let bytes = encode(msg);
+    let path = golden_dir().join(format!("{name}.msgpack"));
+    if std::env::var_os("PAGESTREAM_BLESS").is_some() {
+        std::fs::create_dir_all(golden_dir()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let golden = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (PAGESTREAM_BLESS=1 creates it)", path.display()));
+    let decoded: M = decode(&golden).expect("golden vector decodes");
+    assert_eq!(&decoded, msg, "{name}: golden vector decodes to the sample");
+    assert_eq!(bytes, golden, "{name}: encoding is byte-identical to the golden vector");
+}
+
+#[test]
+fn golden_vectors_round_trip() {
+    check_golden("document_submitted", &submitted());
+    check_golden("page_rendered", &rendered());
+    check_golden("page_inferred", &inferred());
+    check_golden("event_split", &event());
+    check_golden("document_failed", &failed());
+}
+
+#[test]
+fn encoding_uses_field_names() {
+    let bytes = encode(&submitted());
+    let as_json: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(as_json["doc_id"], "01JDOC0000000000000000000A");
+    assert_eq!(as_json["v"], 1);
+    assert_eq!(as_json["source"]["blob"], "uploads/01JDOC0000000000000000000A");
+}
+
+#[test]
+fn unknown_fields_are_ignored() {
+    let mut map: serde_json::Value = rmp_serde::from_slice(&encode(&rendered())).unwrap();
+    map["added_in_a_later_minor_version"] = serde_json::json!({"x": 1});
+    let bytes = rmp_serde::to_vec_named(&map).unwrap();
+    // serde_json turns bin into an array of ints; restore the image as bin.
+    let mut back: PageRendered = rmp_serde::from_slice(&bytes).unwrap();
+    back.image.inline = rendered().image.inline;
+    assert_eq!(back, rendered());
+}
+
+#[test]
+fn unknown_major_version_is_rejected() {
+    let mut msg = submitted();
+    msg.v = 2;
+    let err = decode::<DocumentSubmitted>(&encode(&msg)).unwrap_err();
+    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 2 }), "{err}");
+}
+
+#[test]
+fn malformed_payloads_are_rejected() {
+    for bytes in [&b""[..], b"\xc1", b"not msgpack at all", b"\x93\x01\x02\x03"] {
+        assert!(matches!(
+            decode::<DocumentSubmitted>(bytes),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}
+
+#[test]
+fn validation_catches_bad_fields() {
+    let mut two_sources = submitted();
+    two_sources.source.inline = Some(ByteBuf::from(b"%PDF-1.7".to_vec()));
+    let err = decode::<DocumentSubmitted>(&encode(&two_sources)).unwrap_err();
+    assert!(err.to_string().contains("exactly one"), "{err}");
+
+    let mut bad_id = submitted();
+    bad_id.doc_id = "a.b".into();
+    let err = decode::<DocumentSubmitted>(&encode(&bad_id)).unwrap_err();
+    assert!(err.to_string().contains("doc_id"), "{err}");
+
+    let mut bad_page = rendered();
+    bad_page.page = 29;
+    let err = decode::<PageRendered>(&encode(&bad_page)).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+}
+
+#[test]
+fn doc_ids() {
+    assert!(validate_doc_id("0193a0b2-7c4e-7d2a-9f00-aa11bb22cc33").is_ok());
+    for bad in ["", "a b", "a.b", "a*", "a>", &"x".repeat(65), "é"] {
+        assert!(validate_doc_id(bad).is_err(), "{bad:?} accepted");
+    }
+}

@@ -1,0 +1,172 @@
+//! Inferencer: runs the detection model on each `PageRendered` and publishes
+//! a `PageInferred` with the detections (the page image reference passes
+//! through for the uploader).
+//!
+//! The model is loaded once, at start, from its manifest ([`manifest`]) on
+//! ONNX Runtime ([`engine`]); pre-processing ([`preprocess`]), decoding
+//! ([`picodet`]) and NMS ([`nms`]) are plain Rust. Inference runs on the
+//! blocking pool, one page at a time per session. A page whose image cannot
+//! be decoded or inferred is forwarded as failed, with the reason.
+//!
+//! Knows nothing about PDFs or result storage.
+
+pub mod engine;
+pub mod manifest;
+pub mod nms;
+pub mod picodet;
+pub mod preprocess;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_nats::jetstream;
+use image::RgbImage;
+use pagestream_pipeline::blob::BlobStore;
+use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
+use pagestream_pipeline::progress::{publish_message, Progress};
+use pagestream_pipeline::StageContext;
+use pagestream_schemas::{decode, ErrorInfo, EventState, ImageRef, PageInferred, PageRendered, Timings, VERSION};
+use tokio_util::sync::CancellationToken;
+
+pub use engine::Detector;
+
+pub const STAGE: &str = "inferencer";
+
+pub struct Inferencer {
+    ctx: StageContext,
+    blobs: BlobStore,
+    detector: Arc<Detector>,
+    progress: Progress,
+}
+
+/// Reads a page image from a message (inline or from the blob store).
+pub async fn load_image(blobs: &BlobStore, image: &ImageRef) -> Result<Vec<u8>, StageError> {
+    if let Some(bytes) = &image.inline {
+        return Ok(bytes.to_vec());
+    }
+    let key = image.blob.as_deref().unwrap_or_default();
+    blobs.get_bytes(key).await.map_err(|e| {
+        if BlobStore::is_not_found(&e) {
+            StageError::permanent("image_missing", format!("page image {key:?} is not in the blob store"))
+        } else {
+            StageError::transient("blob_store", format!("{e:#}"))
+        }
+    })
+}
+
+/// Decodes a PNG page image.
+pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, String> {
+    image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| format!("page image is not a valid PNG: {e}"))
+}
+
+impl Inferencer {
+    /// Loads the model; fails with a precise message when it cannot.
+    pub async fn new(ctx: StageContext) -> Result<Self> {
+        ctx.health.register(STAGE);
+        let cfg = ctx.config.inferencer.clone();
+        let detector = tokio::task::spawn_blocking(move || Detector::load(&cfg, &cfg.model))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        // Warm up so the first real page is not slow and readiness is honest.
+        let warm = Arc::new(detector);
+        let d = warm.clone();
+        tokio::task::spawn_blocking(move || d.detect(&RgbImage::new(64, 64))).await?.map_err(anyhow::Error::msg)?;
+        tracing::info!(model = %warm.model.name, sha256 = %warm.model.sha256, labels = ?warm.labels, "model loaded");
+        let blobs = ctx.blobs().await?;
+        let progress = ctx.progress(STAGE);
+        ctx.health.set_ready(STAGE, true);
+        Ok(Inferencer { ctx, blobs, detector: warm, progress })
+    }
+
+    async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
+        let doc_id = page.doc_id.clone();
+        let mut out = PageInferred {
+            v: VERSION,
+            doc_id: doc_id.clone(),
+            page: page.page,
+            page_count: page.page_count,
+            width: page.width,
+            height: page.height,
+            dpi: page.dpi,
+            model: self.detector.model.clone(),
+            detections: Vec::new(),
+            image: Some(page.image.clone()),
+            timings: Timings { render_ms: page.render_ms, infer_ms: None },
+            error: None,
+        };
+        let result = self.detect(&page).await;
+        let permanent = match result {
+            Ok((detections, infer_ms)) => {
+                out.detections = detections;
+                out.timings.infer_ms = Some(infer_ms);
+                None
+            }
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
+                out.error = Some(ErrorInfo { code: e.code.into(), message: e.message.clone() });
+                Some(e.doc(&doc_id))
+            }
+            Err(e) => return Err(e.doc(&doc_id)),
+        };
+        let id = format!("{}:{}:inferred", doc_id, page.page);
+        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &out)
+            .await
+            .map_err(transient("nats_publish"))?;
+        self.progress
+            .page(&doc_id, page.page, EventState::Inferred, None)
+            .await
+            .map_err(transient("nats_publish"))?;
+        match permanent {
+            None => {
+                self.ctx.metrics.page(STAGE);
+                Ok(())
+            }
+            Some(e) => {
+                self.ctx.metrics.page_failure(STAGE);
+                Err(e)
+            }
+        }
+    }
+
+    async fn detect(&self, page: &PageRendered) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
+        if let Some(model) = &page.options.model {
+            if *model != self.detector.model.name {
+                return Err(StageError::permanent(
+                    "model_unknown",
+                    format!("model {model:?} is not installed in this inferencer (it serves {:?})", self.detector.model.name),
+                ));
+            }
+        }
+        let bytes = load_image(&self.blobs, &page.image).await?;
+        let detector = self.detector.clone();
+        let started = std::time::Instant::now();
+        let (detections, _) = tokio::task::spawn_blocking(move || {
+            let img = decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
+            detector.detect(&img).map_err(|m| StageError::permanent("inference_failed", m))
+        })
+        .await
+        .map_err(transient("join"))??;
+        Ok((detections, started.elapsed().as_secs_f32() * 1000.0))
+    }
+}
+
+impl Handler for Inferencer {
+    async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
+        let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
+        self.infer(page).await
+    }
+}
+
+/// Runs the inferencer until `shutdown`.
+pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
+    let spec = ConsumerSpec {
+        stage: STAGE,
+        stream: ctx.names.pages_stream(),
+        durable: "inferencer".into(),
+        concurrency: 1,
+        max_deliver: ctx.config.nats.max_deliver,
+    };
+    let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
+    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, inferencer, ctx.metrics.clone(), shutdown).await
+}

@@ -1,0 +1,12 @@
+//! `splitter` binary: renders submitted PDFs page by page.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pagestream_pipeline::bin::run_stage(
+        pagestream_splitter::STAGE,
+        "splitter — renders each submitted PDF page by page (pdfium)",
+        |c| c.splitter.admin_addr.clone(),
+        pagestream_splitter::run,
+    )
+    .await
+}

@@ -1,0 +1,221 @@
+//! PDF rendering with pdfium, off the async runtime.
+//!
+//! pdfium allows one binding per process and is not thread-safe, so one
+//! dedicated thread owns it and renders jobs one page at a time. Each page is
+//! encoded to PNG on that thread and handed to the async side through a
+//! channel of capacity 1: at most two page images exist at once, whatever
+//! the page count. Scale out with processes, not threads.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::Instant;
+
+use image::{DynamicImage, RgbImage};
+use pdfium_render::prelude::*;
+
+/// What to render.
+#[derive(Debug, Clone)]
+pub struct RenderRequest {
+    pub pdf: PathBuf,
+    pub password: Option<String>,
+    pub dpi: f32,
+    pub max_pixels: u64,
+    /// 1-based pages already rendered (skipped after a redelivery).
+    pub skip: HashSet<u32>,
+}
+
+/// One page, ready to publish.
+#[derive(Debug)]
+pub struct RenderedPage {
+    pub page: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Effective DPI (lower than requested when the pixel cap applied).
+    pub dpi: f32,
+    pub png: Vec<u8>,
+    pub render_ms: f32,
+}
+
+/// Messages from the render thread, in order: `Opened` (or `OpenFailed`),
+/// then one `Page`/`PageFailed` per page not skipped.
+#[derive(Debug)]
+pub enum RenderEvent {
+    Opened { page_count: u32 },
+    OpenFailed { code: &'static str, message: String },
+    Page(RenderedPage),
+    PageFailed { page: u32, message: String },
+}
+
+type Job = (RenderRequest, tokio::sync::mpsc::Sender<RenderEvent>);
+
+/// Handle to the process's render thread.
+#[derive(Debug, Clone)]
+pub struct Renderer {
+    jobs: mpsc::Sender<Job>,
+}
+
+static RENDERER: OnceLock<Mutex<Option<Result<Renderer, String>>>> = OnceLock::new();
+
+impl Renderer {
+    /// Binds libpdfium (once per process) and starts the render thread.
+    /// Fails with a message naming the library and how to install it.
+    pub fn get(library: &Path) -> Result<Renderer, String> {
+        let cell = RENDERER.get_or_init(|| Mutex::new(None));
+        let mut slot = cell.lock().expect("renderer lock");
+        if let Some(r) = slot.as_ref() {
+            return r.clone();
+        }
+        let r = Self::start(library);
+        *slot = Some(r.clone());
+        r
+    }
+
+    fn start(library: &Path) -> Result<Renderer, String> {
+        if !library.exists() {
+            return Err(format!(
+                "libpdfium not found at {} (set PAGESTREAM_SPLITTER_PDFIUM_LIBRARY, or run scripts/setup to install it)",
+                library.display()
+            ));
+        }
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let lib = library.to_path_buf();
+        std::thread::Builder::new()
+            .name("pdfium-render".into())
+            .spawn(move || {
+                let pdfium = match Pdfium::bind_to_library(&lib) {
+                    Ok(b) => Pdfium::new(b),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot load libpdfium from {}: {e}", lib.display())));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                for (req, out) in jobs_rx {
+                    render_document(&pdfium, &req, &out);
+                }
+            })
+            .map_err(|e| format!("cannot start render thread: {e}"))?;
+        ready_rx
+            .recv()
+            .map_err(|_| "render thread exited during start-up".to_string())??;
+        Ok(Renderer { jobs: jobs_tx })
+    }
+
+    /// Queues a document; events arrive on the returned receiver.
+    pub fn render(&self, req: RenderRequest) -> tokio::sync::mpsc::Receiver<RenderEvent> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        if self.jobs.send((req, tx.clone())).is_err() {
+            let _ = tx.try_send(RenderEvent::OpenFailed {
+                code: "renderer_unavailable",
+                message: "the render thread has stopped".into(),
+            });
+        }
+        rx
+    }
+}
+
+/// Scale factor from points for `dpi`, reduced so `w × h` stays within
+/// `max_pixels`. Returns `(scale, effective_dpi)`.
+pub fn fit_scale(width_pt: f32, height_pt: f32, dpi: f32, max_pixels: u64) -> (f32, f32) {
+    let mut scale = dpi / 72.0;
+    let pixels = (width_pt * scale) as f64 * (height_pt * scale) as f64;
+    if pixels > max_pixels as f64 {
+        scale *= (max_pixels as f64 / pixels).sqrt() as f32;
+        // Stay strictly under the cap after rounding.
+        scale *= 0.999;
+    }
+    (scale, scale * 72.0)
+}
+
+fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc::Sender<RenderEvent>) {
+    let doc = match pdfium.load_pdf_from_file(&req.pdf, req.password.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            let (code, message) = match e {
+                PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::PasswordError) => (
+                    "pdf_password",
+                    "the PDF is encrypted and no (or a wrong) password was given".to_string(),
+                ),
+                other => ("pdf_unreadable", format!("pdfium cannot open the document: {other:?}")),
+            };
+            let _ = out.blocking_send(RenderEvent::OpenFailed { code, message });
+            return;
+        }
+    };
+    let pages = doc.pages();
+    let page_count = pages.len().max(0) as u32;
+    if out.blocking_send(RenderEvent::Opened { page_count }).is_err() {
+        return;
+    }
+    for index in 0..page_count {
+        let number = index + 1;
+        if req.skip.contains(&number) {
+            continue;
+        }
+        let started = Instant::now();
+        let event = match render_page(&pages, index, req) {
+            Ok((img, dpi)) => match encode_png(&img) {
+                Ok(png) => RenderEvent::Page(RenderedPage {
+                    page: number,
+                    width: img.width(),
+                    height: img.height(),
+                    dpi,
+                    png,
+                    render_ms: started.elapsed().as_secs_f32() * 1000.0,
+                }),
+                Err(message) => RenderEvent::PageFailed { page: number, message },
+            },
+            Err(message) => RenderEvent::PageFailed { page: number, message },
+        };
+        // The receiver is gone when the handler gave up (shutdown, error).
+        if out.blocking_send(event).is_err() {
+            return;
+        }
+    }
+}
+
+fn render_page(pages: &PdfPages, index: u32, req: &RenderRequest) -> Result<(RgbImage, f32), String> {
+    let page = pages.get(index as PdfPageIndex).map_err(|e| format!("cannot load page: {e:?}"))?;
+    let (scale, dpi) = fit_scale(page.width().value, page.height().value, req.dpi, req.max_pixels);
+    let config = PdfRenderConfig::new()
+        .scale_page_by_factor(scale)
+        .render_form_data(true)
+        .render_annotations(true);
+    let bitmap = page.render_with_config(&config).map_err(|e| format!("render failed: {e:?}"))?;
+    let img = bitmap.as_image().map_err(|e| format!("bitmap conversion failed: {e:?}"))?;
+    let rgb = match img {
+        DynamicImage::ImageRgb8(i) => i,
+        other => other.to_rgb8(),
+    };
+    Ok((rgb, dpi))
+}
+
+/// PNG with fast compression: pages are large and mostly flat, the default
+/// level costs several times more CPU for a few percent of size.
+pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>, String> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let mut buf = Vec::with_capacity((img.width() * img.height() / 4) as usize);
+    PngEncoder::new_with_quality(&mut buf, CompressionType::Fast, FilterType::Adaptive)
+        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+        .map_err(|e| format!("PNG encoding failed: {e}"))?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_scale_keeps_small_pages_and_caps_huge_ones() {
+        let (s, dpi) = fit_scale(612.0, 792.0, 150.0, 16_777_216);
+        assert!((s - 150.0 / 72.0).abs() < 1e-6);
+        assert_eq!(dpi, 150.0);
+        let (s, dpi) = fit_scale(8400.0, 8400.0, 150.0, 16_777_216);
+        let px = (8400.0 * s) as u64 * (8400.0 * s) as u64;
+        assert!(px <= 16_777_216, "{px}");
+        assert!(dpi < 10.0 && dpi > 9.0, "{dpi}");
+    }
+}
