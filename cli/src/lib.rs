@@ -1,1 +1,136 @@
-//! stub
+//! The `pagestream` command line and the all-in-one local mode: every stage
+//! in one process, sharing one NATS connection, against a configured NATS
+//! server or a private one started on the fly. The demo and the end-to-end
+//! tests use [`LocalPipeline`], so they run exactly the stages' `run`
+//! functions the binaries run.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use pagestream_pipeline::embedded::NatsServer;
+use pagestream_pipeline::health::Health;
+use pagestream_pipeline::metrics::Metrics;
+use pagestream_pipeline::{Config, StageContext};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// All four stages running in this process.
+#[derive(Debug)]
+pub struct LocalPipeline {
+    pub ingress_addr: SocketAddr,
+    pub ctx: StageContext,
+    pub shutdown: CancellationToken,
+    /// The private NATS server, when this pipeline started one.
+    pub nats: Option<NatsServer>,
+    tasks: JoinSet<(&'static str, Result<()>)>,
+}
+
+impl LocalPipeline {
+    /// Starts every stage. With `embedded_nats`, a private nats-server is
+    /// started first and `config.nats.url` points at it.
+    pub async fn start(mut config: Config, embedded_nats: bool) -> Result<LocalPipeline> {
+        let nats = if embedded_nats {
+            let server = tokio::task::spawn_blocking(NatsServer::start).await??;
+            config.nats.url = server.url();
+            Some(server)
+        } else {
+            None
+        };
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::new(metrics.clone());
+        let ctx = StageContext::connect(config, "pagestream-local", metrics, health).await?;
+        let shutdown = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind(&ctx.config.ingress.addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "ingress: cannot listen on {} (set PAGESTREAM_INGRESS_ADDR)",
+                    ctx.config.ingress.addr
+                )
+            })?;
+        let ingress_addr = listener.local_addr()?;
+
+        let mut tasks = JoinSet::new();
+        let (c, s) = (ctx.clone(), shutdown.clone());
+        tasks.spawn(async move { ("splitter", pagestream_splitter::run(c, s).await) });
+        let (c, s) = (ctx.clone(), shutdown.clone());
+        tasks.spawn(async move { ("inferencer", pagestream_inferencer::run(c, s).await) });
+        let (c, s) = (ctx.clone(), shutdown.clone());
+        tasks.spawn(async move { ("uploader", pagestream_uploader::run(c, s).await) });
+        let (c, s) = (ctx.clone(), shutdown.clone());
+        tasks.spawn(async move { ("ingress", pagestream_ingress::serve(c, listener, s).await) });
+
+        let mut pipeline = LocalPipeline {
+            ingress_addr,
+            ctx,
+            shutdown,
+            nats,
+            tasks,
+        };
+        // Start-up errors (missing library, bad model, unreachable bucket)
+        // surface here, before any upload is accepted.
+        if let Err(e) = pipeline.wait_ready().await {
+            let _ = pipeline.stop().await;
+            return Err(e);
+        }
+        Ok(pipeline)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            match self.ctx.health.not_ready() {
+                None => return Ok(()),
+                Some(waiting) if tokio::time::Instant::now() > deadline => {
+                    anyhow::bail!("pipeline not ready after 120 s; waiting for {waiting:?}")
+                }
+                Some(_) => {}
+            }
+            if let Some(res) = self.tasks.try_join_next() {
+                let (stage, r) = res?;
+                r.with_context(|| format!("{stage} failed to start"))?;
+                anyhow::bail!("{stage} exited during start-up");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.ingress_addr)
+    }
+
+    /// Waits until a stage exits (an error) or `shutdown` is cancelled.
+    pub async fn wait(&mut self) -> Result<()> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Ok(()),
+            Some(res) = self.tasks.join_next() => {
+                let (stage, r) = res?;
+                r.with_context(|| format!("stage {stage} stopped"))?;
+                anyhow::bail!("stage {stage} exited unexpectedly")
+            }
+        }
+    }
+
+    /// Stops every stage (in-flight messages finish) and the private server.
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        let mut first_err = None;
+        while let Some(res) = self.tasks.join_next().await {
+            match res {
+                Ok((stage, Err(e))) => {
+                    tracing::error!(stage, error = %format!("{e:#}"), "stage failed");
+                    first_err.get_or_insert(e.context(stage));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.into());
+                }
+                Ok(_) => {}
+            }
+        }
+        drop(self.nats.take());
+        first_err.map_or(Ok(()), Err)
+    }
+}

@@ -49,7 +49,12 @@ pub fn load_config_or_exit(usage: &str) -> Config {
 
 /// Runs one stage as a process: `admin_addr` (may be empty) serves the admin
 /// endpoints; `body` gets the connected context and the shutdown token.
-pub async fn run_stage<F, Fut>(name: &'static str, usage: &str, admin_addr: impl Fn(&Config) -> String, body: F) -> Result<()>
+pub async fn run_stage<F, Fut>(
+    name: &'static str,
+    usage: &str,
+    admin_addr: impl Fn(&Config) -> String,
+    body: F,
+) -> Result<()>
 where
     F: FnOnce(StageContext, CancellationToken) -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -65,7 +70,12 @@ where
             .await
             .map_err(|e| anyhow::anyhow!("{name}: cannot listen on admin address {addr}: {e}"))?;
         tracing::info!(stage = name, addr = %listener.local_addr()?, "admin endpoints: /livez /readyz /metrics");
-        tokio::spawn(crate::admin::serve(listener, health.clone(), metrics.clone(), shutdown.clone()));
+        tokio::spawn(crate::admin::serve(
+            listener,
+            health.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
     }
     let ctx = StageContext::connect(config, name, metrics, health).await?;
     body(ctx, shutdown).await

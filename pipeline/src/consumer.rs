@@ -45,17 +45,30 @@ pub struct StageError {
 
 impl StageError {
     pub fn transient(code: &'static str, message: impl std::fmt::Display) -> Self {
-        StageError { kind: ErrorKind::Transient, code, message: message.to_string(), doc_id: None }
+        StageError {
+            kind: ErrorKind::Transient,
+            code,
+            message: message.to_string(),
+            doc_id: None,
+        }
     }
     pub fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
-        StageError { kind: ErrorKind::Permanent, code, message: message.to_string(), doc_id: None }
+        StageError {
+            kind: ErrorKind::Permanent,
+            code,
+            message: message.to_string(),
+            doc_id: None,
+        }
     }
     pub fn doc(mut self, doc_id: &str) -> Self {
         self.doc_id = Some(doc_id.to_string());
         self
     }
     pub fn info(&self) -> ErrorInfo {
-        ErrorInfo { code: self.code.to_string(), message: self.message.clone() }
+        ErrorInfo {
+            code: self.code.to_string(),
+            message: self.message.clone(),
+        }
     }
 }
 
@@ -66,7 +79,10 @@ pub fn transient<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> Stag
 
 /// What a stage does with one message.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, msg: &jetstream::Message) -> impl Future<Output = Result<(), StageError>> + Send;
+    fn handle(
+        &self,
+        msg: &jetstream::Message,
+    ) -> impl Future<Output = Result<(), StageError>> + Send;
 }
 
 /// Where and how a stage consumes.
@@ -91,7 +107,10 @@ pub async fn run<H: Handler>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let stream = js.get_stream(&spec.stream).await.with_context(|| format!("stream {}", spec.stream))?;
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .with_context(|| format!("stream {}", spec.stream))?;
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_consumer(&spec.durable)
         .await
@@ -128,15 +147,34 @@ pub async fn run<H: Handler>(
             }
             None => anyhow::bail!("{}: message stream ended", spec.stage),
         };
-        let ctx = (js.clone(), names.clone(), spec.clone(), handler.clone(), metrics.clone());
+        let ctx = (
+            js.clone(),
+            names.clone(),
+            spec.clone(),
+            handler.clone(),
+            metrics.clone(),
+        );
         tasks.spawn(async move {
             let (js, names, spec, handler, metrics) = ctx;
-            process(&js, &names, &spec, handler.as_ref(), &metrics, msg, ack_wait).await;
+            process(
+                &js,
+                &names,
+                &spec,
+                handler.as_ref(),
+                &metrics,
+                msg,
+                ack_wait,
+            )
+            .await;
             drop(permit);
         });
     }
     drop(messages);
-    tracing::info!(stage = spec.stage, in_flight = tasks.len(), "stopping: finishing in-flight messages");
+    tracing::info!(
+        stage = spec.stage,
+        in_flight = tasks.len(),
+        "stopping: finishing in-flight messages"
+    );
     while tasks.join_next().await.is_some() {}
     Ok(())
 }

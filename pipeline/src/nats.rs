@@ -22,7 +22,9 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Names { prefix: prefix.into() }
+        Names {
+            prefix: prefix.into(),
+        }
     }
     fn upper(&self) -> String {
         self.prefix.to_ascii_uppercase().replace('-', "_")
@@ -101,7 +103,9 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context>
                 }
                 return Ok(jetstream::new(client));
             }
-            Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url)),
+            Ok(Err(e)) => {
+                return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url))
+            }
             Err(_) => anyhow::bail!(
                 "cannot connect to NATS at {} within {} s",
                 cfg.url,
@@ -119,7 +123,8 @@ fn render_template(text: &str, names: &Names, max_deliver: i64) -> String {
 
 /// The stream definitions of `nats/streams.json` for this prefix.
 pub fn stream_configs(names: &Names) -> Result<Vec<stream::Config>> {
-    serde_json::from_str(&render_template(STREAMS_JSON, names, 1)).context("nats/streams.json is invalid")
+    serde_json::from_str(&render_template(STREAMS_JSON, names, 1))
+        .context("nats/streams.json is invalid")
 }
 
 #[derive(Deserialize)]
@@ -129,9 +134,13 @@ struct ConsumerDef {
 }
 
 /// `(stream, consumer config)` pairs of `nats/consumers.json`.
-pub fn consumer_configs(names: &Names, max_deliver: i64) -> Result<Vec<(String, consumer::pull::Config)>> {
-    let defs: Vec<ConsumerDef> = serde_json::from_str(&render_template(CONSUMERS_JSON, names, max_deliver))
-        .context("nats/consumers.json is invalid")?;
+pub fn consumer_configs(
+    names: &Names,
+    max_deliver: i64,
+) -> Result<Vec<(String, consumer::pull::Config)>> {
+    let defs: Vec<ConsumerDef> =
+        serde_json::from_str(&render_template(CONSUMERS_JSON, names, max_deliver))
+            .context("nats/consumers.json is invalid")?;
     Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
 }
 
@@ -146,7 +155,10 @@ pub async fn provision(js: &jetstream::Context, names: &Names, max_deliver: i64)
     }
     for (stream_name, cfg) in consumer_configs(names, max_deliver)? {
         let durable = cfg.durable_name.clone().unwrap_or_default();
-        let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
+        let stream = js
+            .get_stream(&stream_name)
+            .await
+            .with_context(|| format!("stream {stream_name}"))?;
         // Creating a durable consumer with an identical config is a no-op;
         // a changed config is applied as an update.
         stream
@@ -159,7 +171,10 @@ pub async fn provision(js: &jetstream::Context, names: &Names, max_deliver: i64)
 }
 
 /// The Object Store bucket used for uploads and large page images.
-pub async fn blob_store(js: &jetstream::Context, names: &Names) -> Result<object_store::ObjectStore> {
+pub async fn blob_store(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<object_store::ObjectStore> {
     let bucket = names.blob_bucket();
     if let Ok(store) = js.get_object_store(&bucket).await {
         return Ok(store);

@@ -28,7 +28,9 @@ pub async fn publish_durable(
 ) -> Result<(), async_nats::Error> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
-    js.publish_with_headers(subject, headers, payload.into()).await?.await?;
+    js.publish_with_headers(subject, headers, payload.into())
+        .await?
+        .await?;
     Ok(())
 }
 
@@ -56,7 +58,13 @@ impl Progress {
     }
 
     /// A page reached `state` (rendered, inferred, uploaded, failed).
-    pub async fn page(&self, doc_id: &str, page: u32, state: EventState, error: Option<ErrorInfo>) -> Result<(), async_nats::Error> {
+    pub async fn page(
+        &self,
+        doc_id: &str,
+        page: u32,
+        state: EventState,
+        error: Option<ErrorInfo>,
+    ) -> Result<(), async_nats::Error> {
         let subject = self.names.page_event(doc_id, state.as_str(), page);
         let ev = Event {
             v: VERSION,
@@ -72,7 +80,13 @@ impl Progress {
     }
 
     /// A document reached `state` (queued, split, failed, completed).
-    pub async fn doc(&self, doc_id: &str, state: EventState, info: Option<DocInfo>, error: Option<ErrorInfo>) -> Result<(), async_nats::Error> {
+    pub async fn doc(
+        &self,
+        doc_id: &str,
+        state: EventState,
+        info: Option<DocInfo>,
+        error: Option<ErrorInfo>,
+    ) -> Result<(), async_nats::Error> {
         let subject = self.names.doc_event(doc_id, state.as_str());
         let ev = Event {
             v: VERSION,
@@ -101,7 +115,10 @@ pub enum DocState {
 
 impl DocState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, DocState::Completed | DocState::CompletedWithErrors | DocState::Failed)
+        matches!(
+            self,
+            DocState::Completed | DocState::CompletedWithErrors | DocState::Failed
+        )
     }
 }
 
@@ -148,8 +165,16 @@ impl DocStatus {
 /// Reads a document's status; `None` when no event exists for it.
 /// With `page_details`, failed pages' reasons are fetched too (one direct
 /// get per failed page).
-pub async fn read_status(js: &jetstream::Context, names: &Names, doc_id: &str, page_details: bool) -> Result<Option<DocStatus>> {
-    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
+pub async fn read_status(
+    js: &jetstream::Context,
+    names: &Names,
+    doc_id: &str,
+    page_details: bool,
+) -> Result<Option<DocStatus>> {
+    let stream = js
+        .get_stream(names.events_stream())
+        .await
+        .context("events stream")?;
     let subjects = subject_counts(&stream, &names.doc_events(doc_id)).await?;
     if subjects.is_empty() {
         return Ok(None);
@@ -159,22 +184,22 @@ pub async fn read_status(js: &jetstream::Context, names: &Names, doc_id: &str, p
     let mut doc_states = Vec::new();
     let mut failed_subjects = Vec::new();
     for subject in subjects.keys() {
-        let Some(rest) = subject.strip_prefix(&base) else { continue };
+        let Some(rest) = subject.strip_prefix(&base) else {
+            continue;
+        };
         let parts: Vec<&str> = rest.split('.').collect();
         match parts.as_slice() {
             ["doc", state] => doc_states.push((*state).to_string()),
-            ["page", state, _page] => {
-                match *state {
-                    "rendered" => counts.rendered += 1,
-                    "inferred" => counts.inferred += 1,
-                    "uploaded" => counts.uploaded += 1,
-                    "failed" => {
-                        counts.failed += 1;
-                        failed_subjects.push(subject.clone());
-                    }
-                    _ => {}
+            ["page", state, _page] => match *state {
+                "rendered" => counts.rendered += 1,
+                "inferred" => counts.inferred += 1,
+                "uploaded" => counts.uploaded += 1,
+                "failed" => {
+                    counts.failed += 1;
+                    failed_subjects.push(subject.clone());
                 }
-            }
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -253,6 +278,11 @@ async fn last_event(stream: &Stream, subject: &str) -> Result<Event> {
 
 /// Subject → message count for every subject matching `filter`.
 pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, usize>> {
-    let info = stream.info_with_subjects(filter).await.context("stream info with subjects")?;
-    info.try_collect::<BTreeMap<_, _>>().await.context("listing event subjects")
+    let info = stream
+        .info_with_subjects(filter)
+        .await
+        .context("stream info with subjects")?;
+    info.try_collect::<BTreeMap<_, _>>()
+        .await
+        .context("listing event subjects")
 }

@@ -5,7 +5,9 @@ use time::OffsetDateTime;
 
 /// Current UTC time, RFC 3339 with sub-second precision.
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).expect("RFC 3339 formatting of now")
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .expect("RFC 3339 formatting of now")
 }
 
 /// Initialises logging: `PAGESTREAM_LOG` (or `RUST_LOG`) filter, default `info`.

@@ -123,7 +123,10 @@ fn check_golden<M: Message + PartialEq + std::fmt::Debug>(name: &str, msg: &M) {
         .unwrap_or_else(|e| panic!("{}: {e} (PAGESTREAM_BLESS=1 creates it)", path.display()));
     let decoded: M = decode(&golden).expect("golden vector decodes");
     assert_eq!(&decoded, msg, "{name}: golden vector decodes to the sample");
-    assert_eq!(bytes, golden, "{name}: encoding is byte-identical to the golden vector");
+    assert_eq!(
+        bytes, golden,
+        "{name}: encoding is byte-identical to the golden vector"
+    );
 }
 
 #[test]
@@ -141,7 +144,10 @@ fn encoding_uses_field_names() {
     let as_json: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
     assert_eq!(as_json["doc_id"], "01JDOC0000000000000000000A");
     assert_eq!(as_json["v"], 1);
-    assert_eq!(as_json["source"]["blob"], "uploads/01JDOC0000000000000000000A");
+    assert_eq!(
+        as_json["source"]["blob"],
+        "uploads/01JDOC0000000000000000000A"
+    );
 }
 
 #[test]
@@ -160,12 +166,20 @@ fn unknown_major_version_is_rejected() {
     let mut msg = submitted();
     msg.v = 2;
     let err = decode::<DocumentSubmitted>(&encode(&msg)).unwrap_err();
-    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 2 }), "{err}");
+    assert!(
+        matches!(err, DecodeError::UnsupportedVersion { found: 2 }),
+        "{err}"
+    );
 }
 
 #[test]
 fn malformed_payloads_are_rejected() {
-    for bytes in [&b""[..], b"\xc1", b"not msgpack at all", b"\x93\x01\x02\x03"] {
+    for bytes in [
+        &b""[..],
+        b"\xc1",
+        b"not msgpack at all",
+        b"\x93\x01\x02\x03",
+    ] {
         assert!(matches!(
             decode::<DocumentSubmitted>(bytes),
             Err(DecodeError::Malformed(_))

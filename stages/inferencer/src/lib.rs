@@ -21,11 +21,13 @@ use std::sync::Arc;
 use anyhow::Result;
 use async_nats::jetstream;
 use image::RgbImage;
-use pagestream_pipeline::blob::BlobStore;
+use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
 use pagestream_pipeline::progress::{publish_message, Progress};
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, ErrorInfo, EventState, ImageRef, PageInferred, PageRendered, Timings, VERSION};
+use pagestream_schemas::{
+    decode, ErrorInfo, EventState, PageInferred, PageRendered, Timings, VERSION,
+};
 use tokio_util::sync::CancellationToken;
 
 pub use engine::Detector;
@@ -37,21 +39,6 @@ pub struct Inferencer {
     blobs: BlobStore,
     detector: Arc<Detector>,
     progress: Progress,
-}
-
-/// Reads a page image from a message (inline or from the blob store).
-pub async fn load_image(blobs: &BlobStore, image: &ImageRef) -> Result<Vec<u8>, StageError> {
-    if let Some(bytes) = &image.inline {
-        return Ok(bytes.to_vec());
-    }
-    let key = image.blob.as_deref().unwrap_or_default();
-    blobs.get_bytes(key).await.map_err(|e| {
-        if BlobStore::is_not_found(&e) {
-            StageError::permanent("image_missing", format!("page image {key:?} is not in the blob store"))
-        } else {
-            StageError::transient("blob_store", format!("{e:#}"))
-        }
-    })
 }
 
 /// Decodes a PNG page image.
@@ -72,12 +59,19 @@ impl Inferencer {
         // Warm up so the first real page is not slow and readiness is honest.
         let warm = Arc::new(detector);
         let d = warm.clone();
-        tokio::task::spawn_blocking(move || d.detect(&RgbImage::new(64, 64))).await?.map_err(anyhow::Error::msg)?;
+        tokio::task::spawn_blocking(move || d.detect(&RgbImage::new(64, 64)))
+            .await?
+            .map_err(anyhow::Error::msg)?;
         tracing::info!(model = %warm.model.name, sha256 = %warm.model.sha256, labels = ?warm.labels, "model loaded");
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Inferencer { ctx, blobs, detector: warm, progress })
+        Ok(Inferencer {
+            ctx,
+            blobs,
+            detector: warm,
+            progress,
+        })
     }
 
     async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
@@ -93,7 +87,10 @@ impl Inferencer {
             model: self.detector.model.clone(),
             detections: Vec::new(),
             image: Some(page.image.clone()),
-            timings: Timings { render_ms: page.render_ms, infer_ms: None },
+            timings: Timings {
+                render_ms: page.render_ms,
+                infer_ms: None,
+            },
             error: None,
         };
         let result = self.detect(&page).await;
@@ -104,7 +101,10 @@ impl Inferencer {
                 None
             }
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
-                out.error = Some(ErrorInfo { code: e.code.into(), message: e.message.clone() });
+                out.error = Some(ErrorInfo {
+                    code: e.code.into(),
+                    message: e.message.clone(),
+                });
                 Some(e.doc(&doc_id))
             }
             Err(e) => return Err(e.doc(&doc_id)),
@@ -129,21 +129,30 @@ impl Inferencer {
         }
     }
 
-    async fn detect(&self, page: &PageRendered) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
+    async fn detect(
+        &self,
+        page: &PageRendered,
+    ) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
         if let Some(model) = &page.options.model {
             if *model != self.detector.model.name {
                 return Err(StageError::permanent(
                     "model_unknown",
-                    format!("model {model:?} is not installed in this inferencer (it serves {:?})", self.detector.model.name),
+                    format!(
+                        "model {model:?} is not installed in this inferencer (it serves {:?})",
+                        self.detector.model.name
+                    ),
                 ));
             }
         }
-        let bytes = load_image(&self.blobs, &page.image).await?;
+        let bytes = read_image(&self.blobs, &page.image).await?;
         let detector = self.detector.clone();
         let started = std::time::Instant::now();
         let (detections, _) = tokio::task::spawn_blocking(move || {
-            let img = decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
-            detector.detect(&img).map_err(|m| StageError::permanent("inference_failed", m))
+            let img =
+                decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
+            detector
+                .detect(&img)
+                .map_err(|m| StageError::permanent("inference_failed", m))
         })
         .await
         .map_err(transient("join"))??;
@@ -153,7 +162,8 @@ impl Inferencer {
 
 impl Handler for Inferencer {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
+        let page: PageRendered =
+            decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
         self.infer(page).await
     }
 }
@@ -168,5 +178,13 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         max_deliver: ctx.config.nats.max_deliver,
     };
     let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
-    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, inferencer, ctx.metrics.clone(), shutdown).await
+    consumer::run(
+        ctx.js.clone(),
+        ctx.names.clone(),
+        spec,
+        inferencer,
+        ctx.metrics.clone(),
+        shutdown,
+    )
+    .await
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Manifests compiled into the binary, used when no `models/` folder is found.
-const BUILTIN: &[(&str, &str)] = &[("layout_cdla", include_str!("../../../models/layout_cdla/model.toml"))];
+const BUILTIN: &[(&str, &str)] = &[(
+    "layout_cdla",
+    include_str!("../../../models/layout_cdla/model.toml"),
+)];
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -83,8 +86,10 @@ pub struct Output {
 
 impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, String> {
-        let m: Manifest = toml::from_str(text).map_err(|e| format!("model manifest {origin}: {e}"))?;
-        m.validate().map_err(|e| format!("model manifest {origin}: {e}"))?;
+        let m: Manifest =
+            toml::from_str(text).map_err(|e| format!("model manifest {origin}: {e}"))?;
+        m.validate()
+            .map_err(|e| format!("model manifest {origin}: {e}"))?;
         Ok(m)
     }
 
@@ -112,7 +117,8 @@ impl Manifest {
     pub fn load(models_dir: &Path, name: &str) -> Result<Manifest, String> {
         let path = models_dir.join(name).join("model.toml");
         if path.exists() {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
             return Manifest::parse(&text, &path.display().to_string());
         }
         match BUILTIN.iter().find(|(n, _)| *n == name) {
@@ -145,9 +151,17 @@ mod tests {
     fn bad_manifests_say_why() {
         let err = Manifest::load(Path::new("/nonexistent"), "nope").unwrap_err();
         assert!(err.contains("unknown model \"nope\""), "{err}");
-        let text = BUILTIN[0].1.replace("std = [0.229, 0.224, 0.225]", "std = [0.0, 0.224, 0.225]");
-        assert!(Manifest::parse(&text, "t").unwrap_err().contains("input.std"));
-        let text = BUILTIN[0].1.replace("decoder = \"picodet\"", "decoder = \"unknown\"");
-        assert!(Manifest::parse(&text, "t").unwrap_err().contains("unknown variant"));
+        let text = BUILTIN[0]
+            .1
+            .replace("std = [0.229, 0.224, 0.225]", "std = [0.0, 0.224, 0.225]");
+        assert!(Manifest::parse(&text, "t")
+            .unwrap_err()
+            .contains("input.std"));
+        let text = BUILTIN[0]
+            .1
+            .replace("decoder = \"picodet\"", "decoder = \"unknown\"");
+        assert!(Manifest::parse(&text, "t")
+            .unwrap_err()
+            .contains("unknown variant"));
     }
 }

@@ -87,7 +87,10 @@ impl Renderer {
                 let pdfium = match Pdfium::bind_to_library(&lib) {
                     Ok(b) => Pdfium::new(b),
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot load libpdfium from {}: {e}", lib.display())));
+                        let _ = ready_tx.send(Err(format!(
+                            "cannot load libpdfium from {}: {e}",
+                            lib.display()
+                        )));
                         return;
                     }
                 };
@@ -129,7 +132,11 @@ pub fn fit_scale(width_pt: f32, height_pt: f32, dpi: f32, max_pixels: u64) -> (f
     (scale, scale * 72.0)
 }
 
-fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc::Sender<RenderEvent>) {
+fn render_document(
+    pdfium: &Pdfium,
+    req: &RenderRequest,
+    out: &tokio::sync::mpsc::Sender<RenderEvent>,
+) {
     let doc = match pdfium.load_pdf_from_file(&req.pdf, req.password.as_deref()) {
         Ok(d) => d,
         Err(e) => {
@@ -138,7 +145,10 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
                     "pdf_password",
                     "the PDF is encrypted and no (or a wrong) password was given".to_string(),
                 ),
-                other => ("pdf_unreadable", format!("pdfium cannot open the document: {other:?}")),
+                other => (
+                    "pdf_unreadable",
+                    format!("pdfium cannot open the document: {other:?}"),
+                ),
             };
             let _ = out.blocking_send(RenderEvent::OpenFailed { code, message });
             return;
@@ -146,7 +156,10 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
     };
     let pages = doc.pages();
     let page_count = pages.len().max(0) as u32;
-    if out.blocking_send(RenderEvent::Opened { page_count }).is_err() {
+    if out
+        .blocking_send(RenderEvent::Opened { page_count })
+        .is_err()
+    {
         return;
     }
     for index in 0..page_count {
@@ -165,9 +178,15 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
                     png,
                     render_ms: started.elapsed().as_secs_f32() * 1000.0,
                 }),
-                Err(message) => RenderEvent::PageFailed { page: number, message },
+                Err(message) => RenderEvent::PageFailed {
+                    page: number,
+                    message,
+                },
             },
-            Err(message) => RenderEvent::PageFailed { page: number, message },
+            Err(message) => RenderEvent::PageFailed {
+                page: number,
+                message,
+            },
         };
         // The receiver is gone when the handler gave up (shutdown, error).
         if out.blocking_send(event).is_err() {
@@ -176,15 +195,30 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
     }
 }
 
-fn render_page(pages: &PdfPages, index: u32, req: &RenderRequest) -> Result<(RgbImage, f32), String> {
-    let page = pages.get(index as PdfPageIndex).map_err(|e| format!("cannot load page: {e:?}"))?;
-    let (scale, dpi) = fit_scale(page.width().value, page.height().value, req.dpi, req.max_pixels);
+fn render_page(
+    pages: &PdfPages,
+    index: u32,
+    req: &RenderRequest,
+) -> Result<(RgbImage, f32), String> {
+    let page = pages
+        .get(index as PdfPageIndex)
+        .map_err(|e| format!("cannot load page: {e:?}"))?;
+    let (scale, dpi) = fit_scale(
+        page.width().value,
+        page.height().value,
+        req.dpi,
+        req.max_pixels,
+    );
     let config = PdfRenderConfig::new()
         .scale_page_by_factor(scale)
         .render_form_data(true)
         .render_annotations(true);
-    let bitmap = page.render_with_config(&config).map_err(|e| format!("render failed: {e:?}"))?;
-    let img = bitmap.as_image().map_err(|e| format!("bitmap conversion failed: {e:?}"))?;
+    let bitmap = page
+        .render_with_config(&config)
+        .map_err(|e| format!("render failed: {e:?}"))?;
+    let img = bitmap
+        .as_image()
+        .map_err(|e| format!("bitmap conversion failed: {e:?}"))?;
     let rgb = match img {
         DynamicImage::ImageRgb8(i) => i,
         other => other.to_rgb8(),
@@ -199,7 +233,12 @@ pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>, String> {
     use image::ImageEncoder;
     let mut buf = Vec::with_capacity((img.width() * img.height() / 4) as usize);
     PngEncoder::new_with_quality(&mut buf, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
         .map_err(|e| format!("PNG encoding failed: {e}"))?;
     Ok(buf)
 }

@@ -1,1 +1,246 @@
-//! stub
+//! Uploader: the sink. For each `PageInferred` it writes the page image and
+//! the page JSON, records the page as uploaded (or failed), and when every
+//! page of the document has an outcome writes `manifest.json` ([`layout`]).
+//! For a `DocumentFailed` it writes a manifest with `status: failed`.
+//!
+//! Completion: after its page event is durable, the uploader counts the
+//! document's page outcomes from the events stream; whoever sees the count
+//! reach `page_count` writes the manifest. Two uploaders finishing the last
+//! pages at once may both write it — with the same content, atomically — so
+//! the manifest is always complete and never missing.
+//!
+//! Knows nothing about PDFs or models beyond the message fields.
+
+pub mod layout;
+pub mod store;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_nats::jetstream;
+use pagestream_pipeline::blob::{read_image, BlobStore};
+use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
+use pagestream_pipeline::progress::{read_status, DocStatus, Progress};
+use pagestream_pipeline::util::now_rfc3339;
+use pagestream_pipeline::StageContext;
+use pagestream_schemas::{decode, DocInfo, DocumentFailed, EventState, ModelRef, PageInferred};
+use tokio_util::sync::CancellationToken;
+
+use layout::{Keys, Manifest, PageResult, SourceInfo, MANIFEST_SCHEMA};
+pub use store::ResultStore;
+
+pub const STAGE: &str = "uploader";
+
+pub struct Uploader {
+    ctx: StageContext,
+    blobs: BlobStore,
+    store: ResultStore,
+    progress: Progress,
+}
+
+fn store_err(e: anyhow::Error) -> StageError {
+    StageError::transient("result_store", format!("{e:#}"))
+}
+
+impl Uploader {
+    pub async fn new(ctx: StageContext) -> Result<Self> {
+        ctx.health.register(STAGE);
+        let store = ResultStore::from_config(&ctx.config.uploader).await?;
+        let blobs = ctx.blobs().await?;
+        let progress = ctx.progress(STAGE);
+        ctx.health.set_ready(STAGE, true);
+        Ok(Uploader {
+            ctx,
+            blobs,
+            store,
+            progress,
+        })
+    }
+
+    fn keys(&self, doc_id: &str) -> Keys {
+        Keys::new(&self.ctx.config.uploader.prefix, doc_id)
+    }
+
+    async fn page(&self, msg: PageInferred) -> Result<(), StageError> {
+        let doc_id = msg.doc_id.clone();
+        let keys = self.keys(&doc_id);
+        match (&msg.error, &msg.image) {
+            (Some(err), _) => {
+                self.progress
+                    .page(&doc_id, msg.page, EventState::Failed, Some(err.clone()))
+                    .await
+                    .map_err(transient("nats_publish"))?;
+                self.ctx.metrics.page_failure(STAGE);
+            }
+            (None, Some(image)) => {
+                let png = read_image(&self.blobs, image).await?;
+                self.store
+                    .put(&keys.page_image(msg.page), png, "image/png")
+                    .await
+                    .map_err(store_err)?;
+                let result = PageResult {
+                    page: msg.page,
+                    width: msg.width,
+                    height: msg.height,
+                    dpi: msg.dpi,
+                    model: msg.model.clone(),
+                    detections: msg.detections.clone(),
+                };
+                let json = serde_json::to_vec_pretty(&result).expect("page result serialises");
+                self.store
+                    .put(&keys.page_json(msg.page), json, "application/json")
+                    .await
+                    .map_err(store_err)?;
+                self.progress
+                    .page(&doc_id, msg.page, EventState::Uploaded, None)
+                    .await
+                    .map_err(transient("nats_publish"))?;
+                if let Some(key) = &image.blob {
+                    // Results are durable; the claim-check copy is garbage now.
+                    if let Err(e) = self.blobs.delete(key).await {
+                        tracing::warn!(doc_id, key, error = %e, "could not delete page blob (it expires with the bucket's max age)");
+                    }
+                }
+                self.ctx.metrics.page(STAGE);
+            }
+            (None, None) => {
+                return Err(StageError::permanent(
+                    "bad_message",
+                    "PageInferred without image or error",
+                )
+                .doc(&doc_id))
+            }
+        }
+        let model = (!msg.model.name.is_empty()).then(|| msg.model.clone());
+        self.finalize_if_done(&doc_id, model).await
+    }
+
+    /// Writes the manifest when every page has an outcome.
+    async fn finalize_if_done(
+        &self,
+        doc_id: &str,
+        model: Option<ModelRef>,
+    ) -> Result<(), StageError> {
+        let status = read_status(&self.ctx.js, &self.ctx.names, doc_id, true)
+            .await
+            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?
+            .ok_or_else(|| {
+                StageError::transient("status_missing", format!("no events for {doc_id} yet"))
+            })?;
+        if !status.all_pages_done() {
+            return Ok(());
+        }
+        let model = match model {
+            Some(m) => Some(m),
+            None => self.model_from_pages(&status).await?,
+        };
+        let manifest = Manifest::from_status(&status, model, now_rfc3339());
+        self.write_manifest(doc_id, &manifest).await
+    }
+
+    /// The model of a failed page's document, from any successful page's JSON.
+    async fn model_from_pages(&self, status: &DocStatus) -> Result<Option<ModelRef>, StageError> {
+        let keys = self.keys(&status.doc_id);
+        for n in 1..=status.page_count.unwrap_or(0) {
+            if status.failed_pages.iter().any(|f| f.page == n) {
+                continue;
+            }
+            if let Some(bytes) = self
+                .store
+                .get(&keys.page_json(n))
+                .await
+                .map_err(store_err)?
+            {
+                if let Ok(page) = serde_json::from_slice::<PageResult>(&bytes) {
+                    return Ok(Some(page.model));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn write_manifest(&self, doc_id: &str, manifest: &Manifest) -> Result<(), StageError> {
+        let key = self.keys(doc_id).manifest();
+        let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        self.store
+            .put(&key, json, "application/json")
+            .await
+            .map_err(store_err)?;
+        let info = DocInfo {
+            status: Some(manifest.status.clone()),
+            manifest: Some(self.store.location(&key)),
+            page_count: manifest.page_count,
+            ..DocInfo::default()
+        };
+        self.progress
+            .doc(doc_id, EventState::Completed, Some(info), None)
+            .await
+            .map_err(transient("nats_publish"))?;
+        self.ctx.metrics.document(STAGE, &manifest.status);
+        tracing::info!(doc_id, status = %manifest.status, manifest = %self.store.location(&key), "document finished");
+        Ok(())
+    }
+
+    async fn document_failed(&self, msg: DocumentFailed) -> Result<(), StageError> {
+        let status = read_status(&self.ctx.js, &self.ctx.names, &msg.doc_id, false)
+            .await
+            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        let info = status.as_ref().map(|s| s.info.clone()).unwrap_or_default();
+        let manifest = Manifest {
+            schema: MANIFEST_SCHEMA.into(),
+            doc_id: msg.doc_id.clone(),
+            title: msg
+                .title
+                .clone()
+                .or(info.title)
+                .or_else(|| msg.source.filename.clone()),
+            source: SourceInfo {
+                filename: msg.source.filename.clone().or(info.filename),
+                sha256: msg.source.sha256.clone().or(info.sha256),
+                bytes: msg.source.bytes.or(info.bytes),
+            },
+            page_count: info.page_count,
+            status: "failed".into(),
+            error: Some(msg.error.clone()),
+            model: None,
+            pages: Vec::new(),
+            queued_at: status.as_ref().and_then(|s| s.queued_at.clone()),
+            started_at: status.as_ref().and_then(|s| s.started_at.clone()),
+            finished_at: msg.at.clone(),
+        };
+        self.write_manifest(&msg.doc_id, &manifest).await
+    }
+}
+
+impl Handler for Uploader {
+    async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
+        let bad = |e| StageError::permanent("bad_message", e);
+        if msg.subject.as_str() == self.ctx.names.docs_failed() {
+            self.document_failed(decode(&msg.payload).map_err(bad)?)
+                .await
+        } else {
+            self.page(decode(&msg.payload).map_err(bad)?).await
+        }
+    }
+}
+
+/// Runs the uploader until `shutdown`.
+pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
+    let spec = ConsumerSpec {
+        stage: STAGE,
+        stream: ctx.names.inferred_stream(),
+        durable: "uploader".into(),
+        concurrency: ctx.config.uploader.concurrency,
+        max_deliver: ctx.config.nats.max_deliver,
+    };
+    let uploader = Arc::new(Uploader::new(ctx.clone()).await?);
+    consumer::run(
+        ctx.js.clone(),
+        ctx.names.clone(),
+        spec,
+        uploader,
+        ctx.metrics.clone(),
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,158 @@
+//! The results layout — a public contract, identical on S3 and on disk:
+//!
+//! ```text
+//! <prefix>/<doc_id>/manifest.json
+//! <prefix>/<doc_id>/pages/<n>.json   {page, width, height, dpi, model, detections: [{label, score, bbox}]}
+//! <prefix>/<doc_id>/pages/<n>.png    the page image the boxes refer to
+//! ```
+
+use pagestream_pipeline::progress::{DocStatus, FailedPage};
+use pagestream_schemas::{Detection, ErrorInfo, ModelRef};
+use serde::{Deserialize, Serialize};
+
+/// Identifies the manifest format.
+pub const MANIFEST_SCHEMA: &str = "pagestream.manifest/v1";
+
+/// Keys of one document's results.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    base: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, doc_id: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        let base = if prefix.is_empty() {
+            doc_id.to_string()
+        } else {
+            format!("{prefix}/{doc_id}")
+        };
+        Keys { base }
+    }
+    pub fn manifest(&self) -> String {
+        format!("{}/manifest.json", self.base)
+    }
+    pub fn page_json(&self, page: u32) -> String {
+        format!("{}/{}", self.base, rel_page_json(page))
+    }
+    pub fn page_image(&self, page: u32) -> String {
+        format!("{}/{}", self.base, rel_page_image(page))
+    }
+}
+
+pub fn rel_page_json(page: u32) -> String {
+    format!("pages/{page}.json")
+}
+
+pub fn rel_page_image(page: u32) -> String {
+    format!("pages/{page}.png")
+}
+
+/// `pages/<n>.json`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PageResult {
+    pub page: u32,
+    pub width: u32,
+    pub height: u32,
+    pub dpi: f32,
+    pub model: ModelRef,
+    pub detections: Vec<Detection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    pub filename: Option<String>,
+    pub sha256: Option<String>,
+    pub bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestPage {
+    pub page: u32,
+    /// `ok` or `failed`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detections: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// `manifest.json`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: String,
+    pub doc_id: String,
+    pub title: Option<String>,
+    pub source: SourceInfo,
+    pub page_count: Option<u32>,
+    /// `completed`, `completed_with_errors` or `failed`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    pub model: Option<ModelRef>,
+    pub pages: Vec<ManifestPage>,
+    pub queued_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: String,
+}
+
+impl Manifest {
+    /// The manifest of a document whose pages all have an outcome.
+    pub fn from_status(st: &DocStatus, model: Option<ModelRef>, finished_at: String) -> Manifest {
+        let page_count = st.page_count.unwrap_or(0);
+        let failed =
+            |n: u32| -> Option<&FailedPage> { st.failed_pages.iter().find(|f| f.page == n) };
+        let pages: Vec<ManifestPage> = (1..=page_count)
+            .map(|n| match failed(n) {
+                Some(f) => ManifestPage {
+                    page: n,
+                    status: "failed".into(),
+                    detections: None,
+                    image: None,
+                    error: Some(f.error.clone()),
+                },
+                None => ManifestPage {
+                    page: n,
+                    status: "ok".into(),
+                    detections: Some(rel_page_json(n)),
+                    image: Some(rel_page_image(n)),
+                    error: None,
+                },
+            })
+            .collect();
+        let failures = pages.iter().filter(|p| p.status == "failed").count();
+        let (status, error) = if failures == 0 {
+            ("completed", None)
+        } else if failures as u32 == page_count {
+            (
+                "failed",
+                Some(ErrorInfo {
+                    code: "all_pages_failed".into(),
+                    message: format!("all {page_count} pages failed"),
+                }),
+            )
+        } else {
+            ("completed_with_errors", None)
+        };
+        Manifest {
+            schema: MANIFEST_SCHEMA.into(),
+            doc_id: st.doc_id.clone(),
+            title: st.info.title.clone().or_else(|| st.info.filename.clone()),
+            source: SourceInfo {
+                filename: st.info.filename.clone(),
+                sha256: st.info.sha256.clone(),
+                bytes: st.info.bytes,
+            },
+            page_count: st.page_count,
+            status: status.into(),
+            error,
+            model,
+            pages,
+            queued_at: st.queued_at.clone(),
+            started_at: st.started_at.clone(),
+            finished_at,
+        }
+    }
+}

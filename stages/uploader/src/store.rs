@@ -1,0 +1,205 @@
+//! Where results go: a local directory or an S3 bucket, behind one type with
+//! the same keys. Writes are atomic — temp file + rename on disk, a single
+//! PUT on S3 — so no half-written object is ever visible, and a rewrite of
+//! the same key replaces, never duplicates.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use aws_sdk_s3::primitives::ByteStream;
+use pagestream_pipeline::config::UploaderConfig;
+
+#[derive(Debug, Clone)]
+pub enum ResultStore {
+    Local {
+        root: PathBuf,
+    },
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+    },
+}
+
+impl ResultStore {
+    /// Builds the store from config and checks it is usable (directory
+    /// writable, bucket reachable), failing with a precise message.
+    pub async fn from_config(cfg: &UploaderConfig) -> Result<ResultStore> {
+        match cfg.target.as_str() {
+            "s3" => {
+                let client = s3_client(cfg).await;
+                client
+                    .head_bucket()
+                    .bucket(&cfg.s3_bucket)
+                    .send()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
+                    .with_context(|| {
+                        format!(
+                            "S3 bucket {:?} is not reachable at {} (check uploader.s3_* settings and credentials)",
+                            cfg.s3_bucket,
+                            if cfg.s3_endpoint.is_empty() { "AWS" } else { &cfg.s3_endpoint }
+                        )
+                    })?;
+                Ok(ResultStore::S3 {
+                    client,
+                    bucket: cfg.s3_bucket.clone(),
+                })
+            }
+            _ => {
+                tokio::fs::create_dir_all(&cfg.dir).await.with_context(|| {
+                    format!("cannot create results directory {}", cfg.dir.display())
+                })?;
+                let root = tokio::fs::canonicalize(&cfg.dir).await?;
+                Ok(ResultStore::Local { root })
+            }
+        }
+    }
+
+    /// Writes `bytes` at `key` atomically, replacing any previous object.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<()> {
+        match self {
+            ResultStore::Local { root } => write_atomic(&root.join(key), &bytes).await,
+            ResultStore::S3 { client, bucket } => {
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .content_type(content_type)
+                    .body(ByteStream::from(bytes))
+                    .send()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
+                    .with_context(|| format!("PUT s3://{bucket}/{key}"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads `key`, `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            ResultStore::Local { root } => match tokio::fs::read(root.join(key)).await {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("reading {key}")),
+            },
+            ResultStore::S3 { client, bucket } => {
+                match client.get_object().bucket(bucket).key(key).send().await {
+                    Ok(out) => Ok(Some(
+                        out.body
+                            .collect()
+                            .await
+                            .context("reading S3 body")?
+                            .to_vec(),
+                    )),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+                    Err(e) => Err(anyhow::anyhow!(
+                        "{}",
+                        aws_sdk_s3::error::DisplayErrorContext(e)
+                    ))
+                    .with_context(|| format!("GET s3://{bucket}/{key}")),
+                }
+            }
+        }
+    }
+
+    /// A URL users can read: `file:///…` or `s3://bucket/key`.
+    pub fn location(&self, key: &str) -> String {
+        match self {
+            ResultStore::Local { root } => format!("file://{}", root.join(key).display()),
+            ResultStore::S3 { bucket, .. } => format!("s3://{bucket}/{key}"),
+        }
+    }
+}
+
+/// The S3 client for the uploader settings (also used by tests and tools).
+pub async fn s3_client(cfg: &UploaderConfig) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(cfg.s3_region.clone()));
+    if !cfg.s3_access_key_id.is_empty() {
+        loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+            cfg.s3_access_key_id.clone(),
+            cfg.s3_secret_access_key.clone(),
+            None,
+            None,
+            "pagestream-config",
+        ));
+    }
+    if !cfg.s3_endpoint.is_empty() {
+        loader = loader.endpoint_url(cfg.s3_endpoint.clone());
+    }
+    let shared = loader.load().await;
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(cfg.s3_path_style)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("result key without a directory")?;
+    tokio::fs::create_dir_all(dir)
+        .await
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{:x}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("part"),
+        std::process::id(),
+        rand_suffix()
+    ));
+    tokio::fs::write(&tmp, bytes)
+        .await
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    if let Err(e) = tokio::fs::rename(&tmp, path).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e).with_context(|| format!("renaming into {}", path.display()));
+    }
+    Ok(())
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_writes_are_atomic_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::Local {
+            root: dir.path().to_path_buf(),
+        };
+        store
+            .put("d/pages/1.json", b"{\"a\":1}".to_vec(), "application/json")
+            .await
+            .unwrap();
+        store
+            .put("d/pages/1.json", b"{\"a\":2}".to_vec(), "application/json")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("d/pages/1.json").await.unwrap().unwrap(),
+            b"{\"a\":2}"
+        );
+        assert_eq!(store.get("d/missing").await.unwrap(), None);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("d/pages"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("1.json")],
+            "no temp files left behind"
+        );
+        assert!(store.location("d/x").starts_with("file:///"));
+    }
+}
