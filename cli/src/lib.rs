@@ -43,14 +43,9 @@ impl LocalPipeline {
         let health = Health::new(metrics.clone());
         let ctx = StageContext::connect(config, "pagestream-local", metrics, health).await?;
         let shutdown = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind(&ctx.config.ingress.addr)
-            .await
-            .with_context(|| {
-                format!(
-                    "ingress: cannot listen on {} (set PAGESTREAM_INGRESS_ADDR)",
-                    ctx.config.ingress.addr
-                )
-            })?;
+        let listener = tokio::net::TcpListener::bind(&ctx.config.ingress.addr).await.with_context(|| {
+            format!("ingress: cannot listen on {} (set PAGESTREAM_INGRESS_ADDR)", ctx.config.ingress.addr)
+        })?;
         let ingress_addr = listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
@@ -63,13 +58,7 @@ impl LocalPipeline {
         let (c, s) = (ctx.clone(), shutdown.clone());
         tasks.spawn(async move { ("ingress", pagestream_ingress::serve(c, listener, s).await) });
 
-        let mut pipeline = LocalPipeline {
-            ingress_addr,
-            ctx,
-            shutdown,
-            nats,
-            tasks,
-        };
+        let mut pipeline = LocalPipeline { ingress_addr, ctx, shutdown, nats, tasks };
         // Start-up errors (missing library, bad model, unreachable bucket)
         // surface here, before any upload is accepted.
         if let Err(e) = pipeline.wait_ready().await {

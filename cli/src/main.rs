@@ -79,13 +79,9 @@ async fn run(args: &[String]) -> Result<i32> {
         Err(code) => return Ok(code),
     };
     init_tracing();
-    let signals =
-        pagestream_pipeline::shutdown::on_signals(pagestream_pipeline::shutdown::DEFAULT_GRACE);
+    let signals = pagestream_pipeline::shutdown::on_signals(pagestream_pipeline::shutdown::DEFAULT_GRACE);
     let mut pipeline = LocalPipeline::start(config, embedded).await?;
-    eprintln!(
-        "pagestream running: API at {} (Ctrl-C to stop)",
-        pipeline.base_url()
-    );
+    eprintln!("pagestream running: API at {} (Ctrl-C to stop)", pipeline.base_url());
     let stop = pipeline.shutdown.clone();
     tokio::spawn(async move {
         signals.cancelled().await;
@@ -121,10 +117,7 @@ async fn demo(args: &[String]) -> Result<i32> {
         }
     }
     if files.is_empty() {
-        files.push(
-            default_sample()
-                .context("the bundled sample samples/c03-29.pdf was not found; pass a PDF")?,
-        );
+        files.push(default_sample().context("the bundled sample samples/c03-29.pdf was not found; pass a PDF")?);
     }
     for f in &files {
         if !f.is_file() {
@@ -147,31 +140,18 @@ async fn demo(args: &[String]) -> Result<i32> {
     eprintln!("starting a private nats-server and the four stages…");
     let started = Instant::now();
     let pipeline = LocalPipeline::start(config, true).await?;
-    eprintln!(
-        "ready in {:.1} s; API at {}",
-        started.elapsed().as_secs_f32(),
-        pipeline.base_url()
-    );
+    eprintln!("ready in {:.1} s; API at {}", started.elapsed().as_secs_f32(), pipeline.base_url());
     let client = ApiClient::new(pipeline.base_url());
 
     let began = Instant::now();
     let mut docs: Vec<(String, String)> = Vec::new();
     for f in &files {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let ans = client.submit_file(f, Some(&name)).await?;
         if ans.status.as_u16() == 202 {
-            docs.push((
-                ans.json["id"].as_str().unwrap_or_default().to_string(),
-                name,
-            ));
+            docs.push((ans.json["id"].as_str().unwrap_or_default().to_string(), name));
         } else {
-            eprintln!(
-                "✗ {name}: rejected with HTTP {}: {}",
-                ans.status, ans.json["error"]["message"]
-            );
+            eprintln!("✗ {name}: rejected with HTTP {}: {}", ans.status, ans.json["error"]["message"]);
         }
     }
     let rejected = files.len() - docs.len();
@@ -193,10 +173,7 @@ async fn demo(args: &[String]) -> Result<i32> {
             "completed_with_errors" => "!",
             _ => "✗",
         };
-        let mut line = format!(
-            "{mark} {name}: {state}, {} pages",
-            st["page_count"].as_u64().unwrap_or(0)
-        );
+        let mut line = format!("{mark} {name}: {state}, {} pages", st["page_count"].as_u64().unwrap_or(0));
         if let Some(err) = st["error"]["message"].as_str() {
             line += &format!(" — {err}");
         }
@@ -239,10 +216,7 @@ async fn watch(client: &ApiClient, docs: &[(String, String)]) -> BTreeMap<String
                 }
             }
         }
-        let lines: Vec<String> = docs
-            .iter()
-            .map(|(id, name)| progress_line(name, last.get(id)))
-            .collect();
+        let lines: Vec<String> = docs.iter().map(|(id, name)| progress_line(name, last.get(id))).collect();
         if changed {
             last_change = Instant::now();
             let mut err = std::io::stderr().lock();
@@ -272,10 +246,7 @@ fn progress_line(name: &str, st: Option<&Value>) -> String {
     let Some(st) = st else {
         return format!("{name}: submitted");
     };
-    let total = st["page_count"]
-        .as_u64()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| "?".into());
+    let total = st["page_count"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "?".into());
     let p = &st["pages"];
     let mut line = format!(
         "{name}: {:<22} rendered {}/{total} · inferred {}/{total} · uploaded {}/{total}",

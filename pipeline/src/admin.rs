@@ -17,34 +17,18 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// Answers an admin route, or `None` when `path` is not one.
-pub fn admin_response(
-    path: &str,
-    health: &Health,
-    metrics: &Metrics,
-) -> Option<Response<Full<Bytes>>> {
+pub fn admin_response(path: &str, health: &Health, metrics: &Metrics) -> Option<Response<Full<Bytes>>> {
     let (status, ctype, body) = match path {
-        "/livez" => (
-            StatusCode::OK,
-            "application/json",
-            r#"{"status":"alive"}"#.to_string(),
-        ),
+        "/livez" => (StatusCode::OK, "application/json", r#"{"status":"alive"}"#.to_string()),
         "/readyz" => match health.not_ready() {
-            None => (
-                StatusCode::OK,
-                "application/json",
-                r#"{"status":"ready"}"#.to_string(),
-            ),
+            None => (StatusCode::OK, "application/json", r#"{"status":"ready"}"#.to_string()),
             Some(waiting) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "application/json",
                 serde_json::json!({"status": "not_ready", "waiting_for": waiting}).to_string(),
             ),
         },
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.encode(),
-        ),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
         _ => return None,
     };
     Some(
@@ -57,12 +41,7 @@ pub fn admin_response(
 }
 
 /// Serves the admin routes on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    health: Health,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, health: Health, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,

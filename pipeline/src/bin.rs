@@ -70,12 +70,7 @@ where
             .await
             .map_err(|e| anyhow::anyhow!("{name}: cannot listen on admin address {addr}: {e}"))?;
         tracing::info!(stage = name, addr = %listener.local_addr()?, "admin endpoints: /livez /readyz /metrics");
-        tokio::spawn(crate::admin::serve(
-            listener,
-            health.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(crate::admin::serve(listener, health.clone(), metrics.clone(), shutdown.clone()));
     }
     let ctx = StageContext::connect(config, name, metrics, health).await?;
     body(ctx, shutdown).await

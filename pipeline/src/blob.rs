@@ -37,10 +37,7 @@ impl BlobStore {
 
     /// Streams `reader` into `key` (overwriting); returns the bytes written.
     pub async fn put_reader<R: AsyncRead + Unpin>(&self, key: &str, reader: &mut R) -> Result<u64> {
-        let meta = ObjectMetadata {
-            name: key.to_string(),
-            ..Default::default()
-        };
+        let meta = ObjectMetadata { name: key.to_string(), ..Default::default() };
         let info = self
             .store
             .put(meta, reader)
@@ -63,9 +60,7 @@ impl BlobStore {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("opening blob {key}"))?;
-        tokio::io::copy(&mut obj, writer)
-            .await
-            .with_context(|| format!("reading blob {key}"))
+        tokio::io::copy(&mut obj, writer).await.with_context(|| format!("reading blob {key}"))
     }
 
     pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>> {
@@ -76,9 +71,7 @@ impl BlobStore {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("opening blob {key}"))?;
         let mut out = Vec::new();
-        obj.read_to_end(&mut out)
-            .await
-            .with_context(|| format!("reading blob {key}"))?;
+        obj.read_to_end(&mut out).await.with_context(|| format!("reading blob {key}"))?;
         Ok(out)
     }
 
@@ -86,11 +79,7 @@ impl BlobStore {
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(key).await {
             Ok(()) => Ok(()),
-            Err(e)
-                if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound =>
-            {
-                Ok(())
-            }
+            Err(e) if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
             Err(e) => Err(anyhow::anyhow!("{e}")).with_context(|| format!("deleting blob {key}")),
         }
     }
@@ -112,10 +101,7 @@ pub async fn read_image(blobs: &BlobStore, image: &ImageRef) -> Result<Vec<u8>, 
     let key = image.blob.as_deref().unwrap_or_default();
     blobs.get_bytes(key).await.map_err(|e| {
         if BlobStore::is_not_found(&e) {
-            StageError::permanent(
-                "image_missing",
-                format!("page image {key:?} is not in the blob store"),
-            )
+            StageError::permanent("image_missing", format!("page image {key:?} is not in the blob store"))
         } else {
             StageError::transient("blob_store", format!("{e:#}"))
         }

@@ -17,17 +17,12 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 
 /// Environment variables with the `PAGESTREAM_` prefix that are not
 /// `<SECTION>_<KEY>` settings.
-const RESERVED_ENV: &[&str] = &[
-    "PAGESTREAM_CONFIG",
-    "PAGESTREAM_DEPS",
-    "PAGESTREAM_LOG",
-    "PAGESTREAM_BLESS",
-    "PAGESTREAM_CORPUS",
-];
+const RESERVED_ENV: &[&str] =
+    &["PAGESTREAM_CONFIG", "PAGESTREAM_DEPS", "PAGESTREAM_LOG", "PAGESTREAM_BLESS", "PAGESTREAM_CORPUS"];
 
 /// The whole configuration; each binary reads the sections it needs, so one
 /// file can configure every stage.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub nats: NatsConfig,
@@ -119,18 +114,6 @@ pub struct UploaderConfig {
     pub admin_addr: String,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            nats: NatsConfig::default(),
-            ingress: IngressConfig::default(),
-            splitter: SplitterConfig::default(),
-            inferencer: InferencerConfig::default(),
-            uploader: UploaderConfig::default(),
-        }
-    }
-}
-
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
@@ -144,10 +127,7 @@ impl Default for NatsConfig {
 
 impl Default for IngressConfig {
     fn default() -> Self {
-        IngressConfig {
-            addr: "127.0.0.1:8080".into(),
-            max_upload_bytes: 256 * 1024 * 1024,
-        }
+        IngressConfig { addr: "127.0.0.1:8080".into(), max_upload_bytes: 256 * 1024 * 1024 }
     }
 }
 
@@ -203,11 +183,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "invalid configuration ({} problem(s)):",
-            self.errors.len()
-        )?;
+        writeln!(f, "invalid configuration ({} problem(s)):", self.errors.len())?;
         for e in &self.errors {
             writeln!(f, "  - {e}")?;
         }
@@ -234,12 +210,8 @@ fn repo_models_dir() -> PathBuf {
 }
 
 fn find_upwards(rel: &str) -> Option<PathBuf> {
-    let starts = [
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf)),
-        std::env::current_dir().ok(),
-    ];
+    let starts =
+        [std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)), std::env::current_dir().ok()];
     for start in starts.into_iter().flatten() {
         for dir in start.ancestors() {
             let candidate = dir.join(rel);
@@ -295,18 +267,11 @@ impl Config {
                 errors.push(format!("{name}: expected PAGESTREAM_<SECTION>_<KEY>"));
                 continue;
             };
-            match defaults
-                .get(section)
-                .and_then(Value::as_table)
-                .and_then(|t| t.get(key))
-            {
+            match defaults.get(section).and_then(Value::as_table).and_then(|t| t.get(key)) {
                 None => errors.push(format!("{name}: unknown setting {section}.{key}")),
                 Some(default) => match parse_like(default, raw) {
                     Ok(v) => {
-                        merged[section]
-                            .as_table_mut()
-                            .expect("section")
-                            .insert(key.into(), v);
+                        merged[section].as_table_mut().expect("section").insert(key.into(), v);
                     }
                     Err(e) => errors.push(format!("{name}={raw:?}: {e}")),
                 },
@@ -329,9 +294,7 @@ impl Config {
         }
         let config: Config = Value::Table(merged)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError {
-                errors: vec![e.to_string()],
-            })?;
+            .map_err(|e: toml::de::Error| ConfigError { errors: vec![e.to_string()] })?;
         config.validate()?;
         Ok(config)
     }
@@ -340,34 +303,25 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         let p = &self.nats.prefix;
-        if p.is_empty()
-            || !p
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        {
-            errors.push(format!(
-                "nats.prefix {p:?}: use 1+ characters of [a-z0-9_-]"
-            ));
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+            errors.push(format!("nats.prefix {p:?}: use 1+ characters of [a-z0-9_-]"));
         }
         if self.nats.max_deliver < 1 {
             errors.push("nats.max_deliver must be at least 1".into());
         }
         if !(10.0..=1200.0).contains(&self.splitter.dpi) {
-            errors.push(format!(
-                "splitter.dpi {} is outside 10..=1200",
-                self.splitter.dpi
-            ));
+            errors.push(format!("splitter.dpi {} is outside 10..=1200", self.splitter.dpi));
         }
         if self.splitter.max_pixels < 64 * 64 {
             errors.push("splitter.max_pixels must be at least 4096".into());
         }
         if self.splitter.inline_image_max_bytes > 900 * 1024 {
-            errors.push("splitter.inline_image_max_bytes must stay below NATS's 1 MiB payload limit (max 921600)".into());
+            errors
+                .push("splitter.inline_image_max_bytes must stay below NATS's 1 MiB payload limit (max 921600)".into());
         }
-        for (name, n) in [
-            ("splitter.concurrency", self.splitter.concurrency),
-            ("uploader.concurrency", self.uploader.concurrency),
-        ] {
+        for (name, n) in
+            [("splitter.concurrency", self.splitter.concurrency), ("uploader.concurrency", self.uploader.concurrency)]
+        {
             if n == 0 {
                 errors.push(format!("{name} must be at least 1"));
             }
@@ -376,22 +330,13 @@ impl Config {
             "local" => {}
             "s3" => {
                 if self.uploader.s3_bucket.is_empty() {
-                    errors.push(
-                        "uploader.s3_bucket is required when uploader.target = \"s3\"".into(),
-                    );
+                    errors.push("uploader.s3_bucket is required when uploader.target = \"s3\"".into());
                 }
-                if self.uploader.s3_access_key_id.is_empty()
-                    != self.uploader.s3_secret_access_key.is_empty()
-                {
-                    errors.push(
-                        "uploader.s3_access_key_id and uploader.s3_secret_access_key go together"
-                            .into(),
-                    );
+                if self.uploader.s3_access_key_id.is_empty() != self.uploader.s3_secret_access_key.is_empty() {
+                    errors.push("uploader.s3_access_key_id and uploader.s3_secret_access_key go together".into());
                 }
             }
-            other => errors.push(format!(
-                "uploader.target {other:?}: expected \"local\" or \"s3\""
-            )),
+            other => errors.push(format!("uploader.target {other:?}: expected \"local\" or \"s3\"")),
         }
         if self.uploader.prefix.starts_with('/') || self.uploader.prefix.contains("..") {
             errors.push("uploader.prefix must be relative and must not contain '..'".into());
@@ -423,10 +368,7 @@ fn overlay_file(defaults: &Table, merged: &mut Table, file: Table, errors: &mut 
         };
         for (key, v) in entries {
             if known.contains_key(&key) {
-                merged[&section]
-                    .as_table_mut()
-                    .expect("section")
-                    .insert(key, v);
+                merged[&section].as_table_mut().expect("section").insert(key, v);
             } else {
                 errors.push(format!("config file: unknown setting {section}.{key}"));
             }
@@ -439,14 +381,8 @@ fn parse_like(default: &Value, raw: &str) -> Result<Value, String> {
     let raw = raw.trim();
     match default {
         Value::String(_) => Ok(Value::String(raw.to_string())),
-        Value::Integer(_) => raw
-            .parse::<i64>()
-            .map(Value::Integer)
-            .map_err(|_| "expected an integer".into()),
-        Value::Float(_) => raw
-            .parse::<f64>()
-            .map(Value::Float)
-            .map_err(|_| "expected a number".into()),
+        Value::Integer(_) => raw.parse::<i64>().map(Value::Integer).map_err(|_| "expected an integer".into()),
+        Value::Float(_) => raw.parse::<f64>().map(Value::Float).map_err(|_| "expected a number".into()),
         Value::Boolean(_) => match raw.to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Ok(Value::Boolean(true)),
             "0" | "false" | "no" | "off" => Ok(Value::Boolean(false)),
@@ -461,10 +397,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -479,11 +412,7 @@ mod tests {
         let file = "[splitter]\ndpi = 200.0\n[uploader]\nconcurrency = 2\n";
         let c = Config::from_sources(
             Some(file),
-            env(&[
-                ("PAGESTREAM_SPLITTER_DPI", "300"),
-                ("PAGESTREAM_UPLOADER_S3_PATH_STYLE", "true"),
-                ("OTHER", "x"),
-            ]),
+            env(&[("PAGESTREAM_SPLITTER_DPI", "300"), ("PAGESTREAM_UPLOADER_S3_PATH_STYLE", "true"), ("OTHER", "x")]),
         )
         .unwrap();
         assert_eq!(c.splitter.dpi, 300.0);
@@ -504,12 +433,7 @@ mod tests {
         )
         .unwrap_err();
         let all = err.to_string();
-        for needle in [
-            "splitter.bogus",
-            "[nope]",
-            "PAGESTREAM_UPLOADER_CONCURRENCY",
-            "ingress.nope",
-        ] {
+        for needle in ["splitter.bogus", "[nope]", "PAGESTREAM_UPLOADER_CONCURRENCY", "ingress.nope"] {
             assert!(all.contains(needle), "{needle} missing from: {all}");
         }
         assert_eq!(err.errors.len(), 4, "{all}");
@@ -521,10 +445,7 @@ mod tests {
         assert!(err.to_string().contains("[splitter]"), "{err}");
         let err = Config::from_sources(
             None,
-            env(&[
-                ("PAGESTREAM_UPLOADER_TARGET", "s3"),
-                ("PAGESTREAM_NATS_PREFIX", "Bad.Prefix"),
-            ]),
+            env(&[("PAGESTREAM_UPLOADER_TARGET", "s3"), ("PAGESTREAM_NATS_PREFIX", "Bad.Prefix")]),
         )
         .unwrap_err();
         assert_eq!(err.errors.len(), 2, "{err}");

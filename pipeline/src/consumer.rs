@@ -45,30 +45,17 @@ pub struct StageError {
 
 impl StageError {
     pub fn transient(code: &'static str, message: impl std::fmt::Display) -> Self {
-        StageError {
-            kind: ErrorKind::Transient,
-            code,
-            message: message.to_string(),
-            doc_id: None,
-        }
+        StageError { kind: ErrorKind::Transient, code, message: message.to_string(), doc_id: None }
     }
     pub fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
-        StageError {
-            kind: ErrorKind::Permanent,
-            code,
-            message: message.to_string(),
-            doc_id: None,
-        }
+        StageError { kind: ErrorKind::Permanent, code, message: message.to_string(), doc_id: None }
     }
     pub fn doc(mut self, doc_id: &str) -> Self {
         self.doc_id = Some(doc_id.to_string());
         self
     }
     pub fn info(&self) -> ErrorInfo {
-        ErrorInfo {
-            code: self.code.to_string(),
-            message: self.message.clone(),
-        }
+        ErrorInfo { code: self.code.to_string(), message: self.message.clone() }
     }
 }
 
@@ -79,10 +66,7 @@ pub fn transient<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> Stag
 
 /// What a stage does with one message.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        msg: &jetstream::Message,
-    ) -> impl Future<Output = Result<(), StageError>> + Send;
+    fn handle(&self, msg: &jetstream::Message) -> impl Future<Output = Result<(), StageError>> + Send;
 }
 
 /// Where and how a stage consumes.
@@ -107,74 +91,70 @@ pub async fn run<H: Handler>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let stream = js
-        .get_stream(&spec.stream)
-        .await
-        .with_context(|| format!("stream {}", spec.stream))?;
+    let stream = js.get_stream(&spec.stream).await.with_context(|| format!("stream {}", spec.stream))?;
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_consumer(&spec.durable)
         .await
         .map_err(|e| anyhow::anyhow!("consumer {} on {}: {e}", spec.durable, spec.stream))?;
     let ack_wait = consumer.cached_info().config.ack_wait;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(spec.concurrency.max(1))
-        .heartbeat(Duration::from_secs(5))
-        .messages()
-        .await
-        .context("starting pull subscription")?;
-
-    let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let concurrency = spec.concurrency.max(1);
+    let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     tracing::info!(stage = spec.stage, stream = %spec.stream, consumer = %spec.durable, "consuming");
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
+    // Pull in batches of exactly as many messages as there are free workers:
+    // every message received starts at once (so none idles towards its ack
+    // deadline in a local buffer), and nothing is pulled that cannot be
+    // handled — backpressure without an in-memory queue.
+    'pull: loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break 'pull,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = messages.next() => m,
-        };
-        // Reap finished tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
-        let msg = match next {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                tracing::warn!(stage = spec.stage, error = %e, "pull error; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+        let mut free = vec![first];
+        while let Ok(p) = permits.clone().try_acquire_owned() {
+            free.push(p);
+        }
+        let batch = consumer.batch().max_messages(free.len()).expires(Duration::from_secs(5)).messages().await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(stage = spec.stage, error = %e, "pull request failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'pull,
+                }
             }
-            None => anyhow::bail!("{}: message stream ended", spec.stage),
         };
-        let ctx = (
-            js.clone(),
-            names.clone(),
-            spec.clone(),
-            handler.clone(),
-            metrics.clone(),
-        );
-        tasks.spawn(async move {
-            let (js, names, spec, handler, metrics) = ctx;
-            process(
-                &js,
-                &names,
-                &spec,
-                handler.as_ref(),
-                &metrics,
-                msg,
-                ack_wait,
-            )
-            .await;
-            drop(permit);
-        });
+        loop {
+            // On shutdown the open pull request is abandoned; a message the
+            // server sent meanwhile is redelivered after its ack wait.
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                m = batch.next() => m,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(stage = spec.stage, error = %e, "pull error");
+                    break;
+                }
+                None => break,
+            };
+            let Some(permit) = free.pop() else {
+                // Cannot happen: the batch asks for as many messages as permits.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            };
+            let ctx = (js.clone(), names.clone(), spec.clone(), handler.clone(), metrics.clone());
+            tasks.spawn(async move {
+                let (js, names, spec, handler, metrics) = ctx;
+                process(&js, &names, &spec, handler.as_ref(), &metrics, msg, ack_wait).await;
+                drop(permit);
+            });
+        }
     }
-    drop(messages);
-    tracing::info!(
-        stage = spec.stage,
-        in_flight = tasks.len(),
-        "stopping: finishing in-flight messages"
-    );
+    tracing::info!(stage = spec.stage, in_flight = tasks.len(), "stopping: finishing in-flight messages");
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
@@ -266,10 +246,7 @@ pub async fn dead_letter(
         payload: serde_bytes::ByteBuf::from(msg.payload.to_vec()),
         at: now_rfc3339(),
     };
-    js.publish(names.dlq(stage), encode(&record).into())
-        .await?
-        .await
-        .context("dead-letter PubAck")?;
+    js.publish(names.dlq(stage), encode(&record).into()).await?.await.context("dead-letter PubAck")?;
     Ok(())
 }
 

@@ -29,10 +29,7 @@ pub fn nats_server_binary() -> Result<PathBuf> {
     if p.exists() {
         Ok(p)
     } else {
-        anyhow::bail!(
-            "nats-server not found at {} (run scripts/setup to install it)",
-            p.display()
-        )
+        anyhow::bail!("nats-server not found at {} (run scripts/setup to install it)", p.display())
     }
 }
 
@@ -44,9 +41,7 @@ pub fn free_port() -> Result<u16> {
 impl NatsServer {
     /// Starts a server with storage in a fresh temporary directory.
     pub fn start() -> Result<NatsServer> {
-        let tmp = tempfile::Builder::new()
-            .prefix("pagestream-nats-")
-            .tempdir()?;
+        let tmp = tempfile::Builder::new().prefix("pagestream-nats-").tempdir()?;
         let store = tmp.path().to_path_buf();
         let mut s = Self::start_in(&store, None)?;
         s._tmp = Some(tmp);
@@ -61,13 +56,7 @@ impl NatsServer {
         };
         let monitor_port = free_port()?;
         let child = spawn(store, port, monitor_port)?;
-        let mut server = NatsServer {
-            child,
-            port,
-            monitor_port,
-            store: store.to_path_buf(),
-            _tmp: None,
-        };
+        let mut server = NatsServer { child, port, monitor_port, store: store.to_path_buf(), _tmp: None };
         server.wait_ready(Duration::from_secs(10))?;
         Ok(server)
     }
@@ -82,10 +71,7 @@ impl NatsServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                anyhow::bail!(
-                    "nats-server did not accept connections on port {} within {within:?}",
-                    self.port
-                );
+                anyhow::bail!("nats-server did not accept connections on port {} within {within:?}", self.port);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -116,16 +102,7 @@ impl NatsServer {
 fn spawn(store: &Path, port: u16, monitor_port: u16) -> Result<Child> {
     let bin = nats_server_binary()?;
     Command::new(&bin)
-        .args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-m",
-            &monitor_port.to_string(),
-            "-sd",
-        ])
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string(), "-sd"])
         .arg(store)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -14,18 +14,12 @@ pub struct Health {
 
 impl Health {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Health {
-            components: Arc::default(),
-            metrics,
-        }
+        Health { components: Arc::default(), metrics }
     }
 
     /// Declares a component, not ready yet.
     pub fn register(&self, name: &str) {
-        self.components
-            .lock()
-            .expect("health lock")
-            .insert(name.into(), false);
+        self.components.lock().expect("health lock").insert(name.into(), false);
         self.metrics.ready.set(0);
     }
 
@@ -38,11 +32,7 @@ impl Health {
     /// `None` when ready, else the components that are not.
     pub fn not_ready(&self) -> Option<Vec<String>> {
         let c = self.components.lock().expect("health lock");
-        let waiting: Vec<String> = c
-            .iter()
-            .filter(|(_, r)| !**r)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let waiting: Vec<String> = c.iter().filter(|(_, r)| !**r).map(|(n, _)| n.clone()).collect();
         if waiting.is_empty() && !c.is_empty() {
             None
         } else if c.is_empty() {

@@ -69,37 +69,13 @@ impl Metrics {
         let upload_bytes = Counter::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
         let ready = Gauge::default();
-        registry.register(
-            "messages",
-            "Messages handled, by stage and outcome",
-            messages.clone(),
-        );
+        registry.register("messages", "Messages handled, by stage and outcome", messages.clone());
         registry.register("pages", "Pages processed, by stage", pages.clone());
-        registry.register(
-            "page_failures",
-            "Pages that failed permanently, by stage",
-            page_failures.clone(),
-        );
-        registry.register(
-            "handle_seconds",
-            "Time to handle one message, by stage",
-            handle_seconds.clone(),
-        );
-        registry.register(
-            "documents",
-            "Documents, by stage and outcome",
-            documents.clone(),
-        );
-        registry.register(
-            "upload_bytes",
-            "PDF bytes accepted by the ingress",
-            upload_bytes.clone(),
-        );
-        registry.register(
-            "http_requests",
-            "HTTP requests, by route and status",
-            http_requests.clone(),
-        );
+        registry.register("page_failures", "Pages that failed permanently, by stage", page_failures.clone());
+        registry.register("handle_seconds", "Time to handle one message, by stage", handle_seconds.clone());
+        registry.register("documents", "Documents, by stage and outcome", documents.clone());
+        registry.register("upload_bytes", "PDF bytes accepted by the ingress", upload_bytes.clone());
+        registry.register("http_requests", "HTTP requests, by route and status", http_requests.clone());
         registry.register("ready", "1 when this process is ready", ready.clone());
         Metrics {
             registry: Mutex::new(registry),
@@ -115,62 +91,34 @@ impl Metrics {
     }
 
     pub fn message(&self, stage: &str, outcome: &str) {
-        self.messages
-            .get_or_create(&OutcomeLabels {
-                stage: stage.into(),
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.messages.get_or_create(&OutcomeLabels { stage: stage.into(), outcome: outcome.into() }).inc();
     }
 
     pub fn page(&self, stage: &str) {
-        self.pages
-            .get_or_create(&StageLabel {
-                stage: stage.into(),
-            })
-            .inc();
+        self.pages.get_or_create(&StageLabel { stage: stage.into() }).inc();
     }
 
     pub fn page_failure(&self, stage: &str) {
-        self.page_failures
-            .get_or_create(&StageLabel {
-                stage: stage.into(),
-            })
-            .inc();
+        self.page_failures.get_or_create(&StageLabel { stage: stage.into() }).inc();
     }
 
     pub fn document(&self, stage: &str, outcome: &str) {
-        self.documents
-            .get_or_create(&OutcomeLabels {
-                stage: stage.into(),
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.documents.get_or_create(&OutcomeLabels { stage: stage.into(), outcome: outcome.into() }).inc();
     }
 
     pub fn observe_handling(&self, stage: &str, took: Duration) {
-        self.handle_seconds
-            .get_or_create(&StageLabel {
-                stage: stage.into(),
-            })
-            .observe(took.as_secs_f64());
+        self.handle_seconds.get_or_create(&StageLabel { stage: stage.into() }).observe(took.as_secs_f64());
     }
 
     pub fn http(&self, route: &str, status: u16) {
-        self.http_requests
-            .get_or_create(&HttpLabels {
-                route: route.into(),
-                status,
-            })
-            .inc();
+        self.http_requests.get_or_create(&HttpLabels { route: route.into(), status }).inc();
     }
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().expect("metrics registry lock");
-        prometheus_client::encoding::text::encode(&mut out, &registry)
-            .expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");
         out
     }
 }

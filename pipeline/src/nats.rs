@@ -22,9 +22,7 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Names {
-            prefix: prefix.into(),
-        }
+        Names { prefix: prefix.into() }
     }
     fn upper(&self) -> String {
         self.prefix.to_ascii_uppercase().replace('-', "_")
@@ -80,39 +78,34 @@ impl Names {
 /// Connects to NATS, retrying until `connect_timeout_secs` elapses, and
 /// returns a JetStream context.
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.connect_timeout_secs);
-    loop {
-        let attempt = async_nats::ConnectOptions::new()
-            .name(name)
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2))
-            .connect(&cfg.url);
-        match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok(client)) => {
-                // retry_on_initial_connect returns before the first connection;
-                // wait until it is really up so start-up errors are precise.
-                while client.connection_state() != async_nats::connection::State::Connected {
-                    if tokio::time::Instant::now() > deadline {
-                        anyhow::bail!(
-                            "cannot connect to NATS at {} within {} s (is nats-server running? scripts/demo starts one)",
-                            cfg.url,
-                            cfg.connect_timeout_secs
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                return Ok(jetstream::new(client));
-            }
-            Ok(Err(e)) => {
-                return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url))
-            }
-            Err(_) => anyhow::bail!(
-                "cannot connect to NATS at {} within {} s",
-                cfg.url,
-                cfg.connect_timeout_secs
-            ),
+    let timeout = Duration::from_secs(cfg.connect_timeout_secs);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let unreachable = || {
+        anyhow::anyhow!(
+            "cannot connect to NATS at {} within {} s (is nats-server running? `pagestream run --embedded-nats` and scripts/demo start one)",
+            cfg.url,
+            cfg.connect_timeout_secs
+        )
+    };
+    let attempt = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&cfg.url);
+    let client = match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url)),
+        Err(_) => return Err(unreachable()),
+    };
+    // retry_on_initial_connect returns before the first connection; wait
+    // until it is really up so start-up errors are precise.
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() > deadline {
+            return Err(unreachable());
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(jetstream::new(client))
 }
 
 fn render_template(text: &str, names: &Names, max_deliver: i64) -> String {
@@ -123,8 +116,7 @@ fn render_template(text: &str, names: &Names, max_deliver: i64) -> String {
 
 /// The stream definitions of `nats/streams.json` for this prefix.
 pub fn stream_configs(names: &Names) -> Result<Vec<stream::Config>> {
-    serde_json::from_str(&render_template(STREAMS_JSON, names, 1))
-        .context("nats/streams.json is invalid")
+    serde_json::from_str(&render_template(STREAMS_JSON, names, 1)).context("nats/streams.json is invalid")
 }
 
 #[derive(Deserialize)]
@@ -134,13 +126,9 @@ struct ConsumerDef {
 }
 
 /// `(stream, consumer config)` pairs of `nats/consumers.json`.
-pub fn consumer_configs(
-    names: &Names,
-    max_deliver: i64,
-) -> Result<Vec<(String, consumer::pull::Config)>> {
-    let defs: Vec<ConsumerDef> =
-        serde_json::from_str(&render_template(CONSUMERS_JSON, names, max_deliver))
-            .context("nats/consumers.json is invalid")?;
+pub fn consumer_configs(names: &Names, max_deliver: i64) -> Result<Vec<(String, consumer::pull::Config)>> {
+    let defs: Vec<ConsumerDef> = serde_json::from_str(&render_template(CONSUMERS_JSON, names, max_deliver))
+        .context("nats/consumers.json is invalid")?;
     Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
 }
 
@@ -149,16 +137,11 @@ pub fn consumer_configs(
 pub async fn provision(js: &jetstream::Context, names: &Names, max_deliver: i64) -> Result<()> {
     for cfg in stream_configs(names)? {
         let name = cfg.name.clone();
-        js.create_or_update_stream(cfg)
-            .await
-            .with_context(|| format!("creating or updating stream {name}"))?;
+        js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
     }
     for (stream_name, cfg) in consumer_configs(names, max_deliver)? {
         let durable = cfg.durable_name.clone().unwrap_or_default();
-        let stream = js
-            .get_stream(&stream_name)
-            .await
-            .with_context(|| format!("stream {stream_name}"))?;
+        let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
         // Creating a durable consumer with an identical config is a no-op;
         // a changed config is applied as an update.
         stream
@@ -171,10 +154,7 @@ pub async fn provision(js: &jetstream::Context, names: &Names, max_deliver: i64)
 }
 
 /// The Object Store bucket used for uploads and large page images.
-pub async fn blob_store(
-    js: &jetstream::Context,
-    names: &Names,
-) -> Result<object_store::ObjectStore> {
+pub async fn blob_store(js: &jetstream::Context, names: &Names) -> Result<object_store::ObjectStore> {
     let bucket = names.blob_bucket();
     if let Ok(store) = js.get_object_store(&bucket).await {
         return Ok(store);

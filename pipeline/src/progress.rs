@@ -28,9 +28,7 @@ pub async fn publish_durable(
 ) -> Result<(), async_nats::Error> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
-    js.publish_with_headers(subject, headers, payload.into())
-        .await?
-        .await?;
+    js.publish_with_headers(subject, headers, payload.into()).await?.await?;
     Ok(())
 }
 
@@ -115,10 +113,7 @@ pub enum DocState {
 
 impl DocState {
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            DocState::Completed | DocState::CompletedWithErrors | DocState::Failed
-        )
+        matches!(self, DocState::Completed | DocState::CompletedWithErrors | DocState::Failed)
     }
 }
 
@@ -171,10 +166,7 @@ pub async fn read_status(
     doc_id: &str,
     page_details: bool,
 ) -> Result<Option<DocStatus>> {
-    let stream = js
-        .get_stream(names.events_stream())
-        .await
-        .context("events stream")?;
+    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
     let subjects = subject_counts(&stream, &names.doc_events(doc_id)).await?;
     if subjects.is_empty() {
         return Ok(None);
@@ -269,20 +261,12 @@ fn merge_info(into: &mut DocInfo, from: DocInfo) {
 }
 
 async fn last_event(stream: &Stream, subject: &str) -> Result<Event> {
-    let raw = stream
-        .get_last_raw_message_by_subject(subject)
-        .await
-        .with_context(|| format!("reading {subject}"))?;
+    let raw = stream.get_last_raw_message_by_subject(subject).await.with_context(|| format!("reading {subject}"))?;
     decode::<Event>(&raw.payload).with_context(|| format!("decoding event {subject}"))
 }
 
 /// Subject → message count for every subject matching `filter`.
 pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, usize>> {
-    let info = stream
-        .info_with_subjects(filter)
-        .await
-        .context("stream info with subjects")?;
-    info.try_collect::<BTreeMap<_, _>>()
-        .await
-        .context("listing event subjects")
+    let info = stream.info_with_subjects(filter).await.context("stream info with subjects")?;
+    info.try_collect::<BTreeMap<_, _>>().await.context("listing event subjects")
 }

@@ -26,30 +26,17 @@ pub struct StageContext {
 impl StageContext {
     /// Connects to NATS and provisions streams, consumers and the blob bucket
     /// (idempotent). `name` is the client name shown by the server.
-    pub async fn connect(
-        config: Config,
-        name: &str,
-        metrics: Arc<Metrics>,
-        health: Health,
-    ) -> Result<Self> {
+    pub async fn connect(config: Config, name: &str, metrics: Arc<Metrics>, health: Health) -> Result<Self> {
         health.register("nats");
         let js = nats::connect(&config.nats, name).await?;
         let names = Names::new(config.nats.prefix.clone());
         nats::provision(&js, &names, config.nats.max_deliver).await?;
         health.set_ready("nats", true);
-        Ok(StageContext {
-            js,
-            names,
-            config: Arc::new(config),
-            metrics,
-            health,
-        })
+        Ok(StageContext { js, names, config: Arc::new(config), metrics, health })
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
-        Ok(BlobStore::new(
-            nats::blob_store(&self.js, &self.names).await?,
-        ))
+        Ok(BlobStore::new(nats::blob_store(&self.js, &self.names).await?))
     }
 
     pub fn progress(&self, stage: &'static str) -> Progress {

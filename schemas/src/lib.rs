@@ -58,19 +58,13 @@ pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
 /// Decodes and validates a message; checks the version before the fields so
 /// that a future major version is reported as such, not as a missing field.
 pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, DecodeError> {
-    let head: VersionOnly =
-        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let head: VersionOnly = rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if head.v != VERSION {
         return Err(DecodeError::UnsupportedVersion { found: head.v });
     }
-    let msg: M = rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Invalid {
-        kind: M::KIND,
-        reason: e.to_string(),
-    })?;
-    msg.validate().map_err(|reason| DecodeError::Invalid {
-        kind: M::KIND,
-        reason,
-    })?;
+    let msg: M =
+        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Invalid { kind: M::KIND, reason: e.to_string() })?;
+    msg.validate().map_err(|reason| DecodeError::Invalid { kind: M::KIND, reason })?;
     Ok(msg)
 }
 

@@ -280,11 +280,7 @@ impl Message for DocumentSubmitted {
     const KIND: &'static str = "DocumentSubmitted";
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
-        let set = [
-            self.source.inline.is_some(),
-            self.source.blob.is_some(),
-            self.source.url.is_some(),
-        ];
+        let set = [self.source.inline.is_some(), self.source.blob.is_some(), self.source.url.is_some()];
         if set.iter().filter(|s| **s).count() != 1 {
             return Err("source: exactly one of `inline`, `blob` or `url` must be set".into());
         }

@@ -22,10 +22,7 @@ fn submitted() -> DocumentSubmitted {
             bytes: Some(419062),
             ..Source::default()
         },
-        options: SubmitOptions {
-            dpi: Some(150.0),
-            model: None,
-        },
+        options: SubmitOptions { dpi: Some(150.0), model: None },
         submitted_at: Some("2026-11-28T12:00:00Z".into()),
     }
 }
@@ -39,11 +36,7 @@ fn rendered() -> PageRendered {
         width: 1275,
         height: 1650,
         dpi: 150.0,
-        image: ImageRef {
-            format: "png".into(),
-            inline: Some(ByteBuf::from(vec![0x89, b'P', b'N', b'G'])),
-            blob: None,
-        },
+        image: ImageRef { format: "png".into(), inline: Some(ByteBuf::from(vec![0x89, b'P', b'N', b'G'])), blob: None },
         options: SubmitOptions::default(),
         render_ms: Some(9.5),
     }
@@ -58,24 +51,10 @@ fn inferred() -> PageInferred {
         width: 1275,
         height: 1650,
         dpi: 150.0,
-        model: ModelRef {
-            name: "layout_cdla".into(),
-            sha256: "25b1f27e".into(),
-        },
-        detections: vec![Detection {
-            label: "text".into(),
-            score: 0.875,
-            bbox: [10.0, 20.5, 300.0, 400.25],
-        }],
-        image: Some(ImageRef {
-            format: "png".into(),
-            inline: None,
-            blob: Some("pages/doc-1/2.png".into()),
-        }),
-        timings: Timings {
-            render_ms: Some(9.5),
-            infer_ms: Some(150.0),
-        },
+        model: ModelRef { name: "layout_cdla".into(), sha256: "25b1f27e".into() },
+        detections: vec![Detection { label: "text".into(), score: 0.875, bbox: [10.0, 20.5, 300.0, 400.25] }],
+        image: Some(ImageRef { format: "png".into(), inline: None, blob: Some("pages/doc-1/2.png".into()) }),
+        timings: Timings { render_ms: Some(9.5), infer_ms: Some(150.0) },
         error: None,
     }
 }
@@ -88,11 +67,7 @@ fn event() -> Event {
         state: EventState::Split,
         page: None,
         error: None,
-        info: Some(DocInfo {
-            title: Some("Annual report".into()),
-            page_count: Some(28),
-            ..DocInfo::default()
-        }),
+        info: Some(DocInfo { title: Some("Annual report".into()), page_count: Some(28), ..DocInfo::default() }),
         at: "2026-11-28T12:00:01Z".into(),
     }
 }
@@ -119,14 +94,11 @@ fn check_golden<M: Message + PartialEq + std::fmt::Debug>(name: &str, msg: &M) {
         std::fs::create_dir_all(golden_dir()).unwrap();
         std::fs::write(&path, &bytes).unwrap();
     }
-    let golden = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (PAGESTREAM_BLESS=1 creates it)", path.display()));
+    let golden =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (PAGESTREAM_BLESS=1 creates it)", path.display()));
     let decoded: M = decode(&golden).expect("golden vector decodes");
     assert_eq!(&decoded, msg, "{name}: golden vector decodes to the sample");
-    assert_eq!(
-        bytes, golden,
-        "{name}: encoding is byte-identical to the golden vector"
-    );
+    assert_eq!(bytes, golden, "{name}: encoding is byte-identical to the golden vector");
 }
 
 #[test]
@@ -144,21 +116,16 @@ fn encoding_uses_field_names() {
     let as_json: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
     assert_eq!(as_json["doc_id"], "01JDOC0000000000000000000A");
     assert_eq!(as_json["v"], 1);
-    assert_eq!(
-        as_json["source"]["blob"],
-        "uploads/01JDOC0000000000000000000A"
-    );
+    assert_eq!(as_json["source"]["blob"], "uploads/01JDOC0000000000000000000A");
 }
 
 #[test]
 fn unknown_fields_are_ignored() {
-    let mut map: serde_json::Value = rmp_serde::from_slice(&encode(&rendered())).unwrap();
+    // PageInferred with a blob image holds no binary, so it maps to JSON.
+    let mut map = serde_json::to_value(inferred()).unwrap();
     map["added_in_a_later_minor_version"] = serde_json::json!({"x": 1});
     let bytes = rmp_serde::to_vec_named(&map).unwrap();
-    // serde_json turns bin into an array of ints; restore the image as bin.
-    let mut back: PageRendered = rmp_serde::from_slice(&bytes).unwrap();
-    back.image.inline = rendered().image.inline;
-    assert_eq!(back, rendered());
+    assert_eq!(decode::<PageInferred>(&bytes).unwrap(), inferred());
 }
 
 #[test]
@@ -166,24 +133,13 @@ fn unknown_major_version_is_rejected() {
     let mut msg = submitted();
     msg.v = 2;
     let err = decode::<DocumentSubmitted>(&encode(&msg)).unwrap_err();
-    assert!(
-        matches!(err, DecodeError::UnsupportedVersion { found: 2 }),
-        "{err}"
-    );
+    assert!(matches!(err, DecodeError::UnsupportedVersion { found: 2 }), "{err}");
 }
 
 #[test]
 fn malformed_payloads_are_rejected() {
-    for bytes in [
-        &b""[..],
-        b"\xc1",
-        b"not msgpack at all",
-        b"\x93\x01\x02\x03",
-    ] {
-        assert!(matches!(
-            decode::<DocumentSubmitted>(bytes),
-            Err(DecodeError::Malformed(_))
-        ));
+    for bytes in [&b""[..], b"\xc1", b"not msgpack at all", b"\x93\x01\x02\x03"] {
+        assert!(matches!(decode::<DocumentSubmitted>(bytes), Err(DecodeError::Malformed(_))));
     }
 }
 

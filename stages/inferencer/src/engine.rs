@@ -76,9 +76,7 @@ impl Detector {
         }
         let env = ort_environment(&cfg.onnxruntime_library)?;
         let threads = if cfg.threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         } else {
             cfg.threads
         };
@@ -86,19 +84,11 @@ impl Detector {
             .and_then(|b| Ok(b.with_intra_threads(threads)?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|mut b| b.commit_from_memory(&bytes))
-            .map_err(|e| {
-                format!(
-                    "model {model}: ONNX Runtime cannot load {}: {e}",
-                    weights.display()
-                )
-            })?;
+            .map_err(|e| format!("model {model}: ONNX Runtime cannot load {}: {e}", weights.display()))?;
         let labels = resolve_labels(&manifest, &session)?;
         check_io(&manifest, &session)?;
         Ok(Detector {
-            model: ModelRef {
-                name: manifest.name.clone(),
-                sha256: sha,
-            },
+            model: ModelRef { name: manifest.name.clone(), sha256: sha },
             manifest,
             labels,
             session: Mutex::new(session),
@@ -116,33 +106,23 @@ impl Detector {
         t.preprocess_ms = ms(started);
 
         let started = Instant::now();
-        let mut session = self
-            .session
-            .lock()
-            .map_err(|_| "session lock poisoned".to_string())?;
-        let outputs = session
-            .run(ort::inputs![input.name.as_str() => tensor])
-            .map_err(|e| format!("inference failed: {e}"))?;
+        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
+        let outputs =
+            session.run(ort::inputs![input.name.as_str() => tensor]).map_err(|e| format!("inference failed: {e}"))?;
         t.model_ms = ms(started);
 
         let started = Instant::now();
         let mut views = Vec::with_capacity(outputs.len());
         for i in 0..outputs.len() {
-            let (shape, data) = outputs[i]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| format!("output {i} is not a float tensor: {e}"))?;
+            let (shape, data) =
+                outputs[i].try_extract_tensor::<f32>().map_err(|e| format!("output {i} is not a float tensor: {e}"))?;
             views.push(TensorView { shape, data });
         }
         let out = &self.manifest.output;
         let raw = match out.decoder {
-            Decoder::Picodet => picodet::decode(
-                &views,
-                &out.strides,
-                input.width,
-                input.height,
-                out.score_threshold,
-                out.nms_iou,
-            )?,
+            Decoder::Picodet => {
+                picodet::decode(&views, &out.strides, input.width, input.height, out.score_threshold, out.nms_iou)?
+            }
         };
         let sx = img.width() as f32 / input.width as f32;
         let sy = img.height() as f32 / input.height as f32;
@@ -152,11 +132,7 @@ impl Detector {
                 // Clip to the model input, then scale to the page image.
                 let clip = |v: f32, max: u32| v.clamp(0.0, max as f32);
                 Detection {
-                    label: self
-                        .labels
-                        .get(class)
-                        .cloned()
-                        .unwrap_or_else(|| format!("class_{class}")),
+                    label: self.labels.get(class).cloned().unwrap_or_else(|| format!("class_{class}")),
                     score,
                     bbox: [
                         clip(b[0], input.width) * sx,
@@ -182,25 +158,12 @@ fn resolve_labels(manifest: &Manifest, session: &Session) -> Result<Vec<String>,
         return Ok(out.labels.clone());
     }
     let key = &out.labels_metadata_key;
-    let meta = session
-        .metadata()
-        .map_err(|e| format!("model {}: reading metadata: {e}", manifest.name))?;
-    let text = meta.custom(key).ok_or_else(|| {
-        format!(
-            "model {}: metadata has no key {key:?} for labels",
-            manifest.name
-        )
-    })?;
-    let labels: Vec<String> = text
-        .split(['\n', ','])
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let meta = session.metadata().map_err(|e| format!("model {}: reading metadata: {e}", manifest.name))?;
+    let text =
+        meta.custom(key).ok_or_else(|| format!("model {}: metadata has no key {key:?} for labels", manifest.name))?;
+    let labels: Vec<String> = text.split(['\n', ',']).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     if labels.is_empty() {
-        return Err(format!(
-            "model {}: metadata key {key:?} holds no labels",
-            manifest.name
-        ));
+        return Err(format!("model {}: metadata key {key:?} holds no labels", manifest.name));
     }
     Ok(labels)
 }
@@ -208,17 +171,10 @@ fn resolve_labels(manifest: &Manifest, session: &Session) -> Result<Vec<String>,
 fn check_io(manifest: &Manifest, session: &Session) -> Result<(), String> {
     let name = &manifest.name;
     let input = &manifest.input;
-    let declared = session
-        .inputs()
-        .iter()
-        .find(|i| i.name() == input.name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
-            format!(
-                "model {name}: manifest input {:?} is not among the model's inputs {names:?}",
-                input.name
-            )
-        })?;
+    let declared = session.inputs().iter().find(|i| i.name() == input.name).ok_or_else(|| {
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        format!("model {name}: manifest input {:?} is not among the model's inputs {names:?}", input.name)
+    })?;
     if let Some(shape) = declared.dtype().tensor_shape() {
         let dims: Vec<i64> = shape.iter().copied().collect();
         let want = [1, 3, input.height as i64, input.width as i64];

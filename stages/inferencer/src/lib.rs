@@ -25,9 +25,7 @@ use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
 use pagestream_pipeline::progress::{publish_message, Progress};
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{
-    decode, ErrorInfo, EventState, PageInferred, PageRendered, Timings, VERSION,
-};
+use pagestream_schemas::{decode, ErrorInfo, EventState, PageInferred, PageRendered, Timings, VERSION};
 use tokio_util::sync::CancellationToken;
 
 pub use engine::Detector;
@@ -53,25 +51,17 @@ impl Inferencer {
     pub async fn new(ctx: StageContext) -> Result<Self> {
         ctx.health.register(STAGE);
         let cfg = ctx.config.inferencer.clone();
-        let detector = tokio::task::spawn_blocking(move || Detector::load(&cfg, &cfg.model))
-            .await?
-            .map_err(anyhow::Error::msg)?;
+        let detector =
+            tokio::task::spawn_blocking(move || Detector::load(&cfg, &cfg.model)).await?.map_err(anyhow::Error::msg)?;
         // Warm up so the first real page is not slow and readiness is honest.
         let warm = Arc::new(detector);
         let d = warm.clone();
-        tokio::task::spawn_blocking(move || d.detect(&RgbImage::new(64, 64)))
-            .await?
-            .map_err(anyhow::Error::msg)?;
+        tokio::task::spawn_blocking(move || d.detect(&RgbImage::new(64, 64))).await?.map_err(anyhow::Error::msg)?;
         tracing::info!(model = %warm.model.name, sha256 = %warm.model.sha256, labels = ?warm.labels, "model loaded");
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Inferencer {
-            ctx,
-            blobs,
-            detector: warm,
-            progress,
-        })
+        Ok(Inferencer { ctx, blobs, detector: warm, progress })
     }
 
     async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
@@ -87,10 +77,7 @@ impl Inferencer {
             model: self.detector.model.clone(),
             detections: Vec::new(),
             image: Some(page.image.clone()),
-            timings: Timings {
-                render_ms: page.render_ms,
-                infer_ms: None,
-            },
+            timings: Timings { render_ms: page.render_ms, infer_ms: None },
             error: None,
         };
         let result = self.detect(&page).await;
@@ -101,10 +88,7 @@ impl Inferencer {
                 None
             }
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
-                out.error = Some(ErrorInfo {
-                    code: e.code.into(),
-                    message: e.message.clone(),
-                });
+                out.error = Some(ErrorInfo { code: e.code.into(), message: e.message.clone() });
                 Some(e.doc(&doc_id))
             }
             Err(e) => return Err(e.doc(&doc_id)),
@@ -113,10 +97,7 @@ impl Inferencer {
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &out)
             .await
             .map_err(transient("nats_publish"))?;
-        self.progress
-            .page(&doc_id, page.page, EventState::Inferred, None)
-            .await
-            .map_err(transient("nats_publish"))?;
+        self.progress.page(&doc_id, page.page, EventState::Inferred, None).await.map_err(transient("nats_publish"))?;
         match permanent {
             None => {
                 self.ctx.metrics.page(STAGE);
@@ -129,10 +110,7 @@ impl Inferencer {
         }
     }
 
-    async fn detect(
-        &self,
-        page: &PageRendered,
-    ) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
+    async fn detect(&self, page: &PageRendered) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
         if let Some(model) = &page.options.model {
             if *model != self.detector.model.name {
                 return Err(StageError::permanent(
@@ -148,11 +126,8 @@ impl Inferencer {
         let detector = self.detector.clone();
         let started = std::time::Instant::now();
         let (detections, _) = tokio::task::spawn_blocking(move || {
-            let img =
-                decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
-            detector
-                .detect(&img)
-                .map_err(|m| StageError::permanent("inference_failed", m))
+            let img = decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
+            detector.detect(&img).map_err(|m| StageError::permanent("inference_failed", m))
         })
         .await
         .map_err(transient("join"))??;
@@ -162,8 +137,7 @@ impl Inferencer {
 
 impl Handler for Inferencer {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let page: PageRendered =
-            decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
+        let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
         self.infer(page).await
     }
 }
@@ -178,13 +152,5 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         max_deliver: ctx.config.nats.max_deliver,
     };
     let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
-    consumer::run(
-        ctx.js.clone(),
-        ctx.names.clone(),
-        spec,
-        inferencer,
-        ctx.metrics.clone(),
-        shutdown,
-    )
-    .await
+    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, inferencer, ctx.metrics.clone(), shutdown).await
 }

@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Manifests compiled into the binary, used when no `models/` folder is found.
-const BUILTIN: &[(&str, &str)] = &[(
-    "layout_cdla",
-    include_str!("../../../models/layout_cdla/model.toml"),
-)];
+const BUILTIN: &[(&str, &str)] = &[("layout_cdla", include_str!("../../../models/layout_cdla/model.toml"))];
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -86,10 +83,8 @@ pub struct Output {
 
 impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, String> {
-        let m: Manifest =
-            toml::from_str(text).map_err(|e| format!("model manifest {origin}: {e}"))?;
-        m.validate()
-            .map_err(|e| format!("model manifest {origin}: {e}"))?;
+        let m: Manifest = toml::from_str(text).map_err(|e| format!("model manifest {origin}: {e}"))?;
+        m.validate().map_err(|e| format!("model manifest {origin}: {e}"))?;
         Ok(m)
     }
 
@@ -97,7 +92,7 @@ impl Manifest {
         if self.input.width == 0 || self.input.height == 0 {
             return Err("input.width and input.height must be positive".into());
         }
-        if self.input.std.iter().any(|s| *s == 0.0) {
+        if self.input.std.contains(&0.0) {
             return Err("input.std must not contain 0".into());
         }
         if self.output.labels.is_empty() && self.output.labels_metadata_key.is_empty() {
@@ -117,16 +112,12 @@ impl Manifest {
     pub fn load(models_dir: &Path, name: &str) -> Result<Manifest, String> {
         let path = models_dir.join(name).join("model.toml");
         if path.exists() {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
             return Manifest::parse(&text, &path.display().to_string());
         }
         match BUILTIN.iter().find(|(n, _)| *n == name) {
             Some((n, text)) => Manifest::parse(text, &format!("(built in) {n}")),
-            None => Err(format!(
-                "unknown model {name:?}: no {} and no built-in manifest of that name",
-                path.display()
-            )),
+            None => Err(format!("unknown model {name:?}: no {} and no built-in manifest of that name", path.display())),
         }
     }
 
@@ -151,17 +142,9 @@ mod tests {
     fn bad_manifests_say_why() {
         let err = Manifest::load(Path::new("/nonexistent"), "nope").unwrap_err();
         assert!(err.contains("unknown model \"nope\""), "{err}");
-        let text = BUILTIN[0]
-            .1
-            .replace("std = [0.229, 0.224, 0.225]", "std = [0.0, 0.224, 0.225]");
-        assert!(Manifest::parse(&text, "t")
-            .unwrap_err()
-            .contains("input.std"));
-        let text = BUILTIN[0]
-            .1
-            .replace("decoder = \"picodet\"", "decoder = \"unknown\"");
-        assert!(Manifest::parse(&text, "t")
-            .unwrap_err()
-            .contains("unknown variant"));
+        let text = BUILTIN[0].1.replace("std = [0.229, 0.224, 0.225]", "std = [0.0, 0.224, 0.225]");
+        assert!(Manifest::parse(&text, "t").unwrap_err().contains("input.std"));
+        let text = BUILTIN[0].1.replace("decoder = \"picodet\"", "decoder = \"unknown\"");
+        assert!(Manifest::parse(&text, "t").unwrap_err().contains("unknown variant"));
     }
 }

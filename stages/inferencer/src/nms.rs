@@ -13,24 +13,14 @@ fn area(b: &[f32; 4]) -> f32 {
 
 /// Intersection over union (with the reference's 1e-5 epsilon).
 pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let inter = [
-        a[0].max(b[0]),
-        a[1].max(b[1]),
-        a[2].min(b[2]),
-        a[3].min(b[3]),
-    ];
+    let inter = [a[0].max(b[0]), a[1].max(b[1]), a[2].min(b[2]), a[3].min(b[3])];
     let i = area(&inter);
     i / (area(a) + area(b) - i + 1e-5)
 }
 
 /// Keeps the best-scoring boxes among the top `candidates`, dropping any box
 /// overlapping a kept one by more than `iou_threshold`; at most `keep`.
-pub fn hard_nms(
-    mut cands: Vec<Candidate>,
-    iou_threshold: f32,
-    candidates: usize,
-    keep: usize,
-) -> Vec<Candidate> {
+pub fn hard_nms(mut cands: Vec<Candidate>, iou_threshold: f32, candidates: usize, keep: usize) -> Vec<Candidate> {
     // Highest score first; stable for equal scores.
     cands.sort_by(|a, b| b.score.total_cmp(&a.score));
     cands.truncate(candidates);
@@ -52,16 +42,10 @@ mod tests {
 
     #[test]
     fn suppresses_overlaps_and_keeps_disjoint_boxes() {
-        let c = |x: f32, s: f32| Candidate {
-            bbox: [x, 0.0, x + 10.0, 10.0],
-            score: s,
-        };
+        let c = |x: f32, s: f32| Candidate { bbox: [x, 0.0, x + 10.0, 10.0], score: s };
         let kept = hard_nms(vec![c(0.0, 0.8), c(1.0, 0.9), c(50.0, 0.7)], 0.5, 200, 100);
         assert_eq!(kept, vec![c(1.0, 0.9), c(50.0, 0.7)]);
-        assert_eq!(
-            hard_nms(vec![c(0.0, 0.8), c(50.0, 0.7)], 0.5, 200, 1).len(),
-            1
-        );
+        assert_eq!(hard_nms(vec![c(0.0, 0.8), c(50.0, 0.7)], 0.5, 200, 1).len(), 1);
     }
 
     #[test]

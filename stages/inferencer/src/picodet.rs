@@ -36,19 +36,14 @@ pub fn decode(
             outputs.len()
         ));
     }
-    let num_classes = *outputs[0]
-        .shape
-        .last()
-        .ok_or("picodet: score tensor without shape")? as usize;
+    let num_classes = *outputs[0].shape.last().ok_or("picodet: score tensor without shape")? as usize;
     let mut boxes: Vec<[f32; 4]> = Vec::new();
     let mut scores: Vec<&[f32]> = Vec::new();
     for (level, &stride) in strides.iter().enumerate() {
         let (sc, bx) = (&outputs[level], &outputs[level + levels]);
         let bins4 = *bx.shape.last().ok_or("picodet: box tensor without shape")? as usize;
-        if bins4 % 4 != 0 {
-            return Err(format!(
-                "picodet: box tensor last dim {bins4} is not a multiple of 4"
-            ));
+        if !bins4.is_multiple_of(4) {
+            return Err(format!("picodet: box tensor last dim {bins4} is not a multiple of 4"));
         }
         let bins = bins4 / 4;
         let fm_w = (input_w as f32 / stride as f32).ceil() as usize;
@@ -74,9 +69,8 @@ pub fn decode(
             let cx = ((i % fm_w) as f32 + 0.5) * stride as f32;
             let cy = ((i / fm_w) as f32 + 0.5) * stride as f32;
             let dist = &bx.data[i * bins4..(i + 1) * bins4];
-            let d: [f32; 4] = std::array::from_fn(|side| {
-                expected_bin(&dist[side * bins..(side + 1) * bins]) * stride as f32
-            });
+            let d: [f32; 4] =
+                std::array::from_fn(|side| expected_bin(&dist[side * bins..(side + 1) * bins]) * stride as f32);
             boxes.push([cx - d[0], cy - d[1], cx + d[2], cy + d[3]]);
             scores.push(&sc.data[i * num_classes..(i + 1) * num_classes]);
         }
@@ -87,10 +81,7 @@ pub fn decode(
             .iter()
             .zip(&scores)
             .filter(|(_, s)| s[class] > score_threshold)
-            .map(|(b, s)| Candidate {
-                bbox: *b,
-                score: s[class],
-            })
+            .map(|(b, s)| Candidate { bbox: *b, score: s[class] })
             .collect();
         for c in hard_nms(cands, iou, CANDIDATES_PER_CLASS, KEEP_TOP_K) {
             out.push((class, c.score, c.bbox));
@@ -141,17 +132,10 @@ mod tests {
         }
         // Anchor 5 of stride 8 (fm 4×4: x=1, y=1 → centre 12,12), class 1.
         tensors[0].1[5 * classes + 1] = 0.9;
-        let peak = |k: usize| -> Vec<f32> {
-            (0..bins)
-                .map(|i| if i == k { 60.0 } else { -60.0 })
-                .collect()
-        };
+        let peak = |k: usize| -> Vec<f32> { (0..bins).map(|i| if i == k { 60.0 } else { -60.0 }).collect() };
         let dist: Vec<f32> = [peak(1), peak(1), peak(2), peak(3)].concat();
         tensors[2].1[5 * 4 * bins..6 * 4 * bins].copy_from_slice(&dist);
-        let views: Vec<TensorView> = tensors
-            .iter()
-            .map(|(s, d)| TensorView { shape: s, data: d })
-            .collect();
+        let views: Vec<TensorView> = tensors.iter().map(|(s, d)| TensorView { shape: s, data: d }).collect();
         let dets = decode(&views, &strides, w, h, 0.5, 0.5).unwrap();
         assert_eq!(dets.len(), 1);
         let (class, score, b) = dets[0];

@@ -15,11 +15,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -28,10 +24,7 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
     pub fn response(&self) -> Response<Full<Bytes>> {
-        json_response(
-            self.status,
-            &serde_json::json!({"error": {"code": self.code, "message": self.message}}),
-        )
+        json_response(self.status, &serde_json::json!({"error": {"code": self.code, "message": self.message}}))
     }
 }
 
@@ -39,8 +32,6 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<F
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(body).expect("JSON value serialises"),
-        )))
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).expect("JSON value serialises"))))
         .expect("valid response")
 }

@@ -27,9 +27,7 @@ use pagestream_pipeline::blob::{upload_key, BlobStore};
 use pagestream_pipeline::progress::{publish_message, read_status, DocStatus, Progress};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{
-    validate_doc_id, DocInfo, DocumentSubmitted, EventState, Source, SubmitOptions, VERSION,
-};
+use pagestream_schemas::{validate_doc_id, DocInfo, DocumentSubmitted, EventState, Source, SubmitOptions, VERSION};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -57,14 +55,11 @@ struct Options {
 
 impl Options {
     fn set(&mut self, key: &str, value: String) -> Result<(), ApiError> {
-        let invalid =
-            |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", m);
+        let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", m);
         match key {
             "title" => self.title = Some(value).filter(|t| !t.trim().is_empty()),
             "dpi" => {
-                let dpi: f32 = value
-                    .parse()
-                    .map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
+                let dpi: f32 = value.parse().map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
                 if !(10.0..=1200.0).contains(&dpi) {
                     return Err(invalid(format!("dpi {dpi} is outside 10..=1200")));
                 }
@@ -82,11 +77,7 @@ impl Ingress {
     pub async fn new(ctx: StageContext) -> Result<Self> {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
-        Ok(Ingress {
-            ctx,
-            blobs,
-            progress,
-        })
+        Ok(Ingress { ctx, blobs, progress })
     }
 
     async fn route(&self, req: Request<Incoming>) -> (&'static str, Resp) {
@@ -107,10 +98,7 @@ impl Ingress {
                     format!("{method} is not allowed on {path}"),
                 )),
             ),
-            _ => (
-                "not_found",
-                Err(ApiError::not_found(format!("no route for {method} {path}"))),
-            ),
+            _ => ("not_found", Err(ApiError::not_found(format!("no route for {method} {path}")))),
         };
         let (route, outcome) = result;
         (route, outcome.unwrap_or_else(|e| e.response()))
@@ -118,10 +106,8 @@ impl Ingress {
 
     async fn submit(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
         let limit = self.ctx.config.ingress.max_upload_bytes;
-        if let Some(len) = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        if let Some(len) =
+            req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         {
             // A multipart envelope adds a little; reject only what is clearly over.
             if len > limit + 64 * 1024 {
@@ -136,20 +122,11 @@ impl Ingress {
         for (k, v) in url_query(req.uri().query().unwrap_or("")) {
             opts.set(&k, v)?;
         }
-        let ctype = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let ctype =
+            req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let doc_id = uuid::Uuid::now_v7().simple().to_string();
         let key = upload_key(&doc_id);
-        let mime = ctype
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let (stored, filename) = match mime.as_str() {
             "multipart/form-data" => {
                 let boundary = multer::parse_boundary(&ctype)
@@ -213,10 +190,7 @@ impl Ingress {
                 sha256: Some(stored.sha256.clone()),
                 ..Source::default()
             },
-            options: SubmitOptions {
-                dpi: opts.dpi,
-                model: opts.model.clone(),
-            },
+            options: SubmitOptions { dpi: opts.dpi, model: opts.model.clone() },
             submitted_at: Some(now_rfc3339()),
         };
         let info = DocInfo {
@@ -232,14 +206,9 @@ impl Ingress {
             .doc(&doc_id, EventState::Queued, Some(info), None)
             .await
             .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e}")))?;
-        publish_message(
-            &self.ctx.js,
-            self.ctx.names.docs_submitted(),
-            &format!("{doc_id}:submitted"),
-            &msg,
-        )
-        .await
-        .map_err(|e| ApiError::unavailable(format!("queueing the document failed: {e}")))?;
+        publish_message(&self.ctx.js, self.ctx.names.docs_submitted(), &format!("{doc_id}:submitted"), &msg)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("queueing the document failed: {e}")))?;
         self.ctx.metrics.document(STAGE, "submitted");
         tracing::info!(doc_id, bytes = msg.source.bytes, "document accepted");
         Ok(json_response(
@@ -253,8 +222,7 @@ impl Ingress {
     }
 
     async fn status(&self, id: &str) -> Result<Resp, ApiError> {
-        validate_doc_id(id)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string()))?;
+        validate_doc_id(id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string()))?;
         let status = read_status(&self.ctx.js, &self.ctx.names, id, true)
             .await
             .map_err(|e| ApiError::unavailable(format!("reading progress failed: {e:#}")))?
@@ -317,11 +285,7 @@ fn percent_decode(s: &str) -> String {
 
 /// Serves the API on `listener` until `shutdown`, then lets in-flight
 /// requests finish.
-pub async fn serve(
-    ctx: StageContext,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     ctx.health.register(STAGE);
     let ingress = Arc::new(Ingress::new(ctx.clone()).await?);
     ctx.health.set_ready(STAGE, true);
@@ -365,9 +329,9 @@ pub async fn serve(
 /// Binds `ctx.config.ingress.addr` and serves.
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
     let addr = ctx.config.ingress.addr.clone();
-    let listener = TcpListener::bind(&addr).await.map_err(|e| {
-        anyhow::anyhow!("ingress: cannot listen on {addr}: {e} (set PAGESTREAM_INGRESS_ADDR)")
-    })?;
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("ingress: cannot listen on {addr}: {e} (set PAGESTREAM_INGRESS_ADDR)"))?;
     serve(ctx, listener, shutdown).await
 }
 
@@ -379,11 +343,7 @@ mod tests {
     fn query_decoding() {
         assert_eq!(
             url_query("title=Annual%20report+2024&dpi=200&x"),
-            vec![
-                ("title".into(), "Annual report 2024".into()),
-                ("dpi".into(), "200".into()),
-                ("x".into(), "".into())
-            ]
+            vec![("title".into(), "Annual report 2024".into()), ("dpi".into(), "200".into()), ("x".into(), "".into())]
         );
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");

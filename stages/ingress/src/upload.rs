@@ -43,9 +43,7 @@ impl Check {
             ));
         }
         if !self.signature_ok {
-            let take = SIGNATURE_WINDOW
-                .saturating_sub(self.head.len())
-                .min(chunk.len());
+            let take = SIGNATURE_WINDOW.saturating_sub(self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..take]);
             if self.head.windows(5).any(|w| w == b"%PDF-") {
                 self.signature_ok = true;
@@ -59,11 +57,7 @@ impl Check {
 
     fn finish(&mut self) -> Result<(), ApiError> {
         if self.bytes == 0 {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "empty_upload",
-                "the uploaded file is empty",
-            ));
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "empty_upload", "the uploaded file is empty"));
         }
         if !self.signature_ok {
             return Err(not_a_pdf(&self.head));
@@ -91,12 +85,7 @@ fn not_a_pdf(head: &[u8]) -> ApiError {
 
 /// Streams `body` into the blob store at `key`, enforcing `limit`. On any
 /// failure the partial object is deleted and the precise error returned.
-pub async fn store_stream<S, E>(
-    blobs: &BlobStore,
-    key: &str,
-    body: S,
-    limit: u64,
-) -> Result<Stored, ApiError>
+pub async fn store_stream<S, E>(blobs: &BlobStore, key: &str, body: S, limit: u64) -> Result<Stored, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,
@@ -106,11 +95,8 @@ where
     let checked = body.map(move |chunk| {
         let mut state = c.lock().expect("upload check lock");
         let chunk = chunk.map_err(|e| {
-            let err = ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "upload_interrupted",
-                format!("reading the upload failed: {e}"),
-            );
+            let err =
+                ApiError::new(StatusCode::BAD_REQUEST, "upload_interrupted", format!("reading the upload failed: {e}"));
             state.failure = Some(err);
             std::io::Error::other("upload body error")
         })?;
@@ -126,9 +112,7 @@ where
         let mut state = check.lock().expect("upload check lock");
         match (put, state.failure.take()) {
             (_, Some(err)) => Err(err),
-            (Err(e), None) => Err(ApiError::unavailable(format!(
-                "storing the upload failed: {e:#}"
-            ))),
+            (Err(e), None) => Err(ApiError::unavailable(format!("storing the upload failed: {e:#}"))),
             (Ok(_), None) => state.finish().map(|()| Stored {
                 bytes: state.bytes,
                 sha256: hex::encode(std::mem::take(&mut state.hasher).finalize()),
@@ -166,9 +150,6 @@ mod tests {
         assert_eq!(c.feed(&[b'x'; 2000], 10_000).unwrap_err().code, "not_a_pdf");
 
         let mut c = Check::default();
-        assert_eq!(
-            c.feed(b"%PDF-1.7 and more", 5).unwrap_err().code,
-            "too_large"
-        );
+        assert_eq!(c.feed(b"%PDF-1.7 and more", 5).unwrap_err().code, "too_large");
     }
 }

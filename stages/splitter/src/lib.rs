@@ -24,8 +24,8 @@ use pagestream_pipeline::progress::{publish_message, subject_counts};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
-    decode, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef,
-    PageInferred, PageRendered, Timings, VERSION,
+    decode, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef, PageInferred,
+    PageRendered, Timings, VERSION,
 };
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
@@ -49,47 +49,28 @@ impl Splitter {
     pub async fn new(ctx: StageContext) -> Result<Self> {
         ctx.health.register(STAGE);
         let lib = ctx.config.splitter.pdfium_library.clone();
-        let renderer = tokio::task::spawn_blocking(move || Renderer::get(&lib))
-            .await?
-            .map_err(anyhow::Error::msg)?;
+        let renderer = tokio::task::spawn_blocking(move || Renderer::get(&lib)).await?.map_err(anyhow::Error::msg)?;
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Splitter {
-            ctx,
-            blobs,
-            renderer,
-            progress,
-        })
+        Ok(Splitter { ctx, blobs, renderer, progress })
     }
 
     /// Tells the uploader and the events stream that the document failed.
-    async fn fail_document(
-        &self,
-        sub: &DocumentSubmitted,
-        error: ErrorInfo,
-    ) -> Result<(), StageError> {
+    async fn fail_document(&self, sub: &DocumentSubmitted, error: ErrorInfo) -> Result<(), StageError> {
         let failed = DocumentFailed {
             v: VERSION,
             doc_id: sub.doc_id.clone(),
             stage: STAGE.into(),
             error: error.clone(),
             title: sub.title.clone(),
-            source: pagestream_schemas::Source {
-                inline: None,
-                ..sub.source.clone()
-            },
+            source: pagestream_schemas::Source { inline: None, ..sub.source.clone() },
             at: now_rfc3339(),
         };
         let names = &self.ctx.names;
-        publish_message(
-            &self.ctx.js,
-            names.docs_failed(),
-            &format!("{}:failed", sub.doc_id),
-            &failed,
-        )
-        .await
-        .map_err(transient("nats_publish"))?;
+        publish_message(&self.ctx.js, names.docs_failed(), &format!("{}:failed", sub.doc_id), &failed)
+            .await
+            .map_err(transient("nats_publish"))?;
         self.progress
             .doc(&sub.doc_id, EventState::Failed, None, Some(error))
             .await
@@ -101,47 +82,29 @@ impl Splitter {
     /// Pages of `doc_id` already rendered (from their events).
     async fn rendered_pages(&self, doc_id: &str) -> Result<HashSet<u32>, StageError> {
         let names = &self.ctx.names;
-        let stream = self
-            .ctx
-            .js
-            .get_stream(names.events_stream())
-            .await
-            .map_err(transient("nats"))?;
+        let stream = self.ctx.js.get_stream(names.events_stream()).await.map_err(transient("nats"))?;
         let prefix = names.page_event(doc_id, "rendered", 0);
         let filter = format!("{}*", prefix.trim_end_matches('0'));
-        let subjects = subject_counts(&stream, &filter)
-            .await
-            .map_err(transient("nats"))?;
-        Ok(subjects
-            .keys()
-            .filter_map(|s| s.rsplit('.').next()?.parse().ok())
-            .collect())
+        let subjects = subject_counts(&stream, &filter).await.map_err(transient("nats"))?;
+        Ok(subjects.keys().filter_map(|s| s.rsplit('.').next()?.parse().ok()).collect())
     }
 
     /// Copies the source PDF to a temporary file; returns it with its sha256 and size.
-    async fn fetch(
-        &self,
-        sub: &DocumentSubmitted,
-    ) -> Result<(tempfile::TempPath, String, u64), StageError> {
+    async fn fetch(&self, sub: &DocumentSubmitted) -> Result<(tempfile::TempPath, String, u64), StageError> {
         let tmp = tempfile::Builder::new()
             .prefix("pagestream-")
             .suffix(".pdf")
             .tempfile()
             .map_err(transient("tempfile"))?
             .into_temp_path();
-        let mut file = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(transient("tempfile"))?;
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(transient("tempfile"))?;
         let src = &sub.source;
         if let Some(bytes) = &src.inline {
             file.write_all(bytes).await.map_err(transient("tempfile"))?;
         } else if let Some(key) = &src.blob {
             if let Err(e) = self.blobs.copy_to(key, &mut file).await {
                 return Err(if BlobStore::is_not_found(&e) {
-                    StageError::permanent(
-                        "source_missing",
-                        format!("blob {key:?} does not exist in the blob store"),
-                    )
+                    StageError::permanent("source_missing", format!("blob {key:?} does not exist in the blob store"))
                 } else {
                     StageError::transient("blob_store", format!("{e:#}"))
                 });
@@ -170,22 +133,14 @@ impl Splitter {
     ) -> Result<(), StageError> {
         let cfg = &self.ctx.config.splitter;
         let image = if page.png.len() <= cfg.inline_image_max_bytes {
-            ImageRef {
-                format: "png".into(),
-                inline: Some(ByteBuf::from(page.png)),
-                blob: None,
-            }
+            ImageRef { format: "png".into(), inline: Some(ByteBuf::from(page.png)), blob: None }
         } else {
             let key = page_image_key(&sub.doc_id, page.page, "png");
             self.blobs
                 .put_bytes(&key, &page.png)
                 .await
                 .map_err(|e| StageError::transient("blob_store", format!("{e:#}")))?;
-            ImageRef {
-                format: "png".into(),
-                inline: None,
-                blob: Some(key),
-            }
+            ImageRef { format: "png".into(), inline: None, blob: Some(key) }
         };
         let msg = PageRendered {
             v: VERSION,
@@ -231,19 +186,13 @@ impl Splitter {
             detections: Vec::new(),
             image: None,
             timings: Timings::default(),
-            error: Some(ErrorInfo {
-                code: "page_render_failed".into(),
-                message,
-            }),
+            error: Some(ErrorInfo { code: "page_render_failed".into(), message }),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page);
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg)
             .await
             .map_err(transient("nats_publish"))?;
-        self.progress
-            .page(&sub.doc_id, page, EventState::Rendered, None)
-            .await
-            .map_err(transient("nats_publish"))?;
+        self.progress.page(&sub.doc_id, page, EventState::Rendered, None).await.map_err(transient("nats_publish"))?;
         self.ctx.metrics.page_failure(STAGE);
         Ok(())
     }
@@ -267,12 +216,7 @@ impl Splitter {
                 self.fail_document(&sub, err.info()).await?;
                 return Err(err);
             }
-            other => {
-                return Err(StageError::transient(
-                    "renderer",
-                    format!("unexpected render event {other:?}"),
-                ))
-            }
+            other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
         };
         if page_count == 0 {
             let err = StageError::permanent("pdf_empty", "the document has no pages").doc(&doc_id);
@@ -289,24 +233,15 @@ impl Splitter {
             model: sub.options.model.clone(),
             ..DocInfo::default()
         };
-        self.progress
-            .doc(&doc_id, EventState::Split, Some(info), None)
-            .await
-            .map_err(transient("nats_publish"))?;
+        self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(transient("nats_publish"))?;
         while let Some(event) = events.recv().await {
             match event {
                 RenderEvent::Page(page) => self.publish_page(&sub, page_count, page).await?,
                 RenderEvent::PageFailed { page, message } => {
                     tracing::warn!(doc_id, page, %message, "page failed to render");
-                    self.publish_failed_page(&sub, page_count, page, message)
-                        .await?;
+                    self.publish_failed_page(&sub, page_count, page, message).await?;
                 }
-                other => {
-                    return Err(StageError::transient(
-                        "renderer",
-                        format!("unexpected render event {other:?}"),
-                    ))
-                }
+                other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
             }
         }
         self.ctx.metrics.document(STAGE, "split");
@@ -317,8 +252,7 @@ impl Splitter {
 
 impl Handler for Splitter {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let sub: DocumentSubmitted =
-            decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
+        let sub: DocumentSubmitted = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
         self.split(sub).await
     }
 }
@@ -350,13 +284,5 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         max_deliver: ctx.config.nats.max_deliver,
     };
     let splitter = Arc::new(Splitter::new(ctx.clone()).await?);
-    consumer::run(
-        ctx.js.clone(),
-        ctx.names.clone(),
-        spec,
-        splitter,
-        ctx.metrics.clone(),
-        shutdown,
-    )
-    .await
+    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, splitter, ctx.metrics.clone(), shutdown).await
 }

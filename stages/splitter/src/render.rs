@@ -87,10 +87,7 @@ impl Renderer {
                 let pdfium = match Pdfium::bind_to_library(&lib) {
                     Ok(b) => Pdfium::new(b),
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!(
-                            "cannot load libpdfium from {}: {e}",
-                            lib.display()
-                        )));
+                        let _ = ready_tx.send(Err(format!("cannot load libpdfium from {}: {e}", lib.display())));
                         return;
                     }
                 };
@@ -100,9 +97,7 @@ impl Renderer {
                 }
             })
             .map_err(|e| format!("cannot start render thread: {e}"))?;
-        ready_rx
-            .recv()
-            .map_err(|_| "render thread exited during start-up".to_string())??;
+        ready_rx.recv().map_err(|_| "render thread exited during start-up".to_string())??;
         Ok(Renderer { jobs: jobs_tx })
     }
 
@@ -119,36 +114,36 @@ impl Renderer {
     }
 }
 
-/// Scale factor from points for `dpi`, reduced so `w × h` stays within
-/// `max_pixels`. Returns `(scale, effective_dpi)`.
-pub fn fit_scale(width_pt: f32, height_pt: f32, dpi: f32, max_pixels: u64) -> (f32, f32) {
+/// Pixel size and effective DPI for a page of `width_pt × height_pt` at
+/// `dpi`, reduced so the bitmap stays within `max_pixels`. Sizes round up,
+/// as pypdfium2 does, so our bitmaps match the reference implementation's.
+pub fn fit_size(width_pt: f32, height_pt: f32, dpi: f32, max_pixels: u64) -> (u32, u32, f32) {
+    let size = |scale: f32| {
+        let w = (width_pt as f64 * scale as f64).ceil().max(1.0);
+        let h = (height_pt as f64 * scale as f64).ceil().max(1.0);
+        (w, h)
+    };
     let mut scale = dpi / 72.0;
-    let pixels = (width_pt * scale) as f64 * (height_pt * scale) as f64;
-    if pixels > max_pixels as f64 {
-        scale *= (max_pixels as f64 / pixels).sqrt() as f32;
-        // Stay strictly under the cap after rounding.
-        scale *= 0.999;
+    let (w, h) = size(scale);
+    if w * h > max_pixels as f64 {
+        scale *= (max_pixels as f64 / (w * h)).sqrt() as f32;
+        while size(scale).0 * size(scale).1 > max_pixels as f64 {
+            scale *= 0.999;
+        }
     }
-    (scale, scale * 72.0)
+    let (w, h) = size(scale);
+    (w as u32, h as u32, scale * 72.0)
 }
 
-fn render_document(
-    pdfium: &Pdfium,
-    req: &RenderRequest,
-    out: &tokio::sync::mpsc::Sender<RenderEvent>,
-) {
+fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc::Sender<RenderEvent>) {
     let doc = match pdfium.load_pdf_from_file(&req.pdf, req.password.as_deref()) {
         Ok(d) => d,
         Err(e) => {
             let (code, message) = match e {
-                PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::PasswordError) => (
-                    "pdf_password",
-                    "the PDF is encrypted and no (or a wrong) password was given".to_string(),
-                ),
-                other => (
-                    "pdf_unreadable",
-                    format!("pdfium cannot open the document: {other:?}"),
-                ),
+                PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::PasswordError) => {
+                    ("pdf_password", "the PDF is encrypted and no (or a wrong) password was given".to_string())
+                }
+                other => ("pdf_unreadable", format!("pdfium cannot open the document: {other:?}")),
             };
             let _ = out.blocking_send(RenderEvent::OpenFailed { code, message });
             return;
@@ -156,10 +151,7 @@ fn render_document(
     };
     let pages = doc.pages();
     let page_count = pages.len().max(0) as u32;
-    if out
-        .blocking_send(RenderEvent::Opened { page_count })
-        .is_err()
-    {
+    if out.blocking_send(RenderEvent::Opened { page_count }).is_err() {
         return;
     }
     for index in 0..page_count {
@@ -168,7 +160,7 @@ fn render_document(
             continue;
         }
         let started = Instant::now();
-        let event = match render_page(&pages, index, req) {
+        let event = match render_page(pages, index, req) {
             Ok((img, dpi)) => match encode_png(&img) {
                 Ok(png) => RenderEvent::Page(RenderedPage {
                     page: number,
@@ -178,15 +170,9 @@ fn render_document(
                     png,
                     render_ms: started.elapsed().as_secs_f32() * 1000.0,
                 }),
-                Err(message) => RenderEvent::PageFailed {
-                    page: number,
-                    message,
-                },
+                Err(message) => RenderEvent::PageFailed { page: number, message },
             },
-            Err(message) => RenderEvent::PageFailed {
-                page: number,
-                message,
-            },
+            Err(message) => RenderEvent::PageFailed { page: number, message },
         };
         // The receiver is gone when the handler gave up (shutdown, error).
         if out.blocking_send(event).is_err() {
@@ -195,30 +181,13 @@ fn render_document(
     }
 }
 
-fn render_page(
-    pages: &PdfPages,
-    index: u32,
-    req: &RenderRequest,
-) -> Result<(RgbImage, f32), String> {
-    let page = pages
-        .get(index as PdfPageIndex)
-        .map_err(|e| format!("cannot load page: {e:?}"))?;
-    let (scale, dpi) = fit_scale(
-        page.width().value,
-        page.height().value,
-        req.dpi,
-        req.max_pixels,
-    );
-    let config = PdfRenderConfig::new()
-        .scale_page_by_factor(scale)
-        .render_form_data(true)
-        .render_annotations(true);
-    let bitmap = page
-        .render_with_config(&config)
-        .map_err(|e| format!("render failed: {e:?}"))?;
-    let img = bitmap
-        .as_image()
-        .map_err(|e| format!("bitmap conversion failed: {e:?}"))?;
+fn render_page(pages: &PdfPages, index: u32, req: &RenderRequest) -> Result<(RgbImage, f32), String> {
+    let page = pages.get(index as PdfPageIndex).map_err(|e| format!("cannot load page: {e:?}"))?;
+    let (w, h, dpi) = fit_size(page.width().value, page.height().value, req.dpi, req.max_pixels);
+    let config =
+        PdfRenderConfig::new().set_fixed_size(w as Pixels, h as Pixels).render_form_data(true).render_annotations(true);
+    let bitmap = page.render_with_config(&config).map_err(|e| format!("render failed: {e:?}"))?;
+    let img = bitmap.as_image().map_err(|e| format!("bitmap conversion failed: {e:?}"))?;
     let rgb = match img {
         DynamicImage::ImageRgb8(i) => i,
         other => other.to_rgb8(),
@@ -233,12 +202,7 @@ pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>, String> {
     use image::ImageEncoder;
     let mut buf = Vec::with_capacity((img.width() * img.height() / 4) as usize);
     PngEncoder::new_with_quality(&mut buf, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
+        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
         .map_err(|e| format!("PNG encoding failed: {e}"))?;
     Ok(buf)
 }
@@ -248,13 +212,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fit_scale_keeps_small_pages_and_caps_huge_ones() {
-        let (s, dpi) = fit_scale(612.0, 792.0, 150.0, 16_777_216);
-        assert!((s - 150.0 / 72.0).abs() < 1e-6);
-        assert_eq!(dpi, 150.0);
-        let (s, dpi) = fit_scale(8400.0, 8400.0, 150.0, 16_777_216);
-        let px = (8400.0 * s) as u64 * (8400.0 * s) as u64;
-        assert!(px <= 16_777_216, "{px}");
-        assert!(dpi < 10.0 && dpi > 9.0, "{dpi}");
+    fn fit_size_keeps_small_pages_and_caps_huge_ones() {
+        // A4 at 150 DPI: 1240.2 × 1753.9 pixels, rounded up.
+        assert_eq!(fit_size(595.276, 841.89, 150.0, 16_777_216), (1241, 1754, 150.0));
+        let (w, h, dpi) = fit_size(8400.0, 8400.0, 150.0, 16_777_216);
+        assert!(w as u64 * h as u64 <= 16_777_216, "{w}×{h}");
+        assert!(w >= 4090, "{w}");
+        assert!((35.0..35.2).contains(&dpi), "{dpi}");
     }
 }

@@ -22,11 +22,7 @@ pub struct Keys {
 impl Keys {
     pub fn new(prefix: &str, doc_id: &str) -> Self {
         let prefix = prefix.trim_matches('/');
-        let base = if prefix.is_empty() {
-            doc_id.to_string()
-        } else {
-            format!("{prefix}/{doc_id}")
-        };
+        let base = if prefix.is_empty() { doc_id.to_string() } else { format!("{prefix}/{doc_id}") };
         Keys { base }
     }
     pub fn manifest(&self) -> String {
@@ -102,8 +98,7 @@ impl Manifest {
     /// The manifest of a document whose pages all have an outcome.
     pub fn from_status(st: &DocStatus, model: Option<ModelRef>, finished_at: String) -> Manifest {
         let page_count = st.page_count.unwrap_or(0);
-        let failed =
-            |n: u32| -> Option<&FailedPage> { st.failed_pages.iter().find(|f| f.page == n) };
+        let failed = |n: u32| -> Option<&FailedPage> { st.failed_pages.iter().find(|f| f.page == n) };
         let pages: Vec<ManifestPage> = (1..=page_count)
             .map(|n| match failed(n) {
                 Some(f) => ManifestPage {
@@ -128,10 +123,7 @@ impl Manifest {
         } else if failures as u32 == page_count {
             (
                 "failed",
-                Some(ErrorInfo {
-                    code: "all_pages_failed".into(),
-                    message: format!("all {page_count} pages failed"),
-                }),
+                Some(ErrorInfo { code: "all_pages_failed".into(), message: format!("all {page_count} pages failed") }),
             )
         } else {
             ("completed_with_errors", None)

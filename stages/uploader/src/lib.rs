@@ -49,12 +49,7 @@ impl Uploader {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Uploader {
-            ctx,
-            blobs,
-            store,
-            progress,
-        })
+        Ok(Uploader { ctx, blobs, store, progress })
     }
 
     fn keys(&self, doc_id: &str) -> Keys {
@@ -74,10 +69,7 @@ impl Uploader {
             }
             (None, Some(image)) => {
                 let png = read_image(&self.blobs, image).await?;
-                self.store
-                    .put(&keys.page_image(msg.page), png, "image/png")
-                    .await
-                    .map_err(store_err)?;
+                self.store.put(&keys.page_image(msg.page), png, "image/png").await.map_err(store_err)?;
                 let result = PageResult {
                     page: msg.page,
                     width: msg.width,
@@ -87,10 +79,7 @@ impl Uploader {
                     detections: msg.detections.clone(),
                 };
                 let json = serde_json::to_vec_pretty(&result).expect("page result serialises");
-                self.store
-                    .put(&keys.page_json(msg.page), json, "application/json")
-                    .await
-                    .map_err(store_err)?;
+                self.store.put(&keys.page_json(msg.page), json, "application/json").await.map_err(store_err)?;
                 self.progress
                     .page(&doc_id, msg.page, EventState::Uploaded, None)
                     .await
@@ -104,11 +93,7 @@ impl Uploader {
                 self.ctx.metrics.page(STAGE);
             }
             (None, None) => {
-                return Err(StageError::permanent(
-                    "bad_message",
-                    "PageInferred without image or error",
-                )
-                .doc(&doc_id))
+                return Err(StageError::permanent("bad_message", "PageInferred without image or error").doc(&doc_id))
             }
         }
         let model = (!msg.model.name.is_empty()).then(|| msg.model.clone());
@@ -116,17 +101,11 @@ impl Uploader {
     }
 
     /// Writes the manifest when every page has an outcome.
-    async fn finalize_if_done(
-        &self,
-        doc_id: &str,
-        model: Option<ModelRef>,
-    ) -> Result<(), StageError> {
+    async fn finalize_if_done(&self, doc_id: &str, model: Option<ModelRef>) -> Result<(), StageError> {
         let status = read_status(&self.ctx.js, &self.ctx.names, doc_id, true)
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?
-            .ok_or_else(|| {
-                StageError::transient("status_missing", format!("no events for {doc_id} yet"))
-            })?;
+            .ok_or_else(|| StageError::transient("status_missing", format!("no events for {doc_id} yet")))?;
         if !status.all_pages_done() {
             return Ok(());
         }
@@ -145,12 +124,7 @@ impl Uploader {
             if status.failed_pages.iter().any(|f| f.page == n) {
                 continue;
             }
-            if let Some(bytes) = self
-                .store
-                .get(&keys.page_json(n))
-                .await
-                .map_err(store_err)?
-            {
+            if let Some(bytes) = self.store.get(&keys.page_json(n)).await.map_err(store_err)? {
                 if let Ok(page) = serde_json::from_slice::<PageResult>(&bytes) {
                     return Ok(Some(page.model));
                 }
@@ -162,20 +136,14 @@ impl Uploader {
     async fn write_manifest(&self, doc_id: &str, manifest: &Manifest) -> Result<(), StageError> {
         let key = self.keys(doc_id).manifest();
         let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-        self.store
-            .put(&key, json, "application/json")
-            .await
-            .map_err(store_err)?;
+        self.store.put(&key, json, "application/json").await.map_err(store_err)?;
         let info = DocInfo {
             status: Some(manifest.status.clone()),
             manifest: Some(self.store.location(&key)),
             page_count: manifest.page_count,
             ..DocInfo::default()
         };
-        self.progress
-            .doc(doc_id, EventState::Completed, Some(info), None)
-            .await
-            .map_err(transient("nats_publish"))?;
+        self.progress.doc(doc_id, EventState::Completed, Some(info), None).await.map_err(transient("nats_publish"))?;
         self.ctx.metrics.document(STAGE, &manifest.status);
         tracing::info!(doc_id, status = %manifest.status, manifest = %self.store.location(&key), "document finished");
         Ok(())
@@ -189,11 +157,7 @@ impl Uploader {
         let manifest = Manifest {
             schema: MANIFEST_SCHEMA.into(),
             doc_id: msg.doc_id.clone(),
-            title: msg
-                .title
-                .clone()
-                .or(info.title)
-                .or_else(|| msg.source.filename.clone()),
+            title: msg.title.clone().or(info.title).or_else(|| msg.source.filename.clone()),
             source: SourceInfo {
                 filename: msg.source.filename.clone().or(info.filename),
                 sha256: msg.source.sha256.clone().or(info.sha256),
@@ -216,8 +180,7 @@ impl Handler for Uploader {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let bad = |e| StageError::permanent("bad_message", e);
         if msg.subject.as_str() == self.ctx.names.docs_failed() {
-            self.document_failed(decode(&msg.payload).map_err(bad)?)
-                .await
+            self.document_failed(decode(&msg.payload).map_err(bad)?).await
         } else {
             self.page(decode(&msg.payload).map_err(bad)?).await
         }
@@ -234,13 +197,5 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         max_deliver: ctx.config.nats.max_deliver,
     };
     let uploader = Arc::new(Uploader::new(ctx.clone()).await?);
-    consumer::run(
-        ctx.js.clone(),
-        ctx.names.clone(),
-        spec,
-        uploader,
-        ctx.metrics.clone(),
-        shutdown,
-    )
-    .await
+    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, uploader, ctx.metrics.clone(), shutdown).await
 }

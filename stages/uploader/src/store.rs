@@ -11,13 +11,8 @@ use pagestream_pipeline::config::UploaderConfig;
 
 #[derive(Debug, Clone)]
 pub enum ResultStore {
-    Local {
-        root: PathBuf,
-    },
-    S3 {
-        client: aws_sdk_s3::Client,
-        bucket: String,
-    },
+    Local { root: PathBuf },
+    S3 { client: aws_sdk_s3::Client, bucket: String },
 }
 
 impl ResultStore {
@@ -40,15 +35,12 @@ impl ResultStore {
                             if cfg.s3_endpoint.is_empty() { "AWS" } else { &cfg.s3_endpoint }
                         )
                     })?;
-                Ok(ResultStore::S3 {
-                    client,
-                    bucket: cfg.s3_bucket.clone(),
-                })
+                Ok(ResultStore::S3 { client, bucket: cfg.s3_bucket.clone() })
             }
             _ => {
-                tokio::fs::create_dir_all(&cfg.dir).await.with_context(|| {
-                    format!("cannot create results directory {}", cfg.dir.display())
-                })?;
+                tokio::fs::create_dir_all(&cfg.dir)
+                    .await
+                    .with_context(|| format!("cannot create results directory {}", cfg.dir.display()))?;
                 let root = tokio::fs::canonicalize(&cfg.dir).await?;
                 Ok(ResultStore::Local { root })
             }
@@ -83,23 +75,12 @@ impl ResultStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e).with_context(|| format!("reading {key}")),
             },
-            ResultStore::S3 { client, bucket } => {
-                match client.get_object().bucket(bucket).key(key).send().await {
-                    Ok(out) => Ok(Some(
-                        out.body
-                            .collect()
-                            .await
-                            .context("reading S3 body")?
-                            .to_vec(),
-                    )),
-                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-                    Err(e) => Err(anyhow::anyhow!(
-                        "{}",
-                        aws_sdk_s3::error::DisplayErrorContext(e)
-                    ))
+            ResultStore::S3 { client, bucket } => match client.get_object().bucket(bucket).key(key).send().await {
+                Ok(out) => Ok(Some(out.body.collect().await.context("reading S3 body")?.to_vec())),
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+                Err(e) => Err(anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
                     .with_context(|| format!("GET s3://{bucket}/{key}")),
-                }
-            }
+            },
         }
     }
 
@@ -129,26 +110,20 @@ pub async fn s3_client(cfg: &UploaderConfig) -> aws_sdk_s3::Client {
         loader = loader.endpoint_url(cfg.s3_endpoint.clone());
     }
     let shared = loader.load().await;
-    let conf = aws_sdk_s3::config::Builder::from(&shared)
-        .force_path_style(cfg.s3_path_style)
-        .build();
+    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.s3_path_style).build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
 async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("result key without a directory")?;
-    tokio::fs::create_dir_all(dir)
-        .await
-        .with_context(|| format!("creating {}", dir.display()))?;
+    tokio::fs::create_dir_all(dir).await.with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}-{:x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("part"),
         std::process::id(),
         rand_suffix()
     ));
-    tokio::fs::write(&tmp, bytes)
-        .await
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    tokio::fs::write(&tmp, bytes).await.with_context(|| format!("writing {}", tmp.display()))?;
     if let Err(e) = tokio::fs::rename(&tmp, path).await {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e).with_context(|| format!("renaming into {}", path.display()));
@@ -159,12 +134,7 @@ async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.finish()
 }
 
@@ -175,31 +145,14 @@ mod tests {
     #[tokio::test]
     async fn local_writes_are_atomic_and_replace() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ResultStore::Local {
-            root: dir.path().to_path_buf(),
-        };
-        store
-            .put("d/pages/1.json", b"{\"a\":1}".to_vec(), "application/json")
-            .await
-            .unwrap();
-        store
-            .put("d/pages/1.json", b"{\"a\":2}".to_vec(), "application/json")
-            .await
-            .unwrap();
-        assert_eq!(
-            store.get("d/pages/1.json").await.unwrap().unwrap(),
-            b"{\"a\":2}"
-        );
+        let store = ResultStore::Local { root: dir.path().to_path_buf() };
+        store.put("d/pages/1.json", b"{\"a\":1}".to_vec(), "application/json").await.unwrap();
+        store.put("d/pages/1.json", b"{\"a\":2}".to_vec(), "application/json").await.unwrap();
+        assert_eq!(store.get("d/pages/1.json").await.unwrap().unwrap(), b"{\"a\":2}");
         assert_eq!(store.get("d/missing").await.unwrap(), None);
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("d/pages"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            names,
-            vec![std::ffi::OsString::from("1.json")],
-            "no temp files left behind"
-        );
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("d/pages")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("1.json")], "no temp files left behind");
         assert!(store.location("d/x").starts_with("file:///"));
     }
 }

@@ -1,0 +1,121 @@
+//! Bad input gets a precise error and loses nothing: a corrupt PDF, a PNG,
+//! an empty body, a wrong content type and malformed MessagePack published
+//! straight on a subject — while a good document submitted at the same time
+//! completes.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use pagestream_e2e::{corpus, Harness};
+use pagestream_schemas::{decode, DeadLetter};
+use serde_json::Value;
+
+const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x02\0\0\0\x90wS\xde";
+
+/// Reads every record of the dead-letter stream.
+async fn dead_letters(h: &Harness) -> Vec<DeadLetter> {
+    let ctx = &h.pipeline.ctx;
+    let stream = ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap();
+    let n = stream.get_info().await.unwrap().state.messages;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer =
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n as usize);
+    let mut out = Vec::new();
+    while let Some(m) = msgs.next().await {
+        out.push(decode::<DeadLetter>(&m.unwrap().payload).expect("dead letters decode"));
+    }
+    out
+}
+
+fn assert_json_error(ans: &pagestream::client::Answer, status: u16, code: &str) {
+    assert_eq!(ans.status.as_u16(), status, "{}", ans.json);
+    assert_eq!(ans.json["error"]["code"], code, "{}", ans.json);
+    assert!(ans.json["error"]["message"].as_str().is_some_and(|m| m.len() > 10), "{}", ans.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
+    let h = Harness::start(|c| c.ingress.max_upload_bytes = 300_000).await.unwrap();
+    let good =
+        h.client.submit_file(&pagestream_e2e::repo_root().join("samples/c03-29.pdf"), Some("good")).await.unwrap();
+    assert_eq!(good.status, 202, "{}", good.json);
+    let corrupt = h.client.submit_file(&corpus("bad_invalid-header-eof.pdf"), None).await.unwrap();
+    assert_eq!(corrupt.status, 202, "signature is fine, so it is accepted: {}", corrupt.json);
+
+    // Rejected at the door, with JSON errors.
+    assert_json_error(
+        &h.client.post_bytes("/v1/documents", "application/pdf", PNG.to_vec()).await.unwrap(),
+        415,
+        "not_a_pdf",
+    );
+    assert_json_error(&h.client.submit_multipart("x.pdf", PNG.to_vec(), &[]).await.unwrap(), 415, "not_a_pdf");
+    assert_json_error(
+        &h.client.post_bytes("/v1/documents", "application/pdf", Vec::new()).await.unwrap(),
+        422,
+        "empty_upload",
+    );
+    assert_json_error(
+        &h.client.post_bytes("/v1/documents", "text/plain", b"%PDF-1.4".to_vec()).await.unwrap(),
+        415,
+        "unsupported_content_type",
+    );
+    let mut big = b"%PDF-1.7\n".to_vec();
+    big.resize(400_000, b' ');
+    assert_json_error(&h.client.post_bytes("/v1/documents", "application/pdf", big).await.unwrap(), 413, "too_large");
+    assert_json_error(
+        &h.client.submit_multipart("x.pdf", b"%PDF-1.4".to_vec(), &[("dpi", "5000")]).await.unwrap(),
+        422,
+        "invalid_option",
+    );
+    assert_json_error(&h.client.get("/v1/documents/no-such-doc").await.unwrap(), 404, "not_found");
+    assert_json_error(&h.client.get("/v1/documents/bad.id").await.unwrap(), 400, "invalid_id");
+    assert_json_error(&h.client.get("/nope").await.unwrap(), 404, "not_found");
+
+    // Malformed messages published directly on each input subject.
+    let ctx = &h.pipeline.ctx;
+    for subject in [ctx.names.docs_submitted(), ctx.names.pages_rendered(), ctx.names.pages_inferred()] {
+        ctx.js.publish(subject, bytes::Bytes::from_static(b"\x93not a map")).await.unwrap().await.unwrap();
+    }
+
+    // The corrupt PDF fails as a document, with the reason in status and manifest.
+    let id = corrupt.json["id"].as_str().unwrap();
+    let status = h.wait_terminal(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["error"]["code"], "pdf_unreadable", "{status}");
+    let manifest_path = h.out.path().join(id).join("manifest.json");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "failed");
+    assert_eq!(manifest["error"]["code"], "pdf_unreadable");
+    assert!(manifest["error"]["message"].as_str().unwrap().contains("cannot open"), "{manifest}");
+    assert_eq!(manifest["source"]["filename"], "bad_invalid-header-eof.pdf");
+    assert_eq!(manifest["pages"], serde_json::json!([]));
+
+    // The good document completes beside all of that.
+    let gid = good.json["id"].as_str().unwrap();
+    let status = h.wait_terminal(gid, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["pages"]["uploaded"], 1);
+
+    // Dead letters: the corrupt PDF and the three malformed messages, each with its reason.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dl = loop {
+        let dl = dead_letters(&h).await;
+        if dl.len() >= 4 || std::time::Instant::now() > deadline {
+            break dl;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dl.len(), 4, "{dl:#?}");
+    let pdf = dl.iter().find(|d| d.doc_id.as_deref() == Some(id)).expect("dead letter for the corrupt PDF");
+    assert_eq!((pdf.stage.as_str(), pdf.error.code.as_str()), ("splitter", "pdf_unreadable"));
+    let malformed: Vec<_> = dl.iter().filter(|d| d.error.code == "bad_message").collect();
+    assert_eq!(malformed.len(), 3, "{dl:#?}");
+    let mut stages: Vec<&str> = malformed.iter().map(|d| d.stage.as_str()).collect();
+    stages.sort();
+    assert_eq!(stages, ["inferencer", "splitter", "uploader"]);
+    assert!(malformed.iter().all(|d| d.payload.as_ref() == b"\x93not a map" && d.attempts == 1));
+    h.stop().await.unwrap();
+}
