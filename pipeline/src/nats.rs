@@ -47,6 +47,10 @@ impl Names {
     pub fn page_event(&self, doc_id: &str, state: &str, page: u32) -> String {
         format!("{}.events.{doc_id}.page.{state}.{page}", self.prefix)
     }
+    /// Filter for one page state of a document: `<p>.events.<doc>.page.<state>.*`
+    pub fn page_events(&self, doc_id: &str, state: &str) -> String {
+        format!("{}.events.{doc_id}.page.{state}.*", self.prefix)
+    }
     /// Filter for every event of a document.
     pub fn doc_events(&self, doc_id: &str) -> String {
         format!("{}.events.{doc_id}.>", self.prefix)

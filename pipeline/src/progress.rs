@@ -265,6 +265,25 @@ async fn last_event(stream: &Stream, subject: &str) -> Result<Event> {
     decode::<Event>(&raw.payload).with_context(|| format!("decoding event {subject}"))
 }
 
+/// Distinct pages of `doc_id` that reached any of `states`: one subject
+/// listing per state, without reading document events. Cheap enough to call
+/// after every page.
+pub async fn count_pages(js: &jetstream::Context, names: &Names, doc_id: &str, states: &[EventState]) -> Result<u32> {
+    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
+    let mut total = 0;
+    for state in states {
+        total += subject_counts(&stream, &names.page_events(doc_id, state.as_str())).await?.len() as u32;
+    }
+    Ok(total)
+}
+
+/// Page numbers of `doc_id` that reached `state`.
+pub async fn pages_in_state(js: &jetstream::Context, names: &Names, doc_id: &str, state: EventState) -> Result<Vec<u32>> {
+    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
+    let subjects = subject_counts(&stream, &names.page_events(doc_id, state.as_str())).await?;
+    Ok(subjects.keys().filter_map(|s| s.rsplit('.').next()?.parse().ok()).collect())
+}
+
 /// Subject → message count for every subject matching `filter`.
 pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, usize>> {
     let info = stream.info_with_subjects(filter).await.context("stream info with subjects")?;

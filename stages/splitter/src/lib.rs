@@ -20,7 +20,7 @@ use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::{publish_message, subject_counts};
+use pagestream_pipeline::progress::{pages_in_state, publish_message};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
@@ -81,12 +81,10 @@ impl Splitter {
 
     /// Pages of `doc_id` already rendered (from their events).
     async fn rendered_pages(&self, doc_id: &str) -> Result<HashSet<u32>, StageError> {
-        let names = &self.ctx.names;
-        let stream = self.ctx.js.get_stream(names.events_stream()).await.map_err(transient("nats"))?;
-        let prefix = names.page_event(doc_id, "rendered", 0);
-        let filter = format!("{}*", prefix.trim_end_matches('0'));
-        let subjects = subject_counts(&stream, &filter).await.map_err(transient("nats"))?;
-        Ok(subjects.keys().filter_map(|s| s.rsplit('.').next()?.parse().ok()).collect())
+        let pages = pages_in_state(&self.ctx.js, &self.ctx.names, doc_id, EventState::Rendered)
+            .await
+            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        Ok(pages.into_iter().collect())
     }
 
     /// Copies the source PDF to a temporary file; returns it with its sha256 and size.

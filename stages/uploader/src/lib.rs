@@ -20,7 +20,7 @@ use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::{read_status, DocStatus, Progress};
+use pagestream_pipeline::progress::{count_pages, read_status, DocStatus, Progress};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
 use pagestream_schemas::{decode, DocInfo, DocumentFailed, EventState, ModelRef, PageInferred};
@@ -97,11 +97,18 @@ impl Uploader {
             }
         }
         let model = (!msg.model.name.is_empty()).then(|| msg.model.clone());
-        self.finalize_if_done(&doc_id, model).await
+        self.finalize_if_done(&doc_id, msg.page_count, model).await
     }
 
     /// Writes the manifest when every page has an outcome.
-    async fn finalize_if_done(&self, doc_id: &str, model: Option<ModelRef>) -> Result<(), StageError> {
+    async fn finalize_if_done(&self, doc_id: &str, page_count: u32, model: Option<ModelRef>) -> Result<(), StageError> {
+        // Cheap check first: only the last page(s) pay for a full status read.
+        let done = count_pages(&self.ctx.js, &self.ctx.names, doc_id, &[EventState::Uploaded, EventState::Failed])
+            .await
+            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        if done < page_count {
+            return Ok(());
+        }
         let status = read_status(&self.ctx.js, &self.ctx.names, doc_id, true)
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?
