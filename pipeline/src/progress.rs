@@ -278,7 +278,12 @@ pub async fn count_pages(js: &jetstream::Context, names: &Names, doc_id: &str, s
 }
 
 /// Page numbers of `doc_id` that reached `state`.
-pub async fn pages_in_state(js: &jetstream::Context, names: &Names, doc_id: &str, state: EventState) -> Result<Vec<u32>> {
+pub async fn pages_in_state(
+    js: &jetstream::Context,
+    names: &Names,
+    doc_id: &str,
+    state: EventState,
+) -> Result<Vec<u32>> {
     let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
     let subjects = subject_counts(&stream, &names.page_events(doc_id, state.as_str())).await?;
     Ok(subjects.keys().filter_map(|s| s.rsplit('.').next()?.parse().ok()).collect())
