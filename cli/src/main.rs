@@ -133,7 +133,7 @@ async fn demo(args: &[String]) -> Result<i32> {
     config.uploader.dir = out.clone();
     config.ingress.addr = "127.0.0.1:0".into();
     if std::env::var_os("PAGESTREAM_LOG").is_none() {
-        std::env::set_var("PAGESTREAM_LOG", "warn");
+        std::env::set_var("PAGESTREAM_LOG", "error");
     }
     init_tracing();
 

@@ -203,7 +203,12 @@ async fn process<H: Handler>(
             "nak"
         }
         Err(err) => {
-            tracing::error!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, "giving up on message; dead-lettering");
+            if err.kind == ErrorKind::Permanent {
+                // Bad input: the user's problem, reported to them; not an outage.
+                tracing::warn!(stage = spec.stage, subject = %msg.subject, doc_id = ?err.doc_id, error = %err, "permanent failure; dead-lettering");
+            } else {
+                tracing::error!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, "retries exhausted; dead-lettering");
+            }
             match dead_letter(js, names, spec.stage, &msg, &err, delivered).await {
                 Ok(()) => {
                     let _ = msg.ack_with(AckKind::Term).await;

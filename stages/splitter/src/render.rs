@@ -139,12 +139,7 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
     let doc = match pdfium.load_pdf_from_file(&req.pdf, req.password.as_deref()) {
         Ok(d) => d,
         Err(e) => {
-            let (code, message) = match e {
-                PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::PasswordError) => {
-                    ("pdf_password", "the PDF is encrypted and no (or a wrong) password was given".to_string())
-                }
-                other => ("pdf_unreadable", format!("pdfium cannot open the document: {other:?}")),
-            };
+            let (code, message) = open_error(e);
             let _ = out.blocking_send(RenderEvent::OpenFailed { code, message });
             return;
         }
@@ -178,6 +173,27 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
         if out.blocking_send(event).is_err() {
             return;
         }
+    }
+}
+
+/// A precise, user-facing reason for a PDF pdfium could not open.
+fn open_error(e: PdfiumError) -> (&'static str, String) {
+    use PdfiumInternalError as I;
+    match e {
+        PdfiumError::PdfiumLibraryInternalError(I::PasswordError) => {
+            ("pdf_password", "the PDF is encrypted and no (or a wrong) password was given".into())
+        }
+        PdfiumError::PdfiumLibraryInternalError(I::FormatError) => (
+            "pdf_unreadable",
+            "pdfium cannot open the document: it is not a valid PDF (corrupt, truncated or not a PDF at all)".into(),
+        ),
+        PdfiumError::PdfiumLibraryInternalError(I::SecurityError) => {
+            ("pdf_unsupported_security", "the PDF uses a security handler pdfium does not support".into())
+        }
+        PdfiumError::PdfiumLibraryInternalError(I::FileError) => {
+            ("pdf_unreadable", "pdfium cannot read the document file (empty or unreadable)".into())
+        }
+        other => ("pdf_unreadable", format!("pdfium cannot open the document: {other:?}")),
     }
 }
 
