@@ -67,6 +67,12 @@ pub fn transient<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> Stag
 /// What a stage does with one message.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, msg: &jetstream::Message) -> impl Future<Output = Result<(), StageError>> + Send;
+
+    /// The payload as it may be stored in a dead-letter record: stages whose
+    /// input can carry secrets (a PDF password) strip them here.
+    fn redact(&self, payload: &[u8]) -> Vec<u8> {
+        payload.to_vec()
+    }
 }
 
 /// Where and how a stage consumes.
@@ -209,7 +215,8 @@ async fn process<H: Handler>(
             } else {
                 tracing::error!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, "retries exhausted; dead-lettering");
             }
-            match dead_letter(js, names, spec.stage, &msg, &err, delivered).await {
+            let payload = handler.redact(&msg.payload);
+            match dead_letter(js, names, spec.stage, &msg.subject, payload, &err, delivered).await {
                 Ok(()) => {
                     let _ = msg.ack_with(AckKind::Term).await;
                     "dead_letter"
@@ -232,23 +239,24 @@ pub fn backoff(delivered: i64) -> Duration {
     Duration::from_millis(500 * 2u64.pow(exp)).min(Duration::from_secs(30))
 }
 
-/// Publishes a [`DeadLetter`] record for `msg` and waits for its PubAck.
+/// Publishes a [`DeadLetter`] record and waits for its PubAck.
 pub async fn dead_letter(
     js: &jetstream::Context,
     names: &Names,
     stage: &str,
-    msg: &jetstream::Message,
+    subject: &str,
+    payload: Vec<u8>,
     err: &StageError,
     attempts: i64,
 ) -> Result<()> {
     let record = DeadLetter {
         v: VERSION,
         stage: stage.to_string(),
-        subject: msg.subject.to_string(),
+        subject: subject.to_string(),
         doc_id: err.doc_id.clone(),
         error: err.info(),
         attempts: attempts.max(1) as u64,
-        payload: serde_bytes::ByteBuf::from(msg.payload.to_vec()),
+        payload: serde_bytes::ByteBuf::from(payload),
         at: now_rfc3339(),
     };
     js.publish(names.dlq(stage), encode(&record).into()).await?.await.context("dead-letter PubAck")?;

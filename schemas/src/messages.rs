@@ -31,7 +31,7 @@ pub struct Source {
 }
 
 /// Per-document processing options.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SubmitOptions {
     /// Rendering resolution; the splitter's configured default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,6 +39,27 @@ pub struct SubmitOptions {
     /// Model name from the installed set; the deployment's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Password of an encrypted PDF. Only the splitter reads it; it is never
+    /// logged, forwarded to later stages, written to results or dead letters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl SubmitOptions {
+    /// These options without the password (for anything forwarded or stored).
+    pub fn without_secrets(&self) -> SubmitOptions {
+        SubmitOptions { password: None, ..self.clone() }
+    }
+}
+
+impl std::fmt::Debug for SubmitOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubmitOptions")
+            .field("dpi", &self.dpi)
+            .field("model", &self.model)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A document to process: subject `<prefix>.docs.submitted`.

@@ -22,7 +22,7 @@ fn submitted() -> DocumentSubmitted {
             bytes: Some(419062),
             ..Source::default()
         },
-        options: SubmitOptions { dpi: Some(150.0), model: None },
+        options: SubmitOptions { dpi: Some(150.0), model: None, password: None },
         submitted_at: Some("2026-11-28T12:00:00Z".into()),
     }
 }
@@ -167,4 +167,11 @@ fn doc_ids() {
     for bad in ["", "a b", "a.b", "a*", "a>", &"x".repeat(65), "é"] {
         assert!(validate_doc_id(bad).is_err(), "{bad:?} accepted");
     }
+}
+
+#[test]
+fn passwords_never_show_in_debug_output_or_forwarded_options() {
+    let opts = SubmitOptions { dpi: None, model: None, password: Some("s3cret".into()) };
+    assert!(!format!("{opts:?}").contains("s3cret"));
+    assert_eq!(opts.without_secrets().password, None);
 }

@@ -45,10 +45,11 @@ pub struct Ingress {
 type Resp = Response<Full<Bytes>>;
 
 /// Submission options from the query string or multipart text fields.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Options {
     title: Option<String>,
     filename: Option<String>,
+    password: Option<String>,
     dpi: Option<f32>,
     model: Option<String>,
 }
@@ -67,6 +68,7 @@ impl Options {
             }
             "model" => self.model = Some(value).filter(|m| !m.is_empty()),
             "filename" => self.filename = Some(value).filter(|f| !f.trim().is_empty()),
+            "password" => self.password = Some(value).filter(|p| !p.is_empty()),
             _ => {}
         }
         Ok(())
@@ -190,7 +192,7 @@ impl Ingress {
                 sha256: Some(stored.sha256.clone()),
                 ..Source::default()
             },
-            options: SubmitOptions { dpi: opts.dpi, model: opts.model.clone() },
+            options: SubmitOptions { dpi: opts.dpi, model: opts.model.clone(), password: opts.password.take() },
             submitted_at: Some(now_rfc3339()),
         };
         let info = DocInfo {

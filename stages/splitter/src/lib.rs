@@ -24,8 +24,8 @@ use pagestream_pipeline::progress::{pages_in_state, publish_message};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
-    decode, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef, PageInferred,
-    PageRendered, Timings, VERSION,
+    decode, encode, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef,
+    PageInferred, PageRendered, Timings, VERSION,
 };
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
@@ -149,7 +149,7 @@ impl Splitter {
             height: page.height,
             dpi: page.dpi,
             image,
-            options: sub.options.clone(),
+            options: sub.options.without_secrets(),
             render_ms: Some(page.render_ms),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page.page);
@@ -202,7 +202,7 @@ impl Splitter {
         let skip = self.rendered_pages(&doc_id).await?;
         let mut events = self.renderer.render(RenderRequest {
             pdf: pdf.to_path_buf(),
-            password: None,
+            password: sub.options.password.clone(),
             dpi: sub.options.dpi.unwrap_or(cfg.dpi),
             max_pixels: cfg.max_pixels,
             skip,
@@ -252,6 +252,17 @@ impl Handler for Splitter {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let sub: DocumentSubmitted = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
         self.split(sub).await
+    }
+
+    /// Dead letters keep the submission, minus its password.
+    fn redact(&self, payload: &[u8]) -> Vec<u8> {
+        match decode::<DocumentSubmitted>(payload) {
+            Ok(mut sub) if sub.options.password.is_some() => {
+                sub.options = sub.options.without_secrets();
+                encode(&sub)
+            }
+            _ => payload.to_vec(),
+        }
     }
 }
 
