@@ -62,6 +62,8 @@ pub struct SplitterConfig {
     pub dpi: f32,
     /// Largest page bitmap in pixels; larger pages are rendered downscaled.
     pub max_pixels: u64,
+    /// Documents with more pages fail with `too_many_pages`.
+    pub max_pages: u32,
     /// Largest page image sent inline in a message; larger ones go to the blob store.
     pub inline_image_max_bytes: usize,
     /// Path to libpdfium.so (default: `<deps>/lib/libpdfium.so`).
@@ -86,6 +88,8 @@ pub struct InferencerConfig {
     pub onnxruntime_library: PathBuf,
     /// Intra-op threads for ONNX Runtime (0: one per core).
     pub threads: usize,
+    /// Most detections kept per page (highest scores first).
+    pub max_detections: usize,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
 }
@@ -136,6 +140,7 @@ impl Default for SplitterConfig {
         SplitterConfig {
             dpi: 150.0,
             max_pixels: 4096 * 4096,
+            max_pages: 10_000,
             inline_image_max_bytes: 512 * 1024,
             pdfium_library: deps_dir().join("lib/libpdfium.so"),
             concurrency: 1,
@@ -152,6 +157,7 @@ impl Default for InferencerConfig {
             weights_dir: deps_dir().join("models"),
             onnxruntime_library: deps_dir().join("lib/libonnxruntime.so"),
             threads: 0,
+            max_detections: 500,
             admin_addr: "127.0.0.1:9102".into(),
         }
     }
@@ -311,6 +317,9 @@ impl Config {
         }
         if !(10.0..=1200.0).contains(&self.splitter.dpi) {
             errors.push(format!("splitter.dpi {} is outside 10..=1200", self.splitter.dpi));
+        }
+        if self.splitter.max_pages == 0 {
+            errors.push("splitter.max_pages must be at least 1".into());
         }
         if self.splitter.max_pixels < 64 * 64 {
             errors.push("splitter.max_pixels must be at least 4096".into());

@@ -119,3 +119,86 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     assert!(malformed.iter().all(|d| d.payload.as_ref() == b"\x93not a map" && d.attempts == 1));
     h.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_pdf_opens_with_its_password_and_fails_clearly_without() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let pdf = std::fs::read(corpus("enc_aes256_pw-asdfzxcv.pdf")).unwrap();
+    let with = h.client.submit_multipart("enc.pdf", pdf.clone(), &[("password", "asdfzxcv")]).await.unwrap();
+    let without = h.client.submit_multipart("enc.pdf", pdf.clone(), &[]).await.unwrap();
+    let wrong = h.client.submit_multipart("enc.pdf", pdf, &[("password", "wrong-pass")]).await.unwrap();
+    for a in [&with, &without, &wrong] {
+        assert_eq!(a.status, 202, "{}", a.json);
+    }
+    let ok = h.wait_terminal(with.json["id"].as_str().unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(ok["state"], "completed", "{ok}");
+    assert_eq!(ok["pages"]["uploaded"], 1);
+    for a in [&without, &wrong] {
+        let st = h.wait_terminal(a.json["id"].as_str().unwrap(), Duration::from_secs(60)).await.unwrap();
+        assert_eq!(st["state"], "failed", "{st}");
+        assert_eq!(st["error"]["code"], "pdf_password", "{st}");
+    }
+    // The password never reaches a dead letter or the results.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dl = loop {
+        let dl = dead_letters(&h).await;
+        if dl.len() >= 2 || std::time::Instant::now() > deadline {
+            break dl;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dl.len(), 2, "{dl:#?}");
+    for d in &dl {
+        let sub: pagestream_schemas::DocumentSubmitted = decode(&d.payload).unwrap();
+        assert_eq!(sub.options.password, None);
+        assert!(!d.payload.windows(10).any(|w| w == b"wrong-pass"));
+    }
+    for entry in walk(h.out.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(!bytes.windows(8).any(|w| w == b"asdfzxcv"), "password found in {}", entry.display());
+    }
+    h.stop().await.unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_fail_or_downscale_with_a_clear_record() {
+    let h = Harness::start(|c| c.splitter.max_pages = 3).await.unwrap();
+    let many = h.client.submit_file(&corpus("fig_dbscan-jss.pdf"), None).await.unwrap();
+    let huge = h.client.submit_file(&corpus("stress_hugemono-8400pt.pdf"), None).await.unwrap();
+    let blank = h.client.submit_file(&corpus("stress_blank-no-content.pdf"), None).await.unwrap();
+
+    let st = h.wait_terminal(many.json["id"].as_str().unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st["state"], "failed", "{st}");
+    assert_eq!(st["error"]["code"], "too_many_pages");
+    assert!(st["error"]["message"].as_str().unwrap().contains("28 pages"), "{st}");
+
+    // An 8400 × 8400 pt page is rendered within max_pixels, at a lower DPI, recorded.
+    let id = huge.json["id"].as_str().unwrap();
+    let st = h.wait_terminal(id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+    let page: Value = serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("pages/1.json")).unwrap()).unwrap();
+    let (w, hgt) = (page["width"].as_u64().unwrap(), page["height"].as_u64().unwrap());
+    assert!(w * hgt <= 16_777_216 && w >= 4000, "{w}×{hgt}");
+    let dpi = page["dpi"].as_f64().unwrap();
+    assert!(dpi > 30.0 && dpi < 40.0, "effective dpi {dpi}");
+
+    // A page without content still gets its (empty) results.
+    let id = blank.json["id"].as_str().unwrap();
+    let st = h.wait_terminal(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(h.out.path().join(id).join("pages/1.png").exists());
+    h.stop().await.unwrap();
+}

@@ -125,12 +125,18 @@ impl Inferencer {
         let bytes = read_image(&self.blobs, &page.image).await?;
         let detector = self.detector.clone();
         let started = std::time::Instant::now();
-        let (detections, _) = tokio::task::spawn_blocking(move || {
+        let max = self.ctx.config.inferencer.max_detections;
+        let (mut detections, _) = tokio::task::spawn_blocking(move || {
             let img = decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
             detector.detect(&img).map_err(|m| StageError::permanent("inference_failed", m))
         })
         .await
         .map_err(transient("join"))??;
+        if detections.len() > max {
+            tracing::warn!(doc_id = %page.doc_id, page = page.page, found = detections.len(), kept = max, "too many detections; keeping the highest scores (inferencer.max_detections)");
+            detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+            detections.truncate(max);
+        }
         Ok((detections, started.elapsed().as_secs_f32() * 1000.0))
     }
 }

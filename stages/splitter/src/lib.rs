@@ -216,6 +216,15 @@ impl Splitter {
             }
             other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
         };
+        if page_count > cfg.max_pages {
+            let err = StageError::permanent(
+                "too_many_pages",
+                format!("the document has {page_count} pages; the limit is {} (splitter.max_pages)", cfg.max_pages),
+            )
+            .doc(&doc_id);
+            self.fail_document(&sub, err.info()).await?;
+            return Err(err);
+        }
         if page_count == 0 {
             let err = StageError::permanent("pdf_empty", "the document has no pages").doc(&doc_id);
             self.fail_document(&sub, err.info()).await?;
