@@ -42,6 +42,10 @@ pub struct NatsConfig {
     pub prefix: String,
     /// Deliveries of one message before it is dead-lettered.
     pub max_deliver: i64,
+    /// Seconds a delivered message may stay unacknowledged before it is
+    /// redelivered (a crashed worker's messages come back after this; busy
+    /// workers extend it with in-progress acks).
+    pub ack_wait_secs: u64,
     /// Seconds to wait for a connection at start-up.
     pub connect_timeout_secs: u64,
 }
@@ -124,6 +128,7 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             prefix: "pagestream".into(),
             max_deliver: 5,
+            ack_wait_secs: 60,
             connect_timeout_secs: 10,
         }
     }
@@ -314,6 +319,9 @@ impl Config {
         }
         if self.nats.max_deliver < 1 {
             errors.push("nats.max_deliver must be at least 1".into());
+        }
+        if self.nats.ack_wait_secs < 2 {
+            errors.push("nats.ack_wait_secs must be at least 2".into());
         }
         if !(10.0..=1200.0).contains(&self.splitter.dpi) {
             errors.push(format!("splitter.dpi {} is outside 10..=1200", self.splitter.dpi));

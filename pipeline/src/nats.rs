@@ -112,15 +112,17 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context>
     Ok(jetstream::new(client))
 }
 
-fn render_template(text: &str, names: &Names, max_deliver: i64) -> String {
+fn render_template(text: &str, names: &Names, max_deliver: i64, ack_wait: Duration) -> String {
     text.replace("\"{max_deliver}\"", &max_deliver.to_string())
+        .replace("\"{ack_wait}\"", &ack_wait.as_nanos().to_string())
         .replace("{PREFIX}", &names.upper())
         .replace("{prefix}", &names.prefix)
 }
 
 /// The stream definitions of `nats/streams.json` for this prefix.
 pub fn stream_configs(names: &Names) -> Result<Vec<stream::Config>> {
-    serde_json::from_str(&render_template(STREAMS_JSON, names, 1)).context("nats/streams.json is invalid")
+    serde_json::from_str(&render_template(STREAMS_JSON, names, 1, Duration::ZERO))
+        .context("nats/streams.json is invalid")
 }
 
 #[derive(Deserialize)]
@@ -130,26 +132,28 @@ struct ConsumerDef {
 }
 
 /// `(stream, consumer config)` pairs of `nats/consumers.json`.
-pub fn consumer_configs(names: &Names, max_deliver: i64) -> Result<Vec<(String, consumer::pull::Config)>> {
-    let defs: Vec<ConsumerDef> = serde_json::from_str(&render_template(CONSUMERS_JSON, names, max_deliver))
-        .context("nats/consumers.json is invalid")?;
+pub fn consumer_configs(names: &Names, cfg: &NatsConfig) -> Result<Vec<(String, consumer::pull::Config)>> {
+    let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
+    let defs: Vec<ConsumerDef> =
+        serde_json::from_str(&render_template(CONSUMERS_JSON, names, cfg.max_deliver, ack_wait))
+            .context("nats/consumers.json is invalid")?;
     Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
 }
 
 /// Creates or updates every stream and consumer and the blob bucket.
 /// Safe to run concurrently from every stage at start-up.
-pub async fn provision(js: &jetstream::Context, names: &Names, max_deliver: i64) -> Result<()> {
+pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<()> {
     for cfg in stream_configs(names)? {
         let name = cfg.name.clone();
         js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
     }
-    for (stream_name, cfg) in consumer_configs(names, max_deliver)? {
-        let durable = cfg.durable_name.clone().unwrap_or_default();
+    for (stream_name, consumer_cfg) in consumer_configs(names, cfg)? {
+        let durable = consumer_cfg.durable_name.clone().unwrap_or_default();
         let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
         // Creating a durable consumer with an identical config is a no-op;
         // a changed config is applied as an update.
         stream
-            .create_consumer(cfg)
+            .create_consumer(consumer_cfg)
             .await
             .with_context(|| format!("creating or updating consumer {durable} on {stream_name}"))?;
     }
@@ -186,9 +190,10 @@ mod tests {
         assert_eq!(streams[0].name, "T_42_DOCS");
         assert_eq!(streams[0].subjects, vec!["t-42.docs.submitted"]);
         assert_eq!(streams[3].max_messages_per_subject, 1);
-        let consumers = consumer_configs(&names, 7).unwrap();
+        let cfg = NatsConfig { max_deliver: 7, ack_wait_secs: 9, ..NatsConfig::default() };
+        let consumers = consumer_configs(&names, &cfg).unwrap();
         assert_eq!(consumers.len(), 3);
-        assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7));
+        assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7 && c.ack_wait == Duration::from_secs(9)));
         assert_eq!(consumers[0].0, names.docs_stream());
     }
 }

@@ -30,7 +30,7 @@ impl StageContext {
         health.register("nats");
         let js = nats::connect(&config.nats, name).await?;
         let names = Names::new(config.nats.prefix.clone());
-        nats::provision(&js, &names, config.nats.max_deliver).await?;
+        nats::provision(&js, &names, &config.nats).await?;
         health.set_ready("nats", true);
         Ok(StageContext { js, names, config: Arc::new(config), metrics, health })
     }

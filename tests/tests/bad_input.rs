@@ -189,7 +189,8 @@ async fn limits_fail_or_downscale_with_a_clear_record() {
     let id = huge.json["id"].as_str().unwrap();
     let st = h.wait_terminal(id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
-    let page: Value = serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("pages/1.json")).unwrap()).unwrap();
+    let page: Value =
+        serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("pages/1.json")).unwrap()).unwrap();
     let (w, hgt) = (page["width"].as_u64().unwrap(), page["height"].as_u64().unwrap());
     assert!(w * hgt <= 16_777_216 && w >= 4000, "{w}×{hgt}");
     let dpi = page["dpi"].as_f64().unwrap();

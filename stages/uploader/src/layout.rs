@@ -2,12 +2,12 @@
 //!
 //! ```text
 //! <prefix>/<doc_id>/manifest.json
-//! <prefix>/<doc_id>/pages/<n>.json   {page, width, height, dpi, model, detections: [{label, score, bbox}]}
+//! <prefix>/<doc_id>/pages/<n>.json   {page, width, height, dpi, model, detections: [{label, score, bbox}], timings}
 //! <prefix>/<doc_id>/pages/<n>.png    the page image the boxes refer to
 //! ```
 
 use pagestream_pipeline::progress::{DocStatus, FailedPage};
-use pagestream_schemas::{Detection, ErrorInfo, ModelRef};
+use pagestream_schemas::{Detection, ErrorInfo, ModelRef, Timings};
 use serde::{Deserialize, Serialize};
 
 /// Identifies the manifest format.
@@ -53,6 +53,9 @@ pub struct PageResult {
     pub dpi: f32,
     pub model: ModelRef,
     pub detections: Vec<Detection>,
+    /// Milliseconds spent rendering and inferring this page.
+    #[serde(default)]
+    pub timings: Timings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

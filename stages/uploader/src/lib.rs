@@ -77,6 +77,7 @@ impl Uploader {
                     dpi: msg.dpi,
                     model: msg.model.clone(),
                     detections: msg.detections.clone(),
+                    timings: msg.timings.clone(),
                 };
                 let json = serde_json::to_vec_pretty(&result).expect("page result serialises");
                 self.store.put(&keys.page_json(msg.page), json, "application/json").await.map_err(store_err)?;
