@@ -176,6 +176,10 @@ async fn process<H: Handler>(
 ) {
     let started = Instant::now();
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if delivered > 1 {
+        tracing::info!(stage = spec.stage, subject = %msg.subject, attempt = delivered, "handling a redelivered message");
+        metrics.message(spec.stage, "redelivered");
+    }
     // Keep the message alive while a slow handler works.
     let keepalive = {
         let msg = msg.clone();

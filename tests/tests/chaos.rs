@@ -1,0 +1,292 @@
+//! Chaos: real documents (≥ 150 pages) through two processes of every stage
+//! binary, while a driver SIGKILLs a random stage process every few seconds
+//! and restarts it, restarts nats-server once (file storage survives), and
+//! freezes the S3 server for ~10 s. At the end every page of every document
+//! has exactly one result set, every manifest is right, nothing is stuck and
+//! the dead-letter stream is empty.
+//!
+//! Needs the stage binaries: `cargo build --bins` (scripts/test does it).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pagestream::client::ApiClient;
+use pagestream_e2e::{corpus, init_logging, repo_root, MotoServer};
+use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_pipeline::nats::Names;
+use pagestream_pipeline::Config;
+use serde_json::Value;
+
+const STAGES: [&str; 4] = ["ingress", "splitter", "inferencer", "uploader"];
+const PREFIX: &str = "chaos";
+const BUCKET: &str = "chaos-results";
+
+fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/chaos-… → target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    for s in STAGES {
+        assert!(dir.join(s).exists(), "{} is missing: run `cargo build --bins` first", dir.join(s).display());
+    }
+    dir
+}
+
+struct Proc {
+    stage: &'static str,
+    port: Option<u16>,
+    child: Child,
+}
+
+struct Cluster {
+    bins: PathBuf,
+    env: Vec<(String, String)>,
+    logs: PathBuf,
+    procs: Vec<Proc>,
+}
+
+impl Cluster {
+    fn spawn(&self, stage: &'static str, idx: usize, port: Option<u16>) -> Proc {
+        let log = self.logs.join(format!("{stage}-{idx}.log"));
+        let stderr = File::options().create(true).append(true).open(&log).unwrap();
+        let mut cmd = Command::new(self.bins.join(stage));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        if let Some(p) = port {
+            cmd.env("PAGESTREAM_INGRESS_ADDR", format!("127.0.0.1:{p}"));
+        }
+        Proc { stage, port, child: cmd.spawn().unwrap() }
+    }
+
+    fn kill_and_restart(&mut self, i: usize) {
+        let p = &mut self.procs[i];
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let (stage, port) = (p.stage, p.port);
+        let idx = i % 2;
+        self.procs[i] = self.spawn(stage, idx, port);
+    }
+
+    fn count_in_logs(&self, needle: &str) -> usize {
+        std::fs::read_dir(&self.logs)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default().matches(needle).count())
+            .sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// A tiny xorshift generator: reproducible chaos from a printed seed.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+async fn status(clients: &[ApiClient], id: &str) -> Option<Value> {
+    for c in clients {
+        if let Ok(a) = c.get(&format!("/v1/documents/{id}")).await {
+            if a.status.is_success() {
+                return Some(a.json);
+            }
+        }
+    }
+    None
+}
+
+fn terminal(st: &Value) -> bool {
+    matches!(st["state"].as_str(), Some("completed" | "completed_with_errors" | "failed"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
+    init_logging();
+    let bins = bin_dir();
+    let mut nats = NatsServer::start().unwrap();
+    let moto = MotoServer::start().unwrap();
+    let mut cfg = Config::default();
+    let s3 = moto.configure(&mut cfg, BUCKET).await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let u = &cfg.uploader;
+    let env: Vec<(String, String)> = [
+        ("PAGESTREAM_NATS_URL", nats.url()),
+        ("PAGESTREAM_NATS_PREFIX", PREFIX.into()),
+        ("PAGESTREAM_NATS_ACK_WAIT_SECS", "6".into()),
+        ("PAGESTREAM_NATS_MAX_DELIVER", "30".into()),
+        ("PAGESTREAM_NATS_CONNECT_TIMEOUT_SECS", "60".into()),
+        ("PAGESTREAM_UPLOADER_TARGET", "s3".into()),
+        ("PAGESTREAM_UPLOADER_S3_BUCKET", BUCKET.into()),
+        ("PAGESTREAM_UPLOADER_S3_ENDPOINT", u.s3_endpoint.clone()),
+        ("PAGESTREAM_UPLOADER_S3_PATH_STYLE", "true".into()),
+        ("PAGESTREAM_UPLOADER_S3_ACCESS_KEY_ID", "test".into()),
+        ("PAGESTREAM_UPLOADER_S3_SECRET_ACCESS_KEY", "test".into()),
+        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
+        ("PAGESTREAM_LOG", "info,async_nats=error,aws=error".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut cluster = Cluster { bins, env, logs: logs.path().to_path_buf(), procs: Vec::new() };
+    let ports = [free_port().unwrap(), free_port().unwrap()];
+    for stage in STAGES {
+        for (idx, &port) in ports.iter().enumerate() {
+            let port = (stage == "ingress").then_some(port);
+            let p = cluster.spawn(stage, idx, port);
+            cluster.procs.push(p);
+        }
+    }
+    let clients: Vec<ApiClient> = ports.iter().map(|p| ApiClient::new(format!("http://127.0.0.1:{p}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for c in &clients {
+        while !c.get("/readyz").await.map(|a| a.status.is_success()).unwrap_or(false) {
+            assert!(Instant::now() < deadline, "ingress not ready; logs in {}", logs.path().display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // 113 + 28 + 28 + 4 + 1 = 174 pages.
+    let files = [
+        corpus("text_R-intro.pdf"),
+        corpus("fig_dbscan-jss.pdf"),
+        corpus("fig_dbscan-jss.pdf"),
+        corpus("scan_cardinal-rotated.pdf"),
+        repo_root().join("samples/c03-29.pdf"),
+    ];
+    let mut docs = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let ans = clients[i % 2].submit_file(f, None).await.unwrap();
+        assert_eq!(ans.status, 202, "{}", ans.json);
+        docs.push(ans.json["id"].as_str().unwrap().to_string());
+    }
+
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("chaos seed {seed}");
+    let mut rng = Rng(seed);
+    let (mut kills, mut round) = (0, 0);
+    let mut moto_frozen_at: Option<Instant> = None;
+    let started = Instant::now();
+    let finish_by = started + Duration::from_secs(600);
+    loop {
+        let mut all_done = true;
+        for id in &docs {
+            if !status(&clients, id).await.as_ref().is_some_and(terminal) {
+                all_done = false;
+                break;
+            }
+        }
+        if all_done {
+            break;
+        }
+        assert!(Instant::now() < finish_by, "documents stuck after 10 minutes; logs in {}", logs.path().display());
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        round += 1;
+        if let Some(at) = moto_frozen_at {
+            if at.elapsed() >= Duration::from_secs(10) {
+                signal(moto.pid(), "-CONT");
+                moto_frozen_at = None;
+                println!("[{:>5.1}s] S3 server resumed", started.elapsed().as_secs_f32());
+            }
+        }
+        match round {
+            4 => {
+                tokio::task::block_in_place(|| nats.restart()).unwrap();
+                println!("[{:>5.1}s] nats-server restarted", started.elapsed().as_secs_f32());
+            }
+            7 => {
+                signal(moto.pid(), "-STOP");
+                moto_frozen_at = Some(Instant::now());
+                println!("[{:>5.1}s] S3 server frozen", started.elapsed().as_secs_f32());
+            }
+            _ if kills < 16 => {
+                let i = rng.below(cluster.procs.len());
+                println!("[{:>5.1}s] SIGKILL {} #{}", started.elapsed().as_secs_f32(), cluster.procs[i].stage, i % 2);
+                cluster.kill_and_restart(i);
+                kills += 1;
+            }
+            _ => {}
+        }
+    }
+    if moto_frozen_at.is_some() {
+        signal(moto.pid(), "-CONT");
+    }
+    let elapsed = started.elapsed();
+
+    // Every document completed, with exactly one result set per page.
+    let mut pages_total = 0;
+    for id in &docs {
+        let st = status(&clients, id).await.unwrap();
+        assert_eq!(st["state"], "completed", "{st}");
+        let n = st["page_count"].as_u64().unwrap();
+        pages_total += n;
+        for stage in ["rendered", "inferred", "uploaded"] {
+            assert_eq!(st["pages"][stage], n, "{stage} count of {id}: {st}");
+        }
+        let listed = s3.list_objects_v2().bucket(BUCKET).prefix(format!("{id}/")).send().await.unwrap();
+        let mut keys: Vec<String> = listed.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect();
+        keys.sort();
+        let mut want: Vec<String> =
+            (1..=n).flat_map(|p| [format!("{id}/pages/{p}.json"), format!("{id}/pages/{p}.png")]).collect();
+        want.push(format!("{id}/manifest.json"));
+        want.sort();
+        assert_eq!(keys, want, "objects of {id}");
+        let manifest: Value = serde_json::from_slice(
+            &s3.get_object()
+                .bucket(BUCKET)
+                .key(format!("{id}/manifest.json"))
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(manifest["status"], "completed");
+        assert_eq!(manifest["page_count"], n);
+        let pages = manifest["pages"].as_array().unwrap();
+        assert_eq!(pages.len() as u64, n);
+        assert!(pages.iter().enumerate().all(|(i, p)| p["page"] == i as u64 + 1 && p["status"] == "ok"));
+    }
+    assert!(pages_total >= 150, "{pages_total} pages");
+
+    // Nothing was dead-lettered.
+    let js = pagestream_pipeline::nats::connect(&cfg_nats(&nats), "chaos-check").await.unwrap();
+    let names = Names::new(PREFIX);
+    let dlq = js.get_stream(names.dlq_stream()).await.unwrap().get_info().await.unwrap();
+    assert_eq!(dlq.state.messages, 0, "dead letters after chaos; logs in {}", logs.path().display());
+
+    println!(
+        "chaos: {} documents, {pages_total} pages in {:.1} s; kills {kills}, nats restarts 1, S3 outage 10 s; \
+         redeliveries {}, duplicates suppressed {}",
+        docs.len(),
+        elapsed.as_secs_f32(),
+        cluster.count_in_logs("handling a redelivered message"),
+        cluster.count_in_logs("duplicate publish suppressed"),
+    );
+}
+
+fn cfg_nats(nats: &NatsServer) -> pagestream_pipeline::config::NatsConfig {
+    pagestream_pipeline::config::NatsConfig { url: nats.url(), prefix: PREFIX.into(), ..Default::default() }
+}
