@@ -133,12 +133,10 @@ pub async fn run<H: Handler>(
             }
         };
         loop {
-            // On shutdown the open pull request is abandoned; a message the
-            // server sent meanwhile is redelivered after its ack wait.
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'pull,
-                m = batch.next() => m,
-            };
+            // The open pull request is drained even during shutdown (it
+            // expires within 5 s): a message the server already sent is
+            // handled and acked now rather than redelivered after its ack wait.
+            let next = batch.next().await;
             let msg = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {

@@ -2,6 +2,8 @@
 //! free port), real moto S3 server, real pdfium and ONNX Runtime, real PDFs.
 //! Every server is started on free ports and killed on drop.
 
+pub mod procs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -7,87 +7,18 @@
 //!
 //! Needs the stage binaries: `cargo build --bins` (scripts/test does it).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
+use pagestream_e2e::procs::{signal, Cluster, STAGES};
 use pagestream_e2e::{corpus, init_logging, repo_root, MotoServer};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_pipeline::nats::Names;
 use pagestream_pipeline::Config;
 use serde_json::Value;
 
-const STAGES: [&str; 4] = ["ingress", "splitter", "inferencer", "uploader"];
 const PREFIX: &str = "chaos";
 const BUCKET: &str = "chaos-results";
-
-fn bin_dir() -> PathBuf {
-    // target/<profile>/deps/chaos-… → target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    for s in STAGES {
-        assert!(dir.join(s).exists(), "{} is missing: run `cargo build --bins` first", dir.join(s).display());
-    }
-    dir
-}
-
-struct Proc {
-    stage: &'static str,
-    port: Option<u16>,
-    child: Child,
-}
-
-struct Cluster {
-    bins: PathBuf,
-    env: Vec<(String, String)>,
-    logs: PathBuf,
-    procs: Vec<Proc>,
-}
-
-impl Cluster {
-    fn spawn(&self, stage: &'static str, idx: usize, port: Option<u16>) -> Proc {
-        let log = self.logs.join(format!("{stage}-{idx}.log"));
-        let stderr = File::options().create(true).append(true).open(&log).unwrap();
-        let mut cmd = Command::new(self.bins.join(stage));
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
-        if let Some(p) = port {
-            cmd.env("PAGESTREAM_INGRESS_ADDR", format!("127.0.0.1:{p}"));
-        }
-        Proc { stage, port, child: cmd.spawn().unwrap() }
-    }
-
-    fn kill_and_restart(&mut self, i: usize) {
-        let p = &mut self.procs[i];
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-        let (stage, port) = (p.stage, p.port);
-        let idx = i % 2;
-        self.procs[i] = self.spawn(stage, idx, port);
-    }
-
-    fn count_in_logs(&self, needle: &str) -> usize {
-        std::fs::read_dir(&self.logs)
-            .unwrap()
-            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default().matches(needle).count())
-            .sum()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
-    assert!(ok, "kill {sig} {pid} failed");
-}
 
 /// A tiny xorshift generator: reproducible chaos from a printed seed.
 struct Rng(u64);
@@ -118,7 +49,6 @@ fn terminal(st: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     init_logging();
-    let bins = bin_dir();
     let mut nats = NatsServer::start().unwrap();
     let moto = MotoServer::start().unwrap();
     let mut cfg = Config::default();
@@ -146,7 +76,7 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let mut cluster = Cluster { bins, env, logs: logs.path().to_path_buf(), procs: Vec::new() };
+    let mut cluster = Cluster::new(env, logs.path());
     let ports = [free_port().unwrap(), free_port().unwrap()];
     for stage in STAGES {
         for (idx, &port) in ports.iter().enumerate() {

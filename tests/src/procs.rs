@@ -1,0 +1,86 @@
+//! Stage binaries as separate processes, for tests that kill and restart them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub const STAGES: [&str; 4] = ["ingress", "splitter", "inferencer", "uploader"];
+
+/// `target/<profile>`, where `cargo build --bins` puts the stage binaries.
+pub fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/<test>-… → target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    for s in STAGES {
+        assert!(dir.join(s).exists(), "{} is missing: run `cargo build --bins` first", dir.join(s).display());
+    }
+    dir
+}
+
+pub struct Proc {
+    pub stage: &'static str,
+    pub port: Option<u16>,
+    pub child: Child,
+}
+
+/// Stage processes sharing one environment; stderr of each goes to
+/// `<logs>/<stage>-<idx>.log` (appended across restarts).
+pub struct Cluster {
+    pub bins: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub logs: PathBuf,
+    pub procs: Vec<Proc>,
+}
+
+impl Cluster {
+    pub fn new(env: Vec<(String, String)>, logs: &Path) -> Cluster {
+        Cluster { bins: bin_dir(), env, logs: logs.to_path_buf(), procs: Vec::new() }
+    }
+
+    pub fn spawn(&self, stage: &'static str, idx: usize, port: Option<u16>) -> Proc {
+        let log = self.logs.join(format!("{stage}-{idx}.log"));
+        let stderr = File::options().create(true).append(true).open(&log).unwrap();
+        let mut cmd = Command::new(self.bins.join(stage));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        if let Some(p) = port {
+            cmd.env("PAGESTREAM_INGRESS_ADDR", format!("127.0.0.1:{p}"));
+        }
+        Proc { stage, port, child: cmd.spawn().unwrap() }
+    }
+
+    /// SIGKILLs process `i` and starts a new one in its place.
+    pub fn kill_and_restart(&mut self, i: usize) {
+        let p = &mut self.procs[i];
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let (stage, port) = (p.stage, p.port);
+        self.procs[i] = self.spawn(stage, i % 2, port);
+    }
+
+    /// Occurrences of `needle` in every process log.
+    pub fn count_in_logs(&self, needle: &str) -> usize {
+        std::fs::read_dir(&self.logs)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default().matches(needle).count())
+            .sum()
+    }
+
+    pub fn log(&self, stage: &str, idx: usize) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{stage}-{idx}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// Sends a signal (`-TERM`, `-STOP`, `-CONT`, …) with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
