@@ -74,11 +74,44 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     assert_json_error(&h.client.get("/v1/documents/bad.id").await.unwrap(), 400, "invalid_id");
     assert_json_error(&h.client.get("/nope").await.unwrap(), 404, "not_found");
 
-    // Malformed messages published directly on each input subject.
+    let mut random = vec![0u8; 4096];
+    let mut x: u32 = 0x9e37_79b9;
+    for b in random.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    assert_json_error(
+        &h.client.post_bytes("/v1/documents", "application/pdf", random).await.unwrap(),
+        415,
+        "not_a_pdf",
+    );
+    // A PDF cut in half: accepted (the signature is there); pdfium either
+    // repairs it or the document fails — either way it ends, with a record.
+    let pdf = std::fs::read(corpus("fig_dbscan-jss.pdf")).unwrap();
+    let truncated = h
+        .client
+        .post_bytes("/v1/documents?filename=half.pdf", "application/pdf", pdf[..pdf.len() / 2].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(truncated.status, 202, "{}", truncated.json);
+    let rotated = h.client.submit_file(&corpus("scan_cardinal-rotated.pdf"), None).await.unwrap();
+    assert_eq!(rotated.status, 202, "{}", rotated.json);
+
+    // Malformed messages published directly on each input subject, and a
+    // well-formed one from a future schema version.
     let ctx = &h.pipeline.ctx;
     for subject in [ctx.names.docs_submitted(), ctx.names.pages_rendered(), ctx.names.pages_inferred()] {
         ctx.js.publish(subject, bytes::Bytes::from_static(b"\x93not a map")).await.unwrap().await.unwrap();
     }
+    let future = serde_json::json!({"v": 2, "doc_id": "from-the-future", "source": {"blob": "x"}});
+    ctx.js
+        .publish(ctx.names.docs_submitted(), rmp_serde::to_vec_named(&future).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     // The corrupt PDF fails as a document, with the reason in status and manifest.
     let id = corrupt.json["id"].as_str().unwrap();
@@ -99,24 +132,47 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["pages"]["uploaded"], 1);
 
-    // Dead letters: the corrupt PDF and the three malformed messages, each with its reason.
+    let st = h.wait_terminal(rotated.json["id"].as_str().unwrap(), Duration::from_secs(120)).await.unwrap();
+    assert_eq!((st["state"].as_str(), st["pages"]["uploaded"].as_u64()), (Some("completed"), Some(4)), "{st}");
+    let tid = truncated.json["id"].as_str().unwrap();
+    let st = h.wait_terminal(tid, Duration::from_secs(120)).await.unwrap();
+    let truncated_failed = st["state"] == "failed";
+    if truncated_failed {
+        assert_eq!(st["error"]["code"], "pdf_unreadable", "{st}");
+    } else {
+        let n = st["page_count"].as_u64().unwrap();
+        assert!(
+            n >= 1 && st["pages"]["uploaded"].as_u64().unwrap() + st["pages"]["failed"].as_u64().unwrap() == n,
+            "{st}"
+        );
+    }
+    println!("truncated PDF ended {}", st["state"]);
+
+    // Dead letters: the corrupt PDF, the three malformed messages and the
+    // future version, each with its reason (and the truncated PDF if it failed).
+    let expected = 5 + usize::from(truncated_failed);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let dl = loop {
         let dl = dead_letters(&h).await;
-        if dl.len() >= 4 || std::time::Instant::now() > deadline {
+        if dl.len() >= expected || std::time::Instant::now() > deadline {
             break dl;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(dl.len(), 4, "{dl:#?}");
+    assert_eq!(dl.len(), expected, "{dl:#?}");
+    let future = dl
+        .iter()
+        .find(|d| d.error.message.contains("unsupported schema version v=2"))
+        .expect("future version dead-lettered");
+    assert_eq!((future.stage.as_str(), future.error.code.as_str()), ("splitter", "bad_message"));
     let pdf = dl.iter().find(|d| d.doc_id.as_deref() == Some(id)).expect("dead letter for the corrupt PDF");
     assert_eq!((pdf.stage.as_str(), pdf.error.code.as_str()), ("splitter", "pdf_unreadable"));
-    let malformed: Vec<_> = dl.iter().filter(|d| d.error.code == "bad_message").collect();
+    let malformed: Vec<_> = dl.iter().filter(|d| d.payload.as_ref() == b"\x93not a map").collect();
     assert_eq!(malformed.len(), 3, "{dl:#?}");
     let mut stages: Vec<&str> = malformed.iter().map(|d| d.stage.as_str()).collect();
     stages.sort();
     assert_eq!(stages, ["inferencer", "splitter", "uploader"]);
-    assert!(malformed.iter().all(|d| d.payload.as_ref() == b"\x93not a map" && d.attempts == 1));
+    assert!(malformed.iter().all(|d| d.error.code == "bad_message" && d.attempts == 1));
     h.stop().await.unwrap();
 }
 
