@@ -7,7 +7,7 @@ use pagestream_schemas::ImageRef;
 
 use crate::consumer::StageError;
 use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Key of an uploaded document.
 pub fn upload_key(doc_id: &str) -> String {
@@ -64,14 +64,8 @@ impl BlobStore {
     }
 
     pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>> {
-        let mut obj = self
-            .store
-            .get(key)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("opening blob {key}"))?;
         let mut out = Vec::new();
-        obj.read_to_end(&mut out).await.with_context(|| format!("reading blob {key}"))?;
+        self.copy_to(key, &mut out).await?;
         Ok(out)
     }
 
