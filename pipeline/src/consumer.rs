@@ -54,6 +54,11 @@ impl StageError {
         self.doc_id = Some(doc_id.to_string());
         self
     }
+    /// Attaches the document id unless one is already set.
+    pub fn or_doc(mut self, doc_id: &str) -> Self {
+        self.doc_id.get_or_insert_with(|| doc_id.to_string());
+        self
+    }
     pub fn info(&self) -> ErrorInfo {
         ErrorInfo { code: self.code.to_string(), message: self.message.clone() }
     }
@@ -72,6 +77,18 @@ pub trait Handler: Send + Sync + 'static {
     /// input can carry secrets (a PDF password) strip them here.
     fn redact(&self, payload: &[u8]) -> Vec<u8> {
         payload.to_vec()
+    }
+
+    /// Called once when a message's retries are exhausted (after its dead
+    /// letter is written): report the page or document as failed so the
+    /// user sees an outcome. Permanent errors are reported by `handle` itself.
+    fn give_up(
+        &self,
+        msg: &jetstream::Message,
+        err: &StageError,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        let _ = (msg, err);
+        async { Ok(()) }
     }
 }
 
@@ -220,6 +237,11 @@ async fn process<H: Handler>(
             let payload = handler.redact(&msg.payload);
             match dead_letter(js, names, spec.stage, &msg.subject, payload, &err, delivered).await {
                 Ok(()) => {
+                    if err.kind == ErrorKind::Transient {
+                        if let Err(e) = handler.give_up(&msg, &err).await {
+                            tracing::error!(stage = spec.stage, error = %e, "could not report the failure downstream");
+                        }
+                    }
                     let _ = msg.ack_with(AckKind::Term).await;
                     "dead_letter"
                 }

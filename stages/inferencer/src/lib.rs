@@ -25,7 +25,7 @@ use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
 use pagestream_pipeline::progress::{publish_message, Progress};
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, ErrorInfo, EventState, PageInferred, PageRendered, Timings, VERSION};
+use pagestream_schemas::{decode, EventState, PageInferred, PageRendered, Timings, VERSION};
 use tokio_util::sync::CancellationToken;
 
 pub use engine::Detector;
@@ -64,11 +64,11 @@ impl Inferencer {
         Ok(Inferencer { ctx, blobs, detector: warm, progress })
     }
 
-    async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
-        let doc_id = page.doc_id.clone();
-        let mut out = PageInferred {
+    /// The output message for `page`, before detection.
+    fn output(&self, page: &PageRendered) -> PageInferred {
+        PageInferred {
             v: VERSION,
-            doc_id: doc_id.clone(),
+            doc_id: page.doc_id.clone(),
             page: page.page,
             page_count: page.page_count,
             width: page.width,
@@ -79,25 +79,35 @@ impl Inferencer {
             image: Some(page.image.clone()),
             timings: Timings { render_ms: page.render_ms, infer_ms: None },
             error: None,
-        };
-        let result = self.detect(&page).await;
-        let permanent = match result {
+        }
+    }
+
+    /// Publishes the result (or the failure) of a page downstream.
+    async fn forward(&self, out: &PageInferred) -> Result<(), StageError> {
+        let id = format!("{}:{}:inferred", out.doc_id, out.page);
+        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, out)
+            .await
+            .map_err(transient("nats_publish"))?;
+        self.progress.page(&out.doc_id, out.page, EventState::Inferred, None).await.map_err(transient("nats_publish"))
+    }
+
+    async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
+        let doc_id = page.doc_id.clone();
+        let mut out = self.output(&page);
+        let permanent = match self.detect(&page).await {
             Ok((detections, infer_ms)) => {
                 out.detections = detections;
                 out.timings.infer_ms = Some(infer_ms);
                 None
             }
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
-                out.error = Some(ErrorInfo { code: e.code.into(), message: e.message.clone() });
+                out.image = None;
+                out.error = Some(e.info());
                 Some(e.doc(&doc_id))
             }
             Err(e) => return Err(e.doc(&doc_id)),
         };
-        let id = format!("{}:{}:inferred", doc_id, page.page);
-        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &out)
-            .await
-            .map_err(transient("nats_publish"))?;
-        self.progress.page(&doc_id, page.page, EventState::Inferred, None).await.map_err(transient("nats_publish"))?;
+        self.forward(&out).await?;
         match permanent {
             None => {
                 self.ctx.metrics.page(STAGE);
@@ -144,7 +154,18 @@ impl Inferencer {
 impl Handler for Inferencer {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
-        self.infer(page).await
+        let doc_id = page.doc_id.clone();
+        self.infer(page).await.map_err(|e| e.or_doc(&doc_id))
+    }
+
+    /// Retries exhausted: the page goes downstream as failed, so its
+    /// document still finishes (`completed_with_errors`).
+    async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
+        let Ok(page) = decode::<PageRendered>(&msg.payload) else { return Ok(()) };
+        let mut out = self.output(&page);
+        out.image = None;
+        out.error = Some(err.info());
+        self.forward(&out).await
     }
 }
 

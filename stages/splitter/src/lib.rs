@@ -260,7 +260,16 @@ impl Splitter {
 impl Handler for Splitter {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let sub: DocumentSubmitted = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
-        self.split(sub).await
+        let doc_id = sub.doc_id.clone();
+        self.split(sub).await.map_err(|e| e.or_doc(&doc_id))
+    }
+
+    /// Retries exhausted (blob store or NATS down for good): the document fails.
+    async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
+        match decode::<DocumentSubmitted>(&msg.payload) {
+            Ok(sub) => self.fail_document(&sub, err.info()).await,
+            Err(_) => Ok(()),
+        }
     }
 
     /// Dead letters keep the submission, minus its password.

@@ -185,12 +185,28 @@ impl Uploader {
 }
 
 impl Handler for Uploader {
+    /// Retries exhausted (result store unreachable for good): the page is
+    /// recorded as failed with the reason, and the manifest is attempted.
+    async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
+        let Ok(page) = decode::<PageInferred>(&msg.payload) else { return Ok(()) };
+        self.progress
+            .page(&page.doc_id, page.page, EventState::Failed, Some(err.info()))
+            .await
+            .map_err(transient("nats_publish"))?;
+        self.ctx.metrics.page_failure(STAGE);
+        self.finalize_if_done(&page.doc_id, page.page_count, None).await
+    }
+
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let bad = |e| StageError::permanent("bad_message", e);
         if msg.subject.as_str() == self.ctx.names.docs_failed() {
-            self.document_failed(decode(&msg.payload).map_err(bad)?).await
+            let failed: DocumentFailed = decode(&msg.payload).map_err(bad)?;
+            let doc_id = failed.doc_id.clone();
+            self.document_failed(failed).await.map_err(|e| e.or_doc(&doc_id))
         } else {
-            self.page(decode(&msg.payload).map_err(bad)?).await
+            let page: PageInferred = decode(&msg.payload).map_err(bad)?;
+            let doc_id = page.doc_id.clone();
+            self.page(page).await.map_err(|e| e.or_doc(&doc_id))
         }
     }
 }
