@@ -41,6 +41,16 @@ impl LocalPipeline {
         };
         let metrics = Arc::new(Metrics::new());
         let health = Health::new(metrics.clone());
+        // Every stage counts for readiness from the start, not only once it
+        // has begun loading (a stage still connecting to S3 is not ready).
+        for stage in [
+            pagestream_ingress::STAGE,
+            pagestream_splitter::STAGE,
+            pagestream_inferencer::STAGE,
+            pagestream_uploader::STAGE,
+        ] {
+            health.register(stage);
+        }
         let ctx = StageContext::connect(config, "pagestream-local", metrics, health).await?;
         let shutdown = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind(&ctx.config.ingress.addr).await.with_context(|| {

@@ -63,6 +63,7 @@ where
     init_tracing();
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(metrics.clone());
+    health.register(name);
     let shutdown = shutdown::on_signals(shutdown::DEFAULT_GRACE);
     let addr = admin_addr(&config);
     if !addr.is_empty() {

@@ -47,9 +47,13 @@ pub struct MotoServer {
 
 impl MotoServer {
     pub fn start() -> Result<MotoServer> {
+        Self::start_on(free_port()?)
+    }
+
+    /// Starts on a given port (e.g. to bring a stopped server back).
+    pub fn start_on(port: u16) -> Result<MotoServer> {
         let bin = deps_dir().join("venv/bin/moto_server");
         anyhow::ensure!(bin.exists(), "{} is missing: run scripts/setup --test", bin.display());
-        let port = free_port()?;
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())

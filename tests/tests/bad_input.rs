@@ -259,3 +259,34 @@ async fn limits_fail_or_downscale_with_a_clear_record() {
     assert!(h.out.path().join(id).join("pages/1.png").exists());
     h.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_pages_reach_status_and_manifest_with_their_reason() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    // An unknown model fails every page at the inferencer; the failures flow
+    // to the uploader, which still finishes the document and its manifest.
+    let pdf = std::fs::read(corpus("scan_cardinal-rotated.pdf")).unwrap();
+    let ans = h.client.submit_multipart("scan.pdf", pdf, &[("model", "no-such-model")]).await.unwrap();
+    assert_eq!(ans.status, 202, "{}", ans.json);
+    let id = ans.json["id"].as_str().unwrap();
+    let st = h.wait_terminal(id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(st["state"], "failed", "{st}");
+    assert_eq!(st["pages"]["failed"], 4, "{st}");
+    let reasons = st["failed_pages"].as_array().unwrap();
+    assert_eq!(reasons.len(), 4);
+    assert!(reasons.iter().all(|f| f["error"]["code"] == "model_unknown"), "{st}");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "failed");
+    assert_eq!(manifest["error"]["code"], "all_pages_failed");
+    let pages = manifest["pages"].as_array().unwrap();
+    assert_eq!(pages.len(), 4);
+    for p in pages {
+        assert_eq!(p["status"], "failed");
+        assert_eq!(p["error"]["code"], "model_unknown");
+        assert!(p["error"]["message"].as_str().unwrap().contains("no-such-model"), "{p}");
+        assert!(p.get("image").is_none() && p.get("detections").is_none(), "{p}");
+    }
+    assert!(!h.out.path().join(id).join("pages").exists(), "no page results for failed pages");
+    h.stop().await.unwrap();
+}

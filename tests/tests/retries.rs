@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use pagestream_e2e::{repo_root, wait_terminal, Harness, MotoServer};
+use pagestream_e2e::{corpus, wait_terminal, Harness, MotoServer};
 use pagestream_schemas::{decode, DeadLetter, PageInferred};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,14 +20,17 @@ async fn exhausted_retries_are_dead_lettered_and_reported() {
     })
     .await
     .unwrap();
-    // The bucket disappears after start-up: every PUT fails (a transient error).
-    s3.delete_bucket().bucket("flaky").send().await.unwrap();
-    let sample = repo_root().join("samples/c03-29.pdf");
+    // The S3 server goes away after start-up: every PUT fails (connection
+    // refused, a transient error).
+    let port = moto.port;
+    drop(moto);
+    // A blank page: a small PUT body, so the failure is the missing bucket alone.
+    let sample = corpus("stress_blank-no-content.pdf");
     let ans = h.client.submit_file(&sample, None).await.unwrap();
     let id = ans.json["id"].as_str().unwrap().to_string();
 
     let ctx = &h.pipeline.ctx;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let st = loop {
         let st = h.client.get(&format!("/v1/documents/{id}")).await.unwrap().json;
         if st["pages"]["failed"] == 1 {
@@ -51,7 +54,8 @@ async fn exhausted_retries_are_dead_lettered_and_reported() {
     assert_eq!((original.doc_id.as_str(), original.page), (id.as_str(), 1));
     assert!(dl.error.message.contains("flaky"), "{}", dl.error.message);
 
-    // The store comes back: the next document completes.
+    // The store comes back (same address, empty): the next document completes.
+    let _moto = MotoServer::start_on(port).unwrap();
     s3.create_bucket().bucket("flaky").send().await.unwrap();
     let ans = h.client.submit_file(&sample, None).await.unwrap();
     let st = wait_terminal(&h.client, ans.json["id"].as_str().unwrap(), Duration::from_secs(60)).await.unwrap();

@@ -151,3 +151,57 @@ impl Manifest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pagestream_pipeline::progress::{DocState, PageCounts};
+    use pagestream_schemas::DocInfo;
+
+    use super::*;
+
+    fn status(page_count: u32, failed: &[u32]) -> DocStatus {
+        DocStatus {
+            doc_id: "d".into(),
+            state: DocState::Running,
+            page_count: Some(page_count),
+            pages: PageCounts::default(),
+            info: DocInfo { filename: Some("a.pdf".into()), ..DocInfo::default() },
+            error: None,
+            failed_pages: failed
+                .iter()
+                .map(|&page| FailedPage {
+                    page,
+                    stage: "inferencer".into(),
+                    error: ErrorInfo { code: "x".into(), message: "why".into() },
+                })
+                .collect(),
+            queued_at: None,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn status_follows_page_outcomes() {
+        let m = Manifest::from_status(&status(3, &[]), None, "t".into());
+        assert_eq!((m.status.as_str(), m.error.is_none()), ("completed", true));
+        assert_eq!(m.title.as_deref(), Some("a.pdf"), "title defaults to the file name");
+
+        let m = Manifest::from_status(&status(3, &[2]), None, "t".into());
+        assert_eq!(m.status, "completed_with_errors");
+        assert_eq!(m.pages[1].status, "failed");
+        assert_eq!(m.pages[1].error.as_ref().unwrap().message, "why");
+        assert_eq!(m.pages[0].detections.as_deref(), Some("pages/1.json"));
+        assert_eq!(m.pages[2].image.as_deref(), Some("pages/3.png"));
+
+        let m = Manifest::from_status(&status(2, &[1, 2]), None, "t".into());
+        assert_eq!(m.status, "failed");
+        assert_eq!(m.error.unwrap().code, "all_pages_failed");
+    }
+
+    #[test]
+    fn keys_are_deterministic_with_or_without_prefix() {
+        assert_eq!(Keys::new("", "d").page_json(3), "d/pages/3.json");
+        assert_eq!(Keys::new("/runs/x/", "d").manifest(), "runs/x/d/manifest.json");
+    }
+}

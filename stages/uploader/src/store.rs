@@ -109,6 +109,14 @@ pub async fn s3_client(cfg: &UploaderConfig) -> aws_sdk_s3::Client {
     if !cfg.s3_endpoint.is_empty() {
         loader = loader.endpoint_url(cfg.s3_endpoint.clone());
     }
+    // A hung connection must become a (retried) error, never a stuck worker.
+    loader = loader.timeout_config(
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .operation_attempt_timeout(std::time::Duration::from_secs(30))
+            .operation_timeout(std::time::Duration::from_secs(90))
+            .build(),
+    );
     let shared = loader.load().await;
     let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.s3_path_style).build();
     aws_sdk_s3::Client::from_conf(conf)
