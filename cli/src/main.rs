@@ -79,8 +79,10 @@ async fn run(args: &[String]) -> Result<i32> {
         Err(code) => return Ok(code),
     };
     init_tracing();
-    let signals = pagestream_pipeline::shutdown::on_signals(pagestream_pipeline::shutdown::DEFAULT_GRACE);
     let mut pipeline = LocalPipeline::start(config, embedded).await?;
+    // Installed once every stage is up: a native library loaded during
+    // start-up must not be able to replace our SIGTERM/SIGINT handlers.
+    let signals = pagestream_pipeline::shutdown::on_signals(pagestream_pipeline::shutdown::DEFAULT_GRACE);
     eprintln!("pagestream running: API at {} (Ctrl-C to stop)", pipeline.base_url());
     let stop = pipeline.shutdown.clone();
     tokio::spawn(async move {
