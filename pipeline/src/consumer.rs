@@ -104,6 +104,9 @@ pub struct ConsumerSpec {
     pub max_deliver: i64,
 }
 
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 /// Runs the loop until `shutdown` is cancelled, then waits for in-flight
 /// messages (they finish and are acked; nothing is cut).
 pub async fn run<H: Handler>(
@@ -130,6 +133,9 @@ pub async fn run<H: Handler>(
     // handled — backpressure without an in-memory queue.
     'pull: loop {
         let first = tokio::select! {
+            // Biased: with a free permit both branches are ready, and an
+            // unbiased select would go on pulling after shutdown half the time.
+            biased;
             _ = shutdown.cancelled() => break 'pull,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
@@ -138,7 +144,8 @@ pub async fn run<H: Handler>(
         while let Ok(p) = permits.clone().try_acquire_owned() {
             free.push(p);
         }
-        let batch = consumer.batch().max_messages(free.len()).expires(Duration::from_secs(5)).messages().await;
+        let pulled_at = tokio::time::Instant::now();
+        let batch = consumer.batch().max_messages(free.len()).expires(PULL_EXPIRES).messages().await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -153,7 +160,17 @@ pub async fn run<H: Handler>(
             // The open pull request is drained even during shutdown (it
             // expires within 5 s): a message the server already sent is
             // handled and acked now rather than redelivered after its ack wait.
-            let next = batch.next().await;
+            // The client library falls back to its own timer (expiry + 10 s)
+            // when the server's 408 goes missing; once shutting down we stop
+            // listening when the server-side expiry has surely passed.
+            let drain_deadline = pulled_at + PULL_EXPIRES + Duration::from_millis(500);
+            let next = tokio::select! {
+                n = batch.next() => n,
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep_until(drain_deadline).await;
+                } => None,
+            };
             let msg = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {

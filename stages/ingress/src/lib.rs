@@ -295,6 +295,7 @@ pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: Cancellat
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
