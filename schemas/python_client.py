@@ -17,6 +17,7 @@ KINDS = {
     "page_inferred": "PageInferred",
     "event_split": "Event",
     "document_failed": "DocumentFailed",
+    "document_cancelled": "DocumentCancelled",
 }
 
 

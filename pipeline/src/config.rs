@@ -57,6 +57,21 @@ pub struct IngressConfig {
     pub addr: String,
     /// Largest accepted upload, in bytes (HTTP 413 above).
     pub max_upload_bytes: u64,
+    /// Comma-separated API tokens. When set, every `/v1` route requires
+    /// `Authorization: Bearer <token>`; empty leaves the API open.
+    pub api_tokens: String,
+    /// Longest wait for a client's request headers or next body chunk
+    /// before the request is answered 408 and the connection closed.
+    pub read_timeout_secs: u64,
+    /// Lifetime of the presigned S3 URLs the results route hands out.
+    pub results_url_ttl_secs: u64,
+}
+
+impl IngressConfig {
+    /// The configured API tokens (empty: authentication is off).
+    pub fn tokens(&self) -> Vec<String> {
+        self.api_tokens.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -136,7 +151,13 @@ impl Default for NatsConfig {
 
 impl Default for IngressConfig {
     fn default() -> Self {
-        IngressConfig { addr: "127.0.0.1:8080".into(), max_upload_bytes: 256 * 1024 * 1024 }
+        IngressConfig {
+            addr: "127.0.0.1:8080".into(),
+            max_upload_bytes: 256 * 1024 * 1024,
+            api_tokens: String::new(),
+            read_timeout_secs: 30,
+            results_url_ttl_secs: 3600,
+        }
     }
 }
 
@@ -319,6 +340,12 @@ impl Config {
         }
         if self.nats.max_deliver < 1 {
             errors.push("nats.max_deliver must be at least 1".into());
+        }
+        if self.ingress.read_timeout_secs == 0 {
+            errors.push("ingress.read_timeout_secs must be at least 1".into());
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.ingress.results_url_ttl_secs) {
+            errors.push("ingress.results_url_ttl_secs must be within 1..=604800 (S3's presigning limit)".into());
         }
         if self.nats.ack_wait_secs < 2 {
             errors.push("nats.ack_wait_secs must be at least 2".into());

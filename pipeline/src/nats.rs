@@ -33,6 +33,13 @@ impl Names {
     pub fn docs_failed(&self) -> String {
         format!("{}.docs.failed", self.prefix)
     }
+    pub fn docs_cancelled(&self) -> String {
+        format!("{}.docs.cancelled", self.prefix)
+    }
+    /// Every document's document-level events: `<p>.events.*.doc.*`
+    pub fn all_doc_events(&self) -> String {
+        format!("{}.events.*.doc.*", self.prefix)
+    }
     pub fn pages_rendered(&self) -> String {
         format!("{}.pages.rendered", self.prefix)
     }
@@ -72,6 +79,10 @@ impl Names {
     }
     pub fn dlq_stream(&self) -> String {
         format!("{}_DLQ", self.upper())
+    }
+    /// Key-value bucket mapping `Idempotency-Key`s to documents.
+    pub fn idempotency_bucket(&self) -> String {
+        format!("{}_idempotency", self.prefix)
     }
     /// Object Store bucket for uploads and large page images.
     pub fn blob_bucket(&self) -> String {
@@ -159,6 +170,24 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
     }
     blob_store(js, names).await?;
     Ok(())
+}
+
+/// The key-value bucket of `Idempotency-Key`s: entries expire after 24 h.
+pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result<jetstream::kv::Store> {
+    let bucket = names.idempotency_bucket();
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.clone(),
+        description: "pagestream: Idempotency-Key -> document".into(),
+        history: 1,
+        max_age: Duration::from_secs(24 * 3600),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating key-value bucket {bucket}"))
 }
 
 /// The Object Store bucket used for uploads and large page images.

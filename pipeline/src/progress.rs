@@ -66,6 +66,7 @@ impl Progress {
         page: u32,
         state: EventState,
         error: Option<ErrorInfo>,
+        ms: Option<f32>,
     ) -> Result<(), async_nats::Error> {
         let subject = self.names.page_event(doc_id, state.as_str(), page);
         let ev = Event {
@@ -76,12 +77,13 @@ impl Progress {
             page: Some(page),
             error,
             info: None,
+            ms,
             at: now_rfc3339(),
         };
         publish_message(&self.js, subject.clone(), &subject, &ev).await
     }
 
-    /// A document reached `state` (queued, split, failed, completed).
+    /// A document reached `state` (queued, split, failed, completed, cancelled).
     pub async fn doc(
         &self,
         doc_id: &str,
@@ -98,6 +100,7 @@ impl Progress {
             page: None,
             error,
             info,
+            ms: None,
             at: now_rfc3339(),
         };
         publish_message(&self.js, subject.clone(), &subject, &ev).await
@@ -113,13 +116,69 @@ pub enum DocState {
     Completed,
     CompletedWithErrors,
     Failed,
+    Cancelled,
 }
 
 impl DocState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, DocState::Completed | DocState::CompletedWithErrors | DocState::Failed)
+        matches!(self, DocState::Completed | DocState::CompletedWithErrors | DocState::Failed | DocState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocState::Queued => "queued",
+            DocState::Running => "running",
+            DocState::Completed => "completed",
+            DocState::CompletedWithErrors => "completed_with_errors",
+            DocState::Failed => "failed",
+            DocState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a state name as used by the API (`?status=`).
+    pub fn parse(s: &str) -> Option<DocState> {
+        ALL_STATES.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The state after document-level event `state` (with the final status
+    /// the uploader recorded, for `completed`), given the state before.
+    /// The first terminal state sticks: a `completed` arriving after a
+    /// cancellation (a page finishing in the race) does not undo it, and a
+    /// cancellation after completion changes nothing. `failed` followed by
+    /// the uploader's `completed` (status failed) stays failed.
+    pub fn after(self, state: &str, final_status: Option<&str>) -> DocState {
+        let next = match state {
+            "queued" => DocState::Queued,
+            "split" => DocState::Running,
+            "failed" => DocState::Failed,
+            "cancelled" => DocState::Cancelled,
+            "completed" => match final_status {
+                Some("failed") => DocState::Failed,
+                Some("completed_with_errors") => DocState::CompletedWithErrors,
+                Some("cancelled") => DocState::Cancelled,
+                _ => DocState::Completed,
+            },
+            _ => return self,
+        };
+        if self.is_terminal() {
+            return self;
+        }
+        if next == DocState::Queued && self == DocState::Running {
+            return self;
+        }
+        next
     }
 }
+
+/// Every document state, in lifecycle order.
+pub const ALL_STATES: [DocState; 6] = [
+    DocState::Queued,
+    DocState::Running,
+    DocState::Completed,
+    DocState::CompletedWithErrors,
+    DocState::Failed,
+    DocState::Cancelled,
+];
 
 /// Distinct pages per state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -212,34 +271,31 @@ pub async fn read_status(
         started_at: None,
         finished_at: None,
     };
-    // Fold document-level events in lifecycle order.
-    for state in ["queued", "split", "failed", "completed"] {
-        if !doc_states.iter().any(|s| s == state) {
-            continue;
+    // Fold document-level events in the order they were recorded.
+    let mut events = Vec::with_capacity(doc_states.len());
+    for state in &doc_states {
+        events.push(last_event_seq(&stream, &names.doc_event(doc_id, state)).await?);
+    }
+    events.sort_by_key(|(seq, _)| *seq);
+    for (_, ev) in events {
+        let before = status.state;
+        let final_status = ev.info.as_ref().and_then(|i| i.status.clone());
+        status.state = before.after(ev.state.as_str(), final_status.as_deref());
+        if ev.state == EventState::Completed && before == DocState::Cancelled {
+            continue; // a page finishing in the race with a cancellation
         }
-        let ev = last_event(&stream, &names.doc_event(doc_id, state)).await?;
         if let Some(info) = ev.info {
             merge_info(&mut status.info, info);
         }
-        match state {
-            "queued" => status.queued_at = Some(ev.at),
-            "split" => {
-                status.started_at = Some(ev.at);
-                status.state = DocState::Running;
-            }
-            "failed" => {
+        match ev.state {
+            EventState::Queued => status.queued_at = Some(ev.at),
+            EventState::Split => status.started_at = Some(ev.at),
+            EventState::Failed => {
                 status.error = ev.error;
-                status.state = DocState::Failed;
                 status.finished_at = Some(ev.at);
             }
-            _ => {
-                status.finished_at = Some(ev.at);
-                status.state = match status.info.status.as_deref() {
-                    Some("failed") => DocState::Failed,
-                    Some("completed_with_errors") => DocState::CompletedWithErrors,
-                    _ => DocState::Completed,
-                };
-            }
+            EventState::Completed | EventState::Cancelled if !before.is_terminal() => status.finished_at = Some(ev.at),
+            _ => {}
         }
     }
     status.page_count = status.info.page_count;
@@ -265,8 +321,77 @@ fn merge_info(into: &mut DocInfo, from: DocInfo) {
 }
 
 async fn last_event(stream: &Stream, subject: &str) -> Result<Event> {
+    Ok(last_event_seq(stream, subject).await?.1)
+}
+
+async fn last_event_seq(stream: &Stream, subject: &str) -> Result<(u64, Event)> {
     let raw = stream.get_last_raw_message_by_subject(subject).await.with_context(|| format!("reading {subject}"))?;
-    decode::<Event>(&raw.payload).with_context(|| format!("decoding event {subject}"))
+    let ev = decode::<Event>(&raw.payload).with_context(|| format!("decoding event {subject}"))?;
+    Ok((raw.sequence, ev))
+}
+
+/// Answers "was this document cancelled?" for the stages, which ask before
+/// every page: one direct get of the document's `cancelled` event subject,
+/// and a positive answer is remembered (a cancellation is final).
+#[derive(Debug)]
+pub struct Cancellations {
+    js: jetstream::Context,
+    names: Names,
+    stream: tokio::sync::OnceCell<Stream>,
+    known: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Cancellations {
+    pub fn new(js: jetstream::Context, names: Names) -> Self {
+        Cancellations { js, names, stream: Default::default(), known: Default::default() }
+    }
+
+    pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool> {
+        if self.known.lock().expect("cancellations lock").contains(doc_id) {
+            return Ok(true);
+        }
+        let stream = self
+            .stream
+            .get_or_try_init(|| async { self.js.get_stream(self.names.events_stream()).await.context("events stream") })
+            .await?;
+        let subject = self.names.doc_event(doc_id, EventState::Cancelled.as_str());
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(_) => {
+                self.known.lock().expect("cancellations lock").insert(doc_id.to_string());
+                Ok(true)
+            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(anyhow::anyhow!("checking whether {doc_id} was cancelled: {e}")),
+        }
+    }
+}
+
+/// Every event of a document currently stored, in stream order, with its
+/// sequence number: one ordered consumer, read until nothing is pending.
+/// `filter` narrows it (e.g. `<p>.events.<doc>.page.>`).
+pub async fn read_events(js: &jetstream::Context, names: &Names, filter: String) -> Result<Vec<(u64, Event)>> {
+    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: filter, ..Default::default() })
+        .await
+        .context("creating an ordered consumer on the events stream")?;
+    let mut out = Vec::new();
+    // An empty filter match: nothing will ever arrive.
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.context("reading events")?;
+    while let Some(msg) = messages.try_next().await.context("reading events")? {
+        let info = msg.info().map_err(|e| anyhow::anyhow!("event metadata: {e}"))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if let Ok(ev) = decode::<Event>(&msg.payload) {
+            out.push((seq, ev));
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Distinct pages of `doc_id` that reached any of `states`: one subject

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nats::{self, Names};
-use crate::progress::Progress;
+use crate::progress::{Cancellations, Progress};
 
 #[derive(Debug, Clone)]
 pub struct StageContext {
@@ -21,6 +21,8 @@ pub struct StageContext {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub health: Health,
+    /// Shared answer to "was this document cancelled?".
+    pub cancellations: Arc<Cancellations>,
 }
 
 impl StageContext {
@@ -32,11 +34,20 @@ impl StageContext {
         let names = Names::new(config.nats.prefix.clone());
         nats::provision(&js, &names, &config.nats).await?;
         health.set_ready("nats", true);
-        Ok(StageContext { js, names, config: Arc::new(config), metrics, health })
+        let cancellations = Arc::new(Cancellations::new(js.clone(), names.clone()));
+        Ok(StageContext { js, names, config: Arc::new(config), metrics, health, cancellations })
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
         Ok(BlobStore::new(nats::blob_store(&self.js, &self.names).await?))
+    }
+
+    /// Whether `doc_id` was cancelled; a failed check is a transient error.
+    pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool, crate::consumer::StageError> {
+        self.cancellations
+            .is_cancelled(doc_id)
+            .await
+            .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
     }
 
     pub fn progress(&self, stage: &'static str) -> Progress {

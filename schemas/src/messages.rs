@@ -184,6 +184,20 @@ pub struct DocumentFailed {
     pub at: String,
 }
 
+/// A document cancelled by a user: subject `<prefix>.docs.cancelled`,
+/// consumed by the uploader, which records the `cancelled` event (if the
+/// ingress has not already) and writes a manifest with `status: cancelled`
+/// listing the pages finished so far. Every stage skips the document's
+/// remaining pages once its `cancelled` event exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentCancelled {
+    pub v: u32,
+    pub doc_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: String,
+}
+
 /// Progress states, as they appear in events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -200,6 +214,8 @@ pub enum EventState {
     Failed,
     /// All pages have a terminal outcome and the manifest is written.
     Completed,
+    /// The document was cancelled: stages skip its remaining pages.
+    Cancelled,
 }
 
 impl EventState {
@@ -213,6 +229,7 @@ impl EventState {
             EventState::Uploaded => "uploaded",
             EventState::Failed => "failed",
             EventState::Completed => "completed",
+            EventState::Cancelled => "cancelled",
         }
     }
 }
@@ -230,7 +247,7 @@ pub struct DocInfo {
     pub bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_count: Option<u32>,
-    /// Final document status (`completed`, `completed_with_errors`, `failed`).
+    /// Final document status (`completed`, `completed_with_errors`, `failed`, `cancelled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
     /// Where the manifest was written (`file://…` or `s3://…`).
@@ -256,6 +273,9 @@ pub struct Event {
     pub error: Option<ErrorInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<DocInfo>,
+    /// Page events: milliseconds the stage spent on the page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<f32>,
     pub at: String,
 }
 
@@ -338,6 +358,13 @@ impl Message for PageInferred {
 
 impl Message for DocumentFailed {
     const KIND: &'static str = "DocumentFailed";
+    fn validate(&self) -> Result<(), String> {
+        check_doc_id(&self.doc_id)
+    }
+}
+
+impl Message for DocumentCancelled {
+    const KIND: &'static str = "DocumentCancelled";
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }

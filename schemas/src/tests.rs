@@ -68,7 +68,17 @@ fn event() -> Event {
         page: None,
         error: None,
         info: Some(DocInfo { title: Some("Annual report".into()), page_count: Some(28), ..DocInfo::default() }),
+        ms: None,
         at: "2026-11-28T12:00:01Z".into(),
+    }
+}
+
+fn cancelled() -> DocumentCancelled {
+    DocumentCancelled {
+        v: VERSION,
+        doc_id: "01JDOC0000000000000000000A".into(),
+        reason: Some("requested by the API".into()),
+        at: "2026-11-28T12:00:03Z".into(),
     }
 }
 
@@ -108,6 +118,7 @@ fn golden_vectors_round_trip() {
     check_golden("page_inferred", &inferred());
     check_golden("event_split", &event());
     check_golden("document_failed", &failed());
+    check_golden("document_cancelled", &cancelled());
 }
 
 #[test]

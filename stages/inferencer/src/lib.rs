@@ -88,7 +88,10 @@ impl Inferencer {
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, out)
             .await
             .map_err(transient("nats_publish"))?;
-        self.progress.page(&out.doc_id, out.page, EventState::Inferred, None).await.map_err(transient("nats_publish"))
+        self.progress
+            .page(&out.doc_id, out.page, EventState::Inferred, None, out.timings.infer_ms)
+            .await
+            .map_err(transient("nats_publish"))
     }
 
     async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
@@ -155,6 +158,14 @@ impl Handler for Inferencer {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
         let doc_id = page.doc_id.clone();
+        if self.ctx.is_cancelled(&doc_id).await? {
+            tracing::debug!(doc_id, page = page.page, "document cancelled; page skipped");
+            self.ctx.metrics.message(STAGE, "skipped_cancelled");
+            if let Some(key) = &page.image.blob {
+                let _ = self.blobs.delete(key).await;
+            }
+            return Ok(());
+        }
         self.infer(page).await.map_err(|e| e.or_doc(&doc_id))
     }
 

@@ -1,9 +1,14 @@
 //! API errors: always JSON, `{"error": {"code", "message"}}`, with the HTTP
-//! status that says who must act.
+//! status that says who must act. Also the response body type every route
+//! returns (a whole buffer or a stream, for server-sent events).
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+
+/// Every response body: a buffer or a stream of frames.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+pub type Resp = Response<Body>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{status} {code}: {message}")]
@@ -23,15 +28,34 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
-    pub fn response(&self) -> Response<Full<Bytes>> {
-        json_response(self.status, &serde_json::json!({"error": {"code": self.code, "message": self.message}}))
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+    pub fn response(&self) -> Resp {
+        let mut resp =
+            json_response(self.status, &serde_json::json!({"error": {"code": self.code, "message": self.message}}));
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        }
+        resp
     }
 }
 
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
+    bytes_response(status, "application/json", serde_json::to_vec(body).expect("JSON value serialises"))
+}
+
+pub fn bytes_response(status: StatusCode, content_type: &str, bytes: impl Into<Bytes>) -> Resp {
     Response::builder()
         .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec(body).expect("JSON value serialises"))))
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(full(bytes))
         .expect("valid response")
 }

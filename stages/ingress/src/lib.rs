@@ -1,98 +1,138 @@
-//! Ingress: the HTTP API (hyper 1). Accepts uploads, streams them to the
-//! blob store, publishes `DocumentSubmitted`, and answers per-document
-//! status from the events stream. Serves `/livez`, `/readyz`, `/metrics` on
-//! the same listener.
+//! Ingress: the HTTP API (hyper 1), the web page and the OpenAPI document.
 //!
-//! Routes: `POST /v1/documents` (multipart `file` + optional `title`, or a
-//! raw `application/pdf` body with `?title=`), `GET /v1/documents/{id}`.
+//! Accepts uploads, streams them to the blob store, publishes
+//! `DocumentSubmitted`, and answers everything about a document from the
+//! events stream: status, a list, live server-sent events, results (read
+//! from the result store: files served from a local results directory,
+//! presigned URLs on S3) and cancellation. Serves `/livez`, `/readyz` and
+//! `/metrics` on the same listener, without authentication.
+//!
+//! | route | module |
+//! |---|---|
+//! | `POST /v1/documents`, `GET /v1/documents`, `GET/DELETE /v1/documents/{id}` | [`documents`] |
+//! | `GET /v1/documents/{id}/events` | [`events`] |
+//! | `GET /v1/documents/{id}/results[/pages/{n}.{png,json}]` | [`results`] |
+//! | `GET /`, `GET /openapi.json` | embedded files |
 //!
 //! Never loads a model or opens a PDF: it only checks the signature.
 
+pub mod documents;
 pub mod error;
+pub mod events;
+pub mod results;
 pub mod upload;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
-use bytes::Bytes;
-use futures::TryStreamExt;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use async_nats::jetstream::kv;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use pagestream_pipeline::admin::admin_response;
-use pagestream_pipeline::blob::{upload_key, BlobStore};
-use pagestream_pipeline::progress::{publish_message, read_status, DocStatus, Progress};
-use pagestream_pipeline::util::now_rfc3339;
+use pagestream_pipeline::blob::BlobStore;
+use pagestream_pipeline::progress::Progress;
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{validate_doc_id, DocInfo, DocumentSubmitted, EventState, Source, SubmitOptions, VERSION};
+use pagestream_uploader::ResultStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use error::{json_response, ApiError};
+pub use error::{ApiError, Body, Resp};
 
 pub const STAGE: &str = "ingress";
+
+/// The OpenAPI 3 description of every route.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+/// The web page served at `/`.
+pub const INDEX_HTML: &str = include_str!("../web/index.html");
 
 /// Shared state of the API.
 pub struct Ingress {
     ctx: StageContext,
     blobs: BlobStore,
     progress: Progress,
-}
-
-type Resp = Response<Full<Bytes>>;
-
-/// Submission options from the query string or multipart text fields.
-#[derive(Default)]
-struct Options {
-    title: Option<String>,
-    filename: Option<String>,
-    password: Option<String>,
-    dpi: Option<f32>,
-    model: Option<String>,
-}
-
-impl Options {
-    fn set(&mut self, key: &str, value: String) -> Result<(), ApiError> {
-        let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", m);
-        match key {
-            "title" => self.title = Some(value).filter(|t| !t.trim().is_empty()),
-            "dpi" => {
-                let dpi: f32 = value.parse().map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
-                if !(10.0..=1200.0).contains(&dpi) {
-                    return Err(invalid(format!("dpi {dpi} is outside 10..=1200")));
-                }
-                self.dpi = Some(dpi);
-            }
-            "model" => self.model = Some(value).filter(|m| !m.is_empty()),
-            "filename" => self.filename = Some(value).filter(|f| !f.trim().is_empty()),
-            "password" => self.password = Some(value).filter(|p| !p.is_empty()),
-            _ => {}
-        }
-        Ok(())
-    }
+    results: ResultStore,
+    idempotency: kv::Store,
+    tokens: Vec<String>,
+    /// Ends live event streams when the server stops.
+    shutdown: CancellationToken,
 }
 
 impl Ingress {
-    pub async fn new(ctx: StageContext) -> Result<Self> {
+    pub async fn new(ctx: StageContext, shutdown: CancellationToken) -> Result<Self> {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
-        Ok(Ingress { ctx, blobs, progress })
+        let results = ResultStore::open(&ctx.config.uploader).await;
+        let idempotency = pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names).await?;
+        let tokens = ctx.config.ingress.tokens();
+        Ok(Ingress { ctx, blobs, progress, results, idempotency, tokens, shutdown })
+    }
+
+    fn read_timeout(&self) -> Duration {
+        Duration::from_secs(self.ctx.config.ingress.read_timeout_secs)
+    }
+
+    /// `Ok(token)` when the request may use `/v1` (the token, or "" when
+    /// authentication is off).
+    fn authorize(&self, req: &Request<Incoming>) -> Result<String, ApiError> {
+        if self.tokens.is_empty() {
+            return Ok(String::new());
+        }
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("this API requires `Authorization: Bearer <token>`"))?;
+        let given = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        // Compare against every token in constant time, so timing says nothing.
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), given.as_bytes())) {
+                found = Some(t.clone());
+            }
+        }
+        found.ok_or_else(|| unauthorized("the bearer token is not valid"))
     }
 
     async fn route(&self, req: Request<Incoming>) -> (&'static str, Resp) {
         let path = req.uri().path().to_string();
         if let Some(resp) = admin_response(&path, &self.ctx.health, &self.ctx.metrics) {
-            return ("admin", resp);
+            return ("admin", resp.map(|b| b.map_err(|never| match never {}).boxed()));
         }
-        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = req.method().clone();
-        let result = match (segments.as_slice(), &method) {
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        if segments.first() == Some(&"v1") {
+            if let Err(e) = self.authorize(&req) {
+                return ("unauthorized", e.response());
+            }
+        }
+        let (route, outcome) = match (segments.as_slice(), &method) {
+            ([] | [""], &Method::GET) => {
+                ("index", Ok(error::bytes_response(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)))
+            }
+            (["openapi.json"], &Method::GET) => {
+                ("openapi", Ok(error::bytes_response(StatusCode::OK, "application/json", OPENAPI_JSON)))
+            }
             (["v1", "documents"], &Method::POST) => ("submit", self.submit(req).await),
+            (["v1", "documents"], &Method::GET) => ("list", self.list(req.uri().query().unwrap_or("")).await),
             (["v1", "documents", id], &Method::GET) => ("status", self.status(id).await),
-            (["v1", "documents"], _) | (["v1", "documents", _], _) => (
+            (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(id).await),
+            (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(id, &req).await),
+            (["v1", "documents", id, "results"], &Method::GET) => ("results", self.results(id).await),
+            (["v1", "documents", id, "results", "pages", file], &Method::GET) => {
+                ("result_file", self.result_file(id, file).await)
+            }
+            (["v1", "documents"] | ["v1", "documents", _] | ["v1", "documents", _, "events" | "results"], _)
+            | ([] | [""] | ["openapi.json"], _) => (
                 "method_not_allowed",
                 Err(ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -102,158 +142,67 @@ impl Ingress {
             ),
             _ => ("not_found", Err(ApiError::not_found(format!("no route for {method} {path}")))),
         };
-        let (route, outcome) = result;
         (route, outcome.unwrap_or_else(|e| e.response()))
     }
+}
 
-    async fn submit(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
-        let limit = self.ctx.config.ingress.max_upload_bytes;
-        if let Some(len) =
-            req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        {
-            // A multipart envelope adds a little; reject only what is clearly over.
-            if len > limit + 64 * 1024 {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("upload of {len} bytes exceeds the limit of {limit} bytes (ingress.max_upload_bytes)"),
-                ));
-            }
-        }
-        let mut opts = Options::default();
-        for (k, v) in url_query(req.uri().query().unwrap_or("")) {
-            opts.set(&k, v)?;
-        }
-        let ctype =
-            req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let doc_id = uuid::Uuid::now_v7().simple().to_string();
-        let key = upload_key(&doc_id);
-        let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let (stored, filename) = match mime.as_str() {
-            "multipart/form-data" => {
-                let boundary = multer::parse_boundary(&ctype)
-                    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_multipart", format!("invalid multipart content type: {e}")))?;
-                let mut multipart = multer::Multipart::new(req.into_body().into_data_stream(), boundary);
-                let mut stored = None;
-                loop {
-                    let field = multipart
-                        .next_field()
-                        .await
-                        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_multipart", format!("malformed multipart body: {e}")))?;
-                    let Some(field) = field else { break };
-                    match field.name().unwrap_or("") {
-                        "file" if stored.is_none() => {
-                            let filename = field.file_name().map(str::to_string);
-                            let s = upload::store_stream(&self.blobs, &key, field, limit).await?;
-                            stored = Some((s, filename));
-                        }
-                        "file" => {
-                            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_many_files", "send one `file` per request"));
-                        }
-                        name => {
-                            let name = name.to_string();
-                            let text = field.text().await.map_err(|e| {
-                                ApiError::new(StatusCode::BAD_REQUEST, "bad_multipart", format!("reading field {name}: {e}"))
-                            })?;
-                            opts.set(&name, text)?;
-                        }
-                    }
+/// Serves the API on `listener` until `shutdown`, then lets in-flight
+/// requests finish (live event streams are ended).
+pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    ctx.health.register(STAGE);
+    let ingress = Arc::new(Ingress::new(ctx.clone(), shutdown.clone()).await?);
+    ctx.health.set_ready(STAGE, true);
+    tracing::info!(addr = %listener.local_addr()?, auth = !ingress.tokens.is_empty(), "ingress listening");
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that does not finish sending its headers in time is dropped;
+    // slow bodies are cut by `upload::idle_timeout`.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(ingress.read_timeout());
+    loop {
+        let (stream, _) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
                 }
-                stored.ok_or_else(|| {
-                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_file", "multipart body has no `file` field")
-                })?
-            }
-            "application/pdf" | "application/x-pdf" => {
-                let body = req.into_body().into_data_stream().map_err(|e| e.to_string());
-                let filename = opts.filename.clone().or_else(|| opts.title.clone());
-                (upload::store_stream(&self.blobs, &key, body, limit).await?, filename)
-            }
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_content_type",
-                    format!(
-                        "content type {:?} is not accepted: send multipart/form-data with a `file` field, or an application/pdf body",
-                        if other.is_empty() { "(none)" } else { other }
-                    ),
-                ))
-            }
-        };
-        self.ctx.metrics.upload_bytes.inc_by(stored.bytes);
-        let title = opts.title.clone().or_else(|| filename.clone());
-        let msg = DocumentSubmitted {
-            v: VERSION,
-            doc_id: doc_id.clone(),
-            title: title.clone(),
-            source: Source {
-                blob: Some(key),
-                filename: filename.clone(),
-                bytes: Some(stored.bytes),
-                sha256: Some(stored.sha256.clone()),
-                ..Source::default()
             },
-            options: SubmitOptions { dpi: opts.dpi, model: opts.model.clone(), password: opts.password.take() },
-            submitted_at: Some(now_rfc3339()),
         };
-        let info = DocInfo {
-            title,
-            filename,
-            sha256: Some(stored.sha256),
-            bytes: Some(stored.bytes),
-            model: opts.model,
-            ..DocInfo::default()
-        };
-        // Queued event first: the status endpoint answers as soon as we reply.
-        self.progress
-            .doc(&doc_id, EventState::Queued, Some(info), None)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e}")))?;
-        publish_message(&self.ctx.js, self.ctx.names.docs_submitted(), &format!("{doc_id}:submitted"), &msg)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("queueing the document failed: {e}")))?;
-        self.ctx.metrics.document(STAGE, "submitted");
-        tracing::info!(doc_id, bytes = msg.source.bytes, "document accepted");
-        Ok(json_response(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "id": doc_id,
-                "status": "queued",
-                "status_url": format!("/v1/documents/{doc_id}"),
-            }),
-        ))
+        let ingress = ingress.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let ingress = ingress.clone();
+            async move {
+                let (route, resp) = ingress.route(req).await;
+                ingress.ctx.metrics.http(route, resp.status().as_u16());
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
     }
-
-    async fn status(&self, id: &str) -> Result<Resp, ApiError> {
-        validate_doc_id(id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string()))?;
-        let status = read_status(&self.ctx.js, &self.ctx.names, id, true)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("reading progress failed: {e:#}")))?
-            .ok_or_else(|| ApiError::not_found(format!("no document {id}")))?;
-        Ok(json_response(StatusCode::OK, &status_json(&status)))
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("ingress: connections still open after 10 s"),
     }
+    Ok(())
 }
 
-/// The public JSON of a document's status.
-pub fn status_json(s: &DocStatus) -> serde_json::Value {
-    serde_json::json!({
-        "id": s.doc_id,
-        "state": s.state,
-        "title": s.info.title,
-        "filename": s.info.filename,
-        "bytes": s.info.bytes,
-        "sha256": s.info.sha256,
-        "page_count": s.page_count,
-        "pages": s.pages,
-        "failed_pages": s.failed_pages,
-        "error": s.error,
-        "queued_at": s.queued_at,
-        "started_at": s.started_at,
-        "finished_at": s.finished_at,
-        "manifest": s.info.manifest,
-    })
+/// Binds `ctx.config.ingress.addr` and serves.
+pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
+    let addr = ctx.config.ingress.addr.clone();
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("ingress: cannot listen on {addr}: {e} (set PAGESTREAM_INGRESS_ADDR)"))?;
+    serve(ctx, listener, shutdown).await
 }
 
-fn url_query(q: &str) -> Vec<(String, String)> {
+/// `key=value` pairs of a query string, percent-decoded.
+pub fn url_query(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
@@ -285,59 +234,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Serves the API on `listener` until `shutdown`, then lets in-flight
-/// requests finish.
-pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    ctx.health.register(STAGE);
-    let ingress = Arc::new(Ingress::new(ctx.clone()).await?);
-    ctx.health.set_ready(STAGE, true);
-    tracing::info!(addr = %listener.local_addr()?, "ingress listening");
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let ingress = ingress.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let ingress = ingress.clone();
-            async move {
-                let (route, resp) = ingress.route(req).await;
-                ingress.ctx.metrics.http(route, resp.status().as_u16());
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => tracing::warn!("ingress: connections still open after 10 s"),
-    }
-    Ok(())
-}
-
-/// Binds `ctx.config.ingress.addr` and serves.
-pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let addr = ctx.config.ingress.addr.clone();
-    let listener = TcpListener::bind(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("ingress: cannot listen on {addr}: {e} (set PAGESTREAM_INGRESS_ADDR)"))?;
-    serve(ctx, listener, shutdown).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +246,20 @@ mod tests {
         );
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn openapi_is_valid_json_with_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        for path in [
+            "/v1/documents",
+            "/v1/documents/{id}",
+            "/v1/documents/{id}/events",
+            "/v1/documents/{id}/results",
+            "/v1/documents/{id}/results/pages/{file}",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} is documented");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! size is capped and the sha256 computed.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -83,20 +84,75 @@ fn not_a_pdf(head: &[u8]) -> ApiError {
     )
 }
 
+/// Why reading a request body stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BodyError {
+    #[error("no data from the client for {0} s")]
+    Idle(u64),
+    #[error("{0}")]
+    Read(String),
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::Idle(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_timeout",
+                format!("{e} (ingress.read_timeout_secs); the upload was discarded"),
+            ),
+            BodyError::Read(m) => {
+                ApiError::bad_request("upload_interrupted", format!("reading the upload failed: {m}"))
+            }
+        }
+    }
+}
+
+/// The API error for a multipart parsing failure: a timeout or read error of
+/// the underlying body keeps its own status.
+pub fn multipart_error(e: multer::Error) -> ApiError {
+    if let multer::Error::StreamReadFailed(inner) = &e {
+        if let Some(body) = inner.downcast_ref::<BodyError>() {
+            return body.clone().into();
+        }
+    }
+    ApiError::bad_request("bad_multipart", format!("malformed multipart body: {e}"))
+}
+
+/// Ends a body stream with [`BodyError::Idle`] when the client sends nothing
+/// for `idle`: a slow or stalled client cannot hold a request open.
+pub fn idle_timeout<S, E>(
+    body: S,
+    idle: Duration,
+) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display,
+{
+    Box::pin(futures::stream::unfold((body, false), move |(mut b, done)| async move {
+        if done {
+            return None;
+        }
+        match tokio::time::timeout(idle, b.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), (b, false))),
+            Ok(Some(Err(e))) => Some((Err(BodyError::Read(e.to_string())), (b, true))),
+            Ok(None) => None,
+            Err(_) => Some((Err(BodyError::Idle(idle.as_secs())), (b, true))),
+        }
+    }))
+}
+
 /// Streams `body` into the blob store at `key`, enforcing `limit`. On any
 /// failure the partial object is deleted and the precise error returned.
-pub async fn store_stream<S, E>(blobs: &BlobStore, key: &str, body: S, limit: u64) -> Result<Stored, ApiError>
+pub async fn store_stream<S>(blobs: &BlobStore, key: &str, body: S, limit: u64) -> Result<Stored, ApiError>
 where
-    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<Bytes, ApiError>> + Send + Unpin,
 {
     let check = Arc::new(Mutex::new(Check::default()));
     let c = check.clone();
     let checked = body.map(move |chunk| {
         let mut state = c.lock().expect("upload check lock");
-        let chunk = chunk.map_err(|e| {
-            let err =
-                ApiError::new(StatusCode::BAD_REQUEST, "upload_interrupted", format!("reading the upload failed: {e}"));
+        let chunk = chunk.map_err(|err| {
             state.failure = Some(err);
             std::io::Error::other("upload body error")
         })?;

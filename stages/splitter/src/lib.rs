@@ -157,7 +157,7 @@ impl Splitter {
             .await
             .map_err(transient("nats_publish"))?;
         self.progress
-            .page(&sub.doc_id, page.page, EventState::Rendered, None)
+            .page(&sub.doc_id, page.page, EventState::Rendered, None, Some(page.render_ms))
             .await
             .map_err(transient("nats_publish"))?;
         self.ctx.metrics.page(STAGE);
@@ -190,13 +190,21 @@ impl Splitter {
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg)
             .await
             .map_err(transient("nats_publish"))?;
-        self.progress.page(&sub.doc_id, page, EventState::Rendered, None).await.map_err(transient("nats_publish"))?;
+        self.progress
+            .page(&sub.doc_id, page, EventState::Rendered, None, None)
+            .await
+            .map_err(transient("nats_publish"))?;
         self.ctx.metrics.page_failure(STAGE);
         Ok(())
     }
 
     async fn split(&self, sub: DocumentSubmitted) -> Result<(), StageError> {
         let doc_id = sub.doc_id.clone();
+        if self.ctx.is_cancelled(&doc_id).await? {
+            tracing::info!(doc_id, "document cancelled before splitting; skipped");
+            self.ctx.metrics.document(STAGE, "cancelled");
+            return Ok(());
+        }
         let (pdf, sha256, size) = self.fetch(&sub).await.map_err(|e| e.doc(&doc_id))?;
         let cfg = &self.ctx.config.splitter;
         let skip = self.rendered_pages(&doc_id).await?;
@@ -242,6 +250,12 @@ impl Splitter {
         };
         self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(transient("nats_publish"))?;
         while let Some(event) = events.recv().await {
+            if self.ctx.is_cancelled(&doc_id).await? {
+                // Dropping the receiver stops the render thread after this page.
+                tracing::info!(doc_id, "document cancelled; remaining pages skipped");
+                self.ctx.metrics.document(STAGE, "cancelled");
+                return Ok(());
+            }
             match event {
                 RenderEvent::Page(page) => self.publish_page(&sub, page_count, page).await?,
                 RenderEvent::PageFailed { page, message } => {

@@ -25,6 +25,10 @@ impl Keys {
         let base = if prefix.is_empty() { doc_id.to_string() } else { format!("{prefix}/{doc_id}") };
         Keys { base }
     }
+    /// `rel` (as the manifest writes it, e.g. `pages/3.png`) under the document.
+    pub fn file(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.base)
+    }
     pub fn manifest(&self) -> String {
         format!("{}/manifest.json", self.base)
     }
@@ -68,7 +72,7 @@ pub struct SourceInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestPage {
     pub page: u32,
-    /// `ok` or `failed`.
+    /// `ok`, `failed` or (in a cancelled document) `cancelled`.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detections: Option<String>,
@@ -86,7 +90,7 @@ pub struct Manifest {
     pub title: Option<String>,
     pub source: SourceInfo,
     pub page_count: Option<u32>,
-    /// `completed`, `completed_with_errors` or `failed`.
+    /// `completed`, `completed_with_errors`, `failed` or `cancelled`.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
@@ -152,6 +156,28 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The manifest of a cancelled document: the pages finished before the
+    /// cancellation keep their results, the others are marked `cancelled`.
+    pub fn cancelled(st: &DocStatus, uploaded: &[u32], model: Option<ModelRef>, finished_at: String) -> Manifest {
+        let mut m = Manifest::from_status(st, model, finished_at);
+        for p in &mut m.pages {
+            if p.status == "ok" && !uploaded.contains(&p.page) {
+                *p = ManifestPage {
+                    page: p.page,
+                    status: "cancelled".into(),
+                    detections: None,
+                    image: None,
+                    error: None,
+                };
+            }
+        }
+        m.status = "cancelled".into();
+        m.error = Some(ErrorInfo { code: "cancelled".into(), message: "the document was cancelled".into() });
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use pagestream_pipeline::progress::{DocState, PageCounts};
@@ -197,6 +223,16 @@ mod tests {
         let m = Manifest::from_status(&status(2, &[1, 2]), None, "t".into());
         assert_eq!(m.status, "failed");
         assert_eq!(m.error.unwrap().code, "all_pages_failed");
+    }
+
+    #[test]
+    fn cancelled_keeps_finished_pages() {
+        let m = Manifest::cancelled(&status(4, &[2]), &[1], None, "t".into());
+        assert_eq!(m.status, "cancelled");
+        let states: Vec<&str> = m.pages.iter().map(|p| p.status.as_str()).collect();
+        assert_eq!(states, ["ok", "failed", "cancelled", "cancelled"]);
+        assert_eq!(m.pages[0].image.as_deref(), Some("pages/1.png"));
+        assert!(m.pages[2].image.is_none());
     }
 
     #[test]

@@ -20,10 +20,10 @@ use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::{count_pages, read_status, DocStatus, Progress};
+use pagestream_pipeline::progress::{count_pages, pages_in_state, read_status, DocState, DocStatus, Progress};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, DocInfo, DocumentFailed, EventState, ModelRef, PageInferred};
+use pagestream_schemas::{decode, DocInfo, DocumentCancelled, DocumentFailed, EventState, ModelRef, PageInferred};
 use tokio_util::sync::CancellationToken;
 
 use layout::{Keys, Manifest, PageResult, SourceInfo, MANIFEST_SCHEMA};
@@ -58,16 +58,25 @@ impl Uploader {
 
     async fn page(&self, msg: PageInferred) -> Result<(), StageError> {
         let doc_id = msg.doc_id.clone();
+        if self.ctx.is_cancelled(&doc_id).await? {
+            tracing::debug!(doc_id, page = msg.page, "document cancelled; page skipped");
+            self.ctx.metrics.message(STAGE, "skipped_cancelled");
+            if let Some(key) = msg.image.as_ref().and_then(|i| i.blob.as_ref()) {
+                let _ = self.blobs.delete(key).await;
+            }
+            return Ok(());
+        }
         let keys = self.keys(&doc_id);
         match (&msg.error, &msg.image) {
             (Some(err), _) => {
                 self.progress
-                    .page(&doc_id, msg.page, EventState::Failed, Some(err.clone()))
+                    .page(&doc_id, msg.page, EventState::Failed, Some(err.clone()), None)
                     .await
                     .map_err(transient("nats_publish"))?;
                 self.ctx.metrics.page_failure(STAGE);
             }
             (None, Some(image)) => {
+                let started = std::time::Instant::now();
                 let png = read_image(&self.blobs, image).await?;
                 self.store.put(&keys.page_image(msg.page), png, "image/png").await.map_err(store_err)?;
                 let result = PageResult {
@@ -82,7 +91,7 @@ impl Uploader {
                 let json = serde_json::to_vec_pretty(&result).expect("page result serialises");
                 self.store.put(&keys.page_json(msg.page), json, "application/json").await.map_err(store_err)?;
                 self.progress
-                    .page(&doc_id, msg.page, EventState::Uploaded, None)
+                    .page(&doc_id, msg.page, EventState::Uploaded, None, Some(started.elapsed().as_secs_f32() * 1000.0))
                     .await
                     .map_err(transient("nats_publish"))?;
                 if let Some(key) = &image.blob {
@@ -114,7 +123,7 @@ impl Uploader {
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?
             .ok_or_else(|| StageError::transient("status_missing", format!("no events for {doc_id} yet")))?;
-        if !status.all_pages_done() {
+        if !status.all_pages_done() || status.state == DocState::Cancelled {
             return Ok(());
         }
         let model = match model {
@@ -157,6 +166,41 @@ impl Uploader {
         Ok(())
     }
 
+    /// Records the cancellation (once: the ingress usually has already) and
+    /// writes a manifest with the pages finished so far.
+    async fn document_cancelled(&self, msg: DocumentCancelled) -> Result<(), StageError> {
+        let doc_id = msg.doc_id.as_str();
+        let nats = |e: anyhow::Error| StageError::transient("nats", format!("{e:#}"));
+        let key = self.keys(doc_id).manifest();
+        let info = DocInfo {
+            status: Some("cancelled".into()),
+            manifest: Some(self.store.location(&key)),
+            ..DocInfo::default()
+        };
+        self.progress.doc(doc_id, EventState::Cancelled, Some(info), None).await.map_err(transient("nats_publish"))?;
+        let Some(status) = read_status(&self.ctx.js, &self.ctx.names, doc_id, true).await.map_err(nats)? else {
+            return Ok(());
+        };
+        if status.state != DocState::Cancelled {
+            // It had already finished: its manifest stands.
+            return Ok(());
+        }
+        let uploaded =
+            pages_in_state(&self.ctx.js, &self.ctx.names, doc_id, EventState::Uploaded).await.map_err(nats)?;
+        let mut model = None;
+        if let Some(first) = uploaded.iter().min() {
+            if let Some(bytes) = self.store.get(&self.keys(doc_id).page_json(*first)).await.map_err(store_err)? {
+                model = serde_json::from_slice::<PageResult>(&bytes).ok().map(|p| p.model);
+            }
+        }
+        let manifest = Manifest::cancelled(&status, &uploaded, model, msg.at.clone());
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        self.store.put(&key, json, "application/json").await.map_err(store_err)?;
+        self.ctx.metrics.document(STAGE, "cancelled");
+        tracing::info!(doc_id, pages_kept = uploaded.len(), "document cancelled; manifest written");
+        Ok(())
+    }
+
     async fn document_failed(&self, msg: DocumentFailed) -> Result<(), StageError> {
         let status = read_status(&self.ctx.js, &self.ctx.names, &msg.doc_id, false)
             .await
@@ -190,7 +234,7 @@ impl Handler for Uploader {
     async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
         let Ok(page) = decode::<PageInferred>(&msg.payload) else { return Ok(()) };
         self.progress
-            .page(&page.doc_id, page.page, EventState::Failed, Some(err.info()))
+            .page(&page.doc_id, page.page, EventState::Failed, Some(err.info()), None)
             .await
             .map_err(transient("nats_publish"))?;
         self.ctx.metrics.page_failure(STAGE);
@@ -199,7 +243,11 @@ impl Handler for Uploader {
 
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let bad = |e| StageError::permanent("bad_message", e);
-        if msg.subject.as_str() == self.ctx.names.docs_failed() {
+        if msg.subject.as_str() == self.ctx.names.docs_cancelled() {
+            let cancelled: DocumentCancelled = decode(&msg.payload).map_err(bad)?;
+            let doc_id = cancelled.doc_id.clone();
+            self.document_cancelled(cancelled).await.map_err(|e| e.or_doc(&doc_id))
+        } else if msg.subject.as_str() == self.ctx.names.docs_failed() {
             let failed: DocumentFailed = decode(&msg.payload).map_err(bad)?;
             let doc_id = failed.doc_id.clone();
             self.document_failed(failed).await.map_err(|e| e.or_doc(&doc_id))

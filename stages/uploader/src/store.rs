@@ -47,6 +47,34 @@ impl ResultStore {
         }
     }
 
+    /// The store for reading results (the ingress): no start-up check, so a
+    /// result store that is down does not keep the API from starting.
+    pub async fn open(cfg: &UploaderConfig) -> ResultStore {
+        match cfg.target.as_str() {
+            "s3" => ResultStore::S3 { client: s3_client(cfg).await, bucket: cfg.s3_bucket.clone() },
+            _ => ResultStore::Local { root: std::fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()) },
+        }
+    }
+
+    /// A time-limited URL anyone can GET `key` with (S3 only).
+    pub async fn presign_get(&self, key: &str, ttl: std::time::Duration) -> Result<Option<String>> {
+        match self {
+            ResultStore::Local { .. } => Ok(None),
+            ResultStore::S3 { client, bucket } => {
+                let conf = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).context("presigning TTL")?;
+                let req = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .presigned(conf)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
+                    .with_context(|| format!("presigning s3://{bucket}/{key}"))?;
+                Ok(Some(req.uri().to_string()))
+            }
+        }
+    }
+
     /// Writes `bytes` at `key` atomically, replacing any previous object.
     pub async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<()> {
         match self {

@@ -1,0 +1,500 @@
+//! Documents: submit (with `Idempotency-Key`), list, status, cancel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use pagestream_pipeline::blob::upload_key;
+use pagestream_pipeline::progress::{publish_message, read_events, read_status, subject_counts, DocState, DocStatus};
+use pagestream_pipeline::util::now_rfc3339;
+use pagestream_schemas::{
+    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, Source, SubmitOptions, VERSION,
+};
+use pagestream_uploader::layout::Keys;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{json_response, ApiError, Resp};
+use crate::upload::{self, idle_timeout, multipart_error};
+use crate::{url_query, Ingress, STAGE};
+
+/// An `Idempotency-Key` whose document has not appeared after this long is
+/// considered abandoned (the first request died) and may be claimed again.
+const IDEMPOTENCY_STALE: Duration = Duration::from_secs(600);
+
+/// Most documents one list page returns.
+pub const MAX_LIMIT: usize = 100;
+
+/// Submission options from the query string or multipart text fields.
+#[derive(Default)]
+struct Options {
+    title: Option<String>,
+    filename: Option<String>,
+    password: Option<String>,
+    dpi: Option<f32>,
+    model: Option<String>,
+}
+
+impl Options {
+    fn set(&mut self, key: &str, value: String) -> Result<(), ApiError> {
+        let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", m);
+        match key {
+            "title" => self.title = Some(value).filter(|t| !t.trim().is_empty()),
+            "dpi" => {
+                let dpi: f32 = value.parse().map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
+                if !(10.0..=1200.0).contains(&dpi) {
+                    return Err(invalid(format!("dpi {dpi} is outside 10..=1200")));
+                }
+                self.dpi = Some(dpi);
+            }
+            "model" => self.model = Some(value).filter(|m| !m.is_empty()),
+            "filename" => self.filename = Some(value).filter(|f| !f.trim().is_empty()),
+            "password" => self.password = Some(value).filter(|p| !p.is_empty()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of presenting an `Idempotency-Key`.
+enum Claim {
+    /// No key sent.
+    None,
+    /// This request owns the key (stored under `kv_key`).
+    Owned(String),
+    /// An earlier request with the same key created this document.
+    Replay(String),
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct IdempotencyRecord {
+    doc_id: String,
+}
+
+/// Per-stage time spent on each page, from the page events.
+#[derive(Debug, Default, Serialize)]
+pub struct StageTiming {
+    pub pages: u32,
+    pub mean_ms: f32,
+    pub max_ms: f32,
+}
+
+fn doc_urls(id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "status_url": format!("/v1/documents/{id}"),
+        "events_url": format!("/v1/documents/{id}/events"),
+        "results_url": format!("/v1/documents/{id}/results"),
+    })
+}
+
+/// The public JSON of a document's status.
+pub fn status_json(s: &DocStatus) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": s.doc_id,
+        "state": s.state,
+        "title": s.info.title,
+        "filename": s.info.filename,
+        "bytes": s.info.bytes,
+        "sha256": s.info.sha256,
+        "model": s.info.model,
+        "page_count": s.page_count,
+        "pages": s.pages,
+        "failed_pages": s.failed_pages,
+        "error": s.error,
+        "queued_at": s.queued_at,
+        "started_at": s.started_at,
+        "finished_at": s.finished_at,
+        "manifest": s.info.manifest,
+    });
+    if let (Some(obj), serde_json::Value::Object(urls)) = (v.as_object_mut(), doc_urls(&s.doc_id)) {
+        obj.extend(urls);
+    }
+    v
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))
+}
+
+fn unavailable(what: &str) -> impl Fn(anyhow::Error) -> ApiError + '_ {
+    move |e| ApiError::unavailable(format!("{what} failed: {e:#}"))
+}
+
+impl Ingress {
+    pub(crate) async fn read_status(&self, id: &str, details: bool) -> Result<DocStatus, ApiError> {
+        check_id(id)?;
+        read_status(&self.ctx.js, &self.ctx.names, id, details)
+            .await
+            .map_err(unavailable("reading progress"))?
+            .ok_or_else(|| ApiError::not_found(format!("no document {id}")))
+    }
+
+    pub(crate) async fn status(&self, id: &str) -> Result<Resp, ApiError> {
+        let status = self.read_status(id, true).await?;
+        let mut json = status_json(&status);
+        json["timings"] = self.timings(&status).await?;
+        Ok(json_response(StatusCode::OK, &json))
+    }
+
+    /// Queued / started / finished, the wall time, and per stage the mean and
+    /// max milliseconds per page (from the `ms` of page events).
+    async fn timings(&self, st: &DocStatus) -> Result<serde_json::Value, ApiError> {
+        let filter = format!("{}.events.{}.page.>", self.ctx.names.prefix, st.doc_id);
+        let events = read_events(&self.ctx.js, &self.ctx.names, filter).await.map_err(unavailable("reading events"))?;
+        let mut stages: BTreeMap<&'static str, StageTiming> = BTreeMap::new();
+        for (_, ev) in &events {
+            let stage = match ev.state {
+                EventState::Rendered => "render",
+                EventState::Inferred => "infer",
+                EventState::Uploaded => "upload",
+                _ => continue,
+            };
+            let Some(ms) = ev.ms else { continue };
+            let t = stages.entry(stage).or_default();
+            t.pages += 1;
+            t.mean_ms += (ms - t.mean_ms) / t.pages as f32;
+            t.max_ms = t.max_ms.max(ms);
+        }
+        let parse = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+        };
+        let wall_ms = match (parse(&st.started_at).or(parse(&st.queued_at)), parse(&st.finished_at)) {
+            (Some(a), Some(b)) => Some(((b - a).as_seconds_f64() * 1000.0).round()),
+            _ => None,
+        };
+        Ok(serde_json::json!({
+            "queued_at": st.queued_at,
+            "started_at": st.started_at,
+            "finished_at": st.finished_at,
+            "wall_ms": wall_ms,
+            "per_page_ms": stages,
+        }))
+    }
+
+    /// `GET /v1/documents?status=&limit=&cursor=`: newest first (ids the
+    /// ingress assigns are UUIDv7, so id order is submission order); the
+    /// cursor is the last id of the previous page.
+    pub(crate) async fn list(&self, query: &str) -> Result<Resp, ApiError> {
+        let (mut want, mut limit, mut cursor) = (None, 20usize, None);
+        for (k, v) in url_query(query) {
+            match k.as_str() {
+                "status" | "state" if !v.is_empty() => {
+                    want = Some(DocState::parse(&v).ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_status",
+                            format!(
+                                "status {v:?} is not one of queued, running, completed, completed_with_errors, failed, cancelled"
+                            ),
+                        )
+                    })?)
+                }
+                "limit" => {
+                    limit = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| ApiError::bad_request("invalid_limit", format!("limit must be 1..={MAX_LIMIT}")))?
+                }
+                "cursor" if !v.is_empty() => {
+                    check_id(&v).map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not a document id"))?;
+                    cursor = Some(v)
+                }
+                _ => {}
+            }
+        }
+        let stream = self
+            .ctx
+            .js
+            .get_stream(self.ctx.names.events_stream())
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let subjects = subject_counts(&stream, &self.ctx.names.all_doc_events())
+            .await
+            .map_err(unavailable("listing documents"))?;
+        // doc id -> its document-level states.
+        let base = format!("{}.events.", self.ctx.names.prefix);
+        let mut docs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for subject in subjects.keys() {
+            if let Some((doc, state)) = subject.strip_prefix(&base).and_then(|r| r.split_once(".doc.")) {
+                docs.entry(doc.to_string()).or_default().insert(state.to_string());
+            }
+        }
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        let candidates = docs.iter().rev().filter(|(id, _)| cursor.as_ref().is_none_or(|c| id.as_str() < c.as_str()));
+        for (id, states) in candidates {
+            if want.is_some_and(|w| !could_be(w, states)) {
+                continue;
+            }
+            if items.len() == limit {
+                next_cursor = items.last().and_then(|v: &serde_json::Value| v["id"].as_str().map(str::to_string));
+                break;
+            }
+            let Some(st) =
+                read_status(&self.ctx.js, &self.ctx.names, id, false).await.map_err(unavailable("reading progress"))?
+            else {
+                continue; // expired between the listing and the read
+            };
+            if want.is_none_or(|w| w == st.state) {
+                items.push(status_json(&st));
+            }
+        }
+        Ok(json_response(StatusCode::OK, &serde_json::json!({"documents": items, "next_cursor": next_cursor})))
+    }
+
+    /// `DELETE /v1/documents/{id}`: every stage skips the remaining pages;
+    /// pages already finished keep their results.
+    pub(crate) async fn cancel(&self, id: &str) -> Result<Resp, ApiError> {
+        let status = self.read_status(id, false).await?;
+        if status.state.is_terminal() {
+            return Err(ApiError::conflict(
+                "already_finished",
+                format!("document {id} already finished ({}); nothing to cancel", status.state.as_str()),
+            ));
+        }
+        let key = Keys::new(&self.ctx.config.uploader.prefix, id).manifest();
+        let info = DocInfo {
+            status: Some("cancelled".into()),
+            manifest: Some(self.results.location(&key)),
+            ..DocInfo::default()
+        };
+        let publish_failed =
+            |e: async_nats::Error| ApiError::unavailable(format!("recording the cancellation failed: {e}"));
+        self.progress.doc(id, EventState::Cancelled, Some(info), None).await.map_err(publish_failed)?;
+        let msg = DocumentCancelled {
+            v: VERSION,
+            doc_id: id.into(),
+            reason: Some("cancelled through the API".into()),
+            at: now_rfc3339(),
+        };
+        publish_message(&self.ctx.js, self.ctx.names.docs_cancelled(), &format!("{id}:cancelled"), &msg)
+            .await
+            .map_err(publish_failed)?;
+        self.ctx.metrics.document(STAGE, "cancelled");
+        tracing::info!(doc_id = id, "document cancelled");
+        let status = self.read_status(id, true).await?;
+        Ok(json_response(StatusCode::ACCEPTED, &status_json(&status)))
+    }
+
+    /// Resolves the `Idempotency-Key` header for a new document `doc_id`.
+    async fn claim(&self, req: &Request<Incoming>, token: &str, doc_id: &str) -> Result<Claim, ApiError> {
+        let Some(raw) = req.headers().get("idempotency-key") else { return Ok(Claim::None) };
+        let key = raw.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+        // Keys are scoped per token: two clients cannot collide.
+        let kv_key = hex::encode(Sha256::digest(format!("{token}\n{key}")));
+        let record = serde_json::to_vec(&IdempotencyRecord { doc_id: doc_id.into() }).expect("record serialises");
+        let kv_err = |e: &dyn std::fmt::Display| ApiError::unavailable(format!("idempotency store: {e}"));
+        match self.idempotency.create(&kv_key, record.clone().into()).await {
+            Ok(_) => return Ok(Claim::Owned(kv_key)),
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(kv_err(&e)),
+        }
+        let entry = self.idempotency.entry(&kv_key).await.map_err(|e| kv_err(&e))?;
+        let Some(entry) = entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put) else {
+            // Deleted in between: claim it now.
+            return match self.idempotency.create(&kv_key, record.into()).await {
+                Ok(_) => Ok(Claim::Owned(kv_key)),
+                Err(_) => Err(in_progress()),
+            };
+        };
+        let previous: IdempotencyRecord = serde_json::from_slice(&entry.value).map_err(|e| kv_err(&e))?;
+        if read_status(&self.ctx.js, &self.ctx.names, &previous.doc_id, false)
+            .await
+            .map_err(unavailable("reading progress"))?
+            .is_some()
+        {
+            return Ok(Claim::Replay(previous.doc_id));
+        }
+        let age = time::OffsetDateTime::now_utc() - entry.created;
+        if age < IDEMPOTENCY_STALE {
+            return Err(in_progress());
+        }
+        // The first request died before queueing its document: take over.
+        match self.idempotency.update(&kv_key, record.into(), entry.revision).await {
+            Ok(_) => Ok(Claim::Owned(kv_key)),
+            Err(_) => Err(in_progress()),
+        }
+    }
+
+    pub(crate) async fn submit(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
+        let token = self.authorize(&req)?;
+        let doc_id = uuid::Uuid::now_v7().simple().to_string();
+        match self.claim(&req, &token, &doc_id).await? {
+            Claim::Replay(existing) => {
+                let mut resp = accepted(&existing, "replayed");
+                resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+                Ok(resp)
+            }
+            Claim::Owned(kv_key) => {
+                let outcome = self.accept(req, doc_id).await;
+                if outcome.is_err() {
+                    // Nothing was queued: let the client retry with the same key.
+                    let _ = self.idempotency.delete(&kv_key).await;
+                }
+                outcome
+            }
+            Claim::None => self.accept(req, doc_id).await,
+        }
+    }
+
+    /// Streams the upload to the blob store and queues the document.
+    async fn accept(&self, req: Request<Incoming>, doc_id: String) -> Result<Resp, ApiError> {
+        let limit = self.ctx.config.ingress.max_upload_bytes;
+        if let Some(len) =
+            req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        {
+            // A multipart envelope adds a little; reject only what is clearly over.
+            if len > limit + 64 * 1024 {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("upload of {len} bytes exceeds the limit of {limit} bytes (ingress.max_upload_bytes)"),
+                ));
+            }
+        }
+        let mut opts = Options::default();
+        for (k, v) in url_query(req.uri().query().unwrap_or("")) {
+            opts.set(&k, v)?;
+        }
+        let ctype =
+            req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let key = upload_key(&doc_id);
+        let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let idle = self.read_timeout();
+        let (stored, filename) = match mime.as_str() {
+            "multipart/form-data" => {
+                let boundary = multer::parse_boundary(&ctype)
+                    .map_err(|e| ApiError::bad_request("bad_multipart", format!("invalid multipart content type: {e}")))?;
+                let body = idle_timeout(req.into_body().into_data_stream(), idle);
+                let mut multipart = multer::Multipart::new(body, boundary);
+                let mut stored = None;
+                while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+                    match field.name().unwrap_or("") {
+                        "file" if stored.is_none() => {
+                            let filename = field.file_name().map(str::to_string);
+                            let s = upload::store_stream(&self.blobs, &key, field.map_err(multipart_error), limit).await?;
+                            stored = Some((s, filename));
+                        }
+                        "file" => {
+                            let _ = self.blobs.delete(&key).await;
+                            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_many_files", "send one `file` per request"));
+                        }
+                        name => {
+                            let name = name.to_string();
+                            let text = field.text().await.map_err(multipart_error)?;
+                            opts.set(&name, text)?;
+                        }
+                    }
+                }
+                stored.ok_or_else(|| {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_file", "multipart body has no `file` field")
+                })?
+            }
+            "application/pdf" | "application/x-pdf" => {
+                let body = idle_timeout(req.into_body().into_data_stream(), idle).map_err(ApiError::from);
+                let filename = opts.filename.clone().or_else(|| opts.title.clone());
+                (upload::store_stream(&self.blobs, &key, body, limit).await?, filename)
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_content_type",
+                    format!(
+                        "content type {:?} is not accepted: send multipart/form-data with a `file` field, or an application/pdf body",
+                        if other.is_empty() { "(none)" } else { other }
+                    ),
+                ))
+            }
+        };
+        self.ctx.metrics.upload_bytes.inc_by(stored.bytes);
+        let title = opts.title.clone().or_else(|| filename.clone());
+        let msg = DocumentSubmitted {
+            v: VERSION,
+            doc_id: doc_id.clone(),
+            title: title.clone(),
+            source: Source {
+                blob: Some(key),
+                filename: filename.clone(),
+                bytes: Some(stored.bytes),
+                sha256: Some(stored.sha256.clone()),
+                ..Source::default()
+            },
+            options: SubmitOptions { dpi: opts.dpi, model: opts.model.clone(), password: opts.password.take() },
+            submitted_at: Some(now_rfc3339()),
+        };
+        let info = DocInfo {
+            title,
+            filename,
+            sha256: Some(stored.sha256),
+            bytes: Some(stored.bytes),
+            model: opts.model,
+            ..DocInfo::default()
+        };
+        // Queued event first: the status endpoint answers as soon as we reply.
+        self.progress
+            .doc(&doc_id, EventState::Queued, Some(info), None)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e}")))?;
+        publish_message(&self.ctx.js, self.ctx.names.docs_submitted(), &format!("{doc_id}:submitted"), &msg)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("queueing the document failed: {e}")))?;
+        self.ctx.metrics.document(STAGE, "submitted");
+        tracing::info!(doc_id, bytes = msg.source.bytes, "document accepted");
+        Ok(accepted(&doc_id, "queued"))
+    }
+}
+
+fn in_progress() -> ApiError {
+    ApiError::conflict(
+        "idempotency_in_progress",
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+    )
+}
+
+fn accepted(id: &str, status: &str) -> Resp {
+    let mut body = serde_json::json!({"id": id, "status": status});
+    if let (Some(obj), serde_json::Value::Object(urls)) = (body.as_object_mut(), doc_urls(id)) {
+        obj.extend(urls);
+    }
+    json_response(StatusCode::ACCEPTED, &body)
+}
+
+/// Whether a document with these document-level event states may be in
+/// state `want` (cheap pre-filter before reading its status).
+fn could_be(want: DocState, states: &BTreeSet<String>) -> bool {
+    let has = |s: &str| states.contains(s);
+    let terminal = has("completed") || has("failed") || has("cancelled");
+    match want {
+        DocState::Queued => !has("split") && !terminal,
+        DocState::Running => has("split") && !terminal,
+        DocState::Completed | DocState::CompletedWithErrors => has("completed"),
+        DocState::Failed => has("failed") || has("completed"),
+        DocState::Cancelled => has("cancelled") || has("completed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_prefilter() {
+        let set = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<BTreeSet<_>>();
+        assert!(could_be(DocState::Queued, &set(&["queued"])));
+        assert!(!could_be(DocState::Queued, &set(&["queued", "split"])));
+        assert!(could_be(DocState::Running, &set(&["queued", "split"])));
+        assert!(!could_be(DocState::Running, &set(&["queued", "split", "cancelled"])));
+        assert!(could_be(DocState::Cancelled, &set(&["queued", "cancelled"])));
+        assert!(could_be(DocState::Failed, &set(&["queued", "failed"])));
+        assert!(!could_be(DocState::Completed, &set(&["queued", "failed"])));
+    }
+}
