@@ -1,21 +1,23 @@
-//! `pagestream` — run the whole pipeline locally, or try it on PDFs.
+//! `pagestream` — run the whole pipeline locally, try it on PDFs, or use a
+//! running service's API.
 //!
 //! ```text
 //! pagestream demo [--out DIR] [FILE.pdf ...]   private NATS + all stages, submit, watch, stop
 //! pagestream run [--config FILE] [--embedded-nats]   all stages in one process until Ctrl-C
+//! pagestream submit FILE... [--watch]          API client commands (--url, --token)
+//! pagestream status ID | list | results ID [--download DIR] | cancel ID
 //! ```
 
-use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+mod commands;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use pagestream::client::ApiClient;
 use pagestream::LocalPipeline;
 use pagestream_pipeline::config::{Config, EXIT_BAD_CONFIG};
 use pagestream_pipeline::util::init_tracing;
-use serde_json::Value;
 
 const USAGE: &str = "usage:
   pagestream demo [--out DIR] [FILE.pdf ...]
@@ -25,7 +27,19 @@ const USAGE: &str = "usage:
       terminal state.
   pagestream run [--config FILE] [--embedded-nats]
       Runs every stage in this process until Ctrl-C (SIGINT/SIGTERM).
-      Settings: defaults, then FILE, then PAGESTREAM_<SECTION>_<KEY>.";
+      Settings: defaults, then FILE, then PAGESTREAM_<SECTION>_<KEY>.
+
+API client (a running service; scripts/up starts one):
+  pagestream submit FILE... [--watch] [--title T] [--dpi N] [--model M] [--idempotency-key K]
+      Uploads each PDF; with --watch, a live progress bar per document.
+      Exit 0 when every document was accepted (and, with --watch, completed
+      or completed_with_errors), 1 otherwise.
+  pagestream status ID [--json]
+  pagestream list [--status STATE] [--limit N] [--json]
+  pagestream results ID [--download DIR] [--json]
+  pagestream cancel ID
+  Options for all of them: --url URL (default $PAGESTREAM_URL, else
+  http://127.0.0.1:8080), --token TOKEN (default $PAGESTREAM_TOKEN).";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +48,9 @@ fn main() {
         match args.first().map(String::as_str) {
             Some("demo") => demo(&args[1..]).await,
             Some("run") => run(&args[1..]).await,
+            Some(cmd @ ("submit" | "status" | "list" | "results" | "cancel")) => {
+                commands::main(cmd, &args[1..], USAGE).await
+            }
             Some("-h" | "--help") | None => {
                 println!("{USAGE}");
                 Ok(0)
@@ -157,7 +174,7 @@ async fn demo(args: &[String]) -> Result<i32> {
         }
     }
     let rejected = files.len() - docs.len();
-    let statuses = watch(&client, &docs).await;
+    let statuses = commands::watch(&client, &docs).await;
     let elapsed = began.elapsed();
     pipeline.stop().await?;
 
@@ -168,7 +185,7 @@ async fn demo(args: &[String]) -> Result<i32> {
         let st = &statuses[id];
         let state = st["state"].as_str().unwrap_or("unknown");
         pages += st["pages"]["uploaded"].as_u64().unwrap_or(0);
-        let terminal = matches!(state, "completed" | "completed_with_errors" | "failed");
+        let terminal = pagestream::client::is_terminal(state);
         unfinished += usize::from(!terminal);
         let mark = match state {
             "completed" => "✓",
@@ -199,66 +216,4 @@ async fn demo(args: &[String]) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
-}
-
-/// Polls each document until all are terminal (or stalled for 10 minutes),
-/// drawing one progress line per document.
-async fn watch(client: &ApiClient, docs: &[(String, String)]) -> BTreeMap<String, Value> {
-    let tty = std::io::stderr().is_terminal();
-    let mut last: BTreeMap<String, Value> = BTreeMap::new();
-    let mut last_change = Instant::now();
-    let mut drawn = 0;
-    loop {
-        let mut changed = false;
-        for (id, _) in docs {
-            if let Ok(ans) = client.get(&format!("/v1/documents/{id}")).await {
-                if ans.status.is_success() && last.get(id) != Some(&ans.json) {
-                    last.insert(id.clone(), ans.json);
-                    changed = true;
-                }
-            }
-        }
-        let lines: Vec<String> = docs.iter().map(|(id, name)| progress_line(name, last.get(id))).collect();
-        if changed {
-            last_change = Instant::now();
-            let mut err = std::io::stderr().lock();
-            if tty && drawn > 0 {
-                let _ = write!(err, "\x1b[{drawn}A");
-            }
-            if tty || changed {
-                for l in &lines {
-                    let _ = writeln!(err, "{}{l}", if tty { "\x1b[2K" } else { "" });
-                }
-                drawn = lines.len();
-            }
-        }
-        let all_done = docs.iter().all(|(id, _)| {
-            last.get(id)
-                .and_then(|s| s["state"].as_str())
-                .is_some_and(|s| matches!(s, "completed" | "completed_with_errors" | "failed"))
-        });
-        if all_done || last_change.elapsed() > Duration::from_secs(600) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(if tty { 200 } else { 1000 })).await;
-    }
-}
-
-fn progress_line(name: &str, st: Option<&Value>) -> String {
-    let Some(st) = st else {
-        return format!("{name}: submitted");
-    };
-    let total = st["page_count"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "?".into());
-    let p = &st["pages"];
-    let mut line = format!(
-        "{name}: {:<22} rendered {}/{total} · inferred {}/{total} · uploaded {}/{total}",
-        st["state"].as_str().unwrap_or("?"),
-        p["rendered"],
-        p["inferred"],
-        p["uploaded"]
-    );
-    if p["failed"].as_u64().unwrap_or(0) > 0 {
-        line += &format!(" · failed {}", p["failed"]);
-    }
-    line
 }

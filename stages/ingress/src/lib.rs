@@ -128,6 +128,9 @@ impl Ingress {
             (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(id).await),
             (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(id, &req).await),
             (["v1", "documents", id, "results"], &Method::GET) => ("results", self.results(id).await),
+            (["v1", "documents", id, "results", "manifest.json"], &Method::GET) => {
+                ("result_manifest", self.result_manifest(id).await)
+            }
             (["v1", "documents", id, "results", "pages", file], &Method::GET) => {
                 ("result_file", self.result_file(id, file).await)
             }

@@ -3,15 +3,17 @@
 //! The manifest is read from the result store the uploader writes to (the
 //! `[uploader]` settings). Each page gets `image_url` and `detections_url`:
 //! on S3, presigned GET URLs valid for `ingress.results_url_ttl_secs`; in a
-//! local directory, `/v1/documents/{id}/results/pages/<n>.<ext>`, which the
-//! ingress serves itself (so the ingress must see the uploader's directory).
+//! local directory, `/v1/documents/{id}/results/pages/<n>.<ext>`. That
+//! route works for both stores (the ingress reads the object and serves it
+//! with the API's authentication); with a local directory the ingress must
+//! see the uploader's directory.
 
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::StatusCode;
 use pagestream_uploader::layout::Keys;
 
-use crate::error::{bytes_response, full, json_response, ApiError, Resp};
+use crate::error::{bytes_response, json_response, ApiError, Resp};
 use crate::Ingress;
 
 /// `<n>.png` or `<n>.json`, nothing else (no path can escape the document).
@@ -95,8 +97,21 @@ impl Ingress {
         Ok(json_response(StatusCode::OK, &manifest))
     }
 
-    /// One page's image or JSON: read from a local results directory, or a
-    /// redirect to a presigned URL on S3.
+    /// The manifest exactly as the uploader wrote it.
+    pub(crate) async fn result_manifest(&self, id: &str) -> Result<Resp, ApiError> {
+        pagestream_schemas::validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
+        let bytes = self
+            .results
+            .get(&self.keys(id).manifest())
+            .await
+            .map_err(|e| ApiError::unavailable(format!("reading the manifest failed: {e:#}")))?
+            .ok_or_else(|| ApiError::not_found(format!("document {id} has no manifest (yet)")))?;
+        Ok(bytes_response(StatusCode::OK, "application/json", bytes))
+    }
+
+    /// One page's image or JSON, read from the result store (a local
+    /// directory or S3) and served with the API's own authentication: the
+    /// web page uses this route, so it needs no CORS rules on the bucket.
     pub(crate) async fn result_file(&self, id: &str, file: &str) -> Result<Resp, ApiError> {
         pagestream_schemas::validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
         let (page, ext) = parse_page_file(file)
@@ -104,14 +119,6 @@ impl Ingress {
         let keys = self.keys(id);
         let key = if ext == "png" { keys.page_image(page) } else { keys.page_json(page) };
         let rel = format!("pages/{file}");
-        let url = self.result_url(id, &key, &rel).await?;
-        if !url.starts_with('/') {
-            return Ok(Response::builder()
-                .status(StatusCode::TEMPORARY_REDIRECT)
-                .header(http::header::LOCATION, url)
-                .body(full(bytes::Bytes::new()))
-                .expect("valid response"));
-        }
         let bytes = self
             .results
             .get(&key)
