@@ -7,6 +7,7 @@
 pub mod client;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
@@ -31,13 +32,30 @@ pub struct LocalPipeline {
 impl LocalPipeline {
     /// Starts every stage. With `embedded_nats`, a private nats-server is
     /// started first and `config.nats.url` points at it.
-    pub async fn start(mut config: Config, embedded_nats: bool) -> Result<LocalPipeline> {
-        let nats = if embedded_nats {
-            let server = tokio::task::spawn_blocking(NatsServer::start).await??;
-            config.nats.url = server.url();
-            Some(server)
-        } else {
-            None
+    pub async fn start(config: Config, embedded_nats: bool) -> Result<LocalPipeline> {
+        let store = embedded_nats.then_some(None);
+        Self::start_with_store(config, store).await
+    }
+
+    /// Like [`LocalPipeline::start`]; `Some(Some(dir))` starts the private
+    /// nats-server with its storage in `dir`, so documents and progress
+    /// survive a restart (`scripts/up`); `Some(None)` uses a temporary one.
+    pub async fn start_with_store(mut config: Config, embedded: Option<Option<PathBuf>>) -> Result<LocalPipeline> {
+        let nats = match embedded {
+            None => None,
+            Some(store) => {
+                let server = tokio::task::spawn_blocking(move || match store {
+                    Some(dir) => {
+                        std::fs::create_dir_all(&dir)
+                            .with_context(|| format!("creating the NATS store {}", dir.display()))?;
+                        NatsServer::start_in(&dir, None)
+                    }
+                    None => NatsServer::start(),
+                })
+                .await??;
+                config.nats.url = server.url();
+                Some(server)
+            }
         };
         let metrics = Arc::new(Metrics::new());
         let health = Health::new(metrics.clone());

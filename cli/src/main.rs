@@ -25,8 +25,10 @@ const USAGE: &str = "usage:
       the bundled sample), shows live progress, writes results to DIR
       (default ./out), stops everything. Exit 0 when every document reached a
       terminal state.
-  pagestream run [--config FILE] [--embedded-nats]
+  pagestream run [--config FILE] [--embedded-nats] [--nats-store DIR]
       Runs every stage in this process until Ctrl-C (SIGINT/SIGTERM).
+      --embedded-nats starts a private nats-server (temporary storage, or
+      DIR with --nats-store, which keeps documents across restarts).
       Settings: defaults, then FILE, then PAGESTREAM_<SECTION>_<KEY>.
 
 API client (a running service; scripts/up starts one):
@@ -80,11 +82,13 @@ fn load_config(file: Option<PathBuf>) -> Result<Config, i32> {
 async fn run(args: &[String]) -> Result<i32> {
     let mut file = None;
     let mut embedded = false;
+    let mut store = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "-c" | "--config" => file = it.next().map(PathBuf::from),
             "--embedded-nats" => embedded = true,
+            "--nats-store" => store = it.next().map(PathBuf::from),
             other => {
                 eprintln!("unknown argument {other:?}\n\n{USAGE}");
                 return Ok(EXIT_BAD_CONFIG);
@@ -96,11 +100,12 @@ async fn run(args: &[String]) -> Result<i32> {
         Err(code) => return Ok(code),
     };
     init_tracing();
-    let mut pipeline = LocalPipeline::start(config, embedded).await?;
+    let embedded = (embedded || store.is_some()).then_some(store);
+    let mut pipeline = LocalPipeline::start_with_store(config, embedded).await?;
     // Installed once every stage is up: a native library loaded during
     // start-up must not be able to replace our SIGTERM/SIGINT handlers.
     let signals = pagestream_pipeline::shutdown::on_signals(pagestream_pipeline::shutdown::DEFAULT_GRACE);
-    eprintln!("pagestream running: API at {} (Ctrl-C to stop)", pipeline.base_url());
+    eprintln!("pagestream running: web page and API at {} (Ctrl-C to stop)", pipeline.base_url());
     let stop = pipeline.shutdown.clone();
     tokio::spawn(async move {
         signals.cancelled().await;

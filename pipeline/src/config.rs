@@ -17,8 +17,17 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 
 /// Environment variables with the `PAGESTREAM_` prefix that are not
 /// `<SECTION>_<KEY>` settings.
-const RESERVED_ENV: &[&str] =
-    &["PAGESTREAM_CONFIG", "PAGESTREAM_DEPS", "PAGESTREAM_LOG", "PAGESTREAM_BLESS", "PAGESTREAM_CORPUS"];
+/// Environment variables that are not settings: tools and the CLI read them.
+const RESERVED_ENV: &[&str] = &[
+    "PAGESTREAM_CONFIG",
+    "PAGESTREAM_DEPS",
+    "PAGESTREAM_LOG",
+    "PAGESTREAM_BLESS",
+    "PAGESTREAM_CORPUS",
+    "PAGESTREAM_NATS_SERVER",
+    "PAGESTREAM_URL",
+    "PAGESTREAM_TOKEN",
+];
 
 /// The whole configuration; each binary reads the sections it needs, so one
 /// file can configure every stage.
