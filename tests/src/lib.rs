@@ -156,7 +156,7 @@ pub async fn wait_terminal(client: &ApiClient, id: &str, within: Duration) -> Re
         let ans = client.get(&format!("/v1/documents/{id}")).await?;
         if ans.status.is_success() {
             if let Some(state) = ans.json["state"].as_str() {
-                if matches!(state, "completed" | "completed_with_errors" | "failed") {
+                if pagestream::client::is_terminal(state) {
                     return Ok(ans.json);
                 }
             }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use pagestream::client::ApiClient;
 use pagestream_e2e::{corpus, Harness, MotoServer};
 use pagestream_uploader::ResultStore;
 use serde_json::Value;
@@ -128,5 +129,21 @@ async fn raw_pdf_upload_to_s3() {
     // Exactly the documented objects: 28 × (png + json) + manifest, nothing else.
     let listed = client.list_objects_v2().bucket("results").prefix(format!("runs/e2e/{id}/")).send().await.unwrap();
     assert_eq!(listed.key_count(), Some(2 * PAGES as i32 + 1));
+
+    // The results route hands out presigned links that work without credentials.
+    let res = h.client.get(&format!("/v1/documents/{id}/results")).await.unwrap().json;
+    assert_eq!(res["status"], "completed");
+    let endpoint = moto.endpoint();
+    for (field, check) in [("image_url", b"\x89PNG".as_slice()), ("detections_url", b"{".as_slice())] {
+        let url = res["pages"][2][field].as_str().unwrap();
+        assert!(url.starts_with(&endpoint) && url.contains("X-Amz-Signature"), "{url}");
+        let (status, body) = ApiClient::new(&endpoint).get_bytes(&url[endpoint.len()..]).await.unwrap();
+        assert_eq!(status, 200, "{url}");
+        assert!(body.starts_with(check), "{field}");
+    }
+    // The ingress serves the same object through its own route.
+    let (status, png) = h.client.get_bytes(&format!("/v1/documents/{id}/results/pages/3.png")).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(png_size(&png), (1241, 1754));
     h.stop().await.unwrap();
 }

@@ -328,8 +328,16 @@ impl Ingress {
     pub(crate) async fn submit(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
         let token = self.authorize(&req)?;
         let doc_id = uuid::Uuid::now_v7().simple().to_string();
-        match self.claim(&req, &token, &doc_id).await? {
+        let claim = match self.claim(&req, &token, &doc_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.read_timeout()).await;
+                return Err(e);
+            }
+        };
+        match claim {
             Claim::Replay(existing) => {
+                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.read_timeout()).await;
                 let mut resp = accepted(&existing, "replayed");
                 resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
                 Ok(resp)

@@ -112,6 +112,8 @@ impl Ingress {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         if segments.first() == Some(&"v1") {
             if let Err(e) = self.authorize(&req) {
+                // Read a small body so the client gets the 401, not a reset.
+                upload::drain(req.into_body(), 1 << 20, self.read_timeout()).await;
                 return ("unauthorized", e.response());
             }
         }

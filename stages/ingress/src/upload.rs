@@ -142,6 +142,21 @@ where
     }))
 }
 
+/// Reads and discards up to `limit` bytes of a request body we answer
+/// without using (an idempotent replay), so the client, still sending,
+/// receives the answer instead of a reset connection.
+pub async fn drain(body: hyper::body::Incoming, limit: u64, idle: Duration) {
+    use http_body_util::BodyExt;
+    let mut stream = idle_timeout(body.into_data_stream(), idle);
+    let mut read = 0u64;
+    while let Some(Ok(chunk)) = stream.next().await {
+        read += chunk.len() as u64;
+        if read > limit {
+            break;
+        }
+    }
+}
+
 /// Streams `body` into the blob store at `key`, enforcing `limit`. On any
 /// failure the partial object is deleted and the precise error returned.
 pub async fn store_stream<S>(blobs: &BlobStore, key: &str, body: S, limit: u64) -> Result<Stored, ApiError>
