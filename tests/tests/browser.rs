@@ -1,0 +1,192 @@
+//! The web page at `/`, driven in real headless Chromium (Debian's
+//! `chromium` through `chromedriver`, W3C WebDriver over HTTP): a PDF is
+//! uploaded through the page's file input, the page's live list (fed by
+//! server-sent events) shows it completed, and the viewer draws the
+//! detections over the page image. A screenshot is left in the test's
+//! output directory for people to look at.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use pagestream::client::{full, ApiClient};
+use pagestream_e2e::{corpus, Harness};
+use pagestream_pipeline::embedded::free_port;
+use serde_json::{json, Value};
+
+struct Driver {
+    child: Child,
+    http: ApiClient,
+    session: String,
+}
+
+impl Driver {
+    async fn start(profile: &std::path::Path) -> Driver {
+        let port = free_port().unwrap();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver is installed by scripts/setup --test");
+        let http = ApiClient::new(format!("http://127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.get("/status").await.map(|a| a.json["value"]["ready"] != true).unwrap_or(true) {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--disable-quic", "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                         format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        let mut driver = Driver { child, http, session: String::new() };
+        let created = driver.call(Method::POST, "/session", caps).await;
+        driver.session = created["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
+        driver
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Value) -> Value {
+        let body = if body.is_null() { full(Vec::new()) } else { full(serde_json::to_vec(&body).unwrap()) };
+        let ans = self.http.send(method.clone(), path, Some("application/json"), body).await.unwrap();
+        assert!(ans.status.is_success(), "WebDriver {method} {path}: {}", ans.json);
+        ans.json["value"].clone()
+    }
+
+    async fn cmd(&self, method: Method, path: &str, body: Value) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body).await
+    }
+
+    async fn script(&self, js: &str) -> Value {
+        self.cmd(Method::POST, "/execute/sync", json!({"script": js, "args": []})).await
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let found = self.cmd(Method::POST, "/element", json!({"using": "css selector", "value": css})).await;
+        // The W3C element reference: {"element-6066-…": "<id>"}.
+        let reference = found.as_object().and_then(|o| o.iter().find(|(k, _)| k.starts_with("element-")));
+        reference.and_then(|(_, v)| v.as_str()).unwrap_or_else(|| panic!("no element {css}: {found}")).to_string()
+    }
+
+    /// Polls `js` until it returns something truthy.
+    async fn wait_for(&self, js: &str, within: Duration, what: &str) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.script(js).await;
+            if !(v.is_null() || v == false || v == 0 || v == "") {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let page = self.script("return document.body.innerText").await;
+                panic!("timed out waiting for {what}; the page shows:\n{}", page.as_str().unwrap_or(""));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_through_the_page_and_see_it_complete_with_detections() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver::start(profile.path()).await;
+    driver.cmd(Method::POST, "/url", json!({"url": h.pipeline.base_url()})).await;
+    assert_eq!(driver.script("return document.title").await, "pagestream");
+    driver
+        .wait_for(
+            "return document.getElementById('docs').innerText.includes('No documents')",
+            Duration::from_secs(20),
+            "the empty list",
+        )
+        .await;
+
+    // Upload through the page's file input (what the picker and drop zone feed).
+    let input = driver.element("#file").await;
+    let pdf = corpus("fig_dbscan-jss.pdf");
+    driver.cmd(Method::POST, &format!("/element/{input}/value"), json!({"text": pdf.to_str().unwrap()})).await;
+
+    // The live list shows the document finishing, fed by its event stream.
+    let id = driver
+        .wait_for(
+            "const r = document.querySelector('[data-doc-id]'); return r && r.dataset.docId",
+            Duration::from_secs(30),
+            "the uploaded document in the list",
+        )
+        .await;
+    let id = id.as_str().unwrap().to_string();
+    let seen_running = driver
+        .wait_for(
+            &format!("const r = document.querySelector('[data-doc-id=\"{id}\"]'); return r && r.dataset.state"),
+            Duration::from_secs(30),
+            "a state",
+        )
+        .await;
+    assert!(["queued", "running", "completed"].contains(&seen_running.as_str().unwrap()), "{seen_running}");
+    driver
+        .wait_for(
+            &format!("const r = document.querySelector('[data-doc-id=\"{id}\"]'); return r && r.dataset.state === 'completed'"),
+            Duration::from_secs(240),
+            "the document to complete",
+        )
+        .await;
+    let bars = driver
+        .script(&format!(
+            "return [...document.querySelectorAll('[data-doc-id=\"{id}\"] progress')].map(p => p.value + '/' + p.max)"
+        ))
+        .await;
+    assert_eq!(bars, json!(["28/28", "28/28", "28/28"]), "progress bars full");
+    // The API agrees.
+    let st = h.client.get(&format!("/v1/documents/{id}")).await.unwrap().json;
+    assert_eq!(st["state"], "completed");
+    assert_eq!(st["title"], "fig_dbscan-jss.pdf");
+
+    // Open it: the viewer draws page 1 with its detections.
+    driver.script(&format!("document.querySelector('[data-doc-id=\"{id}\"]').click()")).await;
+    let drawn = driver
+        .wait_for(
+            "const img = document.querySelector('#canvas img'); const n = document.querySelectorAll('#canvas svg g').length; return img && img.complete && img.naturalWidth > 0 && n",
+            Duration::from_secs(30),
+            "the page image with detections",
+        )
+        .await;
+    let (status, json1) = h.client.get_bytes(&format!("/v1/documents/{id}/results/pages/1.json")).await.unwrap();
+    assert_eq!(status, 200);
+    let page1: Value = serde_json::from_slice(&json1).unwrap();
+    assert_eq!(drawn, json!(page1["detections"].as_array().unwrap().len()), "one box per detection");
+    let labels =
+        driver.script("return [...document.querySelectorAll('#canvas svg g')].map(g => g.dataset.label)").await;
+    assert_eq!(labels[0], page1["detections"][0]["label"]);
+    let width = driver.script("return document.querySelector('#canvas img').naturalWidth").await;
+    assert_eq!(width, page1["width"]);
+    // Another page.
+    driver.script("document.querySelector('#pages [data-page=\"5\"]').click()").await;
+    driver
+        .wait_for(
+            "return document.querySelector('#canvas svg[data-page=\"5\"]') !== null",
+            Duration::from_secs(30),
+            "page 5",
+        )
+        .await;
+
+    let shot = driver.cmd(Method::GET, "/screenshot", Value::Null).await;
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD.decode(shot.as_str().unwrap()).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    let out = std::env::temp_dir().join("pagestream-browser-test.png");
+    std::fs::write(&out, &png).unwrap();
+    eprintln!("screenshot: {}", out.display());
+    driver.call(Method::DELETE, &format!("/session/{}", driver.session), Value::Null).await;
+    h.stop().await.unwrap();
+}
