@@ -139,6 +139,12 @@ impl ApiClient {
             let attempt = self.raw(Method::GET, &format!("/v1/documents/{id}/events"), &headers, empty()).await;
             let mut resp = match attempt {
                 Ok(r) if r.status().is_success() => r,
+                // The server is restarting or NATS is briefly away: retry.
+                Ok(r) if r.status().is_server_error() && failures < 10 => {
+                    failures += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
                 Ok(r) => {
                     let status = r.status();
                     let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -159,6 +165,7 @@ impl ApiClient {
                 let Ok(data) = frame.into_data() else { continue };
                 buf.push_str(&String::from_utf8_lossy(&data));
                 for ev in parse_sse(&mut buf) {
+                    failures = 0;
                     if ev.id.is_some() {
                         last_id = ev.id.clone();
                     }

@@ -109,6 +109,18 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
         docs.push(ans.json["id"].as_str().unwrap().to_string());
     }
 
+    // Follow every document's event stream through the chaos (reconnecting
+    // with Last-Event-ID when its ingress is killed or NATS restarts).
+    let mut watchers = tokio::task::JoinSet::new();
+    for (i, id) in docs.iter().enumerate() {
+        let (client, id) = (clients[i % 2].clone(), id.clone());
+        watchers.spawn(async move {
+            let mut seen = Vec::new();
+            let outcome = client.follow_events(&id, |ev| seen.push((ev.kind.clone(), ev.data.clone()))).await;
+            (id, outcome.map(|_| seen))
+        });
+    }
+
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     println!("chaos seed {seed}");
     let mut rng = Rng(seed);
@@ -200,6 +212,31 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
         assert!(pages.iter().enumerate().all(|(i, p)| p["page"] == i as u64 + 1 && p["status"] == "ok"));
     }
     assert!(pages_total >= 150, "{pages_total} pages");
+
+    // Progress as the live streams saw it: never backwards, never above the
+    // page count, exactly one terminal state, and it came last.
+    while let Some(res) = watchers.join_next().await {
+        let (id, events) = res.unwrap();
+        let events = events.unwrap_or_else(|e| panic!("event stream of {id}: {e:#}"));
+        let mut last = [0u64; 3];
+        let mut terminal = 0;
+        for (kind, data) in &events {
+            let n = data["page_count"].as_u64().unwrap_or(u64::MAX);
+            for (i, stage) in ["rendered", "inferred", "uploaded"].iter().enumerate() {
+                let c = data["pages"][stage].as_u64().unwrap();
+                assert!(c >= last[i] && c <= n, "{id}: {stage} went from {} to {c} (of {n})", last[i]);
+                last[i] = c;
+            }
+            if kind == "state" && pagestream::client::is_terminal(data["state"].as_str().unwrap()) {
+                terminal += 1;
+                assert_eq!(data["state"], "completed", "{id}");
+            }
+        }
+        assert_eq!(terminal, 1, "{id}: one terminal state event");
+        assert_eq!(events.last().unwrap().0, "state", "{id}: the terminal state comes last");
+        let n = events.last().unwrap().1["page_count"].as_u64().unwrap();
+        assert_eq!(last, [n, n, n], "{id}: final counts");
+    }
 
     // Nothing was dead-lettered.
     let js = pagestream_pipeline::nats::connect(&cfg_nats(&nats), "chaos-check").await.unwrap();
