@@ -60,7 +60,7 @@ impl StageError {
         self
     }
     pub fn info(&self) -> ErrorInfo {
-        ErrorInfo { code: self.code.to_string(), message: self.message.clone() }
+        ErrorInfo::new(self.code, self.message.clone())
     }
 }
 

@@ -302,11 +302,10 @@ pub async fn read_status(
     if page_details {
         for subject in &failed_subjects {
             let ev = last_event(&stream, subject).await?;
-            status.failed_pages.push(FailedPage {
-                page: ev.page.unwrap_or(0),
-                stage: ev.stage,
-                error: ev.error.unwrap_or_default(),
-            });
+            let error = ev.error.unwrap_or_default();
+            // The stage that failed, not the one that recorded it.
+            let stage = error.stage.clone().unwrap_or(ev.stage);
+            status.failed_pages.push(FailedPage { page: ev.page.unwrap_or(0), stage, error });
         }
         status.failed_pages.sort_by_key(|f| f.page);
     }

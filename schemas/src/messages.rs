@@ -165,6 +165,22 @@ pub struct PageInferred {
 pub struct ErrorInfo {
     pub code: String,
     pub message: String,
+    /// The stage where it happened, when it is not the one reporting it
+    /// (a page that failed to render, reported by the uploader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}
+
+impl ErrorInfo {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorInfo { code: code.into(), message: message.into(), stage: None }
+    }
+
+    /// The same error, attributed to `stage`.
+    pub fn at_stage(mut self, stage: &str) -> Self {
+        self.stage = Some(stage.to_string());
+        self
+    }
 }
 
 /// A document that failed as a whole (cannot be fetched or opened): subject

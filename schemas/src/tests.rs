@@ -87,10 +87,7 @@ fn failed() -> DocumentFailed {
         v: VERSION,
         doc_id: "doc-2".into(),
         stage: "splitter".into(),
-        error: ErrorInfo {
-            code: "pdf_unreadable".into(),
-            message: "pdfium could not open the document: format error".into(),
-        },
+        error: ErrorInfo::new("pdf_unreadable", "pdfium could not open the document: format error"),
         title: None,
         source: Source::default(),
         at: "2026-11-28T12:00:02Z".into(),

@@ -275,6 +275,7 @@ async fn failed_pages_reach_status_and_manifest_with_their_reason() {
     let reasons = st["failed_pages"].as_array().unwrap();
     assert_eq!(reasons.len(), 4);
     assert!(reasons.iter().all(|f| f["error"]["code"] == "model_unknown"), "{st}");
+    assert!(reasons.iter().all(|f| f["stage"] == "inferencer"), "the stage that failed, not the uploader: {st}");
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "failed");

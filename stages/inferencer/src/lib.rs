@@ -105,7 +105,7 @@ impl Inferencer {
             }
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
                 out.image = None;
-                out.error = Some(e.info());
+                out.error = Some(e.info().at_stage(STAGE));
                 Some(e.doc(&doc_id))
             }
             Err(e) => return Err(e.doc(&doc_id)),
@@ -175,7 +175,7 @@ impl Handler for Inferencer {
         let Ok(page) = decode::<PageRendered>(&msg.payload) else { return Ok(()) };
         let mut out = self.output(&page);
         out.image = None;
-        out.error = Some(err.info());
+        out.error = Some(err.info().at_stage(STAGE));
         self.forward(&out).await
     }
 }

@@ -184,7 +184,7 @@ impl Splitter {
             detections: Vec::new(),
             image: None,
             timings: Timings::default(),
-            error: Some(ErrorInfo { code: "page_render_failed".into(), message }),
+            error: Some(ErrorInfo::new("page_render_failed", message).at_stage(STAGE)),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page);
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg)

@@ -128,10 +128,7 @@ impl Manifest {
         let (status, error) = if failures == 0 {
             ("completed", None)
         } else if failures as u32 == page_count {
-            (
-                "failed",
-                Some(ErrorInfo { code: "all_pages_failed".into(), message: format!("all {page_count} pages failed") }),
-            )
+            ("failed", Some(ErrorInfo::new("all_pages_failed", format!("all {page_count} pages failed"))))
         } else {
             ("completed_with_errors", None)
         };
@@ -173,7 +170,7 @@ impl Manifest {
             }
         }
         m.status = "cancelled".into();
-        m.error = Some(ErrorInfo { code: "cancelled".into(), message: "the document was cancelled".into() });
+        m.error = Some(ErrorInfo::new("cancelled", "the document was cancelled"));
         m
     }
 }
@@ -195,11 +192,7 @@ mod tests {
             error: None,
             failed_pages: failed
                 .iter()
-                .map(|&page| FailedPage {
-                    page,
-                    stage: "inferencer".into(),
-                    error: ErrorInfo { code: "x".into(), message: "why".into() },
-                })
+                .map(|&page| FailedPage { page, stage: "inferencer".into(), error: ErrorInfo::new("x", "why") })
                 .collect(),
             queued_at: None,
             started_at: None,
