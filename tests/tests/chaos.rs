@@ -241,8 +241,31 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     // Nothing was dead-lettered.
     let js = pagestream_pipeline::nats::connect(&cfg_nats(&nats), "chaos-check").await.unwrap();
     let names = Names::new(PREFIX);
-    let dlq = js.get_stream(names.dlq_stream()).await.unwrap().get_info().await.unwrap();
-    assert_eq!(dlq.state.messages, 0, "dead letters after chaos; logs in {}", logs.path().display());
+    let dlq_stream = js.get_stream(names.dlq_stream()).await.unwrap();
+    let dlq = dlq_stream.get_info().await.unwrap();
+    if dlq.state.messages > 0 {
+        for seq in dlq.state.first_sequence..=dlq.state.last_sequence {
+            if let Ok(raw) = dlq_stream.get_raw_message(seq).await {
+                let dl: pagestream_schemas::DeadLetter = pagestream_schemas::decode(&raw.payload).unwrap();
+                eprintln!(
+                    "dead letter: stage {} subject {} doc {:?} attempts {} error {:?}",
+                    dl.stage, dl.subject, dl.doc_id, dl.attempts, dl.error
+                );
+            }
+        }
+        for stage in STAGES {
+            for idx in 0..2 {
+                let log = cluster.log(stage, idx);
+                let tail: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+                eprintln!(
+                    "--- {stage}-{idx}: {} warnings/errors; last ones:\n{}",
+                    tail.len(),
+                    tail[tail.len().saturating_sub(8)..].join("\n")
+                );
+            }
+        }
+    }
+    assert_eq!(dlq.state.messages, 0, "dead letters after chaos (printed above)");
 
     println!(
         "chaos: {} documents, {pages_total} pages in {:.1} s; kills {kills}, nats restarts 1, S3 outage 10 s; \
