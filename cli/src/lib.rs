@@ -122,10 +122,16 @@ impl LocalPipeline {
     /// Waits until a stage exits (an error) or `shutdown` is cancelled.
     pub async fn wait(&mut self) -> Result<()> {
         tokio::select! {
+            // Biased: once shutdown is requested, stages exit on their own;
+            // one that wins the race to exit is not "unexpected".
+            biased;
             _ = self.shutdown.cancelled() => Ok(()),
             Some(res) = self.tasks.join_next() => {
                 let (stage, r) = res?;
                 r.with_context(|| format!("stage {stage} stopped"))?;
+                if self.shutdown.is_cancelled() {
+                    return Ok(());
+                }
                 anyhow::bail!("stage {stage} exited unexpectedly")
             }
         }

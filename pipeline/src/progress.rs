@@ -349,18 +349,29 @@ impl Cancellations {
         if self.known.lock().expect("cancellations lock").contains(doc_id) {
             return Ok(true);
         }
+        let subject = self.names.doc_event(doc_id, EventState::Cancelled.as_str());
+        let cancelled = self.event_exists(&subject).await?;
+        if cancelled {
+            self.known.lock().expect("cancellations lock").insert(doc_id.to_string());
+        }
+        Ok(cancelled)
+    }
+
+    /// Whether page `page` of `doc_id` already reached `state` (a redelivered
+    /// message whose work was done, only its ack was lost).
+    pub async fn page_reached(&self, doc_id: &str, page: u32, state: EventState) -> Result<bool> {
+        self.event_exists(&self.names.page_event(doc_id, state.as_str(), page)).await
+    }
+
+    async fn event_exists(&self, subject: &str) -> Result<bool> {
         let stream = self
             .stream
             .get_or_try_init(|| async { self.js.get_stream(self.names.events_stream()).await.context("events stream") })
             .await?;
-        let subject = self.names.doc_event(doc_id, EventState::Cancelled.as_str());
         match stream.direct_get_last_for_subject(subject).await {
-            Ok(_) => {
-                self.known.lock().expect("cancellations lock").insert(doc_id.to_string());
-                Ok(true)
-            }
+            Ok(_) => Ok(true),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(false),
-            Err(e) => Err(anyhow::anyhow!("checking whether {doc_id} was cancelled: {e}")),
+            Err(e) => Err(anyhow::anyhow!("reading {subject}: {e}")),
         }
     }
 }

@@ -50,6 +50,19 @@ impl StageContext {
             .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
     }
 
+    /// Whether page `page` of `doc_id` already reached `state`.
+    pub async fn page_reached(
+        &self,
+        doc_id: &str,
+        page: u32,
+        state: pagestream_schemas::EventState,
+    ) -> Result<bool, crate::consumer::StageError> {
+        self.cancellations
+            .page_reached(doc_id, page, state)
+            .await
+            .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
+    }
+
     pub fn progress(&self, stage: &'static str) -> Progress {
         Progress::new(self.js.clone(), self.names.clone(), stage)
     }

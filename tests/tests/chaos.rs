@@ -269,10 +269,11 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
 
     println!(
         "chaos: {} documents, {pages_total} pages in {:.1} s; kills {kills}, nats restarts 1, S3 outage 10 s; \
-         redeliveries {}, duplicates suppressed {}",
+         redeliveries {} (of which already done {}), duplicates suppressed {}",
         docs.len(),
         elapsed.as_secs_f32(),
         cluster.count_in_logs("handling a redelivered message"),
+        cluster.count_in_logs("redelivery acknowledged"),
         cluster.count_in_logs("duplicate publish suppressed"),
     );
 }

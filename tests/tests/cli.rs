@@ -134,7 +134,8 @@ fn scripts_up_serves_the_cli_and_stops_on_ctrl_c() {
         assert!(Instant::now() < deadline, "scripts/up still running 30 s after SIGINT");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(status.code(), Some(0), "clean exit");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert_eq!(status.code(), Some(0), "clean exit; scripts/up said: {rest:#?}");
     for k in kids {
         assert!(!alive(k), "child {k} survived");
     }

@@ -103,6 +103,15 @@ impl Inferencer {
                 out.timings.infer_ms = Some(infer_ms);
                 None
             }
+            // Redelivered after a lost ack: the page went downstream and the
+            // uploader already released its image. Nothing left to do.
+            Err(e)
+                if e.code == "image_missing"
+                    && self.ctx.page_reached(&doc_id, page.page, EventState::Inferred).await? =>
+            {
+                tracing::info!(doc_id, page = page.page, "page already inferred; redelivery acknowledged");
+                return Ok(());
+            }
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
                 out.image = None;
                 out.error = Some(e.info().at_stage(STAGE));

@@ -77,7 +77,20 @@ impl Uploader {
             }
             (None, Some(image)) => {
                 let started = std::time::Instant::now();
-                let png = read_image(&self.blobs, image).await?;
+                let png = match read_image(&self.blobs, image).await {
+                    Ok(png) => png,
+                    // Redelivered after a lost ack: the page was uploaded and
+                    // its claim-check blob released. Done; only finish up.
+                    Err(e)
+                        if e.code == "image_missing"
+                            && self.ctx.page_reached(&doc_id, msg.page, EventState::Uploaded).await? =>
+                    {
+                        tracing::info!(doc_id, page = msg.page, "page already uploaded; redelivery acknowledged");
+                        let model = (!msg.model.name.is_empty()).then(|| msg.model.clone());
+                        return self.finalize_if_done(&doc_id, msg.page_count, model).await;
+                    }
+                    Err(e) => return Err(e),
+                };
                 self.store.put(&keys.page_image(msg.page), png, "image/png").await.map_err(store_err)?;
                 let result = PageResult {
                     page: msg.page,

@@ -1,0 +1,89 @@
+//! A message redelivered after its work was done but its ack was lost (seen
+//! in the chaos test during a NATS restart): the uploader had already
+//! written the page and released its claim-check image, so the redelivered
+//! message finds no image. That must be acknowledged as done, not
+//! dead-lettered as `image_missing` (which would also mark a finished page
+//! failed). A page whose image is missing and that was *not* done still is
+//! dead-lettered, so the check discriminates.
+
+use std::time::{Duration, Instant};
+
+use pagestream_e2e::Harness;
+use pagestream_pipeline::progress::publish_message;
+use pagestream_schemas::{EventState, ImageRef, ModelRef, PageInferred, PageRendered, Timings, VERSION};
+
+async fn dlq_count(h: &Harness) -> u64 {
+    let ctx = &h.pipeline.ctx;
+    ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap().get_info().await.unwrap().state.messages
+}
+
+async fn wait_idle(h: &Harness, stream: String, durable: &str) {
+    let ctx = &h.pipeline.ctx;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            ctx.js.get_stream(&stream).await.unwrap().get_consumer(durable).await.unwrap();
+        let info = c.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{durable} did not finish: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn missing(doc: &str, page: u32) -> ImageRef {
+    ImageRef { format: "png".into(), inline: None, blob: Some(format!("pages/{doc}/{page}.png")) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let ctx = h.pipeline.ctx.clone();
+    let doc = "redelivered-doc";
+    // Page 1 was inferred and uploaded; page 2 was not.
+    ctx.progress("inferencer").page(doc, 1, EventState::Inferred, None, None).await.unwrap();
+    ctx.progress("uploader").page(doc, 1, EventState::Uploaded, None, None).await.unwrap();
+
+    for page in [1, 2] {
+        let inferred = PageInferred {
+            v: VERSION,
+            doc_id: doc.into(),
+            page,
+            page_count: 3,
+            width: 10,
+            height: 10,
+            dpi: 150.0,
+            model: ModelRef::default(),
+            detections: Vec::new(),
+            image: Some(missing(doc, page)),
+            timings: Timings::default(),
+            error: None,
+        };
+        let id = format!("{doc}:{page}:inferred");
+        publish_message(&ctx.js, ctx.names.pages_inferred(), &id, &inferred).await.unwrap();
+        let rendered = PageRendered {
+            v: VERSION,
+            doc_id: doc.into(),
+            page,
+            page_count: 3,
+            width: 10,
+            height: 10,
+            dpi: 150.0,
+            image: missing(doc, page),
+            options: Default::default(),
+            render_ms: None,
+        };
+        let id = format!("{doc}:{page}:rendered");
+        publish_message(&ctx.js, ctx.names.pages_rendered(), &id, &rendered).await.unwrap();
+    }
+    wait_idle(&h, ctx.names.inferred_stream(), "uploader").await;
+    wait_idle(&h, ctx.names.pages_stream(), "inferencer").await;
+
+    // Only page 2's messages are dead letters: one from each stage.
+    assert_eq!(dlq_count(&h).await, 2, "page 1's redeliveries were acknowledged, page 2's dead-lettered");
+    let st = pagestream_pipeline::progress::read_status(&ctx.js, &ctx.names, doc, true).await.unwrap().unwrap();
+    assert_eq!(st.pages.uploaded, 1);
+    assert!(st.failed_pages.iter().all(|f| f.page == 2), "page 1 is not marked failed: {:?}", st.failed_pages);
+    h.stop().await.unwrap();
+}
