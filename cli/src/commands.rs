@@ -95,10 +95,18 @@ fn api_error(ans: &Answer) -> String {
     }
 }
 
+/// Prints the API's error when `ans` is not a success; true then.
+fn report_error(ans: &Answer) -> bool {
+    if ans.status.is_success() {
+        return false;
+    }
+    eprintln!("error: {}", api_error(ans));
+    true
+}
+
 async fn show(a: &Args, path: &str, print: fn(&Value)) -> Result<i32> {
     let ans = a.client.get(path).await?;
-    if !ans.status.is_success() {
-        eprintln!("error: {}", api_error(&ans));
+    if report_error(&ans) {
         return Ok(1);
     }
     if a.json {
@@ -153,8 +161,7 @@ async fn list(a: &Args) -> Result<i32> {
         }
     }
     let ans = a.client.get(&format!("/v1/documents?{}", query.join("&"))).await?;
-    if !ans.status.is_success() {
-        eprintln!("error: {}", api_error(&ans));
+    if report_error(&ans) {
         return Ok(1);
     }
     if a.json {
@@ -181,8 +188,7 @@ async fn list(a: &Args) -> Result<i32> {
 
 async fn cancel(a: &Args, id: &str) -> Result<i32> {
     let ans = a.client.delete(&format!("/v1/documents/{id}")).await?;
-    if !ans.status.is_success() {
-        eprintln!("error: {}", api_error(&ans));
+    if report_error(&ans) {
         return Ok(1);
     }
     let p = &ans.json["pages"];
@@ -192,8 +198,7 @@ async fn cancel(a: &Args, id: &str) -> Result<i32> {
 
 async fn results(a: &Args, id: &str) -> Result<i32> {
     let ans = a.client.get(&format!("/v1/documents/{id}/results")).await?;
-    if !ans.status.is_success() {
-        eprintln!("error: {}", api_error(&ans));
+    if report_error(&ans) {
         return Ok(1);
     }
     let m = &ans.json;

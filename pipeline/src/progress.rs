@@ -329,30 +329,32 @@ async fn last_event_seq(stream: &Stream, subject: &str) -> Result<(u64, Event)> 
     Ok((raw.sequence, ev))
 }
 
-/// Answers "was this document cancelled?" for the stages, which ask before
-/// every page: one direct get of the document's `cancelled` event subject,
-/// and a positive answer is remembered (a cancellation is final).
+/// The per-page questions stages ask the events stream, each one direct get
+/// of one event subject: "was this document cancelled?" (before every page;
+/// a positive answer is remembered, a cancellation is final) and "did this
+/// page already reach a state?" (for a redelivery whose work was done).
 #[derive(Debug)]
-pub struct Cancellations {
+pub struct EventLookup {
     js: jetstream::Context,
     names: Names,
     stream: tokio::sync::OnceCell<Stream>,
+    /// Documents known to be cancelled.
     known: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-impl Cancellations {
+impl EventLookup {
     pub fn new(js: jetstream::Context, names: Names) -> Self {
-        Cancellations { js, names, stream: Default::default(), known: Default::default() }
+        EventLookup { js, names, stream: Default::default(), known: Default::default() }
     }
 
     pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool> {
-        if self.known.lock().expect("cancellations lock").contains(doc_id) {
+        if self.known.lock().expect("event lookup lock").contains(doc_id) {
             return Ok(true);
         }
         let subject = self.names.doc_event(doc_id, EventState::Cancelled.as_str());
         let cancelled = self.event_exists(&subject).await?;
         if cancelled {
-            self.known.lock().expect("cancellations lock").insert(doc_id.to_string());
+            self.known.lock().expect("event lookup lock").insert(doc_id.to_string());
         }
         Ok(cancelled)
     }

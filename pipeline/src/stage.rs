@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nats::{self, Names};
-use crate::progress::{Cancellations, Progress};
+use crate::progress::{EventLookup, Progress};
 
 #[derive(Debug, Clone)]
 pub struct StageContext {
@@ -21,8 +21,8 @@ pub struct StageContext {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub health: Health,
-    /// Shared answer to "was this document cancelled?".
-    pub cancellations: Arc<Cancellations>,
+    /// Cheap per-page questions to the events stream: cancelled? done?
+    pub events: Arc<EventLookup>,
 }
 
 impl StageContext {
@@ -34,8 +34,8 @@ impl StageContext {
         let names = Names::new(config.nats.prefix.clone());
         nats::provision(&js, &names, &config.nats).await?;
         health.set_ready("nats", true);
-        let cancellations = Arc::new(Cancellations::new(js.clone(), names.clone()));
-        Ok(StageContext { js, names, config: Arc::new(config), metrics, health, cancellations })
+        let events = Arc::new(EventLookup::new(js.clone(), names.clone()));
+        Ok(StageContext { js, names, config: Arc::new(config), metrics, health, events })
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
@@ -44,7 +44,7 @@ impl StageContext {
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.
     pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool, crate::consumer::StageError> {
-        self.cancellations
+        self.events
             .is_cancelled(doc_id)
             .await
             .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
@@ -57,7 +57,7 @@ impl StageContext {
         page: u32,
         state: pagestream_schemas::EventState,
     ) -> Result<bool, crate::consumer::StageError> {
-        self.cancellations
+        self.events
             .page_reached(doc_id, page, state)
             .await
             .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
