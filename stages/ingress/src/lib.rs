@@ -110,11 +110,17 @@ impl Ingress {
         }
         let method = req.method().clone();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        // The caller's token ("" when authentication is off) scopes its
+        // idempotency keys.
+        let mut token = String::new();
         if segments.first() == Some(&"v1") {
-            if let Err(e) = self.authorize(&req) {
-                // Read a small body so the client gets the 401, not a reset.
-                upload::drain(req.into_body(), 1 << 20, self.read_timeout()).await;
-                return ("unauthorized", e.response());
+            match self.authorize(&req) {
+                Ok(t) => token = t,
+                Err(e) => {
+                    // Read a small body so the client gets the 401, not a reset.
+                    upload::drain(req.into_body(), 1 << 20, self.read_timeout()).await;
+                    return ("unauthorized", e.response());
+                }
             }
         }
         let (route, outcome) = match (segments.as_slice(), &method) {
@@ -124,7 +130,7 @@ impl Ingress {
             (["openapi.json"], &Method::GET) => {
                 ("openapi", Ok(error::bytes_response(StatusCode::OK, "application/json", OPENAPI_JSON)))
             }
-            (["v1", "documents"], &Method::POST) => ("submit", self.submit(req).await),
+            (["v1", "documents"], &Method::POST) => ("submit", self.submit(req, &token).await),
             (["v1", "documents"], &Method::GET) => ("list", self.list(req.uri().query().unwrap_or("")).await),
             (["v1", "documents", id], &Method::GET) => ("status", self.status(id).await),
             (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(id).await),
