@@ -114,12 +114,37 @@ pub struct InferencerConfig {
     pub weights_dir: PathBuf,
     /// Path to libonnxruntime.so (default: `<deps>/lib/libonnxruntime.so`).
     pub onnxruntime_library: PathBuf,
-    /// Intra-op threads for ONNX Runtime (0: one per core).
+    /// Further models served besides `model` (comma separated), so a
+    /// document may pick one with its `model` option.
+    pub models: String,
+    /// `ort` (ONNX Runtime) or `tract` (pure Rust).
+    pub backend: String,
+    /// `cpu`, `cuda` (fail at start if CUDA is unusable) or `auto` (CUDA
+    /// when usable, else CPU). ONNX Runtime only.
+    pub device: String,
+    /// Threads per inference (0: one per core).
     pub threads: usize,
+    /// Pages run as one batch when the model has a dynamic batch axis.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill once its first page arrived.
+    pub batch_wait_ms: u64,
     /// Most detections kept per page (highest scores first).
     pub max_detections: usize,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
+}
+
+impl InferencerConfig {
+    /// Every model this inferencer serves: `model` first, then `models`.
+    pub fn served_models(&self) -> Vec<String> {
+        let mut names = vec![self.model.clone()];
+        for name in self.models.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        names
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -191,7 +216,12 @@ impl Default for InferencerConfig {
             models_dir: repo_models_dir(),
             weights_dir: deps_dir().join("models"),
             onnxruntime_library: deps_dir().join("lib/libonnxruntime.so"),
+            models: String::new(),
+            backend: "ort".into(),
+            device: "cpu".into(),
             threads: 0,
+            batch_size: 1,
+            batch_wait_ms: 20,
             max_detections: 500,
             admin_addr: "127.0.0.1:9102".into(),
         }
@@ -378,6 +408,21 @@ impl Config {
             if n == 0 {
                 errors.push(format!("{name} must be at least 1"));
             }
+        }
+        let inf = &self.inferencer;
+        match (inf.backend.as_str(), inf.device.as_str()) {
+            ("ort", "cpu" | "cuda" | "auto") | ("tract", "cpu") => {}
+            ("tract", other) => errors.push(format!(
+                "inferencer.device {other:?}: the tract backend runs on the CPU only (use inferencer.backend = \"ort\" for CUDA)"
+            )),
+            ("ort", other) => errors.push(format!("inferencer.device {other:?}: expected \"cpu\", \"cuda\" or \"auto\"")),
+            (other, _) => errors.push(format!("inferencer.backend {other:?}: expected \"ort\" or \"tract\"")),
+        }
+        if !(1..=64).contains(&inf.batch_size) {
+            errors.push("inferencer.batch_size must be within 1..=64".into());
+        }
+        if inf.batch_wait_ms > 10_000 {
+            errors.push("inferencer.batch_wait_ms must be at most 10000".into());
         }
         match self.uploader.target.as_str() {
             "local" => {}

@@ -28,6 +28,16 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+    pub backend: String,
+    /// The device asked for in the config (`cpu`, `cuda`, `auto`)…
+    pub requested: String,
+    /// …and the one in use (`auto` falls back to `cpu`).
+    pub device: String,
+}
+
 /// All of pagestream's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +58,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     /// `pagestream_ready`: 1 when every component of this process is ready.
     pub ready: Gauge,
+    /// `pagestream_model_info{model,backend,requested,device}`: 1 per loaded model.
+    pub model_info: Family<ModelLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -69,6 +81,7 @@ impl Metrics {
         let upload_bytes = Counter::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
         let ready = Gauge::default();
+        let model_info = Family::<ModelLabels, Gauge>::default();
         registry.register("messages", "Messages handled, by stage and outcome", messages.clone());
         registry.register("pages", "Pages processed, by stage", pages.clone());
         registry.register("page_failures", "Pages that failed permanently, by stage", page_failures.clone());
@@ -77,6 +90,11 @@ impl Metrics {
         registry.register("upload_bytes", "PDF bytes accepted by the ingress", upload_bytes.clone());
         registry.register("http_requests", "HTTP requests, by route and status", http_requests.clone());
         registry.register("ready", "1 when this process is ready", ready.clone());
+        registry.register(
+            "model_info",
+            "Models loaded by this inferencer: backend, requested and actual device",
+            model_info.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             messages,
@@ -87,6 +105,7 @@ impl Metrics {
             upload_bytes,
             http_requests,
             ready,
+            model_info,
         }
     }
 

@@ -196,3 +196,32 @@ pub fn boxes(detections: &Value) -> Vec<(String, [f64; 4])> {
 pub fn matched(reference: &[(String, [f64; 4])], ours: &[(String, [f64; 4])], min_iou: f64) -> usize {
     reference.iter().filter(|(label, r)| ours.iter().any(|(l, o)| l == label && iou(r, o) >= min_iou)).count()
 }
+
+/// The first `n` pages of a corpus PDF, rendered by the splitter's pdfium
+/// path at `dpi` and decoded as the inferencer sees them.
+pub async fn render_pages(pdf: &str, dpi: f32, n: usize) -> Vec<image::RgbImage> {
+    use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
+    let config = Config::default();
+    let renderer = Renderer::get(&config.splitter.pdfium_library).expect("libpdfium loads (scripts/setup)");
+    let mut events = renderer.render(RenderRequest {
+        pdf: corpus(pdf),
+        password: None,
+        dpi,
+        max_pixels: config.splitter.max_pixels,
+        skip: std::collections::HashSet::new(),
+    });
+    let mut pages = Vec::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            pagestream_splitter::render::RenderEvent::Page(p) => {
+                pages.push(pagestream_inferencer::decode_image(&p.png).expect("the splitter's PNG decodes"));
+                if pages.len() == n {
+                    break;
+                }
+            }
+            RenderEvent::Opened { .. } => {}
+            other => panic!("rendering {pdf} failed: {other:?}"),
+        }
+    }
+    pages
+}

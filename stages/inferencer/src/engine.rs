@@ -1,53 +1,31 @@
-//! The detector: a model manifest plus an ONNX Runtime session, loaded once
-//! at start. Loading checks the weights' sha256 and the manifest against the
+//! The detector: a model manifest plus a backend session, loaded once at
+//! start. Loading checks the weights' sha256 and the manifest against the
 //! model's declared inputs and outputs, and fails with a precise message.
 
-use std::path::Path;
-use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use image::RgbImage;
-use ort::session::Session;
-use ort::value::Tensor;
 use pagestream_pipeline::config::InferencerConfig;
 use pagestream_schemas::{Detection, ModelRef};
 use sha2::{Digest, Sha256};
 
+use crate::backend::{self, Backend, BackendKind, Device, EngineOptions, ModelIo, OutTensor};
 use crate::manifest::{Decoder, Manifest};
 use crate::picodet::{self, TensorView};
-use crate::preprocess::to_tensor;
-
-static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
-
-/// Loads libonnxruntime (once per process).
-fn ort_environment(library: &Path) -> Result<&'static ort::environment::Environment, String> {
-    ORT_ENV
-        .get_or_init(|| {
-            if !library.exists() {
-                return Err(format!(
-                    "libonnxruntime not found at {} (set PAGESTREAM_INFERENCER_ONNXRUNTIME_LIBRARY, or run scripts/setup to install it)",
-                    library.display()
-                ));
-            }
-            ort::init_from(library)
-                .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
-                .with_name("pagestream")
-                .build()
-                .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
-        })
-        .as_ref()
-        .map_err(Clone::clone)
-}
+use crate::preprocess::{to_tensor_into, Transform};
+use crate::{boxes, yolov8};
 
 /// A loaded model, ready to detect.
 pub struct Detector {
     pub manifest: Manifest,
     pub model: ModelRef,
     pub labels: Vec<String>,
-    session: Mutex<Session>,
+    pub backend: BackendKind,
+    backend_impl: Box<dyn Backend>,
 }
 
-/// Timings of one detection, in milliseconds.
+/// Timings of one detection, in milliseconds (a batch's model time is
+/// shared by its pages).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DetectTimings {
     pub preprocess_ms: f32,
@@ -55,9 +33,32 @@ pub struct DetectTimings {
     pub decode_ms: f32,
 }
 
+impl EngineOptions {
+    /// The options a config asks for.
+    pub fn from_config(cfg: &InferencerConfig) -> Result<EngineOptions, String> {
+        let threads = if cfg.threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            cfg.threads
+        };
+        Ok(EngineOptions {
+            backend: BackendKind::parse(&cfg.backend)?,
+            device: Device::parse(&cfg.device)?,
+            threads,
+            onnxruntime_library: cfg.onnxruntime_library.clone(),
+        })
+    }
+}
+
 impl Detector {
-    /// Loads the configured model (manifest + weights) on ONNX Runtime, CPU.
+    /// Loads `model` as the config says (backend, device, threads).
     pub fn load(cfg: &InferencerConfig, model: &str) -> Result<Detector, String> {
+        Detector::load_with(cfg, model, &EngineOptions::from_config(cfg)?)
+    }
+
+    /// Loads `model` (manifest from `cfg.models_dir`, weights from
+    /// `cfg.weights_dir`) with explicit engine options.
+    pub fn load_with(cfg: &InferencerConfig, model: &str, opts: &EngineOptions) -> Result<Detector, String> {
         let manifest = Manifest::load(&cfg.models_dir, model)?;
         let weights = manifest.weights_path(&cfg.weights_dir);
         let bytes = std::fs::read(&weights).map_err(|e| {
@@ -74,125 +75,241 @@ impl Detector {
                 manifest.weights.sha256
             ));
         }
-        let env = ort_environment(&cfg.onnxruntime_library)?;
-        let threads = if cfg.threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        } else {
-            cfg.threads
-        };
-        let session = Session::builder(env)
-            .and_then(|b| Ok(b.with_intra_threads(threads)?))
-            .and_then(|b| Ok(b.with_inter_threads(1)?))
-            .and_then(|mut b| b.commit_from_memory(&bytes))
-            .map_err(|e| format!("model {model}: ONNX Runtime cannot load {}: {e}", weights.display()))?;
-        let labels = resolve_labels(&manifest, &session)?;
-        check_io(&manifest, &session)?;
+        let input = &manifest.input;
+        let backend_impl = backend::load(opts, model, &bytes, (&input.name, input.width, input.height))?;
+        let labels = resolve_labels(&manifest, backend_impl.io())?;
+        check_io(&manifest, backend_impl.io(), labels.len())?;
         Ok(Detector {
             model: ModelRef { name: manifest.name.clone(), sha256: sha },
             manifest,
             labels,
-            session: Mutex::new(session),
+            backend: opts.backend,
+            backend_impl,
         })
+    }
+
+    /// `cpu` or `cuda`.
+    pub fn device(&self) -> &'static str {
+        self.backend_impl.device()
+    }
+
+    /// Largest batch one model run takes (1 unless the model's batch axis
+    /// is dynamic and the backend supports it).
+    pub fn max_batch(&self) -> usize {
+        self.backend_impl.max_batch()
     }
 
     /// Runs the model on one page image; boxes are in that image's pixels.
     pub fn detect(&self, img: &RgbImage) -> Result<(Vec<Detection>, DetectTimings), String> {
+        let mut all = self.detect_batch(&[img])?;
+        Ok(all.pop().expect("one result per image"))
+    }
+
+    /// Runs the model on several pages, as few runs as the model allows.
+    pub fn detect_batch(&self, imgs: &[&RgbImage]) -> Result<Vec<(Vec<Detection>, DetectTimings)>, String> {
+        let mut results = Vec::with_capacity(imgs.len());
+        for chunk in imgs.chunks(self.max_batch().max(1)) {
+            let started = Instant::now();
+            let (outputs, transforms, mut t) = self.run(chunk)?;
+            let started_decode = Instant::now();
+            for (item, tr) in transforms.iter().enumerate() {
+                let detections = self.decode(&outputs, item, chunk.len(), tr)?;
+                results.push((detections, t));
+            }
+            let n = chunk.len() as f32;
+            t.decode_ms = ms(started_decode) / n;
+            let total = ms(started) / n;
+            for r in results.iter_mut().rev().take(chunk.len()) {
+                r.1.decode_ms = t.decode_ms;
+                r.1.model_ms = total - t.preprocess_ms - t.decode_ms;
+            }
+        }
+        Ok(results)
+    }
+
+    /// The model's raw outputs for one page (parity checks between backends).
+    pub fn raw_outputs(&self, img: &RgbImage) -> Result<Vec<OutTensor>, String> {
+        Ok(self.run(&[img])?.0)
+    }
+
+    fn run(&self, imgs: &[&RgbImage]) -> Result<(Vec<OutTensor>, Vec<Transform>, DetectTimings), String> {
         let mut t = DetectTimings::default();
         let started = Instant::now();
         let input = &self.manifest.input;
-        let data = to_tensor(img, input);
-        let shape = [1usize, 3, input.height as usize, input.width as usize];
-        let tensor = Tensor::from_array((shape, data)).map_err(|e| format!("input tensor: {e}"))?;
-        t.preprocess_ms = ms(started);
+        let per = 3 * input.width as usize * input.height as usize;
+        let mut data = vec![0f32; per * imgs.len()];
+        let transforms: Vec<Transform> =
+            imgs.iter().zip(data.chunks_exact_mut(per)).map(|(img, out)| to_tensor_into(img, input, out)).collect();
+        t.preprocess_ms = ms(started) / imgs.len() as f32;
+        let shape = [imgs.len(), 3, input.height as usize, input.width as usize];
+        let outputs = self.backend_impl.run(data, shape)?;
+        Ok((outputs, transforms, t))
+    }
 
-        let started = Instant::now();
-        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
-        let outputs =
-            session.run(ort::inputs![input.name.as_str() => tensor]).map_err(|e| format!("inference failed: {e}"))?;
-        t.model_ms = ms(started);
-
-        let started = Instant::now();
-        let mut views = Vec::with_capacity(outputs.len());
-        for i in 0..outputs.len() {
-            let (shape, data) =
-                outputs[i].try_extract_tensor::<f32>().map_err(|e| format!("output {i} is not a float tensor: {e}"))?;
-            views.push(TensorView { shape, data });
-        }
+    fn decode(
+        &self,
+        outputs: &[OutTensor],
+        item: usize,
+        batch: usize,
+        tr: &Transform,
+    ) -> Result<Vec<Detection>, String> {
+        let input = &self.manifest.input;
         let out = &self.manifest.output;
         let raw = match out.decoder {
             Decoder::Picodet => {
+                let views: Vec<TensorView> = outputs.iter().map(|o| item_view(o, item, batch)).collect();
                 picodet::decode(&views, &out.strides, input.width, input.height, out.score_threshold, out.nms_iou)?
             }
+            Decoder::Yolov8 => {
+                let first = outputs.first().ok_or("yolov8: the model has no output")?;
+                yolov8::decode(&item_view(first, item, batch), self.labels.len(), out.score_threshold, out.nms_iou)?
+            }
+            Decoder::Boxes => boxes::decode(outputs, out, item, input.width, input.height)?,
         };
-        let sx = img.width() as f32 / input.width as f32;
-        let sy = img.height() as f32 / input.height as f32;
-        let detections = raw
+        Ok(raw
             .into_iter()
-            .map(|(class, score, b)| {
-                // Clip to the model input, then scale to the page image.
-                let clip = |v: f32, max: u32| v.clamp(0.0, max as f32);
-                Detection {
-                    label: self.labels.get(class).cloned().unwrap_or_else(|| format!("class_{class}")),
-                    score,
-                    bbox: [
-                        clip(b[0], input.width) * sx,
-                        clip(b[1], input.height) * sy,
-                        clip(b[2], input.width) * sx,
-                        clip(b[3], input.height) * sy,
-                    ],
-                }
+            .map(|(class, score, b)| Detection {
+                label: self.labels.get(class).cloned().unwrap_or_else(|| format!("class_{class}")),
+                score,
+                bbox: tr.to_page(b),
             })
-            .collect();
-        t.decode_ms = ms(started);
-        Ok((detections, t))
+            .collect())
     }
+}
+
+/// Batch item `item` of a tensor whose first axis is the batch.
+fn item_view(t: &OutTensor, item: usize, batch: usize) -> TensorView<'_> {
+    let per = t.data.len() / batch.max(1);
+    TensorView { shape: &t.shape, data: &t.data[item * per..(item + 1) * per] }
 }
 
 fn ms(since: Instant) -> f32 {
     since.elapsed().as_secs_f32() * 1000.0
 }
 
-fn resolve_labels(manifest: &Manifest, session: &Session) -> Result<Vec<String>, String> {
+/// Labels from the manifest, else from a metadata key of the model: a list
+/// (one per line, or comma separated) or a Python/JSON dict `{0: 'a', …}`
+/// as Ultralytics writes under `names`.
+fn resolve_labels(manifest: &Manifest, io: &ModelIo) -> Result<Vec<String>, String> {
     let out = &manifest.output;
     if !out.labels.is_empty() {
         return Ok(out.labels.clone());
     }
     let key = &out.labels_metadata_key;
-    let meta = session.metadata().map_err(|e| format!("model {}: reading metadata: {e}", manifest.name))?;
-    let text =
-        meta.custom(key).ok_or_else(|| format!("model {}: metadata has no key {key:?} for labels", manifest.name))?;
-    let labels: Vec<String> = text.split(['\n', ',']).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let text = io.metadata.get(key).ok_or_else(|| {
+        let mut keys: Vec<&String> = io.metadata.keys().collect();
+        keys.sort();
+        format!("model {}: metadata has no key {key:?} for labels (keys: {keys:?})", manifest.name)
+    })?;
+    let labels = parse_labels(text).map_err(|e| format!("model {}: metadata key {key:?}: {e}", manifest.name))?;
     if labels.is_empty() {
         return Err(format!("model {}: metadata key {key:?} holds no labels", manifest.name));
     }
     Ok(labels)
 }
 
-fn check_io(manifest: &Manifest, session: &Session) -> Result<(), String> {
+fn parse_labels(text: &str) -> Result<Vec<String>, String> {
+    let t = text.trim();
+    let Some(body) = t.strip_prefix('{').and_then(|b| b.strip_suffix('}')) else {
+        return Ok(t.split(['\n', ',']).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    };
+    let mut pairs: Vec<(usize, String)> = Vec::new();
+    for entry in body.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (k, v) = entry.split_once(':').ok_or_else(|| format!("entry {entry:?} is not `id: 'name'`"))?;
+        let id: usize = k.trim().trim_matches(['"', '\'']).parse().map_err(|_| format!("id {k:?} is not a number"))?;
+        pairs.push((id, v.trim().trim_matches(['"', '\'']).to_string()));
+    }
+    pairs.sort();
+    if pairs.iter().enumerate().any(|(i, (id, _))| *id != i) {
+        return Err("class ids are not 0..n".into());
+    }
+    Ok(pairs.into_iter().map(|(_, v)| v).collect())
+}
+
+fn check_io(manifest: &Manifest, io: &ModelIo, classes: usize) -> Result<(), String> {
     let name = &manifest.name;
     let input = &manifest.input;
-    let declared = session.inputs().iter().find(|i| i.name() == input.name).ok_or_else(|| {
-        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    let (_, dims) = io.inputs.iter().find(|(n, _)| *n == input.name).ok_or_else(|| {
+        let names: Vec<&str> = io.inputs.iter().map(|(n, _)| n.as_str()).collect();
         format!("model {name}: manifest input {:?} is not among the model's inputs {names:?}", input.name)
     })?;
-    if let Some(shape) = declared.dtype().tensor_shape() {
-        let dims: Vec<i64> = shape.iter().copied().collect();
+    if io.inputs.len() != 1 {
+        return Err(format!(
+            "model {name}: the model has {} inputs; pagestream feeds exactly one image",
+            io.inputs.len()
+        ));
+    }
+    if !dims.is_empty() {
         let want = [1, 3, input.height as i64, input.width as i64];
         let ok = dims.len() == 4 && dims.iter().zip(want).all(|(d, w)| *d < 0 || *d == w);
         if !ok {
             return Err(format!(
-                "model {name}: input {:?} has shape {dims:?}, the manifest describes [1, 3, {}, {}]",
+                "model {name}: input {:?} has shape {dims:?}, the manifest describes [1, 3, {}, {}] (batch may be dynamic)",
                 input.name, input.height, input.width
             ));
         }
     }
-    let outputs = session.outputs().len();
-    match manifest.output.decoder {
-        Decoder::Picodet if outputs != 2 * manifest.output.strides.len() => Err(format!(
-            "model {name}: the picodet decoder with {} strides needs {} outputs, the model has {outputs}",
-            manifest.output.strides.len(),
-            2 * manifest.output.strides.len()
+    let out = &manifest.output;
+    let outputs = &io.outputs;
+    match out.decoder {
+        Decoder::Picodet if outputs.len() != 2 * out.strides.len() => Err(format!(
+            "model {name}: the picodet decoder with {} strides needs {} outputs, the model has {}",
+            out.strides.len(),
+            2 * out.strides.len(),
+            outputs.len()
         )),
+        Decoder::Yolov8 => {
+            let Some((oname, dims)) = outputs.first() else {
+                return Err(format!("model {name}: the yolov8 decoder needs one output, the model has none"));
+            };
+            if outputs.len() != 1 {
+                return Err(format!(
+                    "model {name}: the yolov8 decoder needs one output, the model has {}",
+                    outputs.len()
+                ));
+            }
+            match dims.as_slice() {
+                [] => Ok(()),
+                [_, rows, _] if *rows < 0 || *rows as usize == 4 + classes => Ok(()),
+                _ => Err(format!(
+                    "model {name}: output {oname:?} has shape {dims:?}; the yolov8 decoder with {classes} labels expects [1, {}, anchors]",
+                    4 + classes
+                )),
+            }
+        }
+        Decoder::Boxes => {
+            let names = io.output_names();
+            for (key, want) in [
+                ("boxes_output", &out.boxes_output),
+                ("scores_output", &out.scores_output),
+                ("labels_output", &out.labels_output),
+            ] {
+                if !names.contains(&want.as_str()) {
+                    return Err(format!(
+                        "model {name}: output.{key} {want:?} is not among the model's outputs {names:?}"
+                    ));
+                }
+            }
+            Ok(())
+        }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_from_lists_and_dicts() {
+        assert_eq!(parse_labels("text\ntitle\n").unwrap(), vec!["text", "title"]);
+        assert_eq!(parse_labels("a, b,c").unwrap(), vec!["a", "b", "c"]);
+        let names = "{0: 'Caption', 1: 'Footnote', 10: 'Title', 2: 'Formula', 3: 'List-item', 4: 'Page-footer', \
+                     5: 'Page-header', 6: 'Picture', 7: 'Section-header', 8: 'Table', 9: 'Text'}";
+        let l = parse_labels(names).unwrap();
+        assert_eq!(l.len(), 11);
+        assert_eq!((l[0].as_str(), l[9].as_str(), l[10].as_str()), ("Caption", "Text", "Title"));
+        assert_eq!(parse_labels(r#"{"0": "x", "1": "y"}"#).unwrap(), vec!["x", "y"]);
+        assert!(parse_labels("{0: 'a', 2: 'b'}").unwrap_err().contains("0..n"));
     }
 }

@@ -2,19 +2,26 @@
 //! a `PageInferred` with the detections (the page image reference passes
 //! through for the uploader).
 //!
-//! The model is loaded once, at start, from its manifest ([`manifest`]) on
-//! ONNX Runtime ([`engine`]); pre-processing ([`preprocess`]), decoding
-//! ([`picodet`]) and NMS ([`nms`]) are plain Rust. Inference runs on the
-//! blocking pool, one page at a time per session. A page whose image cannot
-//! be decoded or inferred is forwarded as failed, with the reason.
+//! Every served model is loaded once, at start, from its manifest
+//! ([`manifest`]) on ONNX Runtime or tract ([`backend`], [`engine`]) and
+//! warmed up before the stage reports ready. Pre-processing
+//! ([`preprocess`]), decoding ([`picodet`], [`yolov8`], [`boxes`]) and NMS
+//! ([`nms`]) are plain Rust. Each model has one inference thread fed by a
+//! [`batch::Batcher`]. A page whose image cannot be decoded or inferred, or
+//! that asks for a model this inferencer does not serve, is forwarded as
+//! failed, with the reason.
 //!
 //! Knows nothing about PDFs or result storage.
 
+pub mod backend;
+pub mod batch;
+pub mod boxes;
 pub mod engine;
 pub mod manifest;
 pub mod nms;
 pub mod picodet;
 pub mod preprocess;
+pub mod yolov8;
 
 use std::sync::Arc;
 
@@ -23,11 +30,13 @@ use async_nats::jetstream;
 use image::RgbImage;
 use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
+use pagestream_pipeline::metrics::ModelLabels;
 use pagestream_pipeline::progress::{publish_message, Progress};
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, EventState, PageInferred, PageRendered, Timings, VERSION};
+use pagestream_schemas::{decode, EventState, ModelRef, PageInferred, PageRendered, Timings, VERSION};
 use tokio_util::sync::CancellationToken;
 
+pub use batch::Batcher;
 pub use engine::Detector;
 
 pub const STAGE: &str = "inferencer";
@@ -35,7 +44,8 @@ pub const STAGE: &str = "inferencer";
 pub struct Inferencer {
     ctx: StageContext,
     blobs: BlobStore,
-    detector: Arc<Detector>,
+    /// Served models, the default (`inferencer.model`) first.
+    models: Vec<Batcher>,
     progress: Progress,
 }
 
@@ -47,25 +57,71 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, String> {
 }
 
 impl Inferencer {
-    /// Loads the model; fails with a precise message when it cannot.
+    /// Loads and warms up every served model; fails with a precise message
+    /// when one cannot be loaded (the stage then never turns ready).
     pub async fn new(ctx: StageContext) -> Result<Self> {
         ctx.health.register(STAGE);
         let cfg = ctx.config.inferencer.clone();
-        let detector =
-            tokio::task::spawn_blocking(move || Detector::load(&cfg, &cfg.model)).await?.map_err(anyhow::Error::msg)?;
-        // Warm up so the first real page is not slow and readiness is honest.
-        let warm = Arc::new(detector);
-        let d = warm.clone();
-        tokio::task::spawn_blocking(move || d.detect(&RgbImage::new(64, 64))).await?.map_err(anyhow::Error::msg)?;
-        tracing::info!(model = %warm.model.name, sha256 = %warm.model.sha256, labels = ?warm.labels, "model loaded");
+        let wait = std::time::Duration::from_millis(cfg.batch_wait_ms);
+        let mut models = Vec::new();
+        for name in cfg.served_models() {
+            let c = cfg.clone();
+            let detector = tokio::task::spawn_blocking(move || -> Result<Detector, String> {
+                let d = Detector::load(&c, &name)?;
+                // Warm up so the first real page is not slow and readiness is honest.
+                d.detect(&RgbImage::new(64, 64)).map_err(|e| format!("model {name}: warm-up failed: {e}"))?;
+                Ok(d)
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                model = %detector.model.name,
+                sha256 = %detector.model.sha256,
+                backend = detector.backend.name(),
+                device = detector.device(),
+                max_batch = detector.max_batch(),
+                labels = ?detector.labels,
+                "model loaded"
+            );
+            ctx.metrics
+                .model_info
+                .get_or_create(&ModelLabels {
+                    model: detector.model.name.clone(),
+                    backend: detector.backend.name().into(),
+                    requested: cfg.device.clone(),
+                    device: detector.device().into(),
+                })
+                .set(1);
+            models.push(Batcher::spawn(Arc::new(detector), cfg.batch_size, wait));
+        }
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Inferencer { ctx, blobs, detector: warm, progress })
+        Ok(Inferencer { ctx, blobs, models, progress })
+    }
+
+    /// The model a page asks for (the default when it names none).
+    fn model_for(&self, page: &PageRendered) -> Result<&Batcher, StageError> {
+        match &page.options.model {
+            None => Ok(&self.models[0]),
+            Some(name) => self.models.iter().find(|b| b.detector.model.name == *name).ok_or_else(|| {
+                let served: Vec<&str> = self.models.iter().map(|b| b.detector.model.name.as_str()).collect();
+                StageError::permanent(
+                    "model_unknown",
+                    format!(
+                        "model {name:?} is not served by this inferencer (it serves {served:?}; see inferencer.models)"
+                    ),
+                )
+            }),
+        }
     }
 
     /// The output message for `page`, before detection.
     fn output(&self, page: &PageRendered) -> PageInferred {
+        let model = match self.model_for(page) {
+            Ok(b) => b.detector.model.clone(),
+            Err(_) => ModelRef { name: page.options.model.clone().unwrap_or_default(), sha256: String::new() },
+        };
         PageInferred {
             v: VERSION,
             doc_id: page.doc_id.clone(),
@@ -74,7 +130,7 @@ impl Inferencer {
             width: page.width,
             height: page.height,
             dpi: page.dpi,
-            model: self.detector.model.clone(),
+            model,
             detections: Vec::new(),
             image: Some(page.image.clone()),
             timings: Timings { render_ms: page.render_ms, infer_ms: None },
@@ -133,27 +189,16 @@ impl Inferencer {
     }
 
     async fn detect(&self, page: &PageRendered) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
-        if let Some(model) = &page.options.model {
-            if *model != self.detector.model.name {
-                return Err(StageError::permanent(
-                    "model_unknown",
-                    format!(
-                        "model {model:?} is not installed in this inferencer (it serves {:?})",
-                        self.detector.model.name
-                    ),
-                ));
-            }
-        }
+        let batcher = self.model_for(page)?;
         let bytes = read_image(&self.blobs, &page.image).await?;
-        let detector = self.detector.clone();
         let started = std::time::Instant::now();
+        let img = tokio::task::spawn_blocking(move || decode_image(&bytes))
+            .await
+            .map_err(transient("join"))?
+            .map_err(|m| StageError::permanent("image_invalid", m))?;
+        let (mut detections, _) =
+            batcher.detect(img).await.map_err(|m| StageError::permanent("inference_failed", m))?;
         let max = self.ctx.config.inferencer.max_detections;
-        let (mut detections, _) = tokio::task::spawn_blocking(move || {
-            let img = decode_image(&bytes).map_err(|m| StageError::permanent("image_invalid", m))?;
-            detector.detect(&img).map_err(|m| StageError::permanent("inference_failed", m))
-        })
-        .await
-        .map_err(transient("join"))??;
         if detections.len() > max {
             tracing::warn!(doc_id = %page.doc_id, page = page.page, found = detections.len(), kept = max, "too many detections; keeping the highest scores (inferencer.max_detections)");
             detections.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -195,7 +240,8 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         stage: STAGE,
         stream: ctx.names.pages_stream(),
         durable: "inferencer".into(),
-        concurrency: 1,
+        // The pull window: a batch's worth of pages in flight.
+        concurrency: ctx.config.inferencer.batch_size.max(1),
         max_deliver: ctx.config.nats.max_deliver,
     };
     let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);

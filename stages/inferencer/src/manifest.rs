@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Manifests compiled into the binary, used when no `models/` folder is found.
-const BUILTIN: &[(&str, &str)] = &[("layout_cdla", include_str!("../../../models/layout_cdla/model.toml"))];
+const BUILTIN: &[(&str, &str)] = &[
+    ("layout_cdla", include_str!("../../../models/layout_cdla/model.toml")),
+    ("yolov8n_doclaynet", include_str!("../../../models/yolov8n_doclaynet/model.toml")),
+];
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +46,8 @@ pub enum ChannelOrder {
 pub enum ResizeMode {
     /// Scale each axis independently to the input size.
     Stretch,
+    /// Keep the aspect ratio, centre on a canvas of `pad_value` (YOLO style).
+    Letterbox,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -53,6 +58,9 @@ pub struct Input {
     pub height: u32,
     pub channel_order: ChannelOrder,
     pub resize: ResizeMode,
+    /// Canvas colour around a letterboxed page (0–255, all channels).
+    #[serde(default = "default_pad")]
+    pub pad_value: u8,
     /// Multiplier applied to 0–255 values before mean/std.
     pub scale: f32,
     pub mean: [f32; 3],
@@ -62,7 +70,30 @@ pub struct Input {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Decoder {
+    /// PP-PicoDet: per stride, class scores and box distributions.
     Picodet,
+    /// Ultralytics YOLOv8: one `[1, 4 + classes, anchors]` tensor.
+    Yolov8,
+    /// Models that output final boxes, scores and labels (Detectron2,
+    /// torchvision and most "end-to-end" exports).
+    Boxes,
+}
+
+/// How a `boxes` model writes a box.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BoxFormat {
+    /// Corners: x0, y0, x1, y1.
+    #[default]
+    Xyxy,
+    /// Top-left corner and size: x, y, w, h.
+    Xywh,
+    /// Centre and size: cx, cy, w, h.
+    Cxcywh,
+}
+
+fn default_pad() -> u8 {
+    114
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -79,6 +110,19 @@ pub struct Output {
     pub labels_metadata_key: String,
     pub score_threshold: f32,
     pub nms_iou: f32,
+    /// `boxes` decoder: output names of the boxes `[(1,) N, 4]`, scores
+    /// `[(1,) N]` and class ids `[(1,) N]`.
+    #[serde(default)]
+    pub boxes_output: String,
+    #[serde(default)]
+    pub scores_output: String,
+    #[serde(default)]
+    pub labels_output: String,
+    #[serde(default)]
+    pub box_format: BoxFormat,
+    /// `boxes` decoder: coordinates are fractions of the input size.
+    #[serde(default)]
+    pub normalized: bool,
 }
 
 impl Manifest {
@@ -100,6 +144,21 @@ impl Manifest {
         }
         if self.output.decoder == Decoder::Picodet && self.output.strides.is_empty() {
             return Err("the picodet decoder needs output.strides".into());
+        }
+        if self.output.decoder == Decoder::Boxes {
+            let o = &self.output;
+            for (key, v) in [
+                ("boxes_output", &o.boxes_output),
+                ("scores_output", &o.scores_output),
+                ("labels_output", &o.labels_output),
+            ] {
+                if v.is_empty() {
+                    return Err(format!("the boxes decoder needs output.{key} (the output's name in the model)"));
+                }
+            }
+        }
+        if !(0.0..=1.0).contains(&self.output.score_threshold) || !(0.0..=1.0).contains(&self.output.nms_iou) {
+            return Err("output.score_threshold and output.nms_iou must be within 0..=1".into());
         }
         if self.weights.sha256.len() != 64 {
             return Err("weights.sha256 must be 64 hex characters".into());

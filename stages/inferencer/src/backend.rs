@@ -1,0 +1,374 @@
+//! Inference backends: ONNX Runtime (`ort`, CPU or CUDA) and tract (pure
+//! Rust, CPU). Both take an NCHW float32 batch and return every output as
+//! float32 with its shape, in the model's declared output order, so the
+//! decoders never know which backend ran.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use ort::session::Session;
+use ort::value::Tensor;
+
+/// Which engine runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Ort,
+    Tract,
+}
+
+impl BackendKind {
+    pub fn parse(s: &str) -> Result<BackendKind, String> {
+        match s {
+            "ort" => Ok(BackendKind::Ort),
+            "tract" => Ok(BackendKind::Tract),
+            other => Err(format!("unknown backend {other:?}: expected \"ort\" or \"tract\"")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Ort => "ort",
+            BackendKind::Tract => "tract",
+        }
+    }
+}
+
+/// Where ONNX Runtime runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// CUDA or a start-up error.
+    Cuda,
+    /// CUDA when usable, else the CPU (with a warning).
+    Auto,
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            other => Err(format!("unknown device {other:?}: expected \"cpu\", \"cuda\" or \"auto\"")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Auto => "auto",
+        }
+    }
+}
+
+/// How to run a model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub backend: BackendKind,
+    pub device: Device,
+    /// Threads per inference (≥ 1).
+    pub threads: usize,
+    /// Path of libonnxruntime (ort only).
+    pub onnxruntime_library: std::path::PathBuf,
+}
+
+/// One output tensor, as float32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutTensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub data: Vec<f32>,
+}
+
+/// A model's declared interface. Unknown or symbolic dimensions are `-1`.
+#[derive(Debug, Clone, Default)]
+pub struct ModelIo {
+    pub inputs: Vec<(String, Vec<i64>)>,
+    pub outputs: Vec<(String, Vec<i64>)>,
+    /// ONNX `metadata_props`.
+    pub metadata: HashMap<String, String>,
+}
+
+impl ModelIo {
+    pub fn output_names(&self) -> Vec<&str> {
+        self.outputs.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+/// A loaded model that runs a batch.
+pub trait Backend: Send + Sync {
+    fn io(&self) -> &ModelIo;
+    /// Runs `input` (`shape` = `[n, 3, h, w]`); outputs in declared order.
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String>;
+    /// Largest batch one run accepts.
+    fn max_batch(&self) -> usize;
+    /// The device in use: `cpu` or `cuda`.
+    fn device(&self) -> &'static str;
+}
+
+/// Loads `weights` on the chosen backend. `input` names the image input and
+/// its width and height (the batch axis stays as the model declares it).
+pub fn load(
+    opts: &EngineOptions,
+    model: &str,
+    weights: &[u8],
+    input: (&str, u32, u32),
+) -> Result<Box<dyn Backend>, String> {
+    match opts.backend {
+        BackendKind::Ort => Ok(Box::new(OrtBackend::load(opts, model, weights)?)),
+        #[cfg(feature = "tract")]
+        BackendKind::Tract => Ok(Box::new(tract_backend::TractBackend::load(opts.threads, model, weights, input)?)),
+        #[cfg(not(feature = "tract"))]
+        BackendKind::Tract => {
+            let _ = input;
+            Err("this inferencer was built without the tract backend (cargo feature `tract`)".into())
+        }
+    }
+}
+
+static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Loads libonnxruntime (once per process).
+fn ort_environment(library: &Path) -> Result<&'static ort::environment::Environment, String> {
+    ORT_ENV
+        .get_or_init(|| {
+            if !library.exists() {
+                return Err(format!(
+                    "libonnxruntime not found at {} (set PAGESTREAM_INFERENCER_ONNXRUNTIME_LIBRARY, or run scripts/setup to install it)",
+                    library.display()
+                ));
+            }
+            ort::init_from(library)
+                .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+                .with_name("pagestream")
+                .build()
+                .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+pub struct OrtBackend {
+    session: Mutex<Session>,
+    io: ModelIo,
+    device: &'static str,
+}
+
+/// What `device = "cuda"` needs, for error messages.
+const CUDA_HINT: &str = "it needs the onnxruntime-gpu build of libonnxruntime (with libonnxruntime_providers_cuda.so \
+    and libonnxruntime_providers_shared.so beside it), the CUDA 13 runtime, cuBLAS, cuFFT, cuRAND and cuDNN 9 \
+    libraries on the loader path, and a visible NVIDIA GPU: see the README section \"Running on a GPU\"";
+
+impl OrtBackend {
+    fn load(opts: &EngineOptions, model: &str, weights: &[u8]) -> Result<OrtBackend, String> {
+        let env = ort_environment(&opts.onnxruntime_library)?;
+        let builder = || {
+            Session::builder(env)
+                .and_then(|b| Ok(b.with_intra_threads(opts.threads)?))
+                .and_then(|b| Ok(b.with_inter_threads(1)?))
+                .map_err(|e| format!("model {model}: ONNX Runtime session options: {e}"))
+        };
+        let cpu = || {
+            builder()?
+                .commit_from_memory(weights)
+                .map_err(|e| format!("model {model}: ONNX Runtime cannot load it: {e}"))
+        };
+        let (session, device) = match opts.device {
+            Device::Cpu => (cpu()?, "cpu"),
+            Device::Cuda => (cuda_session(builder()?, weights, &opts.onnxruntime_library)?, "cuda"),
+            Device::Auto => match cuda_session(builder()?, weights, &opts.onnxruntime_library) {
+                Ok(s) => (s, "cuda"),
+                Err(why) => {
+                    tracing::warn!(model, reason = %why, "device=auto: CUDA is not usable, running on the CPU");
+                    (cpu()?, "cpu")
+                }
+            },
+        };
+        let io = ort_io(&session).map_err(|e| format!("model {model}: {e}"))?;
+        Ok(OrtBackend { session: Mutex::new(session), io, device })
+    }
+}
+
+/// A session on the CUDA execution provider, or an error naming what is missing.
+fn cuda_session(
+    mut builder: ort::session::builder::SessionBuilder,
+    weights: &[u8],
+    library: &Path,
+) -> Result<Session, String> {
+    use ort::ep::ExecutionProvider;
+    match ort::ep::CUDA::is_available() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "device=cuda: the ONNX Runtime library {} has no CUDA execution provider (it is a CPU-only build); {CUDA_HINT}",
+                library.display()
+            ))
+        }
+        Err(e) => return Err(format!("device=cuda: cannot list ONNX Runtime's execution providers: {e}")),
+    }
+    builder = builder
+        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .map_err(|e| format!("device=cuda: ONNX Runtime cannot start its CUDA execution provider: {e}; {CUDA_HINT}"))?;
+    builder
+        .commit_from_memory(weights)
+        .map_err(|e| format!("device=cuda: ONNX Runtime cannot create a CUDA session: {e}; {CUDA_HINT}"))
+}
+
+fn ort_io(session: &Session) -> Result<ModelIo, String> {
+    let dims = |t: &ort::value::ValueType| t.tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
+    let inputs = session.inputs().iter().map(|i| (i.name().to_string(), dims(i.dtype()))).collect();
+    let outputs = session.outputs().iter().map(|o| (o.name().to_string(), dims(o.dtype()))).collect();
+    let meta = session.metadata().map_err(|e| format!("reading metadata: {e}"))?;
+    let mut metadata = HashMap::new();
+    for key in meta.custom_keys().map_err(|e| format!("reading metadata keys: {e}"))? {
+        if let Some(v) = meta.custom(&key) {
+            metadata.insert(key, v);
+        }
+    }
+    Ok(ModelIo { inputs, outputs, metadata })
+}
+
+impl Backend for OrtBackend {
+    fn io(&self) -> &ModelIo {
+        &self.io
+    }
+
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String> {
+        let name = self.io.inputs.first().map(|(n, _)| n.as_str()).unwrap_or("input");
+        let tensor = Tensor::from_array((shape, input)).map_err(|e| format!("input tensor: {e}"))?;
+        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
+        let outputs = session.run(ort::inputs![name => tensor]).map_err(|e| format!("inference failed: {e}"))?;
+        let mut out = Vec::with_capacity(outputs.len());
+        for (i, (oname, _)) in self.io.outputs.iter().enumerate() {
+            let v = &outputs[i];
+            let (shape, data): (Vec<i64>, Vec<f32>) = if let Ok((s, d)) = v.try_extract_tensor::<f32>() {
+                (s.iter().copied().collect(), d.to_vec())
+            } else if let Ok((s, d)) = v.try_extract_tensor::<i64>() {
+                (s.iter().copied().collect(), d.iter().map(|&x| x as f32).collect())
+            } else if let Ok((s, d)) = v.try_extract_tensor::<i32>() {
+                (s.iter().copied().collect(), d.iter().map(|&x| x as f32).collect())
+            } else {
+                return Err(format!("output {oname:?} is not a float32, int64 or int32 tensor"));
+            };
+            out.push(OutTensor { name: oname.clone(), shape, data });
+        }
+        Ok(out)
+    }
+
+    fn max_batch(&self) -> usize {
+        match self.io.inputs.first().and_then(|(_, s)| s.first()) {
+            Some(d) if *d < 0 => usize::MAX,
+            _ => 1,
+        }
+    }
+
+    fn device(&self) -> &'static str {
+        self.device
+    }
+}
+
+#[cfg(feature = "tract")]
+mod tract_backend {
+    use std::collections::HashMap;
+
+    use tract_linalg::multithread::Executor;
+    use tract_onnx::pb;
+    use tract_onnx::prelude::*;
+
+    use super::{Backend, ModelIo, OutTensor};
+
+    type Plan = Arc<TypedRunnableModel>;
+
+    /// tract runs one page per call: the batch axis is fixed to 1 when the
+    /// plan is optimised for the model's input size.
+    pub struct TractBackend {
+        plan: Plan,
+        io: ModelIo,
+    }
+
+    fn dims(v: &pb::ValueInfoProto) -> Vec<i64> {
+        use pb::tensor_shape_proto::dimension::Value as D;
+        let Some(pb::type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            return Vec::new();
+        };
+        t.shape
+            .as_ref()
+            .map(|s| s.dim.iter().map(|d| if let Some(D::DimValue(n)) = d.value { n } else { -1 }).collect())
+            .unwrap_or_default()
+    }
+
+    impl TractBackend {
+        pub fn load(threads: usize, model: &str, weights: &[u8], input: (&str, u32, u32)) -> Result<Self, String> {
+            let fail = |what: &str, e: TractError| format!("model {model}: tract {what}: {e:#}");
+            let onnx = tract_onnx::onnx();
+            let proto = onnx.proto_model_for_read(&mut &weights[..]).map_err(|e| fail("cannot read it", e))?;
+            let graph = proto.graph.as_ref().ok_or_else(|| format!("model {model}: the ONNX file has no graph"))?;
+            let initializers: std::collections::HashSet<&str> =
+                graph.initializer.iter().map(|t| t.name.as_str()).collect();
+            let io = ModelIo {
+                inputs: graph
+                    .input
+                    .iter()
+                    .filter(|i| !initializers.contains(i.name.as_str()))
+                    .map(|i| (i.name.clone(), dims(i)))
+                    .collect(),
+                outputs: graph.output.iter().map(|o| (o.name.clone(), dims(o))).collect(),
+                metadata: proto
+                    .metadata_props
+                    .iter()
+                    .map(|p| (p.key.clone(), p.value.clone()))
+                    .collect::<HashMap<_, _>>(),
+            };
+            let (name, w, h) = input;
+            let index = io.inputs.iter().position(|(n, _)| n == name).unwrap_or(0);
+            let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+            let options = RunOptions { executor: Some(executor), ..Default::default() };
+            let plan = onnx
+                .model_for_proto_model(&proto)
+                .map_err(|e| fail("cannot translate it", e))?
+                .with_input_fact(index, f32::fact([1, 3, h as usize, w as usize]).into())
+                .map_err(|e| fail("input shape", e))?
+                .into_optimized()
+                .map_err(|e| fail("cannot optimise it", e))?
+                .into_runnable_with_options(&options)
+                .map_err(|e| fail("cannot plan it", e))?;
+            Ok(TractBackend { plan, io })
+        }
+    }
+
+    impl Backend for TractBackend {
+        fn io(&self) -> &ModelIo {
+            &self.io
+        }
+
+        fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String> {
+            let tensor = Tensor::from_shape(&shape, &input).map_err(|e| format!("input tensor: {e}"))?;
+            let outputs = self.plan.run(tvec!(tensor.into())).map_err(|e| format!("inference failed: {e:#}"))?;
+            outputs
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let name = self.io.outputs.get(i).map(|(n, _)| n.clone()).unwrap_or_else(|| format!("output{i}"));
+                    let t = v.cast_to::<f32>().map_err(|e| format!("output {name:?}: {e}"))?;
+                    let data: Vec<f32> = t
+                        .to_plain_array_view::<f32>()
+                        .map_err(|e| format!("output {name:?}: {e}"))?
+                        .iter()
+                        .copied()
+                        .collect();
+                    Ok(OutTensor { name, shape: t.shape().iter().map(|&d| d as i64).collect(), data })
+                })
+                .collect()
+        }
+
+        fn max_batch(&self) -> usize {
+            1
+        }
+
+        fn device(&self) -> &'static str {
+            "cpu"
+        }
+    }
+}
