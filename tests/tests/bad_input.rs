@@ -279,7 +279,13 @@ async fn failed_pages_reach_status_and_manifest_with_their_reason() {
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "failed");
-    assert_eq!(manifest["error"]["code"], "all_pages_failed");
+    // One cause for every page: the document's error names it.
+    assert_eq!(manifest["error"]["code"], "model_unknown", "{manifest}");
+    let why = manifest["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("all 4 pages failed") && why.contains("no-such-model") && why.contains("layout_cdla"),
+        "{why}"
+    );
     let pages = manifest["pages"].as_array().unwrap();
     assert_eq!(pages.len(), 4);
     for p in pages {

@@ -128,7 +128,15 @@ impl Manifest {
         let (status, error) = if failures == 0 {
             ("completed", None)
         } else if failures as u32 == page_count {
-            ("failed", Some(ErrorInfo::new("all_pages_failed", format!("all {page_count} pages failed"))))
+            // One cause for every page (an unknown model, say): name it.
+            let first = st.failed_pages.first().map(|f| &f.error);
+            let error = match first {
+                Some(e) if st.failed_pages.iter().all(|f| f.error.code == e.code) => {
+                    ErrorInfo { message: format!("all {page_count} pages failed: {}", e.message), ..e.clone() }
+                }
+                _ => ErrorInfo::new("all_pages_failed", format!("all {page_count} pages failed")),
+            };
+            ("failed", Some(error))
         } else {
             ("completed_with_errors", None)
         };
@@ -213,8 +221,15 @@ mod tests {
         assert_eq!(m.pages[0].detections.as_deref(), Some("pages/1.json"));
         assert_eq!(m.pages[2].image.as_deref(), Some("pages/3.png"));
 
+        // Every page failed for one reason: the document names it.
         let m = Manifest::from_status(&status(2, &[1, 2]), None, "t".into());
         assert_eq!(m.status, "failed");
+        let e = m.error.unwrap();
+        assert_eq!((e.code.as_str(), e.message.as_str()), ("x", "all 2 pages failed: why"));
+        // Different reasons: a summary.
+        let mut st = status(2, &[1, 2]);
+        st.failed_pages[1].error = ErrorInfo::new("y", "other");
+        let m = Manifest::from_status(&st, None, "t".into());
         assert_eq!(m.error.unwrap().code, "all_pages_failed");
     }
 
