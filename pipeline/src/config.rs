@@ -122,7 +122,8 @@ pub struct InferencerConfig {
     /// `cpu`, `cuda` (fail at start if CUDA is unusable) or `auto` (CUDA
     /// when usable, else CPU). ONNX Runtime only.
     pub device: String,
-    /// Threads per inference (0: one per core).
+    /// CPU threads per model (0: one per core): ONNX Runtime uses them
+    /// inside each run, tract runs that many pages side by side.
     pub threads: usize,
     /// Pages run as one batch when the model has a dynamic batch axis.
     pub batch_size: usize,

@@ -104,6 +104,10 @@ pub trait Backend: Send + Sync {
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String>;
     /// Largest batch one run accepts.
     fn max_batch(&self) -> usize;
+    /// Runs that may go on at once (each on its own thread).
+    fn parallel_runs(&self) -> usize {
+        1
+    }
     /// The device in use: `cpu` or `cuda`.
     fn device(&self) -> &'static str;
 }
@@ -282,10 +286,14 @@ mod tract_backend {
     type Plan = Arc<TypedRunnableModel>;
 
     /// tract runs one page per call: the batch axis is fixed to 1 when the
-    /// plan is optimised for the model's input size.
+    /// plan is optimised for the model's input size. tract parallelises only
+    /// matrix products inside a run, which leaves depthwise convolutions and
+    /// the rest on one core; `threads` pages run side by side instead, each
+    /// on one thread (the plan is shared, every run has its own state).
     pub struct TractBackend {
         plan: Plan,
         io: ModelIo,
+        threads: usize,
     }
 
     fn dims(v: &pb::ValueInfoProto) -> Vec<i64> {
@@ -323,8 +331,7 @@ mod tract_backend {
             };
             let (name, w, h) = input;
             let index = io.inputs.iter().position(|(n, _)| n == name).unwrap_or(0);
-            let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
-            let options = RunOptions { executor: Some(executor), ..Default::default() };
+            let options = RunOptions { executor: Some(Executor::SingleThread), ..Default::default() };
             let plan = onnx
                 .model_for_proto_model(&proto)
                 .map_err(|e| fail("cannot translate it", e))?
@@ -334,7 +341,7 @@ mod tract_backend {
                 .map_err(|e| fail("cannot optimise it", e))?
                 .into_runnable_with_options(&options)
                 .map_err(|e| fail("cannot plan it", e))?;
-            Ok(TractBackend { plan, io })
+            Ok(TractBackend { plan, io, threads: threads.max(1) })
         }
     }
 
@@ -365,6 +372,10 @@ mod tract_backend {
 
         fn max_batch(&self) -> usize {
             1
+        }
+
+        fn parallel_runs(&self) -> usize {
+            self.threads
         }
 
         fn device(&self) -> &'static str {

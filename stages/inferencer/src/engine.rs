@@ -99,6 +99,11 @@ impl Detector {
         self.backend_impl.max_batch()
     }
 
+    /// How many pages may run at once, each on its own thread.
+    pub fn parallel_runs(&self) -> usize {
+        self.backend_impl.parallel_runs()
+    }
+
     /// Runs the model on one page image; boxes are in that image's pixels.
     pub fn detect(&self, img: &RgbImage) -> Result<(Vec<Detection>, DetectTimings), String> {
         let mut all = self.detect_batch(&[img])?;

@@ -6,7 +6,7 @@
 //! ([`manifest`]) on ONNX Runtime or tract ([`backend`], [`engine`]) and
 //! warmed up before the stage reports ready. Pre-processing
 //! ([`preprocess`]), decoding ([`picodet`], [`yolov8`], [`boxes`]) and NMS
-//! ([`nms`]) are plain Rust. Each model has one inference thread fed by a
+//! ([`nms`]) are plain Rust. Each model has its inference thread(s) fed by a
 //! [`batch::Batcher`]. A page whose image cannot be decoded or inferred, or
 //! that asks for a model this inferencer does not serve, is forwarded as
 //! failed, with the reason.
@@ -236,14 +236,17 @@ impl Handler for Inferencer {
 
 /// Runs the inferencer until `shutdown`.
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
+    let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
+    // The pull window: enough pages in flight to fill a batch, or to keep
+    // every inference thread busy.
+    let batch = ctx.config.inferencer.batch_size.max(1);
+    let concurrency = inferencer.models.iter().map(|b| b.detector.parallel_runs().max(batch)).max().unwrap_or(1);
     let spec = ConsumerSpec {
         stage: STAGE,
         stream: ctx.names.pages_stream(),
         durable: "inferencer".into(),
-        // The pull window: a batch's worth of pages in flight.
-        concurrency: ctx.config.inferencer.batch_size.max(1),
+        concurrency,
         max_deliver: ctx.config.nats.max_deliver,
     };
-    let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
     consumer::run(ctx.js.clone(), ctx.names.clone(), spec, inferencer, ctx.metrics.clone(), shutdown).await
 }
