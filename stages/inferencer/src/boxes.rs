@@ -7,7 +7,7 @@
 
 use crate::backend::OutTensor;
 use crate::manifest::{BoxFormat, Output};
-use crate::nms::{hard_nms, Candidate};
+use crate::nms::{per_class_nms, Candidate};
 
 /// Detections kept per image.
 const MAX_DETECTIONS: usize = 1000;
@@ -75,15 +75,7 @@ pub fn decode(
             .or_default()
             .push(Candidate { bbox: [x0 * sx, y0 * sy, x1 * sx, y1 * sy], score: scores[i] });
     }
-    let mut out = Vec::new();
-    for (class, cands) in per_class {
-        for c in hard_nms(cands, spec.nms_iou, MAX_DETECTIONS, MAX_DETECTIONS) {
-            out.push((class, c.score, c.bbox));
-        }
-    }
-    out.sort_by(|a, b| b.1.total_cmp(&a.1));
-    out.truncate(MAX_DETECTIONS);
-    Ok(out)
+    Ok(per_class_nms(per_class, spec.nms_iou, MAX_DETECTIONS, MAX_DETECTIONS))
 }
 
 #[cfg(test)]

@@ -117,17 +117,15 @@ impl Detector {
             let started = Instant::now();
             let (outputs, transforms, mut t) = self.run(chunk)?;
             let started_decode = Instant::now();
-            for (item, tr) in transforms.iter().enumerate() {
-                let detections = self.decode(&outputs, item, chunk.len(), tr)?;
-                results.push((detections, t));
-            }
+            let detections = transforms
+                .iter()
+                .enumerate()
+                .map(|(item, tr)| self.decode(&outputs, item, chunk.len(), tr))
+                .collect::<Result<Vec<_>, String>>()?;
             let n = chunk.len() as f32;
             t.decode_ms = ms(started_decode) / n;
-            let total = ms(started) / n;
-            for r in results.iter_mut().rev().take(chunk.len()) {
-                r.1.decode_ms = t.decode_ms;
-                r.1.model_ms = total - t.preprocess_ms - t.decode_ms;
-            }
+            t.model_ms = ms(started) / n - t.preprocess_ms - t.decode_ms;
+            results.extend(detections.into_iter().map(|d| (d, t)));
         }
         Ok(results)
     }

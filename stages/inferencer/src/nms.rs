@@ -36,6 +36,25 @@ pub fn hard_nms(mut cands: Vec<Candidate>, iou_threshold: f32, candidates: usize
     kept
 }
 
+/// Hard NMS class by class (each class's best `candidates`, at most `keep`
+/// per class), then the best `keep` overall: `(class, score, box)`.
+pub fn per_class_nms(
+    per_class: impl IntoIterator<Item = (usize, Vec<Candidate>)>,
+    iou_threshold: f32,
+    candidates: usize,
+    keep: usize,
+) -> Vec<(usize, f32, [f32; 4])> {
+    let mut out = Vec::new();
+    for (class, cands) in per_class {
+        for c in hard_nms(cands, iou_threshold, candidates, keep) {
+            out.push((class, c.score, c.bbox));
+        }
+    }
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out.truncate(keep);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

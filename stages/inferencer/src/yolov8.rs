@@ -4,7 +4,7 @@
 //! threshold, then per-class hard NMS, at most [`MAX_DETECTIONS`] — the
 //! steps of Ultralytics' `non_max_suppression`.
 
-use crate::nms::{hard_nms, Candidate};
+use crate::nms::{per_class_nms, Candidate};
 use crate::picodet::TensorView;
 
 /// Candidates NMS considers, best first (Ultralytics' `max_nms`).
@@ -50,15 +50,7 @@ pub fn decode(
         let (cx, cy, w, h) = (d[i], d[n + i], d[2 * n + i], d[3 * n + i]);
         per_class[best].push(Candidate { bbox: [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0], score });
     }
-    let mut out: Vec<(usize, f32, [f32; 4])> = Vec::new();
-    for (class, cands) in per_class.into_iter().enumerate() {
-        for c in hard_nms(cands, iou, MAX_CANDIDATES, MAX_DETECTIONS) {
-            out.push((class, c.score, c.bbox));
-        }
-    }
-    out.sort_by(|a, b| b.1.total_cmp(&a.1));
-    out.truncate(MAX_DETECTIONS);
-    Ok(out)
+    Ok(per_class_nms(per_class.into_iter().enumerate(), iou, MAX_CANDIDATES, MAX_DETECTIONS))
 }
 
 #[cfg(test)]
