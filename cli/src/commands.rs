@@ -47,7 +47,7 @@ fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Args
 /// Runs one client command; returns the exit code.
 pub async fn main(cmd: &str, args: &[String], usage: &str) -> Result<i32> {
     let parsed = match cmd {
-        "submit" => parse(args, &["--title", "--dpi", "--model", "--idempotency-key"], &["--watch"]),
+        "submit" => parse(args, &["--title", "--dpi", "--model", "--priority", "--idempotency-key"], &["--watch"]),
         "list" => parse(args, &["--status", "--limit"], &[]),
         "results" => parse(args, &["--download"], &[]),
         _ => parse(args, &[], &[]),
@@ -260,7 +260,7 @@ async fn submit(a: &Args) -> Result<i32> {
         return Ok(EXIT_BAD_CONFIG);
     }
     let mut options = Vec::new();
-    for key in ["dpi", "model"] {
+    for key in ["dpi", "model", "priority"] {
         if let Some(v) = a.flags.get(key) {
             options.push((key, v.clone()));
         }

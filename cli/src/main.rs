@@ -32,7 +32,7 @@ const USAGE: &str = "usage:
       Settings: defaults, then FILE, then PAGESTREAM_<SECTION>_<KEY>.
 
 API client (a running service; scripts/up starts one):
-  pagestream submit FILE... [--watch] [--title T] [--dpi N] [--model M] [--idempotency-key K]
+  pagestream submit FILE... [--watch] [--title T] [--dpi N] [--model M] [--priority high|normal|low] [--idempotency-key K]
       Uploads each PDF; with --watch, a live progress bar per document.
       Exit 0 when every document was accepted (and, with --watch, completed
       or completed_with_errors), 1 otherwise.

@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
         password: None,
         dpi: 36.0,
         max_pixels: 1 << 20,
+        pages: 1..=u32::MAX,
         skip: HashSet::new(),
     });
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

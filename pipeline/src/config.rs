@@ -57,6 +57,10 @@ pub struct NatsConfig {
     pub ack_wait_secs: u64,
     /// Seconds to wait for a connection at start-up.
     pub connect_timeout_secs: u64,
+    /// Rendered pages waiting for or in inference, all documents together:
+    /// the `<P>_PAGES` stream holds at most this many (JetStream refuses
+    /// more; the splitter waits), so storage does not grow with page count.
+    pub max_pages_in_flight: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,6 +102,12 @@ pub struct SplitterConfig {
     pub pdfium_library: PathBuf,
     /// Documents split at the same time by one process.
     pub concurrency: usize,
+    /// Pages a normal-priority document renders per turn before it goes to
+    /// the back of the queue (high: twice as many, low: half).
+    pub chunk_pages: u32,
+    /// Pages of one normal-priority document rendered and not yet uploaded
+    /// (high: twice as many, low: half); its splitting waits above this.
+    pub doc_pages_in_flight: u32,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
 }
@@ -125,6 +135,9 @@ pub struct InferencerConfig {
     /// CPU threads per model (0: one per core): ONNX Runtime uses them
     /// inside each run, tract runs that many pages side by side.
     pub threads: usize,
+    /// ONNX Runtime on the CPU: sessions running pages side by side, the
+    /// threads divided among them (0: one single-thread session per thread).
+    pub ort_sessions: usize,
     /// Pages run as one batch when the model has a dynamic batch axis.
     pub batch_size: usize,
     /// Longest wait for a batch to fill once its first page arrived.
@@ -180,6 +193,7 @@ impl Default for NatsConfig {
             max_deliver: 5,
             ack_wait_secs: 60,
             connect_timeout_secs: 10,
+            max_pages_in_flight: 64,
         }
     }
 }
@@ -205,6 +219,8 @@ impl Default for SplitterConfig {
             inline_image_max_bytes: 512 * 1024,
             pdfium_library: deps_dir().join("lib/libpdfium.so"),
             concurrency: 1,
+            chunk_pages: 8,
+            doc_pages_in_flight: 16,
             admin_addr: "127.0.0.1:9101".into(),
         }
     }
@@ -221,6 +237,7 @@ impl Default for InferencerConfig {
             backend: "ort".into(),
             device: "cpu".into(),
             threads: 0,
+            ort_sessions: 1,
             batch_size: 1,
             batch_wait_ms: 20,
             max_detections: 500,
@@ -386,6 +403,12 @@ impl Config {
         }
         if !(1..=7 * 24 * 3600).contains(&self.ingress.results_url_ttl_secs) {
             errors.push("ingress.results_url_ttl_secs must be within 1..=604800 (S3's presigning limit)".into());
+        }
+        if self.nats.max_pages_in_flight < 2 {
+            errors.push("nats.max_pages_in_flight must be at least 2".into());
+        }
+        if self.splitter.chunk_pages < 2 || self.splitter.doc_pages_in_flight < 2 {
+            errors.push("splitter.chunk_pages and splitter.doc_pages_in_flight must be at least 2".into());
         }
         if self.nats.ack_wait_secs < 2 {
             errors.push("nats.ack_wait_secs must be at least 2".into());

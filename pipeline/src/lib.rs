@@ -15,6 +15,7 @@ pub mod bin;
 pub mod blob;
 pub mod config;
 pub mod consumer;
+pub mod counters;
 pub mod embedded;
 pub mod health;
 pub mod metrics;

@@ -58,6 +58,10 @@ impl Names {
     pub fn page_events(&self, doc_id: &str, state: &str) -> String {
         format!("{}.events.{doc_id}.page.{state}.*", self.prefix)
     }
+    /// Filter for a document's document-level events: `<p>.events.<doc>.doc.*`
+    pub fn doc_events_only(&self, doc_id: &str) -> String {
+        format!("{}.events.{doc_id}.doc.*", self.prefix)
+    }
     /// Filter for every event of a document.
     pub fn doc_events(&self, doc_id: &str) -> String {
         format!("{}.events.{doc_id}.>", self.prefix)
@@ -83,6 +87,14 @@ impl Names {
     /// Key-value bucket mapping `Idempotency-Key`s to documents.
     pub fn idempotency_bucket(&self) -> String {
         format!("{}_idempotency", self.prefix)
+    }
+    /// Key-value bucket of per-document page counters ([`crate::counters`]).
+    pub fn progress_bucket(&self) -> String {
+        format!("{}_progress", self.prefix)
+    }
+    /// `<p>.docs.split.<priority>`: the rest of a document, after a chunk.
+    pub fn docs_split(&self, priority: &str) -> String {
+        format!("{}.docs.split.{priority}", self.prefix)
     }
     /// Object Store bucket for uploads and large page images.
     pub fn blob_bucket(&self) -> String {
@@ -123,17 +135,17 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context>
     Ok(jetstream::new(client))
 }
 
-fn render_template(text: &str, names: &Names, max_deliver: i64, ack_wait: Duration) -> String {
-    text.replace("\"{max_deliver}\"", &max_deliver.to_string())
-        .replace("\"{ack_wait}\"", &ack_wait.as_nanos().to_string())
+fn render_template(text: &str, names: &Names, cfg: &NatsConfig) -> String {
+    text.replace("\"{max_deliver}\"", &cfg.max_deliver.to_string())
+        .replace("\"{max_pages_in_flight}\"", &cfg.max_pages_in_flight.to_string())
+        .replace("\"{ack_wait}\"", &Duration::from_secs(cfg.ack_wait_secs).as_nanos().to_string())
         .replace("{PREFIX}", &names.upper())
         .replace("{prefix}", &names.prefix)
 }
 
 /// The stream definitions of `nats/streams.json` for this prefix.
-pub fn stream_configs(names: &Names) -> Result<Vec<stream::Config>> {
-    serde_json::from_str(&render_template(STREAMS_JSON, names, 1, Duration::ZERO))
-        .context("nats/streams.json is invalid")
+pub fn stream_configs(names: &Names, cfg: &NatsConfig) -> Result<Vec<stream::Config>> {
+    serde_json::from_str(&render_template(STREAMS_JSON, names, cfg)).context("nats/streams.json is invalid")
 }
 
 #[derive(Deserialize)]
@@ -144,17 +156,15 @@ struct ConsumerDef {
 
 /// `(stream, consumer config)` pairs of `nats/consumers.json`.
 pub fn consumer_configs(names: &Names, cfg: &NatsConfig) -> Result<Vec<(String, consumer::pull::Config)>> {
-    let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
     let defs: Vec<ConsumerDef> =
-        serde_json::from_str(&render_template(CONSUMERS_JSON, names, cfg.max_deliver, ack_wait))
-            .context("nats/consumers.json is invalid")?;
+        serde_json::from_str(&render_template(CONSUMERS_JSON, names, cfg)).context("nats/consumers.json is invalid")?;
     Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
 }
 
 /// Creates or updates every stream and consumer and the blob bucket.
 /// Safe to run concurrently from every stage at start-up.
 pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<()> {
-    for cfg in stream_configs(names)? {
+    for cfg in stream_configs(names, cfg)? {
         let name = cfg.name.clone();
         js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
     }
@@ -169,6 +179,7 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
             .with_context(|| format!("creating or updating consumer {durable} on {stream_name}"))?;
     }
     blob_store(js, names).await?;
+    crate::counters::Counters::open(js, names).await?;
     Ok(())
 }
 
@@ -214,12 +225,14 @@ mod tests {
     #[test]
     fn data_files_parse_for_any_prefix() {
         let names = Names::new("t-42");
-        let streams = stream_configs(&names).unwrap();
+        let cfg = NatsConfig { max_deliver: 7, ack_wait_secs: 9, max_pages_in_flight: 11, ..NatsConfig::default() };
+        let streams = stream_configs(&names, &cfg).unwrap();
         assert_eq!(streams.len(), 5);
         assert_eq!(streams[0].name, "T_42_DOCS");
-        assert_eq!(streams[0].subjects, vec!["t-42.docs.submitted"]);
+        assert_eq!(streams[0].subjects, vec!["t-42.docs.submitted", "t-42.docs.split.*"]);
+        assert_eq!(streams[1].max_messages, 11);
+        assert_eq!(streams[1].discard, stream::DiscardPolicy::New);
         assert_eq!(streams[3].max_messages_per_subject, 1);
-        let cfg = NatsConfig { max_deliver: 7, ack_wait_secs: 9, ..NatsConfig::default() };
         let consumers = consumer_configs(&names, &cfg).unwrap();
         assert_eq!(consumers.len(), 3);
         assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7 && c.ack_wait == Duration::from_secs(9)));

@@ -1,12 +1,13 @@
-//! Per-document progress, derived from the events stream.
+//! Per-document progress: events plus counters.
 //!
 //! Each stage publishes one event per page and state on
 //! `<p>.events.<doc>.page.<state>.<page>` and document-level events on
 //! `<p>.events.<doc>.doc.<state>`. The stream keeps one message per subject
-//! and every publish carries `Nats-Msg-Id` = subject, so a redelivered page
-//! never counts twice: counts are the number of distinct subjects, read with
-//! one stream-info request. Counts can only grow and never exceed the page
-//! count, whatever the number of replicas or redeliveries.
+//! and every publish carries `Nats-Msg-Id` = subject (the history, for SSE
+//! and failure reasons). After the event is durable the page is marked in
+//! the document's [`Counters`] (an idempotent bitmap per state), which is
+//! what status reads and completion checks use: their cost does not grow
+//! with the page count, and a redelivered page never counts twice.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,7 @@ use futures::TryStreamExt;
 use pagestream_schemas::{decode, encode, DocInfo, ErrorInfo, Event, EventState, Message, VERSION};
 use serde::Serialize;
 
+use crate::counters::{Counters, DocCounters};
 use crate::nats::Names;
 use crate::util::now_rfc3339;
 
@@ -51,12 +53,13 @@ pub async fn publish_message<M: Message>(
 pub struct Progress {
     js: jetstream::Context,
     names: Names,
+    counters: Counters,
     stage: &'static str,
 }
 
 impl Progress {
-    pub fn new(js: jetstream::Context, names: Names, stage: &'static str) -> Self {
-        Progress { js, names, stage }
+    pub fn new(js: jetstream::Context, names: Names, counters: Counters, stage: &'static str) -> Self {
+        Progress { js, names, counters, stage }
     }
 
     /// A page reached `state` (rendered, inferred, uploaded, failed).
@@ -80,7 +83,11 @@ impl Progress {
             ms,
             at: now_rfc3339(),
         };
-        publish_message(&self.js, subject.clone(), &subject, &ev).await
+        publish_message(&self.js, subject.clone(), &subject, &ev).await?;
+        // The event first: a crash in between leaves the message unacked,
+        // and its redelivery marks the page (the event is deduplicated).
+        self.counters.mark(doc_id, state, page, ms).await.map_err(|e| -> async_nats::Error { e.into() })?;
+        Ok(())
     }
 
     /// A document reached `state` (queued, split, failed, completed, cancelled).
@@ -211,6 +218,9 @@ pub struct DocStatus {
     pub queued_at: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The page sets behind `pages` (with per-stage timing aggregates).
+    #[serde(skip)]
+    pub counters: DocCounters,
 }
 
 impl DocStatus {
@@ -226,39 +236,35 @@ impl DocStatus {
 pub async fn read_status(
     js: &jetstream::Context,
     names: &Names,
+    counters: &Counters,
     doc_id: &str,
     page_details: bool,
 ) -> Result<Option<DocStatus>> {
     let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
-    let subjects = subject_counts(&stream, &names.doc_events(doc_id)).await?;
+    // Only the document-level subjects (a handful), never one per page.
+    let subjects = subject_counts(&stream, &names.doc_events_only(doc_id)).await?;
     if subjects.is_empty() {
         return Ok(None);
     }
-    let base = format!("{}.events.{doc_id}.", names.prefix);
-    let mut counts = PageCounts::default();
-    let mut doc_states = Vec::new();
-    let mut failed_subjects = Vec::new();
-    for subject in subjects.keys() {
-        let Some(rest) = subject.strip_prefix(&base) else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('.').collect();
-        match parts.as_slice() {
-            ["doc", state] => doc_states.push((*state).to_string()),
-            ["page", state, _page] => match *state {
-                "rendered" => counts.rendered += 1,
-                "inferred" => counts.inferred += 1,
-                "uploaded" => counts.uploaded += 1,
-                "failed" => {
-                    counts.failed += 1;
-                    failed_subjects.push(subject.clone());
-                }
-                _ => {}
-            },
-            _ => {}
-        }
-    }
-
+    let base = format!("{}.events.{doc_id}.doc.", names.prefix);
+    let doc_states: Vec<String> = subjects.keys().filter_map(|s| s.strip_prefix(&base)).map(str::to_string).collect();
+    let c = counters.doc(doc_id).await?;
+    let counts = PageCounts {
+        rendered: c.rendered.len(),
+        inferred: c.inferred.len(),
+        uploaded: c.uploaded.len(),
+        // A page uploaded and later reported failed (a retry's give-up) is done once.
+        failed: c.failed.minus_len(&c.uploaded),
+    };
+    let failed_subjects: Vec<String> = if page_details && !c.failed.is_empty() {
+        c.failed
+            .pages()
+            .filter(|p| !c.uploaded.contains(*p))
+            .map(|p| names.page_event(doc_id, EventState::Failed.as_str(), p))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut status = DocStatus {
         doc_id: doc_id.into(),
         state: DocState::Queued,
@@ -270,6 +276,7 @@ pub async fn read_status(
         queued_at: None,
         started_at: None,
         finished_at: None,
+        counters: c,
     };
     // Fold document-level events in the order they were recorded.
     let mut events = Vec::with_capacity(doc_states.len());
@@ -404,30 +411,6 @@ pub async fn read_events(js: &jetstream::Context, names: &Names, filter: String)
         }
     }
     Ok(out)
-}
-
-/// Distinct pages of `doc_id` that reached any of `states`: one subject
-/// listing per state, without reading document events. Cheap enough to call
-/// after every page.
-pub async fn count_pages(js: &jetstream::Context, names: &Names, doc_id: &str, states: &[EventState]) -> Result<u32> {
-    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
-    let mut total = 0;
-    for state in states {
-        total += subject_counts(&stream, &names.page_events(doc_id, state.as_str())).await?.len() as u32;
-    }
-    Ok(total)
-}
-
-/// Page numbers of `doc_id` that reached `state`.
-pub async fn pages_in_state(
-    js: &jetstream::Context,
-    names: &Names,
-    doc_id: &str,
-    state: EventState,
-) -> Result<Vec<u32>> {
-    let stream = js.get_stream(names.events_stream()).await.context("events stream")?;
-    let subjects = subject_counts(&stream, &names.page_events(doc_id, state.as_str())).await?;
-    Ok(subjects.keys().filter_map(|s| s.rsplit('.').next()?.parse().ok()).collect())
 }
 
 /// Subject → message count for every subject matching `filter`.

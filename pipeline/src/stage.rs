@@ -9,6 +9,7 @@ use async_nats::jetstream;
 
 use crate::blob::BlobStore;
 use crate::config::Config;
+use crate::counters::Counters;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nats::{self, Names};
@@ -23,6 +24,8 @@ pub struct StageContext {
     pub health: Health,
     /// Cheap per-page questions to the events stream: cancelled? done?
     pub events: Arc<EventLookup>,
+    /// Per-document page counters (O(1) progress, flow control).
+    pub counters: Counters,
 }
 
 impl StageContext {
@@ -35,7 +38,8 @@ impl StageContext {
         nats::provision(&js, &names, &config.nats).await?;
         health.set_ready("nats", true);
         let events = Arc::new(EventLookup::new(js.clone(), names.clone()));
-        Ok(StageContext { js, names, config: Arc::new(config), metrics, health, events })
+        let counters = Counters::open(&js, &names).await?;
+        Ok(StageContext { js, names, config: Arc::new(config), metrics, health, events, counters })
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
@@ -57,13 +61,17 @@ impl StageContext {
         page: u32,
         state: pagestream_schemas::EventState,
     ) -> Result<bool, crate::consumer::StageError> {
-        self.events
-            .page_reached(doc_id, page, state)
-            .await
-            .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
+        let err = |e: anyhow::Error| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id);
+        let reached = self.events.page_reached(doc_id, page, state).await.map_err(err)?;
+        if reached {
+            // A crash between the event and its counter leaves the page
+            // unmarked: mark it now (idempotent).
+            self.counters.mark(doc_id, state, page, None).await.map_err(err)?;
+        }
+        Ok(reached)
     }
 
     pub fn progress(&self, stage: &'static str) -> Progress {
-        Progress::new(self.js.clone(), self.names.clone(), stage)
+        Progress::new(self.js.clone(), self.names.clone(), self.counters.clone(), stage)
     }
 }

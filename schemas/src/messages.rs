@@ -43,6 +43,47 @@ pub struct SubmitOptions {
     /// logged, forwarded to later stages, written to results or dead letters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// Scheduling weight against other documents; `normal` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// How large a share of the pipeline a document gets while others run.
+/// Documents take turns; per turn a document renders pages in proportion to
+/// its weight, and keeps as many pages in flight (see the README's
+/// "Scheduling"). No document starves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// `base` scaled by the weight: high ×2, normal ×1, low ×½ (at least 1).
+    pub fn scale(self, base: u32) -> u32 {
+        match self {
+            Priority::High => base.saturating_mul(2),
+            Priority::Normal => base,
+            Priority::Low => (base / 2).max(1),
+        }
+    }
 }
 
 impl SubmitOptions {
@@ -58,6 +99,7 @@ impl std::fmt::Debug for SubmitOptions {
             .field("dpi", &self.dpi)
             .field("model", &self.model)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("priority", &self.priority)
             .finish()
     }
 }
@@ -76,6 +118,11 @@ pub struct DocumentSubmitted {
     /// RFC 3339 time of submission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,
+    /// Set by the splitter only, on `<prefix>.docs.split.<priority>`: the
+    /// page this turn starts at (the document's previous turns rendered the
+    /// pages before it). Publishers leave it unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_page: Option<u32>,
 }
 
 /// An image carried by a message: inline bytes or a blob-store key (claim
@@ -345,6 +392,9 @@ impl Message for DocumentSubmitted {
             if !(dpi.is_finite() && (10.0..=1200.0).contains(&dpi)) {
                 return Err(format!("options.dpi {dpi} is outside 10..=1200"));
             }
+        }
+        if self.start_page == Some(0) {
+            return Err("start_page is 1-based".into());
         }
         Ok(())
     }

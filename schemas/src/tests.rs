@@ -22,8 +22,9 @@ fn submitted() -> DocumentSubmitted {
             bytes: Some(419062),
             ..Source::default()
         },
-        options: SubmitOptions { dpi: Some(150.0), model: None, password: None },
+        options: SubmitOptions { dpi: Some(150.0), ..SubmitOptions::default() },
         submitted_at: Some("2026-11-28T12:00:00Z".into()),
+        start_page: None,
     }
 }
 
@@ -179,7 +180,46 @@ fn doc_ids() {
 
 #[test]
 fn passwords_never_show_in_debug_output_or_forwarded_options() {
-    let opts = SubmitOptions { dpi: None, model: None, password: Some("s3cret".into()) };
+    let opts = SubmitOptions { password: Some("s3cret".into()), ..SubmitOptions::default() };
     assert!(!format!("{opts:?}").contains("s3cret"));
     assert_eq!(opts.without_secrets().password, None);
+}
+
+#[test]
+fn priority_is_a_lowercase_name_and_scales_turns() {
+    let mut sub = submitted();
+    sub.options.priority = Some(Priority::High);
+    sub.start_page = Some(9);
+    let back: DocumentSubmitted = decode(&encode(&sub)).unwrap();
+    assert_eq!(back.options.priority, Some(Priority::High));
+    assert_eq!(back.start_page, Some(9));
+    // Publishers write the name, as in JSON: {"priority": "low"}.
+    #[derive(serde::Serialize)]
+    struct RawOpts {
+        priority: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Raw {
+        v: u32,
+        doc_id: &'static str,
+        source: Source,
+        options: RawOpts,
+    }
+    let raw = |priority| Raw {
+        v: VERSION,
+        doc_id: "d1",
+        source: Source { blob: Some("k".into()), ..Source::default() },
+        options: RawOpts { priority },
+    };
+    let low: DocumentSubmitted = decode(&rmp_serde::to_vec_named(&raw("low")).unwrap()).unwrap();
+    assert_eq!(low.options.priority, Some(Priority::Low));
+    let err = decode::<DocumentSubmitted>(&rmp_serde::to_vec_named(&raw("urgent")).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("urgent"), "{err}");
+    assert_eq!(Priority::parse("low"), Some(Priority::Low));
+    assert_eq!(Priority::parse("urgent"), None);
+    assert_eq!((Priority::High.scale(8), Priority::Normal.scale(8), Priority::Low.scale(8)), (16, 8, 4));
+    assert_eq!(Priority::Low.scale(1), 1);
+    let mut zero = submitted();
+    zero.start_page = Some(0);
+    assert!(decode::<DocumentSubmitted>(&encode(&zero)).is_err());
 }

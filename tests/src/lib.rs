@@ -200,27 +200,36 @@ pub fn matched(reference: &[(String, [f64; 4])], ours: &[(String, [f64; 4])], mi
 /// The first `n` pages of a corpus PDF, rendered by the splitter's pdfium
 /// path at `dpi` and decoded as the inferencer sees them.
 pub async fn render_pages(pdf: &str, dpi: f32, n: usize) -> Vec<image::RgbImage> {
+    render_file(&corpus(pdf), dpi, n).await
+}
+
+/// The first `n` pages of any PDF, rendered and decoded like [`render_pages`].
+pub async fn render_file(pdf: &Path, dpi: f32, n: usize) -> Vec<image::RgbImage> {
     use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
     let config = Config::default();
     let renderer = Renderer::get(&config.splitter.pdfium_library).expect("libpdfium loads (scripts/setup)");
     let mut events = renderer.render(RenderRequest {
-        pdf: corpus(pdf),
+        pdf: pdf.to_path_buf(),
         password: None,
         dpi,
         max_pixels: config.splitter.max_pixels,
+        pages: 1..=u32::MAX,
         skip: std::collections::HashSet::new(),
     });
     let mut pages = Vec::new();
+    if n == 0 {
+        return pages;
+    }
     while let Some(ev) = events.recv().await {
         match ev {
-            pagestream_splitter::render::RenderEvent::Page(p) => {
+            RenderEvent::Page(p) => {
                 pages.push(pagestream_inferencer::decode_image(&p.png).expect("the splitter's PNG decodes"));
                 if pages.len() == n {
                     break;
                 }
             }
             RenderEvent::Opened { .. } => {}
-            other => panic!("rendering {pdf} failed: {other:?}"),
+            other => panic!("rendering {} failed: {other:?}", pdf.display()),
         }
     }
     pages

@@ -70,6 +70,8 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
         422,
         "invalid_option",
     );
+    let bad_priority = h.client.submit_multipart("x.pdf", b"%PDF-1.4".to_vec(), &[("priority", "urgent")]).await;
+    assert_json_error(&bad_priority.unwrap(), 422, "invalid_option");
     assert_json_error(&h.client.get("/v1/documents/no-such-doc").await.unwrap(), 404, "not_found");
     assert_json_error(&h.client.get("/v1/documents/bad.id").await.unwrap(), 400, "invalid_id");
     assert_json_error(&h.client.get("/nope").await.unwrap(), 404, "not_found");
@@ -105,6 +107,14 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     for subject in [ctx.names.docs_submitted(), ctx.names.pages_rendered(), ctx.names.pages_inferred()] {
         ctx.js.publish(subject, bytes::Bytes::from_static(b"\x93not a map")).await.unwrap().await.unwrap();
     }
+    // `start_page` belongs to the splitter's own continuations (docs.split.*).
+    let resumed = serde_json::json!({"v": 1, "doc_id": "resumed", "source": {"blob": "x"}, "start_page": 9});
+    ctx.js
+        .publish(ctx.names.docs_submitted(), rmp_serde::to_vec_named(&resumed).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let future = serde_json::json!({"v": 2, "doc_id": "from-the-future", "source": {"blob": "x"}});
     ctx.js
         .publish(ctx.names.docs_submitted(), rmp_serde::to_vec_named(&future).unwrap().into())
@@ -148,9 +158,10 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     }
     println!("truncated PDF ended {}", st["state"]);
 
-    // Dead letters: the corrupt PDF, the three malformed messages and the
-    // future version, each with its reason (and the truncated PDF if it failed).
-    let expected = 5 + usize::from(truncated_failed);
+    // Dead letters: the corrupt PDF, the three malformed messages, the
+    // submission with `start_page` and the future version, each with its
+    // reason (and the truncated PDF if it failed).
+    let expected = 6 + usize::from(truncated_failed);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let dl = loop {
         let dl = dead_letters(&h).await;
@@ -165,6 +176,8 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
         .find(|d| d.error.message.contains("unsupported schema version v=2"))
         .expect("future version dead-lettered");
     assert_eq!((future.stage.as_str(), future.error.code.as_str()), ("splitter", "bad_message"));
+    let resumed = dl.iter().find(|d| d.doc_id.as_deref() == Some("resumed")).expect("start_page dead-lettered");
+    assert!(resumed.error.message.contains("start_page"), "{resumed:?}");
     let pdf = dl.iter().find(|d| d.doc_id.as_deref() == Some(id)).expect("dead letter for the corrupt PDF");
     assert_eq!((pdf.stage.as_str(), pdf.error.code.as_str()), ("splitter", "pdf_unreadable"));
     let malformed: Vec<_> = dl.iter().filter(|d| d.payload.as_ref() == b"\x93not a map").collect();

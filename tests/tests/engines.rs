@@ -15,7 +15,7 @@ use pagestream_schemas::Detection;
 
 fn opts(backend: BackendKind, threads: usize) -> EngineOptions {
     let cfg = Config::default().inferencer;
-    EngineOptions { backend, device: Device::Cpu, threads, onnxruntime_library: cfg.onnxruntime_library }
+    EngineOptions { backend, device: Device::Cpu, threads, sessions: 1, onnxruntime_library: cfg.onnxruntime_library }
 }
 
 fn fixture_config() -> InferencerConfig {

@@ -23,6 +23,7 @@ async fn detections_match_rapid_layout_on_every_page() {
         password: None,
         dpi: fixture["dpi"].as_f64().unwrap() as f32,
         max_pixels: config.splitter.max_pixels,
+        pages: 1..=u32::MAX,
         skip: HashSet::new(),
     });
     let Some(RenderEvent::Opened { page_count }) = events.recv().await else { panic!("document did not open") };

@@ -68,8 +68,13 @@ impl Device {
 pub struct EngineOptions {
     pub backend: BackendKind,
     pub device: Device,
-    /// Threads per inference (≥ 1).
+    /// CPU threads per model (≥ 1): ONNX Runtime divides them among its
+    /// sessions; tract runs that many pages side by side.
     pub threads: usize,
+    /// ONNX Runtime on the CPU: sessions that run pages side by side (each
+    /// with `threads / sessions` intra-op threads). 1 = one run at a time
+    /// using every thread.
+    pub sessions: usize,
     /// Path of libonnxruntime (ort only).
     pub onnxruntime_library: std::path::PathBuf,
 }
@@ -155,7 +160,8 @@ fn ort_environment(library: &Path) -> Result<&'static ort::environment::Environm
 }
 
 pub struct OrtBackend {
-    session: Mutex<Session>,
+    /// One per page run side by side (CPU; a single one on CUDA).
+    sessions: Vec<Mutex<Session>>,
     io: ModelIo,
     device: &'static str,
 }
@@ -168,10 +174,15 @@ const CUDA_HINT: &str = "it needs the onnxruntime-gpu build of libonnxruntime (w
 impl OrtBackend {
     fn load(opts: &EngineOptions, model: &str, weights: &[u8]) -> Result<OrtBackend, String> {
         let env = ort_environment(&opts.onnxruntime_library)?;
+        let sessions = opts.sessions.clamp(1, opts.threads.max(1));
+        let intra = (opts.threads / sessions).max(1);
         let builder = || {
             Session::builder(env)
-                .and_then(|b| Ok(b.with_intra_threads(opts.threads)?))
+                .and_then(|b| Ok(b.with_intra_threads(intra)?))
                 .and_then(|b| Ok(b.with_inter_threads(1)?))
+                // Idle pool threads spin-wait by default, burning the CPU the
+                // splitter and uploader need on a small machine.
+                .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
                 .map_err(|e| format!("model {model}: ONNX Runtime session options: {e}"))
         };
         let cpu = || {
@@ -191,7 +202,13 @@ impl OrtBackend {
             },
         };
         let io = ort_io(&session).map_err(|e| format!("model {model}: {e}"))?;
-        Ok(OrtBackend { session: Mutex::new(session), io, device })
+        let mut all = vec![Mutex::new(session)];
+        if device == "cpu" {
+            for _ in 1..sessions {
+                all.push(Mutex::new(cpu()?));
+            }
+        }
+        Ok(OrtBackend { sessions: all, io, device })
     }
 }
 
@@ -242,7 +259,11 @@ impl Backend for OrtBackend {
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String> {
         let name = self.io.inputs.first().map(|(n, _)| n.as_str()).unwrap_or("input");
         let tensor = Tensor::from_array((shape, input)).map_err(|e| format!("input tensor: {e}"))?;
-        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
+        // A free session (the batcher runs at most `parallel_runs` at once).
+        let mut session = match self.sessions.iter().find_map(|m| m.try_lock().ok()) {
+            Some(s) => s,
+            None => self.sessions[0].lock().map_err(|_| "session lock poisoned".to_string())?,
+        };
         let outputs = session.run(ort::inputs![name => tensor]).map_err(|e| format!("inference failed: {e}"))?;
         let mut out = Vec::with_capacity(outputs.len());
         for (i, (oname, _)) in self.io.outputs.iter().enumerate() {
@@ -266,6 +287,10 @@ impl Backend for OrtBackend {
             Some(d) if *d < 0 => usize::MAX,
             _ => 1,
         }
+    }
+
+    fn parallel_runs(&self) -> usize {
+        self.sessions.len()
     }
 
     fn device(&self) -> &'static str {

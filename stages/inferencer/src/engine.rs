@@ -45,6 +45,7 @@ impl EngineOptions {
             backend: BackendKind::parse(&cfg.backend)?,
             device: Device::parse(&cfg.device)?,
             threads,
+            sessions: if cfg.ort_sessions == 0 { threads } else { cfg.ort_sessions },
             onnxruntime_library: cfg.onnxruntime_library.clone(),
         })
     }

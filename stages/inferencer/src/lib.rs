@@ -196,7 +196,8 @@ impl Inferencer {
             .await
             .map_err(transient("join"))?
             .map_err(|m| StageError::permanent("image_invalid", m))?;
-        let (mut detections, _) =
+        let decode_ms = started.elapsed().as_secs_f32() * 1000.0;
+        let (mut detections, t) =
             batcher.detect(img).await.map_err(|m| StageError::permanent("inference_failed", m))?;
         let max = self.ctx.config.inferencer.max_detections;
         if detections.len() > max {
@@ -204,7 +205,9 @@ impl Inferencer {
             detections.sort_by(|a, b| b.score.total_cmp(&a.score));
             detections.truncate(max);
         }
-        Ok((detections, started.elapsed().as_secs_f32() * 1000.0))
+        // The page's own work (PNG decode, pre-processing, model, decoding),
+        // not the time it waited for the inference thread behind another page.
+        Ok((detections, decode_ms + t.preprocess_ms + t.model_ms + t.decode_ms))
     }
 }
 
@@ -238,9 +241,11 @@ impl Handler for Inferencer {
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
     let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
     // The pull window: enough pages in flight to fill a batch, or to keep
-    // every inference thread busy.
+    // every inference thread busy, plus one: the next page is fetched and
+    // decoded while the model runs, so the model never waits for NATS or
+    // the PNG decoder.
     let batch = ctx.config.inferencer.batch_size.max(1);
-    let concurrency = inferencer.models.iter().map(|b| b.detector.parallel_runs().max(batch)).max().unwrap_or(1);
+    let concurrency = inferencer.models.iter().map(|b| (b.detector.parallel_runs() + 1).max(batch)).max().unwrap_or(2);
     let spec = ConsumerSpec {
         stage: STAGE,
         stream: ctx.names.pages_stream(),

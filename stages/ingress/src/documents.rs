@@ -8,10 +8,11 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pagestream_pipeline::blob::upload_key;
-use pagestream_pipeline::progress::{publish_message, read_events, read_status, subject_counts, DocState, DocStatus};
+use pagestream_pipeline::progress::{publish_message, read_status, subject_counts, DocState, DocStatus};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_schemas::{
-    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, Source, SubmitOptions, VERSION,
+    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, Priority, Source, SubmitOptions,
+    VERSION,
 };
 use pagestream_uploader::layout::Keys;
 use serde::Serialize;
@@ -36,6 +37,7 @@ struct Options {
     password: Option<String>,
     dpi: Option<f32>,
     model: Option<String>,
+    priority: Option<Priority>,
 }
 
 impl Options {
@@ -53,6 +55,12 @@ impl Options {
             "model" => self.model = Some(value).filter(|m| !m.is_empty()),
             "filename" => self.filename = Some(value).filter(|f| !f.trim().is_empty()),
             "password" => self.password = Some(value).filter(|p| !p.is_empty()),
+            "priority" if !value.is_empty() => {
+                self.priority = Some(
+                    Priority::parse(&value)
+                        .ok_or_else(|| invalid(format!("priority {value:?} is not one of high, normal, low")))?,
+                )
+            }
             _ => {}
         }
         Ok(())
@@ -126,7 +134,7 @@ fn unavailable(what: &str) -> impl Fn(anyhow::Error) -> ApiError + '_ {
 impl Ingress {
     pub(crate) async fn read_status(&self, id: &str, details: bool) -> Result<DocStatus, ApiError> {
         check_id(id)?;
-        read_status(&self.ctx.js, &self.ctx.names, id, details)
+        read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, details)
             .await
             .map_err(unavailable("reading progress"))?
             .ok_or_else(|| ApiError::not_found(format!("no document {id}")))
@@ -140,23 +148,15 @@ impl Ingress {
     }
 
     /// Queued / started / finished, the wall time, and per stage the mean and
-    /// max milliseconds per page (from the `ms` of page events).
+    /// max milliseconds per page (aggregated in the page counters as pages
+    /// are marked: no event is read).
     async fn timings(&self, st: &DocStatus) -> Result<serde_json::Value, ApiError> {
-        let filter = format!("{}.events.{}.page.>", self.ctx.names.prefix, st.doc_id);
-        let events = read_events(&self.ctx.js, &self.ctx.names, filter).await.map_err(unavailable("reading events"))?;
         let mut stages: BTreeMap<&'static str, StageTiming> = BTreeMap::new();
-        for (_, ev) in &events {
-            let stage = match ev.state {
-                EventState::Rendered => "render",
-                EventState::Inferred => "infer",
-                EventState::Uploaded => "upload",
-                _ => continue,
-            };
-            let Some(ms) = ev.ms else { continue };
-            let t = stages.entry(stage).or_default();
-            t.pages += 1;
-            t.mean_ms += (ms - t.mean_ms) / t.pages as f32;
-            t.max_ms = t.max_ms.max(ms);
+        let c = &st.counters;
+        for (stage, set) in [("render", &c.rendered), ("infer", &c.inferred), ("upload", &c.uploaded)] {
+            if let Some(mean) = set.mean_ms() {
+                stages.insert(stage, StageTiming { pages: set.timed, mean_ms: mean as f32, max_ms: set.max_ms });
+            }
         }
         let parse = |t: &Option<String>| {
             t.as_deref()
@@ -234,8 +234,9 @@ impl Ingress {
                 next_cursor = items.last().and_then(|v: &serde_json::Value| v["id"].as_str().map(str::to_string));
                 break;
             }
-            let Some(st) =
-                read_status(&self.ctx.js, &self.ctx.names, id, false).await.map_err(unavailable("reading progress"))?
+            let Some(st) = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, false)
+                .await
+                .map_err(unavailable("reading progress"))?
             else {
                 continue; // expired between the listing and the read
             };
@@ -307,7 +308,7 @@ impl Ingress {
             };
         };
         let previous: IdempotencyRecord = serde_json::from_slice(&entry.value).map_err(|e| kv_err(&e))?;
-        if read_status(&self.ctx.js, &self.ctx.names, &previous.doc_id, false)
+        if read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, &previous.doc_id, false)
             .await
             .map_err(unavailable("reading progress"))?
             .is_some()
@@ -436,8 +437,14 @@ impl Ingress {
                 sha256: Some(stored.sha256.clone()),
                 ..Source::default()
             },
-            options: SubmitOptions { dpi: opts.dpi, model: opts.model.clone(), password: opts.password.take() },
+            options: SubmitOptions {
+                dpi: opts.dpi,
+                model: opts.model.clone(),
+                password: opts.password.take(),
+                priority: opts.priority,
+            },
             submitted_at: Some(now_rfc3339()),
+            start_page: None,
         };
         let info = DocInfo {
             title,

@@ -120,7 +120,7 @@ impl Ingress {
             .await
             .map_err(|e| ApiError::unavailable(format!("events stream: {e}")))?;
         let filter = names.doc_events(id);
-        let exists = subject_counts(&stream, &filter)
+        let exists = subject_counts(&stream, &names.doc_events_only(id))
             .await
             .map_err(|e| ApiError::unavailable(format!("reading events failed: {e:#}")))?;
         if exists.is_empty() {

@@ -3,24 +3,37 @@
 //! It fetches the PDF to a temporary file (streamed from the blob store),
 //! opens it with pdfium on the render thread ([`render`]) and publishes each
 //! page as soon as it is rendered, waiting for the PubAck before asking for
-//! the next: memory stays flat whatever the page count. Pages whose
-//! `rendered` event exists are skipped after a redelivery, and every publish
-//! carries `Nats-Msg-Id = <doc>:<page>:rendered`, so a crash never duplicates
-//! a page. A document pdfium cannot open becomes a `DocumentFailed` for the
-//! uploader (which writes a `failed` manifest) plus a dead-letter record.
+//! the next: memory stays flat whatever the page count. Pages already marked
+//! rendered in the document's counters are skipped after a redelivery, and
+//! every publish carries `Nats-Msg-Id = <doc>:<page>:rendered`, so a crash
+//! never duplicates a page. A document pdfium cannot open becomes a
+//! `DocumentFailed` for the uploader (which writes a `failed` manifest) plus
+//! a dead-letter record.
+//!
+//! Scheduling and flow control: a document is split in turns. One turn
+//! renders the pages `[start, start + chunk)` (chunk = `splitter.chunk_pages`
+//! scaled by the document's priority), then publishes the rest of the
+//! document on `<p>.docs.split.<priority>` — to the back of the queue, behind
+//! documents submitted meanwhile — and acks. Turn boundaries depend only on
+//! the priority, so a redelivered turn re-publishes the same continuation
+//! (`Nats-Msg-Id = <doc>:split:<next>`), which JetStream deduplicates. Before
+//! each page the turn waits while the document has `doc_pages_in_flight`
+//! (scaled) pages rendered and not yet uploaded or failed, and while the
+//! pages stream is full (`nats.max_pages_in_flight`).
 //!
 //! Knows nothing about models or result storage.
 
 pub mod render;
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::{pages_in_state, publish_message};
+use pagestream_pipeline::progress::publish_message;
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
@@ -36,24 +49,91 @@ use render::{RenderEvent, RenderRequest, Renderer};
 
 pub const STAGE: &str = "splitter";
 
+/// A source PDF fetched to a local file, kept between a document's turns.
+#[derive(Debug)]
+struct Fetched {
+    doc_id: String,
+    path: tempfile::TempPath,
+    sha256: String,
+    bytes: u64,
+}
+
+/// Fetched sources kept per process (the documents taking turns most recently).
+const FETCH_CACHE: usize = 4;
+
 /// The splitter's message handler.
 pub struct Splitter {
     ctx: StageContext,
     blobs: BlobStore,
     renderer: Renderer,
     progress: Progress,
+    fetched: Mutex<VecDeque<Arc<Fetched>>>,
+    shutdown: CancellationToken,
 }
 
 impl Splitter {
     /// Loads pdfium (failing with a clear message when it is missing).
-    pub async fn new(ctx: StageContext) -> Result<Self> {
+    pub async fn new(ctx: StageContext, shutdown: CancellationToken) -> Result<Self> {
         ctx.health.register(STAGE);
         let lib = ctx.config.splitter.pdfium_library.clone();
         let renderer = tokio::task::spawn_blocking(move || Renderer::get(&lib)).await?.map_err(anyhow::Error::msg)?;
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Splitter { ctx, blobs, renderer, progress })
+        Ok(Splitter { ctx, blobs, renderer, progress, fetched: Mutex::default(), shutdown })
+    }
+
+    /// The document's source, fetched once for all its turns.
+    async fn source(&self, sub: &DocumentSubmitted) -> Result<Arc<Fetched>, StageError> {
+        let cached = self.fetched.lock().expect("fetch cache").iter().find(|f| f.doc_id == sub.doc_id).cloned();
+        if let Some(f) = cached {
+            return Ok(f);
+        }
+        let (path, sha256, bytes) = self.fetch(sub).await?;
+        let f = Arc::new(Fetched { doc_id: sub.doc_id.clone(), path, sha256, bytes });
+        let mut cache = self.fetched.lock().expect("fetch cache");
+        cache.push_back(f.clone());
+        while cache.len() > FETCH_CACHE {
+            cache.pop_front();
+        }
+        Ok(f)
+    }
+
+    /// Drops a finished (or cancelled) document's local copy.
+    fn forget(&self, doc_id: &str) {
+        self.fetched.lock().expect("fetch cache").retain(|f| f.doc_id != doc_id);
+    }
+
+    /// Waits until `doc_id` has fewer than `limit` pages rendered and not yet
+    /// uploaded or failed. A shutdown ends the wait with a transient error:
+    /// the turn is redelivered, and pages it already rendered are skipped.
+    async fn wait_for_room(&self, doc_id: &str, limit: u32) -> Result<(), StageError> {
+        let counters = &self.ctx.counters;
+        let mut delay = Duration::from_millis(10);
+        let mut waited = false;
+        loop {
+            let (rendered, uploaded, failed) = tokio::try_join!(
+                counters.get(doc_id, EventState::Rendered),
+                counters.get(doc_id, EventState::Uploaded),
+                counters.get(doc_id, EventState::Failed),
+            )
+            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+            let done = uploaded.union_len(&failed);
+            if rendered.len().saturating_sub(done) < limit {
+                if waited {
+                    self.ctx.metrics.message(STAGE, "flow_control_wait");
+                }
+                return Ok(());
+            }
+            waited = true;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    return Err(StageError::transient("shutting_down", "stopped while waiting for pages in flight to drain"));
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
     }
 
     /// Tells the uploader and the events stream that the document failed.
@@ -79,12 +159,19 @@ impl Splitter {
         Ok(())
     }
 
-    /// Pages of `doc_id` already rendered (from their events).
-    async fn rendered_pages(&self, doc_id: &str) -> Result<HashSet<u32>, StageError> {
-        let pages = pages_in_state(&self.ctx.js, &self.ctx.names, doc_id, EventState::Rendered)
+    /// Pages of `doc_id` in `pages` already rendered (from its counters).
+    async fn rendered_pages(
+        &self,
+        doc_id: &str,
+        pages: std::ops::RangeInclusive<u32>,
+    ) -> Result<HashSet<u32>, StageError> {
+        let set = self
+            .ctx
+            .counters
+            .get(doc_id, EventState::Rendered)
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
-        Ok(pages.into_iter().collect())
+        Ok(pages.filter(|p| set.contains(*p)).collect())
     }
 
     /// Copies the source PDF to a temporary file; returns it with its sha256 and size.
@@ -153,15 +240,49 @@ impl Splitter {
             render_ms: Some(page.render_ms),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page.page);
-        publish_message(&self.ctx.js, self.ctx.names.pages_rendered(), &id, &msg)
-            .await
-            .map_err(transient("nats_publish"))?;
+        self.publish_when_room(&id, &msg).await?;
         self.progress
             .page(&sub.doc_id, page.page, EventState::Rendered, None, Some(page.render_ms))
             .await
             .map_err(transient("nats_publish"))?;
         self.ctx.metrics.page(STAGE);
         Ok(())
+    }
+
+    /// Publishes a page, waiting while the pages stream is full (it holds at
+    /// most `nats.max_pages_in_flight` messages and refuses more).
+    async fn publish_when_room(&self, id: &str, msg: &PageRendered) -> Result<(), StageError> {
+        let payload = encode(msg);
+        let mut delay = Duration::from_millis(20);
+        let mut waited = false;
+        loop {
+            match pagestream_pipeline::progress::publish_durable(
+                &self.ctx.js,
+                self.ctx.names.pages_rendered(),
+                id,
+                payload.clone(),
+            )
+            .await
+            {
+                Ok(()) => {
+                    if waited {
+                        self.ctx.metrics.message(STAGE, "pipeline_full_wait");
+                    }
+                    return Ok(());
+                }
+                Err(e) if is_stream_full(e.as_ref()) => {
+                    waited = true;
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => {
+                            return Err(StageError::transient("shutting_down", "stopped while the pages stream was full"));
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_millis(250));
+                }
+                Err(e) => return Err(StageError::transient("nats_publish", e)),
+            }
+        }
     }
 
     /// A page that cannot be rendered goes straight to the uploader as failed.
@@ -198,26 +319,35 @@ impl Splitter {
         Ok(())
     }
 
+    /// One turn of a document: pages `[start, start + chunk)`, then the rest
+    /// goes to the back of the queue.
     async fn split(&self, sub: DocumentSubmitted) -> Result<(), StageError> {
         let doc_id = sub.doc_id.clone();
         if self.ctx.is_cancelled(&doc_id).await? {
             tracing::info!(doc_id, "document cancelled before splitting; skipped");
+            self.forget(&doc_id);
             self.ctx.metrics.document(STAGE, "cancelled");
             return Ok(());
         }
-        let (pdf, sha256, size) = self.fetch(&sub).await.map_err(|e| e.doc(&doc_id))?;
         let cfg = &self.ctx.config.splitter;
-        let skip = self.rendered_pages(&doc_id).await?;
+        let priority = sub.options.priority.unwrap_or_default();
+        let start = sub.start_page.unwrap_or(1).max(1);
+        let end = start.saturating_add(priority.scale(cfg.chunk_pages) - 1);
+        let in_flight_limit = priority.scale(cfg.doc_pages_in_flight);
+        let source = self.source(&sub).await.map_err(|e| e.doc(&doc_id))?;
+        let skip = self.rendered_pages(&doc_id, start..=end).await?;
         let mut events = self.renderer.render(RenderRequest {
-            pdf: pdf.to_path_buf(),
+            pdf: source.path.to_path_buf(),
             password: sub.options.password.clone(),
             dpi: sub.options.dpi.unwrap_or(cfg.dpi),
             max_pixels: cfg.max_pixels,
+            pages: start..=end,
             skip,
         });
         let page_count = match events.recv().await {
             Some(RenderEvent::Opened { page_count }) => page_count,
             Some(RenderEvent::OpenFailed { code, message }) => {
+                self.forget(&doc_id);
                 let err = StageError::permanent(code, message).doc(&doc_id);
                 self.fail_document(&sub, err.info()).await?;
                 return Err(err);
@@ -225,6 +355,7 @@ impl Splitter {
             other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
         };
         if page_count > cfg.max_pages {
+            self.forget(&doc_id);
             let err = StageError::permanent(
                 "too_many_pages",
                 format!("the document has {page_count} pages; the limit is {} (splitter.max_pages)", cfg.max_pages),
@@ -234,28 +365,33 @@ impl Splitter {
             return Err(err);
         }
         if page_count == 0 {
+            self.forget(&doc_id);
             let err = StageError::permanent("pdf_empty", "the document has no pages").doc(&doc_id);
             self.fail_document(&sub, err.info()).await?;
             return Err(err);
         }
-        let filename = sub.source.filename.clone();
-        let info = DocInfo {
-            title: sub.title.clone().or_else(|| filename.clone()),
-            filename,
-            sha256: Some(sha256),
-            bytes: Some(size),
-            page_count: Some(page_count),
-            model: sub.options.model.clone(),
-            ..DocInfo::default()
-        };
-        self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(transient("nats_publish"))?;
+        if start == 1 {
+            let filename = sub.source.filename.clone();
+            let info = DocInfo {
+                title: sub.title.clone().or_else(|| filename.clone()),
+                filename,
+                sha256: Some(source.sha256.clone()),
+                bytes: Some(source.bytes),
+                page_count: Some(page_count),
+                model: sub.options.model.clone(),
+                ..DocInfo::default()
+            };
+            self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(transient("nats_publish"))?;
+        }
         while let Some(event) = events.recv().await {
             if self.ctx.is_cancelled(&doc_id).await? {
                 // Dropping the receiver stops the render thread after this page.
                 tracing::info!(doc_id, "document cancelled; remaining pages skipped");
+                self.forget(&doc_id);
                 self.ctx.metrics.document(STAGE, "cancelled");
                 return Ok(());
             }
+            self.wait_for_room(&doc_id, in_flight_limit).await?;
             match event {
                 RenderEvent::Page(page) => self.publish_page(&sub, page_count, page).await?,
                 RenderEvent::PageFailed { page, message } => {
@@ -265,16 +401,47 @@ impl Splitter {
                 other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
             }
         }
+        if end < page_count {
+            let next = DocumentSubmitted { start_page: Some(end + 1), ..sub.clone() };
+            let id = format!("{doc_id}:split:{}", end + 1);
+            publish_message(&self.ctx.js, self.ctx.names.docs_split(priority.as_str()), &id, &next)
+                .await
+                .map_err(transient("nats_publish"))?;
+            self.ctx.metrics.message(STAGE, "turn");
+            tracing::debug!(doc_id, next = end + 1, page_count, "turn done; the rest is queued");
+            return Ok(());
+        }
+        self.forget(&doc_id);
         self.ctx.metrics.document(STAGE, "split");
         tracing::info!(doc_id, page_count, "document split");
         Ok(())
     }
 }
 
+/// Whether a publish failed because the stream is at its message limit
+/// (JetStream answers "maximum messages exceeded" with `discard: new`).
+fn is_stream_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains("maximum messages exceeded") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 impl Handler for Splitter {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let sub: DocumentSubmitted = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
         let doc_id = sub.doc_id.clone();
+        if sub.start_page.is_some() && msg.subject.as_str() == self.ctx.names.docs_submitted() {
+            return Err(StageError::permanent(
+                "bad_message",
+                "start_page is set by the splitter only (on docs.split.*); a submission must leave it unset",
+            )
+            .doc(&doc_id));
+        }
         self.split(sub).await.map_err(|e| e.or_doc(&doc_id))
     }
 
@@ -324,6 +491,6 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         concurrency: ctx.config.splitter.concurrency,
         max_deliver: ctx.config.nats.max_deliver,
     };
-    let splitter = Arc::new(Splitter::new(ctx.clone()).await?);
+    let splitter = Arc::new(Splitter::new(ctx.clone(), shutdown.clone()).await?);
     consumer::run(ctx.js.clone(), ctx.names.clone(), spec, splitter, ctx.metrics.clone(), shutdown).await
 }

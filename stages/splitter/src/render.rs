@@ -7,6 +7,7 @@
 //! the page count. Scale out with processes, not threads.
 
 use std::collections::HashSet;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::Instant;
@@ -21,6 +22,8 @@ pub struct RenderRequest {
     pub password: Option<String>,
     pub dpi: f32,
     pub max_pixels: u64,
+    /// 1-based pages to render this turn (clipped to the page count).
+    pub pages: RangeInclusive<u32>,
     /// 1-based pages already rendered (skipped after a redelivery).
     pub skip: HashSet<u32>,
 }
@@ -149,8 +152,9 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
     if out.blocking_send(RenderEvent::Opened { page_count }).is_err() {
         return;
     }
-    for index in 0..page_count {
-        let number = index + 1;
+    let (first, last) = ((*req.pages.start()).max(1), (*req.pages.end()).min(page_count));
+    for number in first..=last {
+        let index = number - 1;
         if req.skip.contains(&number) {
             continue;
         }

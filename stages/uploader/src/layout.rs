@@ -205,6 +205,7 @@ mod tests {
             queued_at: None,
             started_at: None,
             finished_at: None,
+            counters: Default::default(),
         }
     }
 

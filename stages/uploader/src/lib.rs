@@ -3,9 +3,9 @@
 //! page of the document has an outcome writes `manifest.json` ([`layout`]).
 //! For a `DocumentFailed` it writes a manifest with `status: failed`.
 //!
-//! Completion: after its page event is durable, the uploader counts the
-//! document's page outcomes from the events stream; whoever sees the count
-//! reach `page_count` writes the manifest. Two uploaders finishing the last
+//! Completion: after its page is marked in the document's counters, the
+//! uploader reads the uploaded and failed page sets (two reads, whatever the
+//! page count); whoever sees them cover `page_count` pages writes the manifest. Two uploaders finishing the last
 //! pages at once may both write it — with the same content, atomically — so
 //! the manifest is always complete and never missing.
 //!
@@ -20,7 +20,7 @@ use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::{count_pages, pages_in_state, read_status, DocState, DocStatus, Progress};
+use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
 use pagestream_schemas::{decode, DocInfo, DocumentCancelled, DocumentFailed, EventState, ModelRef, PageInferred};
@@ -125,14 +125,17 @@ impl Uploader {
 
     /// Writes the manifest when every page has an outcome.
     async fn finalize_if_done(&self, doc_id: &str, page_count: u32, model: Option<ModelRef>) -> Result<(), StageError> {
-        // Cheap check first: only the last page(s) pay for a full status read.
-        let done = count_pages(&self.ctx.js, &self.ctx.names, doc_id, &[EventState::Uploaded, EventState::Failed])
-            .await
-            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
-        if done < page_count {
+        // Cheap check first (two counter reads): only the last page(s) pay
+        // for a full status read.
+        let nats = |e: anyhow::Error| StageError::transient("nats", format!("{e:#}"));
+        let counters = &self.ctx.counters;
+        let (uploaded, failed) =
+            tokio::try_join!(counters.get(doc_id, EventState::Uploaded), counters.get(doc_id, EventState::Failed))
+                .map_err(nats)?;
+        if uploaded.union_len(&failed) < page_count {
             return Ok(());
         }
-        let status = read_status(&self.ctx.js, &self.ctx.names, doc_id, true)
+        let status = read_status(&self.ctx.js, &self.ctx.names, counters, doc_id, true)
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?
             .ok_or_else(|| StageError::transient("status_missing", format!("no events for {doc_id} yet")))?;
@@ -191,15 +194,16 @@ impl Uploader {
             ..DocInfo::default()
         };
         self.progress.doc(doc_id, EventState::Cancelled, Some(info), None).await.map_err(transient("nats_publish"))?;
-        let Some(status) = read_status(&self.ctx.js, &self.ctx.names, doc_id, true).await.map_err(nats)? else {
+        let Some(status) =
+            read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc_id, true).await.map_err(nats)?
+        else {
             return Ok(());
         };
         if status.state != DocState::Cancelled {
             // It had already finished: its manifest stands.
             return Ok(());
         }
-        let uploaded =
-            pages_in_state(&self.ctx.js, &self.ctx.names, doc_id, EventState::Uploaded).await.map_err(nats)?;
+        let uploaded: Vec<u32> = status.counters.uploaded.pages().collect();
         let mut model = None;
         if let Some(first) = uploaded.iter().min() {
             if let Some(bytes) = self.store.get(&self.keys(doc_id).page_json(*first)).await.map_err(store_err)? {
@@ -215,7 +219,7 @@ impl Uploader {
     }
 
     async fn document_failed(&self, msg: DocumentFailed) -> Result<(), StageError> {
-        let status = read_status(&self.ctx.js, &self.ctx.names, &msg.doc_id, false)
+        let status = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, &msg.doc_id, false)
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
         let info = status.as_ref().map(|s| s.info.clone()).unwrap_or_default();

@@ -6,6 +6,8 @@
 //! BENCHMARKS.md. Not a test: nothing here asserts a time.
 //!
 //!     scripts/bench-infer [--pages N] [--device cuda] [--model NAME] [--no-reference]
+//!     bench-infer --bound FILE.pdf...   the model-only bound on every page of FILEs (JSON line;
+//!                                       scripts/bench-compare uses it)
 
 use std::path::Path;
 use std::process::Command;
@@ -13,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use image::RgbImage;
-use pagestream_e2e::{render_pages, repo_root};
+use pagestream_e2e::{render_file, render_pages, repo_root};
 use pagestream_inferencer::backend::{BackendKind, Device, EngineOptions};
 use pagestream_inferencer::preprocess::{resize, resize_scalar};
 use pagestream_inferencer::{Batcher, Detector};
@@ -62,6 +64,10 @@ fn flag(name: &str) -> bool {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--bound") {
+        return bound(&args[i + 1..]).await;
+    }
     let n: usize = arg("--pages").map(|s| s.parse()).transpose()?.unwrap_or(20);
     let model = arg("--model").unwrap_or_else(|| "layout_cdla".into());
     let device = Device::parse(&arg("--device").unwrap_or_else(|| "cpu".into())).map_err(anyhow::Error::msg)?;
@@ -88,7 +94,13 @@ async fn main() -> Result<()> {
         vec![(BackendKind::Ort, cores)]
     };
     for (backend, threads) in engines {
-        let opts = EngineOptions { backend, device, threads, onnxruntime_library: cfg.onnxruntime_library.clone() };
+        let opts = EngineOptions {
+            backend,
+            device,
+            threads,
+            sessions: 1,
+            onnxruntime_library: cfg.onnxruntime_library.clone(),
+        };
         let (d, load_ms) = time_ms(|| Detector::load_with(&cfg, &model, &opts));
         let d = d.map_err(anyhow::Error::msg)?;
         for p in pages.iter().take(2) {
@@ -275,4 +287,67 @@ fn run_python(python: &Path, script: &Path, dir: &Path, threads: usize) -> Resul
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The model-only bound: every page of `files` rendered at 150 DPI and
+/// decoded up front, then handed at once to ONNX Runtime's batcher (as the
+/// inferencer does) with 1 thread and with one thread per core; prints one
+/// JSON line with pages/s of each layout and the best.
+async fn bound(files: &[String]) -> Result<()> {
+    anyhow::ensure!(!files.is_empty(), "--bound needs PDF files");
+    let mut pages = Vec::new();
+    for f in files {
+        pages.extend(render_file(Path::new(f), 150.0, usize::MAX).await);
+    }
+    let cfg = Config::load(None).map_err(|e| anyhow::anyhow!("{e}"))?.inferencer;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut layouts = Vec::new();
+    // (threads, sessions): one thread; every core inside one run; one
+    // single-thread session per core, pages side by side.
+    let mut layout: Vec<(usize, usize)> = vec![(1, 1), (cores, 1), (cores, cores)];
+    layout.dedup();
+    for (threads, sessions) in layout {
+        let opts = EngineOptions {
+            backend: BackendKind::Ort,
+            device: Device::Cpu,
+            threads,
+            sessions,
+            onnxruntime_library: cfg.onnxruntime_library.clone(),
+        };
+        let d = Detector::load_with(&cfg, &cfg.model, &opts).map_err(anyhow::Error::msg)?;
+        for p in pages.iter().take(2) {
+            d.detect(p).map_err(anyhow::Error::msg)?;
+        }
+        let batcher = Arc::new(Batcher::spawn(Arc::new(d), 1, Duration::ZERO));
+        let started = Instant::now();
+        let cpu0 = process_cpu_s();
+        let tasks: Vec<_> = pages
+            .iter()
+            .map(|p| {
+                let (b, p) = (batcher.clone(), p.clone());
+                tokio::spawn(async move { b.detect(p).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await?.map_err(anyhow::Error::msg)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        layouts.push(serde_json::json!({
+            "backend": "ort", "threads": threads, "sessions": sessions,
+            "pages_per_s": pages.len() as f64 / secs,
+            "cpu_s_per_page": (process_cpu_s() - cpu0) / pages.len() as f64,
+        }));
+    }
+    let best = layouts.iter().filter_map(|l| l["pages_per_s"].as_f64()).fold(0.0, f64::max);
+    println!("{}", serde_json::json!({"pages": pages.len(), "layouts": layouts, "best_pages_per_s": best}));
+    Ok(())
+}
+
+/// CPU seconds (user + system) of this process so far.
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }

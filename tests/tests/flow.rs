@@ -1,0 +1,159 @@
+//! Flow control and fairness, against a real nats-server, pdfium and model:
+//!
+//! - pages in flight stay within the per-document bound
+//!   (`splitter.doc_pages_in_flight`) and the pipeline bound
+//!   (`nats.max_pages_in_flight`), asserted on the pages stream's state
+//!   sampled while documents run (without flow control the splitter runs far
+//!   ahead of the model: ~20 of a 28-page document's pages wait in the stream);
+//! - a small document submitted while a 2415-page one runs completes first
+//!   (turns: the big one goes to the back of the queue after each chunk);
+//! - a `high` document submitted after a `low` one completes first.
+//!
+//! Order of completion is asserted, never wall time.
+
+use std::time::{Duration, Instant};
+
+use pagestream_e2e::{corpus, Harness};
+use serde_json::Value;
+
+async fn pages_waiting(h: &Harness) -> u64 {
+    let ctx = &h.pipeline.ctx;
+    ctx.js.get_stream(ctx.names.pages_stream()).await.unwrap().get_info().await.unwrap().state.messages
+}
+
+async fn dlq_count(h: &Harness) -> u64 {
+    let ctx = &h.pipeline.ctx;
+    ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap().get_info().await.unwrap().state.messages
+}
+
+async fn status(h: &Harness, id: &str) -> Value {
+    let ans = h.client.get(&format!("/v1/documents/{id}")).await.unwrap();
+    assert!(ans.status.is_success(), "{}", ans.json);
+    ans.json
+}
+
+fn terminal(st: &Value) -> bool {
+    pagestream::client::is_terminal(st["state"].as_str().unwrap_or(""))
+}
+
+async fn submit(h: &Harness, file: &std::path::Path, options: &[(&str, String)]) -> String {
+    let ans = h.client.submit_file_with(file, None, options, None).await.unwrap();
+    assert_eq!(ans.status, 202, "{}", ans.json);
+    ans.json["id"].as_str().unwrap().to_string()
+}
+
+/// Samples the pages stream every 10 ms until every document is terminal;
+/// returns the largest number of pages seen waiting in it.
+async fn max_waiting_until_done(h: &Harness, ids: &[String], within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    let mut max = 0;
+    let mut last_poll = Instant::now() - Duration::from_secs(1);
+    loop {
+        max = max.max(pages_waiting(h).await);
+        if last_poll.elapsed() > Duration::from_millis(300) {
+            last_poll = Instant::now();
+            let mut all = true;
+            for id in ids {
+                all &= terminal(&status(h, id).await);
+            }
+            if all {
+                return max;
+            }
+        }
+        assert!(Instant::now() < deadline, "documents not finished within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_in_flight_stay_within_the_document_and_pipeline_bounds() {
+    let h = Harness::start(|c| {
+        c.splitter.doc_pages_in_flight = 3;
+        c.splitter.chunk_pages = 4;
+        c.nats.max_pages_in_flight = 4;
+        c.inferencer.threads = 1;
+    })
+    .await
+    .unwrap();
+    // The bound is the stream's own limit: JetStream refuses a fifth page.
+    let info = h.pipeline.ctx.js.get_stream(h.pipeline.ctx.names.pages_stream()).await.unwrap().get_info().await;
+    let cfg = info.unwrap().config;
+    assert_eq!(cfg.max_messages, 4);
+    assert_eq!(cfg.discard, async_nats::jetstream::stream::DiscardPolicy::New);
+
+    // One document: its own bound (3) is the tighter one.
+    let one = submit(&h, &corpus("fig_dbscan-jss.pdf"), &[]).await;
+    let max_one = max_waiting_until_done(&h, std::slice::from_ref(&one), Duration::from_secs(240)).await;
+    let st = status(&h, &one).await;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["pages"]["uploaded"], 28, "{st}");
+    assert!(max_one <= 3, "one document had {max_one} pages waiting; its bound is 3");
+    assert!(max_one >= 1, "the sampler never saw a page in flight");
+
+    // Two documents at once (3 + 3 allowed by their own bounds): the
+    // pipeline bound (4) holds, and both complete.
+    let a = submit(&h, &corpus("fig_dbscan-jss.pdf"), &[]).await;
+    let b = submit(&h, &corpus("scan_cardinal-rotated.pdf"), &[]).await;
+    let max_two = max_waiting_until_done(&h, &[a.clone(), b.clone()], Duration::from_secs(240)).await;
+    assert!(max_two <= 4, "{max_two} pages waiting; the pipeline bound is 4");
+    for (id, n) in [(&a, 28), (&b, 4)] {
+        let st = status(&h, id).await;
+        assert_eq!(st["state"], "completed", "{st}");
+        assert_eq!(st["pages"]["uploaded"], n, "{st}");
+    }
+    assert_eq!(dlq_count(&h).await, 0);
+    println!("pages waiting at most: one document {max_one} (bound 3), two documents {max_two} (bound 4)");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_documents_and_high_priority_ones_do_not_wait_behind_a_big_one() {
+    let h = Harness::start(|c| {
+        c.inferencer.threads = 1;
+    })
+    .await
+    .unwrap();
+    let big = submit(&h, &corpus("huge_R-fullrefman.pdf"), &[]).await;
+    // Let the big one fill the pipeline first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status(&h, &big).await["pages"]["uploaded"].as_u64().unwrap_or(0) < 5 {
+        assert!(Instant::now() < deadline, "the big document did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A 4-page document submitted now completes while the big one runs.
+    let submitted = Instant::now();
+    let small = submit(&h, &corpus("scan_cardinal-rotated.pdf"), &[]).await;
+    let st = h.wait_terminal(&small, Duration::from_secs(180)).await.unwrap();
+    let small_took = submitted.elapsed();
+    assert_eq!(st["state"], "completed", "{st}");
+    let big_st = status(&h, &big).await;
+    assert!(!terminal(&big_st), "the big document finished first: {big_st}");
+    let big_done = big_st["pages"]["uploaded"].as_u64().unwrap();
+    assert!(big_done < 2415, "{big_st}");
+
+    // Low first, then high: the high one completes first, the big one still runs.
+    let low = submit(&h, &corpus("fig_dbscan-jss.pdf"), &[("priority", "low".into())]).await;
+    let high = submit(&h, &corpus("fig_dbscan-jss.pdf"), &[("priority", "high".into())]).await;
+    let st_high = h.wait_terminal(&high, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(st_high["state"], "completed", "{st_high}");
+    let st_low = status(&h, &low).await;
+    assert!(!terminal(&st_low), "the low-priority document finished before the high one: {st_low}");
+    let low_done = st_low["pages"]["uploaded"].as_u64().unwrap();
+    assert!(low_done < 28, "{st_low}");
+    assert!(!terminal(&status(&h, &big).await), "the big document finished before the high one");
+
+    for id in [&low, &big] {
+        assert_eq!(h.client.delete(&format!("/v1/documents/{id}")).await.unwrap().status, 202);
+    }
+    for id in [&low, &big] {
+        let st = h.wait_terminal(id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(st["state"], "cancelled", "{st}");
+    }
+    println!(
+        "4-page document behind a 2415-page one: completed in {:.1} s (big: {big_done} pages done); \
+         high completed while low had {low_done}/28 pages",
+        small_took.as_secs_f64()
+    );
+    h.stop().await.unwrap();
+}
