@@ -83,7 +83,7 @@ def main():
                    {"content-type": "application/pdf"})["id"]
         first = early = small_s = None
         small = None
-        nats_rss_samples = []
+        last_report = time.perf_counter()
         while True:
             st = http("GET", f"{api}/v1/documents/{doc}")
             done = st["pages"]["uploaded"] + st["pages"]["failed"]
@@ -101,7 +101,11 @@ def main():
                     small_big_done = done
             if st["state"] in ("completed", "completed_with_errors", "failed", "cancelled"):
                 break
-            nats_rss_samples.append(hwm_mib(nats.pid))
+            if time.perf_counter() - last_report > 60:
+                last_report = time.perf_counter()
+                print(f"[{last_report - started:6.0f} s] {done} pages done, nats-server peak {hwm_mib(nats.pid):.0f} MiB, "
+                      f"store peak {sampler.peak / 2**20:.1f} MiB, status GET {get_latency_ms(api, doc, 3):.1f} ms",
+                      flush=True)
             time.sleep(1.0)
         wall = time.perf_counter() - started
         late = get_latency_ms(api, doc)

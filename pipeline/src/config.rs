@@ -237,7 +237,7 @@ impl Default for InferencerConfig {
             backend: "ort".into(),
             device: "cpu".into(),
             threads: 0,
-            ort_sessions: 1,
+            ort_sessions: 0,
             batch_size: 1,
             batch_wait_ms: 20,
             max_detections: 500,

@@ -187,6 +187,8 @@ impl OrtBackend {
         };
         let cpu = || {
             builder()?
+                .with_memory_pattern(false)
+                .map_err(|e| format!("model {model}: ONNX Runtime session options: {e}"))?
                 .commit_from_memory(weights)
                 .map_err(|e| format!("model {model}: ONNX Runtime cannot load it: {e}"))
         };

@@ -126,14 +126,21 @@ impl Splitter {
                 return Ok(());
             }
             waited = true;
-            tokio::select! {
-                _ = self.shutdown.cancelled() => {
-                    return Err(StageError::transient("shutting_down", "stopped while waiting for pages in flight to drain"));
-                }
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_millis(200));
+            self.pause(&mut delay, Duration::from_millis(200), "waiting for pages in flight to drain").await?;
         }
+    }
+
+    /// Sleeps `delay` (then doubles it, up to `max`), unless the process is
+    /// shutting down: then a transient error, so the turn is redelivered.
+    async fn pause(&self, delay: &mut Duration, max: Duration, what: &str) -> Result<(), StageError> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {
+                return Err(StageError::transient("shutting_down", format!("stopped while {what}")));
+            }
+            _ = tokio::time::sleep(*delay) => {}
+        }
+        *delay = (*delay * 2).min(max);
+        Ok(())
     }
 
     /// Tells the uploader and the events stream that the document failed.
@@ -272,13 +279,7 @@ impl Splitter {
                 }
                 Err(e) if is_stream_full(e.as_ref()) => {
                     waited = true;
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => {
-                            return Err(StageError::transient("shutting_down", "stopped while the pages stream was full"));
-                        }
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_millis(250));
+                    self.pause(&mut delay, Duration::from_millis(250), "the pages stream was full").await?;
                 }
                 Err(e) => return Err(StageError::transient("nats_publish", e)),
             }

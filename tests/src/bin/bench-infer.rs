@@ -120,19 +120,7 @@ async fn main() -> Result<()> {
         }
         // Throughput: every page handed to the inferencer's batcher at
         // once, as pulled pages are (tract runs `threads` pages side by side).
-        let batcher = Arc::new(Batcher::spawn(Arc::new(d), 1, Duration::ZERO));
-        let started = Instant::now();
-        let tasks: Vec<_> = pages
-            .iter()
-            .map(|p| {
-                let (b, p) = (batcher.clone(), p.clone());
-                tokio::spawn(async move { b.detect(p).await })
-            })
-            .collect();
-        for t in tasks {
-            t.await?.map_err(anyhow::Error::msg)?;
-        }
-        row.throughput = pages.len() as f64 / started.elapsed().as_secs_f64();
+        row.throughput = pages.len() as f64 / all_at_once(d, &pages).await?;
         eprintln!("{} × {threads}: loaded in {load_ms:.0} ms, {:.2} pages/s", row.engine, row.pages_per_s());
         rows.push(row);
     }
@@ -318,20 +306,8 @@ async fn bound(files: &[String]) -> Result<()> {
         for p in pages.iter().take(2) {
             d.detect(p).map_err(anyhow::Error::msg)?;
         }
-        let batcher = Arc::new(Batcher::spawn(Arc::new(d), 1, Duration::ZERO));
-        let started = Instant::now();
         let cpu0 = process_cpu_s();
-        let tasks: Vec<_> = pages
-            .iter()
-            .map(|p| {
-                let (b, p) = (batcher.clone(), p.clone());
-                tokio::spawn(async move { b.detect(p).await })
-            })
-            .collect();
-        for t in tasks {
-            t.await?.map_err(anyhow::Error::msg)?;
-        }
-        let secs = started.elapsed().as_secs_f64();
+        let secs = all_at_once(d, &pages).await?;
         layouts.push(serde_json::json!({
             "backend": "ort", "threads": threads, "sessions": sessions,
             "pages_per_s": pages.len() as f64 / secs,
@@ -341,6 +317,24 @@ async fn bound(files: &[String]) -> Result<()> {
     let best = layouts.iter().filter_map(|l| l["pages_per_s"].as_f64()).fold(0.0, f64::max);
     println!("{}", serde_json::json!({"pages": pages.len(), "layouts": layouts, "best_pages_per_s": best}));
     Ok(())
+}
+
+/// Hands every page at once to a batcher over `d` (as the inferencer hands
+/// it pulled pages) and returns the seconds until the last answer.
+async fn all_at_once(d: Detector, pages: &[RgbImage]) -> Result<f64> {
+    let batcher = Arc::new(Batcher::spawn(Arc::new(d), 1, Duration::ZERO));
+    let started = Instant::now();
+    let tasks: Vec<_> = pages
+        .iter()
+        .map(|p| {
+            let (b, p) = (batcher.clone(), p.clone());
+            tokio::spawn(async move { b.detect(p).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await?.map_err(anyhow::Error::msg)?;
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// CPU seconds (user + system) of this process so far.
