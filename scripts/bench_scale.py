@@ -10,6 +10,7 @@ mid-run takes (`--small FILE`).
 """
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -41,6 +42,12 @@ def get_latency_ms(api: str, doc: str, n: int = 7) -> float:
 def connz(monitor: str) -> dict:
     with urllib.request.urlopen(f"{monitor}/connz?limit=1024", timeout=10) as r:
         return {c.get("name", ""): c for c in json.load(r)["connections"]}
+
+
+def live_mib(monitor: str) -> float:
+    """What JetStream itself accounts as stored (live messages), in MiB."""
+    with urllib.request.urlopen(f"{monitor}/jsz", timeout=10) as r:
+        return json.load(r).get("storage", 0) / 2**20
 
 
 def main():
@@ -84,7 +91,9 @@ def main():
         first = early = small_s = None
         small = None
         last_report = time.perf_counter()
+        live_peak = 0.0
         while True:
+            live_peak = max(live_peak, live_mib(monitor))
             st = http("GET", f"{api}/v1/documents/{doc}")
             done = st["pages"]["uploaded"] + st["pages"]["failed"]
             if first is None and done >= 1:
@@ -104,8 +113,8 @@ def main():
             if time.perf_counter() - last_report > 60:
                 last_report = time.perf_counter()
                 print(f"[{last_report - started:6.0f} s] {done} pages done, nats-server peak {hwm_mib(nats.pid):.0f} MiB, "
-                      f"store peak {sampler.peak / 2**20:.1f} MiB, status GET {get_latency_ms(api, doc, 3):.1f} ms",
-                      flush=True)
+                      f"store on disk peak {sampler.peak / 2**20:.1f} MiB, live {live_peak:.1f} MiB, "
+                      f"status GET {get_latency_ms(api, doc, 3):.1f} ms", flush=True)
             time.sleep(1.0)
         wall = time.perf_counter() - started
         late = get_latency_ms(api, doc)
@@ -116,7 +125,7 @@ def main():
         print(f"# bench-scale {time.strftime('%Y-%m-%d %H:%M')}: {args.file.name}, {pages} pages, state {st['state']}")
         print(f"wall {wall:.1f} s = {pages / wall:.2f} pages/s; first result {first:.2f} s after upload")
         print("peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
-        print(f"JetStream store peak {sampler.peak / 2**20:.1f} MiB")
+        print(f"JetStream store peak: {sampler.peak / 2**20:.1f} MiB on disk, {live_peak:.1f} MiB live (jsz storage)")
         print(f"status GET median: {early:.1f} ms after 20 pages, {late:.1f} ms at the end")
         if up0 and up1:
             msgs = (up1["in_msgs"] - up0["in_msgs"]) / pages
@@ -130,6 +139,7 @@ def main():
         print(f"manifest: status {manifest['status']}, {len(manifest['pages'])} pages listed, {ok} ok")
     finally:
         stop(list(stages.values()) + [nats])
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
