@@ -126,7 +126,8 @@ def main():
         print(f"wall {wall:.1f} s = {pages / wall:.2f} pages/s; first result {first:.2f} s after upload")
         print("peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
         print(f"JetStream store peak: {sampler.peak / 2**20:.1f} MiB on disk, {live_peak:.1f} MiB live (jsz storage)")
-        print(f"status GET median: {early:.1f} ms after 20 pages, {late:.1f} ms at the end")
+        early_s = f"{early:.1f} ms after 20 pages" if early is not None else "(fewer than 20 pages)"
+        print(f"status GET median: {early_s}, {late:.1f} ms at the end")
         if up0 and up1:
             msgs = (up1["in_msgs"] - up0["in_msgs"]) / pages
             sent = (up1["out_bytes"] - up0["out_bytes"]) / pages
