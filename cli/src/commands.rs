@@ -119,7 +119,7 @@ async fn show(a: &Args, path: &str, print: fn(&Value)) -> Result<i32> {
 
 fn print_status(st: &Value) {
     let p = &st["pages"];
-    println!("{}  {}", st["id"].as_str().unwrap_or("?"), st["title"].as_str().unwrap_or(""));
+    println!("{}  {}", clean(st["id"].as_str().unwrap_or("?")), clean(st["title"].as_str().unwrap_or("")));
     println!("  state:    {}", st["state"].as_str().unwrap_or("?"));
     println!(
         "  pages:    {} total · rendered {} · inferred {} · uploaded {} · failed {}",
@@ -129,12 +129,12 @@ fn print_status(st: &Value) {
         println!(
             "  failed page {}: {} ({})",
             f["page"],
-            f["error"]["message"].as_str().unwrap_or(""),
-            f["error"]["code"].as_str().unwrap_or("")
+            clean(f["error"]["message"].as_str().unwrap_or("")),
+            clean(f["error"]["code"].as_str().unwrap_or(""))
         );
     }
     if let Some(e) = st["error"]["message"].as_str() {
-        println!("  error:    {e}");
+        println!("  error:    {}", clean(e));
     }
     for (k, label) in [("queued_at", "queued"), ("started_at", "started"), ("finished_at", "finished")] {
         if let Some(t) = st[k].as_str() {
@@ -173,11 +173,11 @@ async fn list(a: &Args) -> Result<i32> {
         let done = d["pages"]["uploaded"].as_u64().unwrap_or(0) + d["pages"]["failed"].as_u64().unwrap_or(0);
         println!(
             "{:<32}  {:<21}  {:>5}  {:>5}  {}",
-            d["id"].as_str().unwrap_or("?"),
-            d["state"].as_str().unwrap_or("?"),
+            clean(d["id"].as_str().unwrap_or("?")),
+            clean(d["state"].as_str().unwrap_or("?")),
             d["page_count"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
             done,
-            d["title"].as_str().unwrap_or("")
+            clean(d["title"].as_str().unwrap_or(""))
         );
     }
     if let Some(c) = ans.json["next_cursor"].as_str() {
@@ -209,7 +209,12 @@ async fn results(a: &Args, id: &str) -> Result<i32> {
             println!("{id}: {} · {} pages", m["status"].as_str().unwrap_or("?"), m["page_count"]);
             for p in m["pages"].as_array().into_iter().flatten() {
                 let detail = p["detections_url"].as_str().or(p["error"]["message"].as_str()).unwrap_or("");
-                println!("  page {:>4}  {:<9} {detail}", p["page"], p["status"].as_str().unwrap_or("?"));
+                println!(
+                    "  page {:>4}  {:<9} {}",
+                    p["page"],
+                    clean(p["status"].as_str().unwrap_or("?")),
+                    clean(detail)
+                );
             }
         }
         return Ok(0);
@@ -220,7 +225,7 @@ async fn results(a: &Args, id: &str) -> Result<i32> {
     for p in m["pages"].as_array().into_iter().flatten() {
         for (rel, url) in [("image", "image_url"), ("detections", "detections_url")] {
             if let (Some(rel), Some(url)) = (p[rel].as_str(), p[url].as_str()) {
-                download(&a.client, url, &dir.join(rel)).await?;
+                download(&a.client, url, &dir.join(inside(rel)?)).await?;
                 files += 1;
             }
         }
@@ -229,6 +234,21 @@ async fn results(a: &Args, id: &str) -> Result<i32> {
     download(&a.client, &format!("/v1/documents/{id}/results/manifest.json"), &dir.join("manifest.json")).await?;
     println!("{id}: {} files and manifest.json written to {}", files, dir.display());
     Ok(0)
+}
+
+/// Text from the server made safe for a terminal: control characters
+/// (escape sequences among them) become `\u{fffd}`.
+fn clean(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+}
+
+/// A relative path from a manifest, checked to stay inside the download
+/// directory (no absolute path, no `..`, no prefix).
+fn inside(rel: &str) -> Result<PathBuf> {
+    let path = Path::new(rel);
+    let plain = path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    anyhow::ensure!(plain && !rel.is_empty(), "the manifest names a file outside the download directory: {rel:?}");
+    Ok(path.to_path_buf())
 }
 
 /// Downloads `url` (an API path, or an absolute presigned URL) to `to`.
@@ -403,5 +423,19 @@ mod tests {
             split_url("http://127.0.0.1:9000/b/k.png?X-Amz=1"),
             Some(("http://127.0.0.1:9000".into(), "/b/k.png?X-Amz=1".into()))
         );
+    }
+}
+
+#[cfg(test)]
+mod safety_tests {
+    use super::*;
+
+    #[test]
+    fn manifest_paths_stay_inside_and_text_is_cleaned() {
+        assert_eq!(inside("pages/1.png").unwrap(), PathBuf::from("pages/1.png"));
+        for bad in ["/etc/passwd", "../x", "pages/../../x", "", "./../x"] {
+            assert!(inside(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(clean("a\u{1b}[31mb\n"), "a\u{fffd}[31mb\u{fffd}");
     }
 }

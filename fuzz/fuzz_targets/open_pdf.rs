@@ -10,7 +10,7 @@ use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 
 fuzz_target!(|data: &[u8]| {
     let lib = pagestream_pipeline::Config::default().splitter.pdfium_library;
-    let renderer = Renderer::get(&lib).expect("libpdfium (run scripts/setup)");
+    let renderer = Renderer::in_process(&lib).expect("libpdfium (run scripts/setup)");
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(data).unwrap();
     let mut events = renderer.render(RenderRequest {

@@ -22,6 +22,10 @@ pub fn page_image_key(doc_id: &str, page: u32, format: &str) -> String {
 #[derive(Clone)]
 pub struct BlobStore {
     store: ObjectStore,
+    /// The bucket's backing stream (`OBJ_<bucket>`), to purge what the
+    /// object store API leaves behind.
+    stream: async_nats::jetstream::stream::Stream,
+    bucket: String,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -31,8 +35,8 @@ impl std::fmt::Debug for BlobStore {
 }
 
 impl BlobStore {
-    pub fn new(store: ObjectStore) -> Self {
-        BlobStore { store }
+    pub fn new(store: ObjectStore, stream: async_nats::jetstream::stream::Stream, bucket: String) -> Self {
+        BlobStore { store, stream, bucket }
     }
 
     /// Streams `reader` into `key` (overwriting); returns the bytes written.
@@ -69,13 +73,23 @@ impl BlobStore {
         Ok(out)
     }
 
-    /// Deletes `key`; a missing key is not an error (idempotent clean-up).
+    /// Deletes `key` with its chunks and its metadata record (the object
+    /// store API would keep a tombstone per deleted name: nothing a request
+    /// leaves behind outlives it); a missing key is not an error.
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(key).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
-            Err(e) => Err(anyhow::anyhow!("{e}")).with_context(|| format!("deleting blob {key}")),
+            Ok(()) => {}
+            Err(e) if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::anyhow!("{e}")).with_context(|| format!("deleting blob {key}")),
         }
+        let meta = format!("$O.{}.M.{}", self.bucket, crate::util::base64(key.as_bytes(), true));
+        self.stream
+            .purge()
+            .filter(&meta)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("purging the metadata of blob {key}"))?;
+        Ok(())
     }
 
     /// Whether the error chain says the object does not exist.

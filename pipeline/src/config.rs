@@ -73,17 +73,48 @@ pub struct IngressConfig {
     /// Comma-separated API tokens. When set, every `/v1` route requires
     /// `Authorization: Bearer <token>`; empty leaves the API open.
     pub api_tokens: String,
+    /// Comma-separated admin tokens: like `api_tokens`, and they see every
+    /// document (an API token sees only the documents it submitted, and
+    /// those submitted on NATS).
+    pub admin_tokens: String,
     /// Longest wait for a client's request headers or next body chunk
     /// before the request is answered 408 and the connection closed.
     pub read_timeout_secs: u64,
     /// Lifetime of the presigned S3 URLs the results route hands out.
     pub results_url_ttl_secs: u64,
+    /// Longest a multipart text field (title, options) may be, in bytes
+    /// (HTTP 413 `field_too_large` above); the whole non-file part of a
+    /// form (preamble, part headers, fields) may use at most 16 times this.
+    pub max_field_bytes: u64,
+    /// Open client connections at most; one more is answered
+    /// 503 `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// Longest a whole request may take, headers to last body byte
+    /// (408 `request_timeout` after).
+    pub request_timeout_secs: u64,
+    /// An upload slower than this on average (after its first
+    /// `read_timeout_secs`) is cut with 408 `upload_too_slow`; 0 turns the
+    /// check off.
+    pub min_upload_bytes_per_sec: u64,
+    /// Live event streams (`/events`) open at once, all clients together
+    /// (503 `too_many_streams` above).
+    pub max_event_streams: usize,
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
 }
 
 impl IngressConfig {
-    /// The configured API tokens (empty: authentication is off).
+    /// The configured API tokens (empty, with no admin tokens:
+    /// authentication is off).
     pub fn tokens(&self) -> Vec<String> {
-        self.api_tokens.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+        split_list(&self.api_tokens)
+    }
+
+    /// The configured admin tokens.
+    pub fn admin_tokens(&self) -> Vec<String> {
+        split_list(&self.admin_tokens)
     }
 }
 
@@ -108,6 +139,15 @@ pub struct SplitterConfig {
     /// Pages of one normal-priority document rendered and not yet uploaded
     /// (high: twice as many, low: half); its splitting waits above this.
     pub doc_pages_in_flight: u32,
+    /// The `render-worker` executable that runs pdfium (empty: next to the
+    /// running executable).
+    pub render_worker: PathBuf,
+    /// Longest the renderer may take to open a document or render one page;
+    /// past it the worker is killed and the page fails `render_timeout`.
+    pub render_timeout_secs: u64,
+    /// Address-space limit of the render worker, in MiB (0: none); a PDF
+    /// that needs more fails its page `render_crashed`.
+    pub render_memory_mb: u64,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
 }
@@ -204,8 +244,14 @@ impl Default for IngressConfig {
             addr: "127.0.0.1:8080".into(),
             max_upload_bytes: 256 * 1024 * 1024,
             api_tokens: String::new(),
+            admin_tokens: String::new(),
             read_timeout_secs: 30,
             results_url_ttl_secs: 3600,
+            max_field_bytes: 64 * 1024,
+            max_connections: 1024,
+            request_timeout_secs: 3600,
+            min_upload_bytes_per_sec: 16 * 1024,
+            max_event_streams: 256,
         }
     }
 }
@@ -221,6 +267,9 @@ impl Default for SplitterConfig {
             concurrency: 1,
             chunk_pages: 8,
             doc_pages_in_flight: 16,
+            render_worker: PathBuf::new(),
+            render_timeout_secs: 120,
+            render_memory_mb: 2048,
             admin_addr: "127.0.0.1:9101".into(),
         }
     }
@@ -401,6 +450,15 @@ impl Config {
         if self.ingress.read_timeout_secs == 0 {
             errors.push("ingress.read_timeout_secs must be at least 1".into());
         }
+        if self.ingress.request_timeout_secs < self.ingress.read_timeout_secs {
+            errors.push("ingress.request_timeout_secs must be at least ingress.read_timeout_secs".into());
+        }
+        if self.ingress.max_field_bytes < 1024 {
+            errors.push("ingress.max_field_bytes must be at least 1024".into());
+        }
+        if self.ingress.max_connections == 0 || self.ingress.max_event_streams == 0 {
+            errors.push("ingress.max_connections and ingress.max_event_streams must be at least 1".into());
+        }
         if !(1..=7 * 24 * 3600).contains(&self.ingress.results_url_ttl_secs) {
             errors.push("ingress.results_url_ttl_secs must be within 1..=604800 (S3's presigning limit)".into());
         }
@@ -415,6 +473,12 @@ impl Config {
         }
         if !(10.0..=1200.0).contains(&self.splitter.dpi) {
             errors.push(format!("splitter.dpi {} is outside 10..=1200", self.splitter.dpi));
+        }
+        if self.splitter.render_timeout_secs == 0 {
+            errors.push("splitter.render_timeout_secs must be at least 1".into());
+        }
+        if self.splitter.render_memory_mb != 0 && self.splitter.render_memory_mb < 256 {
+            errors.push("splitter.render_memory_mb must be 0 (no limit) or at least 256".into());
         }
         if self.splitter.max_pages == 0 {
             errors.push("splitter.max_pages must be at least 1".into());

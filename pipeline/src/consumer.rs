@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use pagestream_schemas::{encode, DeadLetter, ErrorInfo, VERSION};
+use pagestream_schemas::{encode, DeadLetter, ErrorInfo, DEAD_LETTER_PAYLOAD_MAX, VERSION};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -292,8 +292,16 @@ pub async fn dead_letter(
     err: &StageError,
     attempts: i64,
 ) -> Result<()> {
+    let payload = pagestream_schemas::without_passwords(&payload);
+    let original = payload.len();
+    let (payload, payload_bytes) = if original > DEAD_LETTER_PAYLOAD_MAX {
+        (payload[..DEAD_LETTER_PAYLOAD_MAX].to_vec(), Some(original as u64))
+    } else {
+        (payload, None)
+    };
     let record = DeadLetter {
         v: VERSION,
+        payload_bytes,
         stage: stage.to_string(),
         subject: subject.to_string(),
         doc_id: err.doc_id.clone(),

@@ -301,7 +301,12 @@ pub async fn read_status(
                 status.error = ev.error;
                 status.finished_at = Some(ev.at);
             }
-            EventState::Completed | EventState::Cancelled if !before.is_terminal() => status.finished_at = Some(ev.at),
+            EventState::Completed | EventState::Cancelled if !before.is_terminal() => {
+                if ev.error.is_some() {
+                    status.error = ev.error; // every page failed: the manifest's reason
+                }
+                status.finished_at = Some(ev.at)
+            }
             _ => {}
         }
     }
@@ -323,7 +328,7 @@ fn merge_info(into: &mut DocInfo, from: DocInfo) {
     macro_rules! take {
         ($($f:ident),*) => { $( if from.$f.is_some() { into.$f = from.$f; } )* };
     }
-    take!(title, filename, sha256, bytes, page_count, status, manifest, model);
+    take!(title, filename, sha256, bytes, page_count, status, manifest, model, owner);
 }
 
 async fn last_event(stream: &Stream, subject: &str) -> Result<Event> {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use async_nats::jetstream;
 
 use crate::blob::BlobStore;
@@ -43,7 +43,14 @@ impl StageContext {
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
-        Ok(BlobStore::new(nats::blob_store(&self.js, &self.names).await?))
+        let store = nats::blob_store(&self.js, &self.names).await?;
+        let bucket = self.names.blob_bucket();
+        let stream = self
+            .js
+            .get_stream(format!("OBJ_{bucket}"))
+            .await
+            .with_context(|| format!("opening the stream of bucket {bucket}"))?;
+        Ok(BlobStore::new(store, stream, bucket))
     }
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.

@@ -14,5 +14,51 @@ pub fn init_tracing() {
     let filter = std::env::var("PAGESTREAM_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,async_nats=warn,aws=warn,hyper=warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+/// Base64 with padding (RFC 4648): the standard alphabet, or the URL-safe
+/// one (`-`, `_`: how the object store names an object's metadata subject).
+pub fn base64(bytes: &[u8], url_safe: bool) -> String {
+    const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i > chunk.len() {
+                out.push('=');
+                continue;
+            }
+            let c = STD[((n >> (18 - 6 * i)) & 63) as usize];
+            out.push(match (url_safe, c) {
+                (true, b'+') => '-',
+                (true, b'/') => '_',
+                (_, c) => c as char,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        use super::base64;
+        assert_eq!(base64(b"", false), "");
+        assert_eq!(base64(b"f", false), "Zg==");
+        assert_eq!(base64(b"fo", false), "Zm8=");
+        assert_eq!(base64(b"foo", false), "Zm9v");
+        assert_eq!(base64(b"foob", false), "Zm9vYg==");
+        assert_eq!(base64(&[0xfb, 0xff], false), "+/8=");
+        assert_eq!(base64(&[0xfb, 0xff], true), "-_8=");
+        assert_eq!(base64(b"uploads/0192", true), "dXBsb2Fkcy8wMTky");
+    }
 }

@@ -318,6 +318,11 @@ pub struct DocInfo {
     pub manifest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Opaque id of the API token that submitted the document (16 hex
+    /// characters of its sha256); absent when submitted without a token or
+    /// on NATS. With tokens, only that token (and admin tokens) see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// A progress event: subject `<prefix>.events.<doc_id>.doc.<state>` or
@@ -355,9 +360,69 @@ pub struct DeadLetter {
     pub error: ErrorInfo,
     /// Deliveries made before giving up.
     pub attempts: u64,
-    /// The original payload, unchanged.
+    /// The original payload, minus any `password`; its first
+    /// [`DEAD_LETTER_PAYLOAD_MAX`] bytes when it was larger (see
+    /// `payload_bytes`).
     pub payload: ByteBuf,
     pub at: String,
+    /// Size of the original payload when `payload` was truncated to fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_bytes: Option<u64>,
+}
+
+/// Largest payload a dead-letter record keeps whole: the record must fit in
+/// a NATS message (1 MiB by default) with room to spare.
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 256 * 1024;
+
+/// The document id of a payload that does not decode as its message type
+/// (wrong version, a field out of range), when it has a valid `doc_id`: the
+/// refusal can then be reported on that document.
+pub fn peek_doc_id(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct DocIdOnly {
+        doc_id: String,
+    }
+    let id = rmp_serde::from_slice::<DocIdOnly>(bytes).ok()?.doc_id;
+    validate_doc_id(&id).is_ok().then_some(id)
+}
+
+/// `bytes` with every map entry named `password` removed, at any depth,
+/// for records kept where operators read them (dead letters). A payload
+/// that is not MessagePack comes back unchanged (it cannot hold a field).
+pub fn without_passwords(bytes: &[u8]) -> Vec<u8> {
+    fn strip(v: &mut rmpv::Value) -> bool {
+        let mut changed = false;
+        match v {
+            rmpv::Value::Map(entries) => {
+                let before = entries.len();
+                entries.retain(|(k, _)| k.as_str() != Some("password"));
+                changed |= entries.len() != before;
+                for (_, v) in entries.iter_mut() {
+                    changed |= strip(v);
+                }
+            }
+            rmpv::Value::Array(items) => {
+                for v in items.iter_mut() {
+                    changed |= strip(v);
+                }
+            }
+            _ => {}
+        }
+        changed
+    }
+    let mut reader = bytes;
+    let Ok(mut value) = rmpv::decode::read_value(&mut reader) else { return bytes.to_vec() };
+    if !strip(&mut value) {
+        return bytes.to_vec();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    match rmpv::encode::write_value(&mut out, &value) {
+        Ok(()) => {
+            out.extend_from_slice(reader); // trailing bytes, if any, unchanged
+            out
+        }
+        Err(_) => bytes.to_vec(),
+    }
 }
 
 fn check_doc_id(id: &str) -> Result<(), String> {

@@ -207,7 +207,7 @@ pub async fn render_pages(pdf: &str, dpi: f32, n: usize) -> Vec<image::RgbImage>
 pub async fn render_file(pdf: &Path, dpi: f32, n: usize) -> Vec<image::RgbImage> {
     use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
     let config = Config::default();
-    let renderer = Renderer::get(&config.splitter.pdfium_library).expect("libpdfium loads (scripts/setup)");
+    let renderer = Renderer::in_process(&config.splitter.pdfium_library).expect("libpdfium loads (scripts/setup)");
     let mut events = renderer.render(RenderRequest {
         pdf: pdf.to_path_buf(),
         password: None,

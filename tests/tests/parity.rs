@@ -16,7 +16,7 @@ async fn detections_match_rapid_layout_on_every_page() {
         serde_json::from_slice(&std::fs::read(repo_root().join("tests/fixtures/parity/fig_dbscan-jss.json")).unwrap())
             .unwrap();
     let config = Config::default();
-    let renderer = Renderer::get(&config.splitter.pdfium_library).unwrap();
+    let renderer = Renderer::in_process(&config.splitter.pdfium_library).unwrap();
     let detector = Detector::load(&config.inferencer, "layout_cdla").unwrap();
     let mut events = renderer.render(RenderRequest {
         pdf: corpus("fig_dbscan-jss.pdf"),

@@ -176,6 +176,9 @@ impl Inferencer {
             Err(e) => return Err(e.doc(&doc_id)),
         };
         self.forward(&out).await?;
+        if permanent.is_some() {
+            self.release_image(&page).await;
+        }
         match permanent {
             None => {
                 self.ctx.metrics.page(STAGE);
@@ -233,7 +236,21 @@ impl Handler for Inferencer {
         let mut out = self.output(&page);
         out.image = None;
         out.error = Some(err.info().at_stage(STAGE));
-        self.forward(&out).await
+        self.forward(&out).await?;
+        self.release_image(&page).await;
+        Ok(())
+    }
+}
+
+impl Inferencer {
+    /// Deletes the claim-check image of a page that failed here (it went
+    /// downstream without it): nothing else would.
+    async fn release_image(&self, page: &PageRendered) {
+        if let Some(key) = &page.image.blob {
+            if let Err(e) = self.blobs.delete(key).await {
+                tracing::warn!(doc_id = page.doc_id, key, error = %e, "could not delete the image of a failed page");
+            }
+        }
     }
 }
 

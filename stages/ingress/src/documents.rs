@@ -1,6 +1,8 @@
 //! Documents: submit (with `Idempotency-Key`), list, status, cancel.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -19,8 +21,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{json_response, ApiError, Resp};
-use crate::upload::{self, idle_timeout, multipart_error};
-use crate::{url_query, Ingress, STAGE};
+use crate::upload::{self, form_budget, multipart_error, paced};
+use crate::{url_query, Caller, Ingress, STAGE};
 
 /// An `Idempotency-Key` whose document has not appeared after this long is
 /// considered abandoned (the first request died) and may be claimed again.
@@ -28,6 +30,14 @@ const IDEMPOTENCY_STALE: Duration = Duration::from_secs(600);
 
 /// Most documents one list page returns.
 pub const MAX_LIMIT: usize = 100;
+/// Most status reads one list page may make (documents filtered out by
+/// state or owner cost one each); past it the page ends with a cursor.
+pub const MAX_LIST_READS: usize = 1000;
+
+/// Longest `title`, in characters.
+pub const MAX_TITLE_CHARS: usize = 500;
+/// Longest `filename`, in characters.
+pub const MAX_FILENAME_CHARS: usize = 255;
 
 /// Submission options from the query string or multipart text fields.
 #[derive(Default)]
@@ -44,7 +54,21 @@ impl Options {
     fn set(&mut self, key: &str, value: String) -> Result<(), ApiError> {
         let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", m);
         match key {
-            "title" => self.title = Some(value).filter(|t| !t.trim().is_empty()),
+            "title" | "filename" => {
+                let max = if key == "title" { MAX_TITLE_CHARS } else { MAX_FILENAME_CHARS };
+                if value.chars().count() > max {
+                    return Err(invalid(format!("{key} is longer than {max} characters")));
+                }
+                if value.chars().any(char::is_control) {
+                    return Err(invalid(format!("{key} contains control characters")));
+                }
+                let value = Some(value).filter(|t| !t.trim().is_empty());
+                if key == "title" {
+                    self.title = value;
+                } else {
+                    self.filename = value;
+                }
+            }
             "dpi" => {
                 let dpi: f32 = value.parse().map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
                 if !(10.0..=1200.0).contains(&dpi) {
@@ -53,7 +77,6 @@ impl Options {
                 self.dpi = Some(dpi);
             }
             "model" => self.model = Some(value).filter(|m| !m.is_empty()),
-            "filename" => self.filename = Some(value).filter(|f| !f.trim().is_empty()),
             "password" => self.password = Some(value).filter(|p| !p.is_empty()),
             "priority" if !value.is_empty() => {
                 self.priority = Some(
@@ -132,16 +155,19 @@ fn unavailable(what: &str) -> impl Fn(anyhow::Error) -> ApiError + '_ {
 }
 
 impl Ingress {
-    pub(crate) async fn read_status(&self, id: &str, details: bool) -> Result<DocStatus, ApiError> {
+    /// The document's status, if `caller` may see it (404 otherwise, as
+    /// for a document that does not exist: ids of others are not revealed).
+    pub(crate) async fn read_status(&self, caller: &Caller, id: &str, details: bool) -> Result<DocStatus, ApiError> {
         check_id(id)?;
         read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, details)
             .await
             .map_err(unavailable("reading progress"))?
+            .filter(|st| caller.sees(&st.info))
             .ok_or_else(|| ApiError::not_found(format!("no document {id}")))
     }
 
-    pub(crate) async fn status(&self, id: &str) -> Result<Resp, ApiError> {
-        let status = self.read_status(id, true).await?;
+    pub(crate) async fn status(&self, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
+        let status = self.read_status(caller, id, true).await?;
         let mut json = status_json(&status);
         json["timings"] = self.timings(&status).await?;
         Ok(json_response(StatusCode::OK, &json))
@@ -178,11 +204,11 @@ impl Ingress {
     /// `GET /v1/documents?status=&limit=&cursor=`: newest first (ids the
     /// ingress assigns are UUIDv7, so id order is submission order); the
     /// cursor is the last id of the previous page.
-    pub(crate) async fn list(&self, query: &str) -> Result<Resp, ApiError> {
+    pub(crate) async fn list(&self, caller: &Caller, query: &str) -> Result<Resp, ApiError> {
         let (mut want, mut limit, mut cursor) = (None, 20usize, None);
         for (k, v) in url_query(query) {
             match k.as_str() {
-                "status" | "state" if !v.is_empty() => {
+                "status" | "state" => {
                     want = Some(DocState::parse(&v).ok_or_else(|| {
                         ApiError::bad_request(
                             "invalid_status",
@@ -226,21 +252,32 @@ impl Ingress {
         let mut items = Vec::new();
         let mut next_cursor = None;
         let candidates = docs.iter().rev().filter(|(id, _)| cursor.as_ref().is_none_or(|c| id.as_str() < c.as_str()));
+        // Status reads one page may cost, whatever the filter hides.
+        let mut budget = MAX_LIST_READS;
+        let mut examined: Option<&String> = None;
         for (id, states) in candidates {
             if want.is_some_and(|w| !could_be(w, states)) {
                 continue;
             }
-            if items.len() == limit {
-                next_cursor = items.last().and_then(|v: &serde_json::Value| v["id"].as_str().map(str::to_string));
+            if items.len() == limit || budget == 0 {
+                // With the budget spent, the page ends early: the cursor
+                // resumes after the last document examined.
+                next_cursor = if items.len() == limit {
+                    items.last().and_then(|v: &serde_json::Value| v["id"].as_str().map(str::to_string))
+                } else {
+                    examined.cloned()
+                };
                 break;
             }
+            budget -= 1;
+            examined = Some(id);
             let Some(st) = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, false)
                 .await
                 .map_err(unavailable("reading progress"))?
             else {
                 continue; // expired between the listing and the read
             };
-            if want.is_none_or(|w| w == st.state) {
+            if want.is_none_or(|w| w == st.state) && caller.sees(&st.info) {
                 items.push(status_json(&st));
             }
         }
@@ -249,8 +286,8 @@ impl Ingress {
 
     /// `DELETE /v1/documents/{id}`: every stage skips the remaining pages;
     /// pages already finished keep their results.
-    pub(crate) async fn cancel(&self, id: &str) -> Result<Resp, ApiError> {
-        let status = self.read_status(id, false).await?;
+    pub(crate) async fn cancel(&self, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
+        let status = self.read_status(caller, id, false).await?;
         if status.state.is_terminal() {
             return Err(ApiError::conflict(
                 "already_finished",
@@ -277,7 +314,7 @@ impl Ingress {
             .map_err(publish_failed)?;
         self.ctx.metrics.document(STAGE, "cancelled");
         tracing::info!(doc_id = id, "document cancelled");
-        let status = self.read_status(id, true).await?;
+        let status = self.read_status(caller, id, true).await?;
         Ok(json_response(StatusCode::ACCEPTED, &status_json(&status)))
     }
 
@@ -327,36 +364,37 @@ impl Ingress {
     }
 
     /// `token`: the caller's API token, already checked ("" without tokens).
-    pub(crate) async fn submit(&self, req: Request<Incoming>, token: &str) -> Result<Resp, ApiError> {
+    pub(crate) async fn submit(&self, req: Request<Incoming>, caller: &Caller) -> Result<Resp, ApiError> {
+        let token = caller.token.as_str();
         let doc_id = uuid::Uuid::now_v7().simple().to_string();
         let claim = match self.claim(&req, token, &doc_id).await {
             Ok(c) => c,
             Err(e) => {
-                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.read_timeout()).await;
+                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.pace()).await;
                 return Err(e);
             }
         };
         match claim {
             Claim::Replay(existing) => {
-                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.read_timeout()).await;
+                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.pace()).await;
                 let mut resp = accepted(&existing, "replayed");
                 resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
                 Ok(resp)
             }
             Claim::Owned(kv_key) => {
-                let outcome = self.accept(req, doc_id).await;
+                let outcome = self.accept(req, doc_id, caller).await;
                 if outcome.is_err() {
                     // Nothing was queued: let the client retry with the same key.
                     let _ = self.idempotency.delete(&kv_key).await;
                 }
                 outcome
             }
-            Claim::None => self.accept(req, doc_id).await,
+            Claim::None => self.accept(req, doc_id, caller).await,
         }
     }
 
     /// Streams the upload to the blob store and queues the document.
-    async fn accept(&self, req: Request<Incoming>, doc_id: String) -> Result<Resp, ApiError> {
+    async fn accept(&self, req: Request<Incoming>, doc_id: String, caller: &Caller) -> Result<Resp, ApiError> {
         let limit = self.ctx.config.ingress.max_upload_bytes;
         if let Some(len) =
             req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -378,23 +416,42 @@ impl Ingress {
             req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let key = upload_key(&doc_id);
         let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let idle = self.read_timeout();
+        let pace = self.pace();
         let (stored, filename) = match mime.as_str() {
             "multipart/form-data" => {
                 let boundary = multer::parse_boundary(&ctype)
                     .map_err(|e| ApiError::bad_request("bad_multipart", format!("invalid multipart content type: {e}")))?;
-                let body = idle_timeout(req.into_body().into_data_stream(), idle);
-                let mut multipart = multer::Multipart::new(body, boundary);
+                let field_limit = self.ctx.config.ingress.max_field_bytes;
+                let file_bytes = Arc::new(AtomicU64::new(0));
+                let body = paced(req.into_body().into_data_stream(), pace);
+                let body = form_budget(body, file_bytes.clone(), 16 * field_limit);
+                let constraints = multer::Constraints::new().size_limit(
+                    multer::SizeLimit::new()
+                        .whole_stream(limit + 16 * field_limit)
+                        .per_field(field_limit)
+                        .for_field("file", limit + 1),
+                );
+                let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
                 let mut stored = None;
+                // Any failure after the file was stored deletes it.
+                let read = async {
                 while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
                     match field.name().unwrap_or("") {
                         "file" if stored.is_none() => {
                             let filename = field.file_name().map(str::to_string);
-                            let s = upload::store_stream(&self.blobs, &key, field.map_err(multipart_error), limit).await?;
+                            if filename.as_ref().is_some_and(|f| f.chars().count() > MAX_FILENAME_CHARS) {
+                                return Err(ApiError::new(
+                                    StatusCode::UNPROCESSABLE_ENTITY,
+                                    "invalid_option",
+                                    format!("the file name is longer than {MAX_FILENAME_CHARS} characters"),
+                                ));
+                            }
+                            let filename = filename.map(|f| f.chars().filter(|c| !c.is_control()).collect());
+                            let field = field.map_err(multipart_error);
+                            let s = upload::store_stream(&self.blobs, &key, field, limit, Some(file_bytes.clone())).await?;
                             stored = Some((s, filename));
                         }
                         "file" => {
-                            let _ = self.blobs.delete(&key).await;
                             return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "too_many_files", "send one `file` per request"));
                         }
                         name => {
@@ -404,14 +461,24 @@ impl Ingress {
                         }
                     }
                 }
+                Ok::<_, ApiError>(())
+                };
+                if let Err(e) = read.await {
+                    if stored.is_some() {
+                        if let Err(err) = self.blobs.delete(&key).await {
+                            tracing::warn!(key, error = %err, "could not delete a rejected upload");
+                        }
+                    }
+                    return Err(e);
+                }
                 stored.ok_or_else(|| {
                     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_file", "multipart body has no `file` field")
                 })?
             }
             "application/pdf" | "application/x-pdf" => {
-                let body = idle_timeout(req.into_body().into_data_stream(), idle).map_err(ApiError::from);
+                let body = paced(req.into_body().into_data_stream(), pace).map_err(ApiError::from);
                 let filename = opts.filename.clone().or_else(|| opts.title.clone());
-                (upload::store_stream(&self.blobs, &key, body, limit).await?, filename)
+                (upload::store_stream(&self.blobs, &key, body, limit, None).await?, filename)
             }
             other => {
                 return Err(ApiError::new(
@@ -452,6 +519,7 @@ impl Ingress {
             sha256: Some(stored.sha256),
             bytes: Some(stored.bytes),
             model: opts.model,
+            owner: caller.owner.clone(),
             ..DocInfo::default()
         };
         // Queued event first: the status endpoint answers as soon as we reply.

@@ -21,15 +21,24 @@ use futures::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use pagestream_pipeline::progress::{subject_counts, DocState, PageCounts};
+use pagestream_pipeline::progress::{DocState, PageCounts};
 use pagestream_schemas::{decode, Event, EventState};
 use tokio::sync::mpsc;
 
 use crate::error::{ApiError, Resp};
-use crate::Ingress;
+use crate::{Caller, Ingress};
 
 /// A comment line this often keeps proxies and clients from timing out.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// A client that reads nothing for this long (its buffer full) is dropped,
+/// with its consumer and task.
+const STALLED: Duration = Duration::from_secs(60);
+
+/// Queues one frame for the client; `false` when the client is gone or has
+/// stopped reading for [`STALLED`].
+async fn send(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+    matches!(tokio::time::timeout(STALLED, tx.send(frame)).await, Ok(Ok(())))
+}
 
 /// What the stream has seen so far.
 #[derive(Debug, Default)]
@@ -105,13 +114,26 @@ fn sse_frame(id: u64, kind: &str, data: &serde_json::Value) -> Bytes {
 }
 
 impl Ingress {
-    pub(crate) async fn events(&self, id: &str, req: &Request<Incoming>) -> Result<Resp, ApiError> {
-        pagestream_schemas::validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
+    pub(crate) async fn events(&self, caller: &Caller, id: &str, req: &Request<Incoming>) -> Result<Resp, ApiError> {
+        // Exists, and this caller may see it.
+        self.read_status(caller, id, false).await?;
         let last_id = match req.headers().get("last-event-id").map(|v| v.to_str().map(str::parse::<u64>)) {
             None => 0,
             Some(Ok(Ok(n))) => n,
             Some(_) => return Err(ApiError::bad_request("invalid_last_event_id", "Last-Event-ID must be an event id")),
         };
+        // A slot first: at most `ingress.max_event_streams` streams (each a
+        // consumer and a task) exist at once.
+        let slot = self.event_streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                format!(
+                    "{} live event streams are open (ingress.max_event_streams); poll GET /v1/documents/{id} or retry later",
+                    self.ctx.config.ingress.max_event_streams
+                ),
+            )
+        })?;
         let names = &self.ctx.names;
         let stream = self
             .ctx
@@ -120,12 +142,6 @@ impl Ingress {
             .await
             .map_err(|e| ApiError::unavailable(format!("events stream: {e}")))?;
         let filter = names.doc_events(id);
-        let exists = subject_counts(&stream, &names.doc_events_only(id))
-            .await
-            .map_err(|e| ApiError::unavailable(format!("reading events failed: {e:#}")))?;
-        if exists.is_empty() {
-            return Err(ApiError::not_found(format!("no document {id}")));
-        }
         let consumer = stream
             .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter,
@@ -140,10 +156,11 @@ impl Ingress {
         let shutdown = self.shutdown.clone();
         let doc_id = id.to_string();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut tally = Tally::default();
             let mut keepalive = tokio::time::interval(KEEPALIVE);
             keepalive.tick().await;
-            if tx.send(Bytes::from_static(b"retry: 2000\n\n")).await.is_err() {
+            if !send(&tx, Bytes::from_static(b"retry: 2000\n\n")).await {
                 return;
             }
             loop {
@@ -151,7 +168,7 @@ impl Ingress {
                     _ = shutdown.cancelled() => break,
                     _ = tx.closed() => break,
                     _ = keepalive.tick() => {
-                        if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() { break }
+                        if !send(&tx, Bytes::from_static(b": keepalive\n\n")).await { break }
                         continue;
                     }
                     m = messages.next() => m,
@@ -168,7 +185,7 @@ impl Ingress {
                 let seq = info.stream_sequence;
                 let Ok(ev) = decode::<Event>(&msg.payload) else { continue };
                 if let Some((kind, data)) = tally.apply(msg.subject.as_str(), seq, &ev) {
-                    if seq > last_id && tx.send(sse_frame(seq, kind, &data)).await.is_err() {
+                    if seq > last_id && !send(&tx, sse_frame(seq, kind, &data)).await {
                         break;
                     }
                 }

@@ -31,13 +31,14 @@ use async_nats::jetstream::kv;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use pagestream_pipeline::admin::admin_response;
+use pagestream_pipeline::admin::{admin_response, AcceptBackoff};
 use pagestream_pipeline::blob::BlobStore;
 use pagestream_pipeline::progress::Progress;
 use pagestream_pipeline::StageContext;
 use pagestream_uploader::ResultStore;
+use sha2::Digest as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +59,9 @@ pub struct Ingress {
     results: ResultStore,
     idempotency: kv::Store,
     tokens: Vec<String>,
+    admin_tokens: Vec<String>,
+    /// Slots for live event streams (`ingress.max_event_streams`).
+    event_streams: Arc<tokio::sync::Semaphore>,
     /// Ends live event streams when the server stops.
     shutdown: CancellationToken,
 }
@@ -69,18 +73,31 @@ impl Ingress {
         let results = ResultStore::open(&ctx.config.uploader).await;
         let idempotency = pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names).await?;
         let tokens = ctx.config.ingress.tokens();
-        Ok(Ingress { ctx, blobs, progress, results, idempotency, tokens, shutdown })
+        let admin_tokens = ctx.config.ingress.admin_tokens();
+        let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));
+        Ok(Ingress { ctx, blobs, progress, results, idempotency, tokens, admin_tokens, event_streams, shutdown })
     }
 
     fn read_timeout(&self) -> Duration {
         Duration::from_secs(self.ctx.config.ingress.read_timeout_secs)
     }
 
-    /// `Ok(token)` when the request may use `/v1` (the token, or "" when
-    /// authentication is off).
-    fn authorize(&self, req: &Request<Incoming>) -> Result<String, ApiError> {
-        if self.tokens.is_empty() {
-            return Ok(String::new());
+    /// How fast a request that starts now must send its body.
+    fn pace(&self) -> upload::Pace {
+        let c = &self.ctx.config.ingress;
+        upload::Pace {
+            idle: self.read_timeout(),
+            min_bytes_per_sec: c.min_upload_bytes_per_sec,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(c.request_timeout_secs),
+            deadline_secs: c.request_timeout_secs,
+        }
+    }
+
+    /// Who is calling `/v1`: open access when no token is configured,
+    /// else the bearer token's identity (401 without a valid one).
+    fn authorize(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+        if self.tokens.is_empty() && self.admin_tokens.is_empty() {
+            return Ok(Caller { token: String::new(), owner: None, admin: true });
         }
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
         let header = req
@@ -95,66 +112,178 @@ impl Ingress {
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
         // Compare against every token in constant time, so timing says nothing.
         let mut found = None;
-        for t in &self.tokens {
-            if bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), given.as_bytes())) {
-                found = Some(t.clone());
+        for (list, admin) in [(&self.tokens, false), (&self.admin_tokens, true)] {
+            for t in list {
+                if bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), given.as_bytes())) {
+                    found = Some((t.clone(), admin));
+                }
             }
         }
-        found.ok_or_else(|| unauthorized("the bearer token is not valid"))
+        let (token, admin) = found.ok_or_else(|| unauthorized("the bearer token is not valid"))?;
+        let owner = Some(hex::encode(&sha2::Sha256::digest(token.as_bytes())[..8]));
+        Ok(Caller { token, owner, admin })
     }
 
     async fn route(&self, req: Request<Incoming>) -> (&'static str, Resp) {
         let path = req.uri().path().to_string();
-        if let Some(resp) = admin_response(&path, &self.ctx.health, &self.ctx.metrics) {
+        if let Some(resp) = admin_response(req.method(), &path, &self.ctx.health, &self.ctx.metrics) {
             return ("admin", resp.map(|b| b.map_err(|never| match never {}).boxed()));
         }
         let method = req.method().clone();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-        // The caller's token ("" when authentication is off) scopes its
-        // idempotency keys.
-        let mut token = String::new();
+        // Who calls: scopes idempotency keys and which documents it sees.
+        let mut caller = Caller::default();
         if segments.first() == Some(&"v1") {
-            match self.authorize(&req) {
-                Ok(t) => token = t,
+            let checked = self.authorize(&req).and_then(|c| {
+                if method == Method::GET || method == Method::HEAD {
+                    Ok(c)
+                } else {
+                    same_origin(&req).map(|()| c)
+                }
+            });
+            match checked {
+                Ok(c) => caller = c,
                 Err(e) => {
-                    // Read a small body so the client gets the 401, not a reset.
-                    upload::drain(req.into_body(), 1 << 20, self.read_timeout()).await;
-                    return ("unauthorized", e.response());
+                    // Read a small body so the client gets the answer, not a reset.
+                    upload::drain(req.into_body(), 1 << 20, self.pace()).await;
+                    let route = if e.status == StatusCode::FORBIDDEN { "cross_origin" } else { "unauthorized" };
+                    return (route, e.response());
                 }
             }
         }
         let (route, outcome) = match (segments.as_slice(), &method) {
-            ([] | [""], &Method::GET) => {
-                ("index", Ok(error::bytes_response(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)))
-            }
+            ([] | [""], &Method::GET) => ("index", Ok(index_response())),
             (["openapi.json"], &Method::GET) => {
                 ("openapi", Ok(error::bytes_response(StatusCode::OK, "application/json", OPENAPI_JSON)))
             }
-            (["v1", "documents"], &Method::POST) => ("submit", self.submit(req, &token).await),
-            (["v1", "documents"], &Method::GET) => ("list", self.list(req.uri().query().unwrap_or("")).await),
-            (["v1", "documents", id], &Method::GET) => ("status", self.status(id).await),
-            (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(id).await),
-            (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(id, &req).await),
-            (["v1", "documents", id, "results"], &Method::GET) => ("results", self.results(id).await),
+            (["v1", "documents"], &Method::POST) => ("submit", self.submit(req, &caller).await),
+            (["v1", "documents"], &Method::GET) => ("list", self.list(&caller, req.uri().query().unwrap_or("")).await),
+            (["v1", "documents", id], &Method::GET) => ("status", self.status(&caller, id).await),
+            (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(&caller, id).await),
+            (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(&caller, id, &req).await),
+            (["v1", "documents", id, "results"], &Method::GET) => ("results", self.results(&caller, id).await),
             (["v1", "documents", id, "results", "manifest.json"], &Method::GET) => {
-                ("result_manifest", self.result_manifest(id).await)
+                ("result_manifest", self.result_manifest(&caller, id).await)
             }
             (["v1", "documents", id, "results", "pages", file], &Method::GET) => {
-                ("result_file", self.result_file(id, file).await)
+                ("result_file", self.result_file(&caller, id, file).await)
             }
-            (["v1", "documents"] | ["v1", "documents", _] | ["v1", "documents", _, "events" | "results"], _)
-            | ([] | [""] | ["openapi.json"], _) => (
-                "method_not_allowed",
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("{method} is not allowed on {path}"),
-                )),
-            ),
-            _ => ("not_found", Err(ApiError::not_found(format!("no route for {method} {path}")))),
+            (segments, _) => match allowed_methods(segments) {
+                Some(allow) => {
+                    let e = ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        format!("{method} is not allowed on {path}; allowed: {allow}"),
+                    );
+                    let mut resp = e.response();
+                    resp.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+                    return ("method_not_allowed", resp);
+                }
+                None => ("not_found", Err(ApiError::not_found(format!("no route for {method} {path}")))),
+            },
         };
         (route, outcome.unwrap_or_else(|e| e.response()))
     }
+}
+
+/// Who calls `/v1`.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The bearer token ("" when authentication is off): scopes idempotency keys.
+    pub token: String,
+    /// The token's opaque id, recorded as the owner of what it submits.
+    pub owner: Option<String>,
+    /// Sees every document (an admin token, or authentication off).
+    pub admin: bool,
+}
+
+impl Caller {
+    /// Whether this caller may see a document: admins see all, a token sees
+    /// what it submitted and what was submitted without a token (on NATS).
+    pub fn sees(&self, info: &pagestream_schemas::DocInfo) -> bool {
+        self.admin || info.owner.is_none() || info.owner == self.owner
+    }
+}
+
+/// The methods a route answers (the `Allow` header of a 405), or `None`
+/// when the path is no route at all.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        [] | [""] | ["openapi.json"] => Some("GET"),
+        ["v1", "documents"] => Some("GET, POST"),
+        ["v1", "documents", _] => Some("GET, DELETE"),
+        ["v1", "documents", _, "events" | "results"]
+        | ["v1", "documents", _, "results", "manifest.json"]
+        | ["v1", "documents", _, "results", "pages", _] => Some("GET"),
+        _ => None,
+    }
+}
+
+/// A state-changing request sent by a browser from another site is refused
+/// (403 `cross_origin`): without it any page the user visits could post
+/// documents to a local API. Browsers send `Origin` (and `Sec-Fetch-Site`)
+/// on such requests; clients that are not browsers send neither.
+fn same_origin(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let refuse = |why: String| Err(ApiError::new(StatusCode::FORBIDDEN, "cross_origin", why));
+    if header("sec-fetch-site") == Some("cross-site") {
+        return refuse("cross-site requests may not change documents (Sec-Fetch-Site: cross-site)".into());
+    }
+    let Some(origin) = header("origin") else { return Ok(()) };
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));
+    match (origin_host, header("host")) {
+        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
+        _ => refuse(format!(
+            "Origin {origin:?} is not this server ({}); cross-origin requests may not change documents",
+            header("host").unwrap_or("no Host header")
+        )),
+    }
+}
+
+/// The web page, with a Content-Security-Policy that allows only its own
+/// inline script (by hash) and same-origin requests.
+fn index_response() -> Resp {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let csp = CSP.get_or_init(|| {
+        let script = INDEX_HTML
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map(|(body, _)| body)
+            .unwrap_or_default();
+        let hash = pagestream_pipeline::util::base64(&sha2::Sha256::digest(script.as_bytes()), false);
+        format!(
+            "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+             img-src 'self' data: blob: http: https:; connect-src 'self'; \
+             base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+        )
+    });
+    let mut resp = error::bytes_response(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML);
+    let h = resp.headers_mut();
+    h.insert(http::header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_str(csp).expect("ASCII policy"));
+    h.insert(http::header::X_FRAME_OPTIONS, http::HeaderValue::from_static("DENY"));
+    h.insert(http::header::REFERRER_POLICY, http::HeaderValue::from_static("no-referrer"));
+    resp
+}
+
+/// Answers a connection over `ingress.max_connections` with 503 and closes
+/// it, without reading its request.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({"error": {
+        "code": "too_many_connections",
+        "message": format!("the server has {max} open connections (ingress.max_connections); retry shortly"),
+    }})
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
 /// Serves the API on `listener` until `shutdown`, then lets in-flight
@@ -163,37 +292,52 @@ pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: Cancellat
     ctx.health.register(STAGE);
     let ingress = Arc::new(Ingress::new(ctx.clone(), shutdown.clone()).await?);
     ctx.health.set_ready(STAGE, true);
-    tracing::info!(addr = %listener.local_addr()?, auth = !ingress.tokens.is_empty(), "ingress listening");
+    tracing::info!(addr = %listener.local_addr()?, auth = !(ingress.tokens.is_empty() && ingress.admin_tokens.is_empty()), "ingress listening");
     let graceful = GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A client that does not finish sending its headers in time is dropped;
-    // slow bodies are cut by `upload::idle_timeout`.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(ingress.read_timeout());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // HTTP/1.1 only (no HTTP/2 is served). The header timer starts when the
+    // connection is accepted: a client that sends nothing is dropped after
+    // `read_timeout_secs`; slow bodies are cut by `upload::paced`.
+    builder.timer(TokioTimer::new()).header_read_timeout(ingress.read_timeout()).max_buf_size(64 * 1024);
+    let max_connections = ingress.ctx.config.ingress.max_connections;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, _) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.reset();
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    backoff.wait(STAGE, &e).await;
                     continue;
                 }
             },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            ingress.ctx.metrics.http("too_many_connections", 503);
+            tokio::spawn(refuse_connection(stream, max_connections));
+            continue;
         };
         let ingress = ingress.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let ingress = ingress.clone();
             async move {
-                let (route, resp) = ingress.route(req).await;
+                let (route, mut resp) = ingress.route(req).await;
                 ingress.ctx.metrics.http(route, resp.status().as_u16());
+                resp.headers_mut()
+                    .insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(slot);
         });
     }
     tokio::select! {

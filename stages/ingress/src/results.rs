@@ -14,7 +14,7 @@ use http::StatusCode;
 use pagestream_uploader::layout::Keys;
 
 use crate::error::{bytes_response, json_response, ApiError, Resp};
-use crate::Ingress;
+use crate::{Caller, Ingress};
 
 /// `<n>.png` or `<n>.json`, nothing else (no path can escape the document).
 fn parse_page_file(file: &str) -> Option<(u32, &'static str)> {
@@ -49,8 +49,8 @@ impl Ingress {
         Ok(presigned.unwrap_or_else(|| format!("/v1/documents/{id}/results/{rel}")))
     }
 
-    pub(crate) async fn results(&self, id: &str) -> Result<Resp, ApiError> {
-        let status = self.read_status(id, false).await?;
+    pub(crate) async fn results(&self, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
+        let status = self.read_status(caller, id, false).await?;
         let keys = self.keys(id);
         let manifest_key = keys.manifest();
         let bytes = self
@@ -98,8 +98,8 @@ impl Ingress {
     }
 
     /// The manifest exactly as the uploader wrote it.
-    pub(crate) async fn result_manifest(&self, id: &str) -> Result<Resp, ApiError> {
-        pagestream_schemas::validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
+    pub(crate) async fn result_manifest(&self, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
+        self.read_status(caller, id, false).await?;
         let bytes = self
             .results
             .get(&self.keys(id).manifest())
@@ -112,8 +112,8 @@ impl Ingress {
     /// One page's image or JSON, read from the result store (a local
     /// directory or S3) and served with the API's own authentication: the
     /// web page uses this route, so it needs no CORS rules on the bucket.
-    pub(crate) async fn result_file(&self, id: &str, file: &str) -> Result<Resp, ApiError> {
-        pagestream_schemas::validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
+    pub(crate) async fn result_file(&self, caller: &Caller, id: &str, file: &str) -> Result<Resp, ApiError> {
+        self.read_status(caller, id, false).await?;
         let (page, ext) = parse_page_file(file)
             .ok_or_else(|| ApiError::not_found(format!("no result file {file:?}: use <page>.png or <page>.json")))?;
         let keys = self.keys(id);

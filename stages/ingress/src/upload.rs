@@ -2,6 +2,7 @@
 //! While it streams, the first bytes are checked for the PDF signature, the
 //! size is capped and the sha256 computed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +90,12 @@ fn not_a_pdf(head: &[u8]) -> ApiError {
 pub enum BodyError {
     #[error("no data from the client for {0} s")]
     Idle(u64),
+    #[error("the upload averaged {rate} bytes/s, below the minimum of {min} bytes/s")]
+    TooSlow { rate: u64, min: u64 },
+    #[error("the request took longer than {0} s")]
+    Deadline(u64),
+    #[error("the form's non-file parts exceed {0} bytes")]
+    FormTooLarge(u64),
     #[error("{0}")]
     Read(String),
 }
@@ -101,6 +108,21 @@ impl From<BodyError> for ApiError {
                 "upload_timeout",
                 format!("{e} (ingress.read_timeout_secs); the upload was discarded"),
             ),
+            BodyError::TooSlow { .. } => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_too_slow",
+                format!("{e} (ingress.min_upload_bytes_per_sec); the upload was discarded"),
+            ),
+            BodyError::Deadline(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("{e} (ingress.request_timeout_secs); the upload was discarded"),
+            ),
+            BodyError::FormTooLarge(_) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "field_too_large",
+                format!("{e} (16 × ingress.max_field_bytes)"),
+            ),
             BodyError::Read(m) => {
                 ApiError::bad_request("upload_interrupted", format!("reading the upload failed: {m}"))
             }
@@ -111,43 +133,125 @@ impl From<BodyError> for ApiError {
 /// The API error for a multipart parsing failure: a timeout or read error of
 /// the underlying body keeps its own status.
 pub fn multipart_error(e: multer::Error) -> ApiError {
-    if let multer::Error::StreamReadFailed(inner) = &e {
-        if let Some(body) = inner.downcast_ref::<BodyError>() {
-            return body.clone().into();
+    match &e {
+        multer::Error::StreamReadFailed(inner) => {
+            if let Some(body) = inner.downcast_ref::<BodyError>() {
+                return body.clone().into();
+            }
         }
+        multer::Error::FieldSizeExceeded { limit, field_name } if field_name.as_deref() == Some("file") => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("upload exceeds the limit of {} bytes (ingress.max_upload_bytes)", limit.saturating_sub(1)),
+            )
+        }
+        multer::Error::FieldSizeExceeded { limit, field_name } => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "field_too_large",
+                format!(
+                    "form field {:?} exceeds {limit} bytes (ingress.max_field_bytes)",
+                    field_name.as_deref().unwrap_or("")
+                ),
+            )
+        }
+        multer::Error::StreamSizeExceeded { limit } => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body exceeds {limit} bytes (ingress.max_upload_bytes plus the form's fields)"),
+            )
+        }
+        _ => {}
     }
     ApiError::bad_request("bad_multipart", format!("malformed multipart body: {e}"))
 }
 
-/// Ends a body stream with [`BodyError::Idle`] when the client sends nothing
-/// for `idle`: a slow or stalled client cannot hold a request open.
-pub fn idle_timeout<S, E>(
-    body: S,
-    idle: Duration,
-) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static
+/// How fast a client must send its body.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Longest gap between two chunks.
+    pub idle: Duration,
+    /// Slowest average rate accepted once `idle` has passed (0: any).
+    pub min_bytes_per_sec: u64,
+    /// When the whole request must be over.
+    pub deadline: tokio::time::Instant,
+    /// Seconds from the request's start to `deadline` (for the message).
+    pub deadline_secs: u64,
+}
+
+/// Ends a body stream with a [`BodyError`] when the client sends nothing
+/// for `pace.idle`, averages less than `pace.min_bytes_per_sec` (after a
+/// first `pace.idle` of grace) or passes the request deadline: a slow or
+/// stalled client cannot hold a request open.
+pub fn paced<S, E>(body: S, pace: Pace) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: std::fmt::Display,
 {
-    Box::pin(futures::stream::unfold((body, false), move |(mut b, done)| async move {
+    let started = tokio::time::Instant::now();
+    Box::pin(futures::stream::unfold((body, false, 0u64), move |(mut b, done, total)| async move {
         if done {
             return None;
         }
-        match tokio::time::timeout(idle, b.next()).await {
-            Ok(Some(Ok(chunk))) => Some((Ok(chunk), (b, false))),
-            Ok(Some(Err(e))) => Some((Err(BodyError::Read(e.to_string())), (b, true))),
+        let wait = pace.idle.min(pace.deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let step = match tokio::time::timeout(wait, b.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                let total = total + chunk.len() as u64;
+                let elapsed = started.elapsed();
+                let rate = (total as f64 / elapsed.as_secs_f64().max(1e-3)) as u64;
+                if pace.min_bytes_per_sec > 0 && elapsed > pace.idle && rate < pace.min_bytes_per_sec {
+                    Err((BodyError::TooSlow { rate, min: pace.min_bytes_per_sec }, total))
+                } else {
+                    Ok(Some((chunk, total)))
+                }
+            }
+            Ok(Some(Err(e))) => Err((BodyError::Read(e.to_string()), total)),
+            Ok(None) => Ok(None),
+            Err(_) if tokio::time::Instant::now() >= pace.deadline => {
+                Err((BodyError::Deadline(pace.deadline_secs), total))
+            }
+            Err(_) => Err((BodyError::Idle(pace.idle.as_secs()), total)),
+        };
+        match step {
+            Ok(Some((chunk, total))) => Some((Ok(chunk), (b, false, total))),
             Ok(None) => None,
-            Err(_) => Some((Err(BodyError::Idle(idle.as_secs())), (b, true))),
+            Err((e, total)) => Some((Err(e), (b, true, total))),
         }
     }))
+}
+
+/// Caps the bytes of a multipart body that are not the file: `file_bytes`
+/// counts what the file field has consumed; the rest (preamble, part
+/// headers, text fields, bytes the parser buffered ahead) may not exceed
+/// `budget`, so a part header that never ends cannot fill memory.
+pub fn form_budget<S>(
+    body: S,
+    file_bytes: Arc<AtomicU64>,
+    budget: u64,
+) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static
+where
+    S: Stream<Item = Result<Bytes, BodyError>> + Send + Unpin + 'static,
+{
+    let mut fed = 0u64;
+    body.map(move |chunk| {
+        let chunk = chunk?;
+        fed += chunk.len() as u64;
+        let file = file_bytes.load(Ordering::Relaxed);
+        if fed.saturating_sub(file) > budget {
+            return Err(BodyError::FormTooLarge(budget));
+        }
+        Ok(chunk)
+    })
 }
 
 /// Reads and discards up to `limit` bytes of a request body we answer
 /// without using (an idempotent replay), so the client, still sending,
 /// receives the answer instead of a reset connection.
-pub async fn drain(body: hyper::body::Incoming, limit: u64, idle: Duration) {
+pub async fn drain(body: hyper::body::Incoming, limit: u64, pace: Pace) {
     use http_body_util::BodyExt;
-    let mut stream = idle_timeout(body.into_data_stream(), idle);
+    let mut stream = paced(body.into_data_stream(), pace);
     let mut read = 0u64;
     while let Some(Ok(chunk)) = stream.next().await {
         read += chunk.len() as u64;
@@ -157,27 +261,47 @@ pub async fn drain(body: hyper::body::Incoming, limit: u64, idle: Duration) {
     }
 }
 
-/// Streams `body` into the blob store at `key`, enforcing `limit`. On any
-/// failure the partial object is deleted and the precise error returned.
-pub async fn store_stream<S>(blobs: &BlobStore, key: &str, body: S, limit: u64) -> Result<Stored, ApiError>
+/// Streams `body` into the blob store at `key`, enforcing `limit`; adds
+/// the bytes taken to `consumed` as they pass. On any failure the partial
+/// object is deleted and the precise error returned: a rejected body ends
+/// the stream cleanly (rather than erroring inside the object store's put,
+/// which would leave its chunks under a name nobody knows), so the partial
+/// object can be deleted, chunks included.
+pub async fn store_stream<S>(
+    blobs: &BlobStore,
+    key: &str,
+    body: S,
+    limit: u64,
+    consumed: Option<Arc<AtomicU64>>,
+) -> Result<Stored, ApiError>
 where
     S: Stream<Item = Result<Bytes, ApiError>> + Send + Unpin,
 {
     let check = Arc::new(Mutex::new(Check::default()));
     let c = check.clone();
-    let checked = body.map(move |chunk| {
+    let checked = body.scan((), move |(), chunk| {
         let mut state = c.lock().expect("upload check lock");
-        let chunk = chunk.map_err(|err| {
-            state.failure = Some(err);
-            std::io::Error::other("upload body error")
-        })?;
-        if let Err(e) = state.feed(&chunk, limit) {
-            state.failure = Some(e);
-            return Err(std::io::Error::other("upload rejected"));
-        }
-        Ok::<_, std::io::Error>(chunk)
+        let out = match chunk {
+            Err(err) => {
+                state.failure = Some(err);
+                None
+            }
+            Ok(chunk) => match state.feed(&chunk, limit) {
+                Err(e) => {
+                    state.failure = Some(e);
+                    None
+                }
+                Ok(()) => {
+                    if let Some(n) = &consumed {
+                        n.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                    Some(Ok::<_, std::io::Error>(chunk))
+                }
+            },
+        };
+        futures::future::ready(out)
     });
-    let mut reader = StreamReader::new(checked);
+    let mut reader = StreamReader::new(Box::pin(checked));
     let put = blobs.put_reader(key, &mut reader).await;
     let outcome = {
         let mut state = check.lock().expect("upload check lock");

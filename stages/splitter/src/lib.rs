@@ -24,6 +24,7 @@
 //! Knows nothing about models or result storage.
 
 pub mod render;
+pub mod worker;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -33,11 +34,11 @@ use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::publish_message;
+use pagestream_pipeline::progress::{publish_message, DocState};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
-    decode, encode, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef,
+    decode, encode, peek_doc_id, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef,
     PageInferred, PageRendered, Timings, VERSION,
 };
 use serde_bytes::ByteBuf;
@@ -46,6 +47,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use render::{RenderEvent, RenderRequest, Renderer};
+use worker::WorkerOptions;
 
 pub const STAGE: &str = "splitter";
 
@@ -72,11 +74,19 @@ pub struct Splitter {
 }
 
 impl Splitter {
-    /// Loads pdfium (failing with a clear message when it is missing).
+    /// Starts the render worker (failing with a clear message when pdfium
+    /// or the worker binary is missing).
     pub async fn new(ctx: StageContext, shutdown: CancellationToken) -> Result<Self> {
         ctx.health.register(STAGE);
-        let lib = ctx.config.splitter.pdfium_library.clone();
-        let renderer = tokio::task::spawn_blocking(move || Renderer::get(&lib)).await?.map_err(anyhow::Error::msg)?;
+        let c = &ctx.config.splitter;
+        let options = WorkerOptions {
+            program: WorkerOptions::locate(&c.render_worker).map_err(anyhow::Error::msg)?,
+            library: c.pdfium_library.clone(),
+            page_timeout: Duration::from_secs(c.render_timeout_secs),
+            memory_bytes: c.render_memory_mb * 1024 * 1024,
+        };
+        let renderer =
+            tokio::task::spawn_blocking(move || Renderer::isolated(options)).await?.map_err(anyhow::Error::msg)?;
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
@@ -145,6 +155,10 @@ impl Splitter {
 
     /// Tells the uploader and the events stream that the document failed.
     async fn fail_document(&self, sub: &DocumentSubmitted, error: ErrorInfo) -> Result<(), StageError> {
+        if self.finished(&sub.doc_id).await? {
+            tracing::info!(doc_id = sub.doc_id, code = error.code, "document already finished; failure not recorded");
+            return Ok(());
+        }
         let failed = DocumentFailed {
             v: VERSION,
             doc_id: sub.doc_id.clone(),
@@ -164,6 +178,61 @@ impl Splitter {
             .map_err(transient("nats_publish"))?;
         self.ctx.metrics.document(STAGE, "failed");
         Ok(())
+    }
+
+    /// A submission refused for its content (it does not decode, or breaks
+    /// the contract) but naming a valid document: the document fails with
+    /// the reason, so its publisher sees it in the status, the events and a
+    /// manifest, not only in the dead-letter stream. A document that has
+    /// already started is left alone (a stray message cannot fail it).
+    /// Returns `err` tagged with the document, for the dead letter.
+    async fn refuse(
+        &self,
+        doc_id: &str,
+        sub: Option<&DocumentSubmitted>,
+        err: StageError,
+    ) -> Result<StageError, StageError> {
+        let status = pagestream_pipeline::progress::read_status(
+            &self.ctx.js,
+            &self.ctx.names,
+            &self.ctx.counters,
+            doc_id,
+            false,
+        )
+        .await
+        .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        if status.is_none_or(|s| s.state == DocState::Queued) {
+            let blank = DocumentSubmitted {
+                v: VERSION,
+                doc_id: doc_id.to_string(),
+                title: None,
+                source: pagestream_schemas::Source::default(),
+                options: pagestream_schemas::SubmitOptions::default(),
+                submitted_at: None,
+                start_page: None,
+            };
+            let mut info = err.info();
+            info.message = format!("submission refused: {}", info.message);
+            self.fail_document(sub.unwrap_or(&blank), info).await?;
+            tracing::warn!(doc_id, error = %err, "submission refused; document failed");
+        }
+        Ok(err.doc(doc_id))
+    }
+
+    /// Whether the document already reached a terminal state (a turn
+    /// redelivered after the document finished has nothing to do, and its
+    /// source may be gone).
+    async fn finished(&self, doc_id: &str) -> Result<bool, StageError> {
+        let status = pagestream_pipeline::progress::read_status(
+            &self.ctx.js,
+            &self.ctx.names,
+            &self.ctx.counters,
+            doc_id,
+            false,
+        )
+        .await
+        .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        Ok(status.is_some_and(|s| s.state.is_terminal()))
     }
 
     /// Pages of `doc_id` in `pages` already rendered (from its counters).
@@ -292,7 +361,7 @@ impl Splitter {
         sub: &DocumentSubmitted,
         page_count: u32,
         page: u32,
-        message: String,
+        error: ErrorInfo,
     ) -> Result<(), StageError> {
         let msg = PageInferred {
             v: VERSION,
@@ -306,7 +375,7 @@ impl Splitter {
             detections: Vec::new(),
             image: None,
             timings: Timings::default(),
-            error: Some(ErrorInfo::new("page_render_failed", message).at_stage(STAGE)),
+            error: Some(error.at_stage(STAGE)),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page);
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg)
@@ -324,6 +393,11 @@ impl Splitter {
     /// goes to the back of the queue.
     async fn split(&self, sub: DocumentSubmitted) -> Result<(), StageError> {
         let doc_id = sub.doc_id.clone();
+        if self.finished(&doc_id).await? {
+            tracing::info!(doc_id, "document already finished; turn skipped");
+            self.forget(&doc_id);
+            return Ok(());
+        }
         if self.ctx.is_cancelled(&doc_id).await? {
             tracing::info!(doc_id, "document cancelled before splitting; skipped");
             self.forget(&doc_id);
@@ -395,9 +469,17 @@ impl Splitter {
             self.wait_for_room(&doc_id, in_flight_limit).await?;
             match event {
                 RenderEvent::Page(page) => self.publish_page(&sub, page_count, page).await?,
-                RenderEvent::PageFailed { page, message } => {
-                    tracing::warn!(doc_id, page, %message, "page failed to render");
-                    self.publish_failed_page(&sub, page_count, page, message).await?;
+                RenderEvent::PageFailed { page, code, message } => {
+                    tracing::warn!(doc_id, page, code, %message, "page failed to render");
+                    if matches!(code, "render_crashed" | "render_timeout") {
+                        // The renderer itself failed: operators want a record.
+                        let err = StageError::permanent(code, format!("page {page}: {message}")).doc(&doc_id);
+                        let subject = self.ctx.names.docs_submitted();
+                        consumer::dead_letter(&self.ctx.js, &self.ctx.names, STAGE, &subject, encode(&sub), &err, 1)
+                            .await
+                            .map_err(|e| StageError::transient("nats_publish", format!("{e:#}")))?;
+                    }
+                    self.publish_failed_page(&sub, page_count, page, ErrorInfo::new(code, message)).await?;
                 }
                 other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
             }
@@ -434,14 +516,23 @@ fn is_stream_full(e: &(dyn std::error::Error + 'static)) -> bool {
 
 impl Handler for Splitter {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let sub: DocumentSubmitted = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
+        let sub: DocumentSubmitted = match decode(&msg.payload) {
+            Ok(sub) => sub,
+            Err(e) => {
+                let err = StageError::permanent("bad_message", e);
+                return Err(match peek_doc_id(&msg.payload) {
+                    Some(doc_id) => self.refuse(&doc_id, None, err).await?,
+                    None => err,
+                });
+            }
+        };
         let doc_id = sub.doc_id.clone();
         if sub.start_page.is_some() && msg.subject.as_str() == self.ctx.names.docs_submitted() {
-            return Err(StageError::permanent(
+            let err = StageError::permanent(
                 "bad_message",
                 "start_page is set by the splitter only (on docs.split.*); a submission must leave it unset",
-            )
-            .doc(&doc_id));
+            );
+            return Err(self.refuse(&doc_id, Some(&sub), err).await?);
         }
         self.split(sub).await.map_err(|e| e.or_doc(&doc_id))
     }

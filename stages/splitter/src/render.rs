@@ -5,6 +5,13 @@
 //! encoded to PNG on that thread and handed to the async side through a
 //! channel of capacity 1: at most two page images exist at once, whatever
 //! the page count. Scale out with processes, not threads.
+//!
+//! The splitter does not load pdfium itself: [`Renderer::isolated`] runs it
+//! in a supervised child process (the `render-worker` binary, see
+//! [`crate::worker`]), so a PDF that crashes pdfium, hangs it or exhausts
+//! memory fails that page (`render_crashed`, `render_timeout`) instead of
+//! the stage. [`Renderer::in_process`] keeps the thread in this process
+//! (fuzzing, tests that compare pixels).
 
 use std::collections::HashSet;
 use std::ops::RangeInclusive;
@@ -47,10 +54,10 @@ pub enum RenderEvent {
     Opened { page_count: u32 },
     OpenFailed { code: &'static str, message: String },
     Page(RenderedPage),
-    PageFailed { page: u32, message: String },
+    PageFailed { page: u32, code: &'static str, message: String },
 }
 
-type Job = (RenderRequest, tokio::sync::mpsc::Sender<RenderEvent>);
+pub(crate) type Job = (RenderRequest, tokio::sync::mpsc::Sender<RenderEvent>);
 
 /// Handle to the process's render thread.
 #[derive(Debug, Clone)]
@@ -61,9 +68,15 @@ pub struct Renderer {
 static RENDERER: OnceLock<Mutex<Option<Result<Renderer, String>>>> = OnceLock::new();
 
 impl Renderer {
-    /// Binds libpdfium (once per process) and starts the render thread.
+    /// Renders in a supervised worker process (see [`crate::worker`]); fails
+    /// when the worker cannot start (library or binary missing).
+    pub fn isolated(options: crate::worker::WorkerOptions) -> Result<Renderer, String> {
+        crate::worker::start_supervisor(options).map(|jobs| Renderer { jobs })
+    }
+
+    /// Binds libpdfium in this process (once) and starts the render thread.
     /// Fails with a message naming the library and how to install it.
-    pub fn get(library: &Path) -> Result<Renderer, String> {
+    pub fn in_process(library: &Path) -> Result<Renderer, String> {
         let cell = RENDERER.get_or_init(|| Mutex::new(None));
         let mut slot = cell.lock().expect("renderer lock");
         if let Some(r) = slot.as_ref() {
@@ -75,28 +88,22 @@ impl Renderer {
     }
 
     fn start(library: &Path) -> Result<Renderer, String> {
-        if !library.exists() {
-            return Err(format!(
-                "libpdfium not found at {} (set PAGESTREAM_SPLITTER_PDFIUM_LIBRARY, or run scripts/setup to install it)",
-                library.display()
-            ));
-        }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let lib = library.to_path_buf();
         std::thread::Builder::new()
             .name("pdfium-render".into())
             .spawn(move || {
-                let pdfium = match Pdfium::bind_to_library(&lib) {
-                    Ok(b) => Pdfium::new(b),
+                let pdfium = match bind(&lib) {
+                    Ok(p) => p,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot load libpdfium from {}: {e}", lib.display())));
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
                 for (req, out) in jobs_rx {
-                    render_document(&pdfium, &req, &out);
+                    render_document(&pdfium, &req, &mut |event| out.blocking_send(event).is_ok());
                 }
             })
             .map_err(|e| format!("cannot start render thread: {e}"))?;
@@ -115,6 +122,19 @@ impl Renderer {
         }
         rx
     }
+}
+
+/// Binds libpdfium; the error names the library and how to install it.
+pub fn bind(library: &Path) -> Result<Pdfium, String> {
+    if !library.exists() {
+        return Err(format!(
+            "libpdfium not found at {} (set PAGESTREAM_SPLITTER_PDFIUM_LIBRARY, or run scripts/setup to install it)",
+            library.display()
+        ));
+    }
+    Pdfium::bind_to_library(library)
+        .map(Pdfium::new)
+        .map_err(|e| format!("cannot load libpdfium from {}: {e}", library.display()))
 }
 
 /// Pixel size and effective DPI for a page of `width_pt × height_pt` at
@@ -138,18 +158,20 @@ pub fn fit_size(width_pt: f32, height_pt: f32, dpi: f32, max_pixels: u64) -> (u3
     (w as u32, h as u32, scale * 72.0)
 }
 
-fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc::Sender<RenderEvent>) {
+/// Renders `req`, handing each event to `emit` (which returns `false` when
+/// nobody listens any more: rendering stops).
+pub fn render_document(pdfium: &Pdfium, req: &RenderRequest, emit: &mut dyn FnMut(RenderEvent) -> bool) {
     let doc = match pdfium.load_pdf_from_file(&req.pdf, req.password.as_deref()) {
         Ok(d) => d,
         Err(e) => {
             let (code, message) = open_error(e);
-            let _ = out.blocking_send(RenderEvent::OpenFailed { code, message });
+            emit(RenderEvent::OpenFailed { code, message });
             return;
         }
     };
     let pages = doc.pages();
     let page_count = pages.len().max(0) as u32;
-    if out.blocking_send(RenderEvent::Opened { page_count }).is_err() {
+    if !emit(RenderEvent::Opened { page_count }) {
         return;
     }
     let (first, last) = ((*req.pages.start()).max(1), (*req.pages.end()).min(page_count));
@@ -158,7 +180,9 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
         if req.skip.contains(&number) {
             continue;
         }
+        crate::worker::test_fault(&req.pdf, number);
         let started = Instant::now();
+        let failed = |message| RenderEvent::PageFailed { page: number, code: "page_render_failed", message };
         let event = match render_page(pages, index, req) {
             Ok((img, dpi)) => match encode_png(&img) {
                 Ok(png) => RenderEvent::Page(RenderedPage {
@@ -169,12 +193,12 @@ fn render_document(pdfium: &Pdfium, req: &RenderRequest, out: &tokio::sync::mpsc
                     png,
                     render_ms: started.elapsed().as_secs_f32() * 1000.0,
                 }),
-                Err(message) => RenderEvent::PageFailed { page: number, message },
+                Err(message) => failed(message),
             },
-            Err(message) => RenderEvent::PageFailed { page: number, message },
+            Err(message) => failed(message),
         };
-        // The receiver is gone when the handler gave up (shutdown, error).
-        if out.blocking_send(event).is_err() {
+        // Nobody listens when the handler gave up (shutdown, error).
+        if !emit(event) {
             return;
         }
     }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use async_nats::jetstream;
-use pagestream_pipeline::blob::{read_image, BlobStore};
+use pagestream_pipeline::blob::{read_image, upload_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
 use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress};
 use pagestream_pipeline::util::now_rfc3339;
@@ -176,9 +176,17 @@ impl Uploader {
             page_count: manifest.page_count,
             ..DocInfo::default()
         };
-        self.progress.doc(doc_id, EventState::Completed, Some(info), None).await.map_err(transient("nats_publish"))?;
+        // A document whose every page failed carries the reason, as a
+        // document failure does.
+        let error = manifest.error.clone();
+        self.progress.doc(doc_id, EventState::Completed, Some(info), error).await.map_err(transient("nats_publish"))?;
         self.ctx.metrics.document(STAGE, &manifest.status);
         tracing::info!(doc_id, status = %manifest.status, manifest = %self.store.location(&key), "document finished");
+        // The uploaded PDF is not needed any more (a splitter turn
+        // redelivered later sees the document finished and skips it).
+        if let Err(e) = self.blobs.delete(&upload_key(doc_id)).await {
+            tracing::warn!(doc_id, error = %e, "could not delete the source PDF (it expires with the bucket's max age)");
+        }
         Ok(())
     }
 
@@ -222,6 +230,12 @@ impl Uploader {
         let status = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, &msg.doc_id, false)
             .await
             .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        if status.as_ref().is_some_and(|s| s.info.manifest.is_some()) {
+            // Already finished (completed, cancelled, or this message
+            // redelivered): a late failure never overwrites a manifest.
+            tracing::info!(doc_id = msg.doc_id, "document already finished; failure not recorded over it");
+            return Ok(());
+        }
         let info = status.as_ref().map(|s| s.info.clone()).unwrap_or_default();
         let manifest = Manifest {
             schema: MANIFEST_SCHEMA.into(),

@@ -1,0 +1,660 @@
+//! Hostile clients and publishers, with real sockets and real messages:
+//! every limit is attacked and must hold, and nothing an attack leaves
+//! behind outlives it.
+//!
+//! - a form field of 1.5 GB and a part header that never ends: 413, the
+//!   ingress process's peak RSS stays small;
+//! - rejected and interrupted uploads: the blob store returns to its
+//!   baseline (messages and bytes, as JetStream counts them);
+//! - connections that send nothing, headers sent a byte at a time, an upload
+//!   that trickles, one that never ends, one connection over the cap: each
+//!   is answered or closed within its timeout while others are served;
+//! - a submission published on NATS that breaks the contract, with a valid
+//!   `doc_id`: the document ends `failed` with the reason; its dead letter
+//!   has no password and fits even when the payload did not;
+//! - browsers: cross-origin writes refused, a Content-Security-Policy on
+//!   the page; `Allow` on 405; probes answer GET only; event streams capped.
+//!
+//! The first three tests run the ingress binary as a process (its RSS is
+//! measured): `cargo build --bins` first (scripts/test does it).
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use pagestream::client::{empty, full, ApiClient};
+use pagestream_e2e::procs::Cluster;
+use pagestream_e2e::{init_logging, Harness};
+use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_pipeline::nats::Names;
+use pagestream_schemas::{decode, encode, DeadLetter, DocumentSubmitted, Source, SubmitOptions, VERSION};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One ingress process on a private NATS server.
+struct Api {
+    _nats: NatsServer,
+    cluster: Cluster,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    port: u16,
+    prefix: String,
+    js: async_nats::jetstream::Context,
+}
+
+impl Api {
+    async fn start(prefix: &str, env: &[(&str, &str)]) -> Api {
+        init_logging();
+        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
+        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut vars: Vec<(String, String)> = vec![
+            ("PAGESTREAM_NATS_URL".into(), nats.url()),
+            ("PAGESTREAM_NATS_PREFIX".into(), prefix.into()),
+            ("PAGESTREAM_UPLOADER_DIR".into(), out.path().display().to_string()),
+            ("PAGESTREAM_LOG".into(), "info,async_nats=error".into()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut cluster = Cluster::new(vars, logs.path());
+        let port = free_port().unwrap();
+        cluster.procs.push(cluster.spawn("ingress", 0, Some(port)));
+        let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
+            assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        Api { _nats: nats, cluster, _dirs: (out, logs), port, prefix: prefix.into(), js }
+    }
+
+    fn client(&self) -> ApiClient {
+        ApiClient::new(format!("http://127.0.0.1:{}", self.port))
+    }
+
+    async fn connect(&self) -> TcpStream {
+        TcpStream::connect(("127.0.0.1", self.port)).await.unwrap()
+    }
+
+    /// Peak RSS of the ingress process so far (VmHWM), in MiB.
+    fn peak_rss_mib(&self) -> u64 {
+        let pid = self.cluster.procs[0].child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        kb / 1024
+    }
+
+    /// Messages and bytes in the blob store's stream.
+    async fn store(&self) -> (u64, u64) {
+        let bucket = Names::new(&self.prefix).blob_bucket();
+        let mut stream = self.js.get_stream(format!("OBJ_{bucket}")).await.unwrap();
+        let state = stream.info().await.unwrap().state.clone();
+        (state.messages, state.bytes)
+    }
+}
+
+/// Reads one HTTP response (status line, headers, `Content-Length` body)
+/// within `within`; `None` when the server closed the connection first.
+async fn read_answer(stream: &mut TcpStream, within: Duration) -> Option<(u16, String, Value)> {
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap_or(Value::Null);
+                return Some((status, head, body));
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no answer within {within:?}; got {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
+}
+
+/// Whether the server closes `stream` within `within` (EOF or reset).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a 408 answer before the close
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Sends `head` then `prefix` and `total` bytes of `fill` as a chunked body,
+/// 1 MiB per chunk, until the server stops reading; then reads the answer.
+async fn chunked_flood(api: &Api, head: &str, prefix: &[u8], fill: u8, total: u64) -> (u16, Value) {
+    let stream = api.connect().await;
+    let (mut rd, mut wr) = stream.into_split();
+    let head = head.to_string();
+    let prefix = prefix.to_vec();
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        wr.write_all(format!("{:x}\r\n", prefix.len()).as_bytes()).await?;
+        wr.write_all(&prefix).await?;
+        wr.write_all(b"\r\n").await?;
+        let block = vec![fill; 1 << 20];
+        let mut sent = 0u64;
+        while sent < total {
+            wr.write_all(format!("{:x}\r\n", block.len()).as_bytes()).await?;
+            wr.write_all(&block).await?;
+            wr.write_all(b"\r\n").await?;
+            sent += block.len() as u64;
+        }
+        wr.write_all(b"0\r\n\r\n").await?;
+        Ok::<u64, std::io::Error>(sent)
+    });
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut buf)).await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::String(body.into())))
+}
+
+const MULTIPART_HEAD: &str = "POST /v1/documents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nTransfer-Encoding: chunked\r\n\r\n";
+const PDF_HEAD: &str = "POST /v1/documents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/pdf\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_fields_are_refused_and_memory_stays_bounded() {
+    let api = Api::start("hostile-fields", &[]).await;
+    let before = api.peak_rss_mib();
+
+    // A 1.5 GB `title` (the server stops reading after 64 KiB).
+    let title = b"--XyZ\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n";
+    let (status, body) = chunked_flood(&api, MULTIPART_HEAD, title, b'a', 1536 << 20).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("field_too_large")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("title"), "{body}");
+
+    // A part header that never ends.
+    let header = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.pdf\"\r\nX-Pad: ";
+    let (status, body) = chunked_flood(&api, MULTIPART_HEAD, header, b'b', 512 << 20).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("field_too_large")), "{body}");
+
+    // Many small fields add up to the same budget.
+    let mut many = Vec::new();
+    for i in 0..40 {
+        many.extend_from_slice(format!("--XyZ\r\nContent-Disposition: form-data; name=\"x{i}\"\r\n\r\n").as_bytes());
+        many.extend(std::iter::repeat_n(b'c', 60 * 1024));
+        many.extend_from_slice(b"\r\n");
+    }
+    let (status, body) = chunked_flood(&api, MULTIPART_HEAD, &many, b'c', 0).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("field_too_large")), "{body}");
+
+    // A title over 500 characters, a control character in a filename.
+    let long = "t".repeat(501);
+    let ans = api.client().submit_multipart("a.pdf", b"%PDF-1.4\n".to_vec(), &[("title", &long)]).await.unwrap();
+    assert_eq!((ans.status.as_u16(), ans.json["error"]["code"].as_str()), (422, Some("invalid_option")));
+    let ans = api.client().submit_multipart("a\tb.pdf", b"%PDF-1.4\n".to_vec(), &[]).await.unwrap();
+    assert_eq!(ans.status, 202, "control characters are removed from a file name: {}", ans.json);
+    let id = ans.json["id"].as_str().unwrap();
+    let st = api.client().get(&format!("/v1/documents/{id}")).await.unwrap();
+    assert_eq!(st.json["filename"], "ab.pdf", "{}", st.json);
+
+    let peak = api.peak_rss_mib();
+    println!(
+        "ingress peak RSS: {before} MiB at start, {peak} MiB after refusing a 1.5 GB field and a 512 MB part header"
+    );
+    assert!(peak < 96, "ingress peak RSS {peak} MiB (started at {before} MiB)");
+    // The server still answers.
+    assert_eq!(api.client().get("/livez").await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_and_interrupted_uploads_leave_nothing_in_the_store() {
+    let api = Api::start("hostile-store", &[("PAGESTREAM_INGRESS_MAX_UPLOAD_BYTES", "4194304")]).await;
+    let baseline = api.store().await;
+
+    // Over the limit, streamed (no Content-Length): raw and multipart.
+    for _ in 0..2 {
+        let (status, body) = chunked_flood(&api, PDF_HEAD, b"%PDF-1.7\n", b' ', 12 << 20).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too_large")), "{body}");
+    }
+    let file = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.pdf\"\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.7\n";
+    let (status, body) = chunked_flood(&api, MULTIPART_HEAD, file, b' ', 12 << 20).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too_large")), "{body}");
+
+    // A stored file, then an invalid option after it.
+    let mut form = file.to_vec();
+    form.resize(form.len() + (2 << 20), b' ');
+    form.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"dpi\"\r\n\r\n5000\r\n--XyZ--\r\n");
+    let ct = "multipart/form-data; boundary=XyZ";
+    let ans = api.client().send(Method::POST, "/v1/documents", Some(ct), full(form)).await.unwrap();
+    assert_eq!(
+        (ans.status.as_u16(), ans.json["error"]["code"].as_str()),
+        (422, Some("invalid_option")),
+        "{}",
+        ans.json
+    );
+
+    // A client that disappears halfway through its upload.
+    let mut s = api.connect().await;
+    s.write_all(PDF_HEAD.as_bytes()).await.unwrap();
+    let mut body = b"%PDF-1.7\n".to_vec();
+    body.resize(3 << 20, b' ');
+    s.write_all(format!("{:x}\r\n", body.len()).as_bytes()).await.unwrap();
+    s.write_all(&body).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut now = api.store().await;
+    while now != baseline && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        now = api.store().await;
+    }
+    println!("blob store (messages, bytes): baseline {baseline:?}, after 5 rejected uploads {now:?}");
+    assert_eq!(now, baseline, "rejected uploads left data in the blob store");
+    assert_eq!(api.client().get("/livez").await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slow_and_excess_connections_are_cut_and_others_served() {
+    let api = Api::start(
+        "hostile-conns",
+        &[
+            ("PAGESTREAM_INGRESS_READ_TIMEOUT_SECS", "2"),
+            ("PAGESTREAM_INGRESS_REQUEST_TIMEOUT_SECS", "6"),
+            ("PAGESTREAM_INGRESS_MIN_UPLOAD_BYTES_PER_SEC", "100000"),
+            ("PAGESTREAM_INGRESS_MAX_CONNECTIONS", "40"),
+        ],
+    )
+    .await;
+
+    // 40 connections that send nothing fill the cap; one more is refused
+    // at once with a JSON 503.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(api.connect().await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = api.connect().await;
+    let (status, _, body) = read_answer(&mut extra, Duration::from_secs(5)).await.expect("a 503 answer");
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("too_many_connections")), "{body}");
+
+    // The idle ones are closed by the header timer (2 s from accept).
+    let started = Instant::now();
+    for s in &mut idle {
+        assert!(closed_within(s, Duration::from_secs(6)).await, "an idle connection stayed open");
+    }
+    let idle_closed = started.elapsed();
+    println!("40 idle connections closed {idle_closed:?} after the first check");
+    assert_eq!(api.client().get("/livez").await.unwrap().status, 200, "served again once the idle ones are gone");
+
+    // Headers sent one byte every 400 ms never complete: closed.
+    let mut s = api.connect().await;
+    let trickle = tokio::spawn(async move {
+        for b in b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaa" {
+            if s.write_all(&[*b]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        closed_within(&mut s, Duration::from_secs(1)).await
+    });
+    assert!(trickle.await.unwrap(), "a connection trickling its headers was kept open");
+
+    // An upload averaging a few bytes per second: 408 upload_too_slow.
+    let mut s = api.connect().await;
+    s.write_all(PDF_HEAD.as_bytes()).await.unwrap();
+    let slow_started = Instant::now();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for _ in 0..30 {
+            if wr.write_all(b"1\r\n%\r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf)).await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408") && text.contains("upload_too_slow"), "{text}");
+    println!("trickling upload answered 408 after {:?}", slow_started.elapsed());
+
+    // An upload fast enough but longer than the request deadline (6 s).
+    let mut s = api.connect().await;
+    s.write_all(PDF_HEAD.as_bytes()).await.unwrap();
+    let long_started = Instant::now();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let block = vec![b' '; 64 * 1024];
+        let _ = wr.write_all(b"9\r\n%PDF-1.7\n\r\n").await;
+        loop {
+            let piece = [format!("{:x}\r\n", block.len()).as_bytes(), &block, b"\r\n"].concat();
+            if wr.write_all(&piece).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await; // ~256 KB/s
+        }
+    });
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), rd.read_to_end(&mut buf)).await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408") && text.contains("request_timeout"), "{text}");
+    let took = long_started.elapsed();
+    println!("never-ending upload answered 408 after {took:?}");
+    assert!(took >= Duration::from_secs(5), "cut before its deadline: {took:?}");
+    assert_eq!(api.client().get("/livez").await.unwrap().status, 200);
+}
+
+/// Every record of the dead-letter stream.
+async fn dead_letters(h: &Harness) -> Vec<DeadLetter> {
+    use futures::StreamExt;
+    let ctx = &h.pipeline.ctx;
+    let stream = ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap();
+    let n = stream.get_info().await.unwrap().state.messages;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer =
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n as usize);
+    let mut out = Vec::new();
+    while let Some(m) = msgs.next().await {
+        out.push(decode::<DeadLetter>(&m.unwrap().payload).expect("dead letters decode"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_nats_submissions_fail_their_document_visibly() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let ctx = &h.pipeline.ctx;
+    let publish = |payload: Vec<u8>| async move {
+        ctx.js.publish(ctx.names.docs_submitted(), payload.into()).await.unwrap().await.unwrap()
+    };
+    // dpi 0, with a password; a future schema version; an inline PDF near
+    // the payload limit that is invalid (its dead letter must still fit).
+    let submission = |id: &str, dpi: f32| DocumentSubmitted {
+        v: VERSION,
+        doc_id: id.into(),
+        title: None,
+        source: Source { blob: Some("uploads/x".into()), ..Source::default() },
+        options: SubmitOptions { dpi: Some(dpi), password: Some("hunter2-secret".into()), ..Default::default() },
+        submitted_at: None,
+        start_page: None,
+    };
+    publish(encode(&submission("refused-dpi", 0.0))).await;
+    let future = serde_json::json!({"v": 2, "doc_id": "refused-version", "source": {"blob": "uploads/x"}});
+    publish(rmp_serde::to_vec_named(&future).unwrap()).await;
+    let mut inline = b"%PDF-1.7\n".to_vec();
+    inline.resize(1000 * 1024, b' ');
+    let mut big = submission("refused-big", 5.0);
+    big.source = Source { inline: Some(inline.into()), ..Source::default() };
+    publish(encode(&big)).await;
+
+    for (id, needle) in [("refused-dpi", "dpi"), ("refused-version", "version"), ("refused-big", "dpi")] {
+        let st = h.wait_terminal(id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(st["state"], "failed", "{st}");
+        assert_eq!(st["error"]["code"], "bad_message", "{st}");
+        let message = st["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("submission refused") && message.contains(needle), "{st}");
+        let path = h.out.path().join(id).join("manifest.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !path.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(manifest["status"], "failed", "{manifest}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let dl = loop {
+        let dl = dead_letters(&h).await;
+        if dl.len() >= 3 || Instant::now() > deadline {
+            break dl;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dl.len(), 3, "{:?}", dl.iter().map(|d| &d.doc_id).collect::<Vec<_>>());
+    for d in &dl {
+        let raw = d.payload.as_ref();
+        assert!(!raw.windows(8).any(|w| w == b"password"), "a dead letter kept a password: {:?}", d.doc_id);
+        assert!(!raw.windows(7).any(|w| w == b"hunter2"), "a dead letter kept a password: {:?}", d.doc_id);
+    }
+    let big = dl.iter().find(|d| d.doc_id.as_deref() == Some("refused-big")).expect("big dead letter");
+    assert_eq!(big.payload.len(), pagestream_schemas::DEAD_LETTER_PAYLOAD_MAX);
+    assert!(big.payload_bytes.is_some_and(|n| n > 1000 * 1024), "{:?}", big.payload_bytes);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_cannot_write_cross_origin_and_the_contract_holds() {
+    let h = Harness::start(|c| c.ingress.max_event_streams = 2).await.unwrap();
+    let c = &h.client;
+    let pdf = std::fs::read(pagestream_e2e::repo_root().join("samples/c03-29.pdf")).unwrap();
+    let host = c.base().trim_start_matches("http://").to_string();
+    let post = |headers: Vec<(&'static str, String)>| {
+        let pdf = pdf.clone();
+        async move {
+            let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            hs.push(("content-type", "application/pdf"));
+            let resp = c.raw(Method::POST, "/v1/documents", &hs, full(pdf)).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = post(vec![("origin", "https://evil.example".into())]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("cross_origin")), "{body}");
+    let (status, body) = post(vec![("sec-fetch-site", "cross-site".into())]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("cross_origin")), "{body}");
+    let (status, body) =
+        post(vec![("origin", format!("http://{host}")), ("sec-fetch-site", "same-origin".into())]).await;
+    assert_eq!(status, 202, "same-origin upload: {body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let resp = c
+        .raw(Method::DELETE, &format!("/v1/documents/{id}"), &[("origin", "http://localhost:9999")], empty())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    // The page carries a policy that allows only its own script.
+    let resp = c.raw(Method::GET, "/", &[], empty()).await.unwrap();
+    let csp = resp.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("script-src 'sha256-") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+
+    // 405 names what is allowed; probes answer GET only.
+    let resp = c.raw(Method::PUT, "/v1/documents", &[], empty()).await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers()["allow"].to_str().unwrap()), (405, "GET, POST"));
+    let resp = c.raw(Method::TRACE, "/livez", &[], empty()).await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers()["allow"].to_str().unwrap()), (405, "GET, HEAD"));
+    let ans = c.get("/v1/documents?status=").await.unwrap();
+    assert_eq!((ans.status.as_u16(), ans.json["error"]["code"].as_str()), (400, Some("invalid_status")));
+
+    // Two live event streams at most: the third is refused, and a slot
+    // frees when a client goes away.
+    let events = format!("/v1/documents/{id}/events");
+    let first = c.raw(Method::GET, &events, &[], empty()).await.unwrap();
+    let second = c.raw(Method::GET, &events, &[], empty()).await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = c.send(Method::GET, &events, None, empty()).await.unwrap();
+    assert_eq!((third.status.as_u16(), third.json["error"]["code"].as_str()), (503, Some("too_many_streams")));
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = c.raw(Method::GET, &events, &[], empty()).await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot of a closed stream never freed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(second);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
+    use pagestream_e2e::procs::STAGES;
+    init_logging();
+    let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
+    let (out, logs, pdfs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let env: Vec<(String, String)> = [
+        ("PAGESTREAM_NATS_URL", nats.url()),
+        ("PAGESTREAM_NATS_PREFIX", "hostile-render".into()),
+        ("PAGESTREAM_UPLOADER_DIR", out.path().display().to_string()),
+        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
+        ("PAGESTREAM_SPLITTER_RENDER_TIMEOUT_SECS", "3".into()),
+        // Test-only fault injection in the render worker (page 1 of a PDF
+        // holding the marker): an abort, a hang.
+        ("RENDER_WORKER_TEST_FAULT", "crash:%PAGESTREAM-CRASH,hang:%PAGESTREAM-HANG".into()),
+        ("PAGESTREAM_LOG", "info,async_nats=error".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut cluster = Cluster::new(env, logs.path());
+    let port = free_port().unwrap();
+    for stage in STAGES {
+        let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
+        cluster.procs.push(p);
+    }
+    let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
+        let logs: Vec<String> = STAGES.iter().map(|s| format!("{s}: {}", cluster.log(s, 0))).collect();
+        assert!(Instant::now() < deadline, "ingress not ready: {logs:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let with_marker = |src: &std::path::Path, marker: &str, name: &str| {
+        let mut bytes = std::fs::read(src).unwrap();
+        bytes.extend_from_slice(format!("\n{marker}\n").as_bytes());
+        let path = pdfs.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let sample = pagestream_e2e::repo_root().join("samples/c03-29.pdf");
+    let crash = with_marker(&sample, "%PAGESTREAM-CRASH", "crash.pdf");
+    let hang = with_marker(&sample, "%PAGESTREAM-HANG", "hang.pdf");
+    let scan = with_marker(&pagestream_e2e::corpus("scan_cardinal-rotated.pdf"), "%PAGESTREAM-CRASH", "scan.pdf");
+    let mut ids = Vec::new();
+    for path in [&crash, &hang, &scan, &sample] {
+        let ans = client.submit_file(path, None).await.unwrap();
+        assert_eq!(ans.status, 202, "{}", ans.json);
+        ids.push(ans.json["id"].as_str().unwrap().to_string());
+    }
+    let within = Duration::from_secs(180);
+    let st = pagestream_e2e::wait_terminal(&client, &ids[0], within).await.unwrap();
+    assert_eq!((st["state"].as_str(), st["error"]["code"].as_str()), (Some("failed"), Some("render_crashed")), "{st}");
+    let st = pagestream_e2e::wait_terminal(&client, &ids[1], within).await.unwrap();
+    assert_eq!((st["state"].as_str(), st["error"]["code"].as_str()), (Some("failed"), Some("render_timeout")), "{st}");
+    let st = pagestream_e2e::wait_terminal(&client, &ids[2], within).await.unwrap();
+    assert_eq!(st["state"], "completed_with_errors", "{st}");
+    assert_eq!((st["pages"]["uploaded"].as_u64(), st["pages"]["failed"].as_u64()), (Some(3), Some(1)), "{st}");
+    assert_eq!(st["failed_pages"][0]["page"], 1, "{st}");
+    assert_eq!(st["failed_pages"][0]["error"]["code"], "render_crashed", "{st}");
+    let st = pagestream_e2e::wait_terminal(&client, &ids[3], within).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+
+    // The splitter process survived every fault; each left a dead letter.
+    let splitter = cluster.procs.iter_mut().find(|p| p.stage == "splitter").unwrap();
+    assert!(splitter.child.try_wait().unwrap().is_none(), "the splitter died: {}", cluster.log("splitter", 0));
+    assert_eq!(cluster.count_in_logs("worker restarted"), 3, "{}", cluster.log("splitter", 0));
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let dlq = js.get_stream(Names::new("hostile-render").dlq_stream()).await.unwrap();
+    let mut codes = Vec::new();
+    let consumer = dlq.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let n = dlq.get_info().await.unwrap().state.messages as usize;
+    let mut msgs = futures::StreamExt::take(consumer.messages().await.unwrap(), n);
+    while let Some(m) = futures::StreamExt::next(&mut msgs).await {
+        codes.push(decode::<DeadLetter>(&m.unwrap().payload).unwrap().error.code);
+    }
+    codes.sort();
+    assert_eq!(codes, ["render_crashed", "render_crashed", "render_timeout"], "{codes:?}");
+
+    // Every document finished: their sources and page images are gone from
+    // the blob store (not merely expiring with the bucket).
+    let mut blobs = js.get_stream(format!("OBJ_{}", Names::new("hostile-render").blob_bucket())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut state = blobs.info().await.unwrap().state.clone();
+    while state.messages > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        state = blobs.info().await.unwrap().state.clone();
+    }
+    assert_eq!((state.messages, state.bytes), (0, 0), "blobs left behind by finished documents");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_token_sees_only_its_documents_and_admins_see_all() {
+    let h = Harness::start(|c| {
+        c.ingress.api_tokens = "alice-token,bob-token".into();
+        c.ingress.admin_tokens = "root-token".into();
+    })
+    .await
+    .unwrap();
+    let as_ = |t: &str| ApiClient::new(h.client.base()).with_token(Some(t.to_string()));
+    let (alice, bob, root) = (as_("alice-token"), as_("bob-token"), as_("root-token"));
+    let sample = pagestream_e2e::repo_root().join("samples/c03-29.pdf");
+    let ans = alice.submit_file(&sample, Some("alice's")).await.unwrap();
+    assert_eq!(ans.status, 202, "{}", ans.json);
+    let id = ans.json["id"].as_str().unwrap().to_string();
+    let st = pagestream_e2e::wait_terminal(&alice, &id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+
+    // Bob cannot see, follow, download or cancel it: 404, as if it did not exist.
+    for path in [
+        format!("/v1/documents/{id}"),
+        format!("/v1/documents/{id}/events"),
+        format!("/v1/documents/{id}/results"),
+        format!("/v1/documents/{id}/results/manifest.json"),
+        format!("/v1/documents/{id}/results/pages/1.json"),
+    ] {
+        let ans = bob.get(&path).await.unwrap();
+        assert_eq!((ans.status.as_u16(), ans.json["error"]["code"].as_str()), (404, Some("not_found")), "{path}");
+        assert_eq!(alice.get(&path).await.unwrap().status, 200, "alice: {path}");
+        assert_eq!(root.get(&path).await.unwrap().status, 200, "admin: {path}");
+    }
+    assert_eq!(bob.delete(&format!("/v1/documents/{id}")).await.unwrap().status, 404);
+    let listed = |ans: pagestream::client::Answer| {
+        ans.json["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    assert!(!listed(bob.get("/v1/documents").await.unwrap()).contains(&id), "bob's list shows alice's document");
+    assert!(listed(alice.get("/v1/documents").await.unwrap()).contains(&id));
+    assert!(listed(root.get("/v1/documents").await.unwrap()).contains(&id));
+
+    // A document submitted on NATS has no owner: every token sees it.
+    let ctx = &h.pipeline.ctx;
+    let nats_doc = DocumentSubmitted {
+        v: VERSION,
+        doc_id: "from-nats".into(),
+        title: None,
+        source: Source { inline: Some(std::fs::read(&sample).unwrap().into()), ..Source::default() },
+        options: SubmitOptions::default(),
+        submitted_at: None,
+        start_page: None,
+    };
+    ctx.js.publish(ctx.names.docs_submitted(), encode(&nats_doc).into()).await.unwrap().await.unwrap();
+    let st = pagestream_e2e::wait_terminal(&bob, "from-nats", Duration::from_secs(120)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+    h.stop().await.unwrap();
+}
