@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use pagestream_schemas::ImageRef;
 
 use crate::consumer::StageError;
-use async_nats::jetstream::object_store::{ObjectMetadata, ObjectStore};
+use async_nats::jetstream::object_store::ObjectStore;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Key of an uploaded document.
@@ -19,9 +19,13 @@ pub fn page_image_key(doc_id: &str, page: u32, format: &str) -> String {
     format!("pages/{doc_id}/{page}.{format}")
 }
 
+/// Bytes per chunk message (the object store's default).
+const CHUNK: usize = 128 * 1024;
+
 #[derive(Clone)]
 pub struct BlobStore {
     store: ObjectStore,
+    js: async_nats::jetstream::Context,
     /// The bucket's backing stream (`OBJ_<bucket>`), to purge what the
     /// object store API leaves behind.
     stream: async_nats::jetstream::stream::Stream,
@@ -35,20 +39,103 @@ impl std::fmt::Debug for BlobStore {
 }
 
 impl BlobStore {
-    pub fn new(store: ObjectStore, stream: async_nats::jetstream::stream::Stream, bucket: String) -> Self {
-        BlobStore { store, stream, bucket }
+    pub fn new(
+        store: ObjectStore,
+        js: async_nats::jetstream::Context,
+        stream: async_nats::jetstream::stream::Stream,
+        bucket: String,
+    ) -> Self {
+        BlobStore { store, js, stream, bucket }
     }
 
     /// Streams `reader` into `key` (overwriting); returns the bytes written.
+    ///
+    /// The object store's protocol (chunks on `$O.<bucket>.C.<nuid>`, then
+    /// the metadata with a roll-up), written here rather than by the client
+    /// library so that a put that fails halfway (the reader fails, the
+    /// bucket is full, NATS goes away) purges the chunks it wrote: the
+    /// library's put leaves them under a name nobody knows.
     pub async fn put_reader<R: AsyncRead + Unpin>(&self, key: &str, reader: &mut R) -> Result<u64> {
-        let meta = ObjectMetadata { name: key.to_string(), ..Default::default() };
-        let info = self
-            .store
-            .put(meta, reader)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("writing blob {key}"))?;
-        Ok(info.size as u64)
+        use sha2::Digest as _;
+        use tokio::io::AsyncReadExt as _;
+        let previous = self.store.info(key).await.ok();
+        let nuid = next_nuid();
+        let chunks_subject = format!("$O.{}.C.{nuid}", self.bucket);
+        let mut hasher = sha2::Sha256::new();
+        let (mut size, mut chunks) = (0usize, 0usize);
+        let written: Result<()> = async {
+            loop {
+                let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+                while buf.len() < CHUNK {
+                    if reader.read_buf(&mut buf).await.with_context(|| format!("reading data for blob {key}"))? == 0 {
+                        break;
+                    }
+                }
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                hasher.update(&buf);
+                size += buf.len();
+                chunks += 1;
+                let last = buf.len() < CHUNK;
+                self.js
+                    .publish(chunks_subject.clone(), buf.freeze())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .with_context(|| format!("writing a chunk of blob {key}"))?;
+                if last {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        let info = async_nats::jetstream::object_store::ObjectInfo {
+            name: key.to_string(),
+            description: None,
+            metadata: Default::default(),
+            headers: None,
+            options: Some(async_nats::jetstream::object_store::ObjectOptions {
+                link: None,
+                max_chunk_size: Some(CHUNK),
+            }),
+            bucket: self.bucket.clone(),
+            nuid: nuid.clone(),
+            size,
+            chunks,
+            modified: None,
+            digest: Some(format!("SHA-256={}", crate::util::base64(&hasher.finalize(), true))),
+            deleted: false,
+        };
+        let meta = async {
+            written?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Rollup", "sub");
+            let subject = format!("$O.{}.M.{}", self.bucket, crate::util::base64(key.as_bytes(), true));
+            let body = serde_json::to_vec(&info).context("encoding blob metadata")?;
+            self.js
+                .publish_with_headers(subject, headers, body.into())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("writing the metadata of blob {key}"))
+        }
+        .await;
+        if let Err(e) = meta {
+            if let Err(purge) = self.stream.purge().filter(&chunks_subject).await {
+                tracing::warn!(key, error = %purge, "could not purge the chunks of a failed put");
+            }
+            return Err(e);
+        }
+        if let Some(old) = previous.filter(|p| p.nuid != nuid) {
+            let old_chunks = format!("$O.{}.C.{}", self.bucket, old.nuid);
+            if let Err(e) = self.stream.purge().filter(&old_chunks).await {
+                tracing::warn!(key, error = %e, "could not purge the chunks of a replaced blob");
+            }
+        }
+        Ok(size as u64)
     }
 
     pub async fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<u64> {
@@ -97,6 +184,14 @@ impl BlobStore {
         let text = format!("{err:#}").to_ascii_lowercase();
         text.contains("not found")
     }
+}
+
+/// A unique object id for chunk subjects (time, process, counter).
+fn next_nuid() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{nanos:x}{:x}{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Page image bytes from a message: inline, or fetched by claim check. A

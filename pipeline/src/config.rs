@@ -61,6 +61,11 @@ pub struct NatsConfig {
     /// the `<P>_PAGES` stream holds at most this many (JetStream refuses
     /// more; the splitter waits), so storage does not grow with page count.
     pub max_pages_in_flight: i64,
+    /// Bytes the blob bucket (uploads waiting to be split, page images
+    /// between stages) may hold, set when the bucket is created (0: no
+    /// limit). Uploads that do not fit are refused with 507 `storage_full`
+    /// instead of filling the disk under every stage.
+    pub max_blob_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -234,6 +239,7 @@ impl Default for NatsConfig {
             ack_wait_secs: 60,
             connect_timeout_secs: 10,
             max_pages_in_flight: 64,
+            max_blob_bytes: 8 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -178,7 +178,7 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
             .await
             .with_context(|| format!("creating or updating consumer {durable} on {stream_name}"))?;
     }
-    blob_store(js, names).await?;
+    blob_store(js, names, cfg.max_blob_bytes).await?;
     crate::counters::Counters::open(js, names).await?;
     Ok(())
 }
@@ -201,21 +201,41 @@ pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result
     .with_context(|| format!("creating key-value bucket {bucket}"))
 }
 
-/// The Object Store bucket used for uploads and large page images.
-pub async fn blob_store(js: &jetstream::Context, names: &Names) -> Result<object_store::ObjectStore> {
+/// The Object Store bucket used for uploads and large page images, holding
+/// at most `max_bytes` (0: no limit; applied to an existing bucket too).
+pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) -> Result<object_store::ObjectStore> {
     let bucket = names.blob_bucket();
-    if let Ok(store) = js.get_object_store(&bucket).await {
-        return Ok(store);
+    let limit = if max_bytes == 0 { -1 } else { i64::try_from(max_bytes).unwrap_or(i64::MAX) };
+    let store = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                description: Some("pagestream uploads and large page images".into()),
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                max_bytes: limit,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating object store bucket {bucket}"))?,
+    };
+    let stream_name = format!("OBJ_{bucket}");
+    let mut stream = js.get_stream(&stream_name).await.with_context(|| format!("opening stream {stream_name}"))?;
+    let config = stream.info().await.with_context(|| format!("reading stream {stream_name}"))?.config.clone();
+    if config.max_bytes != limit {
+        js.update_stream(stream::Config { max_bytes: limit, ..config })
+            .await
+            .with_context(|| format!("setting max_bytes of {stream_name}"))?;
     }
-    js.create_object_store(object_store::Config {
-        bucket: bucket.clone(),
-        description: Some("pagestream uploads and large page images".into()),
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("creating object store bucket {bucket}"))
+    Ok(store)
+}
+
+/// Whether an error chain says the blob store is full (`max_bytes`, or the
+/// server out of storage).
+pub fn is_storage_full(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("maximum bytes exceeded") || t.contains("insufficient resources") || t.contains("storage full")
 }
 
 #[cfg(test)]

@@ -43,14 +43,14 @@ impl StageContext {
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
-        let store = nats::blob_store(&self.js, &self.names).await?;
+        let store = nats::blob_store(&self.js, &self.names, self.config.nats.max_blob_bytes).await?;
         let bucket = self.names.blob_bucket();
         let stream = self
             .js
             .get_stream(format!("OBJ_{bucket}"))
             .await
             .with_context(|| format!("opening the stream of bucket {bucket}"))?;
-        Ok(BlobStore::new(store, stream, bucket))
+        Ok(BlobStore::new(store, self.js.clone(), stream, bucket))
     }
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.

@@ -437,9 +437,20 @@ fn check_page(page: u32, page_count: u32) -> Result<(), String> {
 }
 
 impl ImageRef {
-    fn validate(&self) -> Result<(), String> {
+    /// Exactly one of inline/blob; a blob key must be this page's own
+    /// (`pages/<doc_id>/<page>.<format>`): stages read and then delete it,
+    /// so a message may not point them at any other object.
+    fn validate(&self, doc_id: &str, page: u32) -> Result<(), String> {
         match (&self.inline, &self.blob) {
-            (Some(_), None) | (None, Some(_)) => Ok(()),
+            (Some(_), None) => Ok(()),
+            (None, Some(key)) => {
+                let want = format!("pages/{doc_id}/{page}.{}", self.format);
+                if *key == want {
+                    Ok(())
+                } else {
+                    Err(format!("image.blob {key:?} is not this page's key {want:?}"))
+                }
+            }
             _ => Err("image: exactly one of `inline` or `blob` must be set".into()),
         }
     }
@@ -461,6 +472,17 @@ impl Message for DocumentSubmitted {
         if self.start_page == Some(0) {
             return Err("start_page is 1-based".into());
         }
+        // Page images are the pipeline's own; `uploads/` keys belong to one
+        // document each (the pipeline deletes `uploads/<doc_id>` when the
+        // document finishes). Other keys are the publisher's and stay.
+        if let Some(key) = &self.source.blob {
+            let own = format!("uploads/{}", self.doc_id);
+            if key.starts_with("pages/") || (key.starts_with("uploads/") && *key != own) {
+                return Err(format!(
+                    "source.blob {key:?} is not allowed: use {own:?} (or a key outside uploads/ and pages/)"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -470,7 +492,7 @@ impl Message for PageRendered {
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
-        self.image.validate()
+        self.image.validate(&self.doc_id, self.page)
     }
 }
 
@@ -480,7 +502,7 @@ impl Message for PageInferred {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
         match (&self.image, &self.error) {
-            (Some(image), None) => image.validate(),
+            (Some(image), None) => image.validate(&self.doc_id, self.page),
             (_, Some(_)) => Ok(()),
             (None, None) => Err("image is required unless error is set".into()),
         }

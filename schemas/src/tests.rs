@@ -168,6 +168,40 @@ fn validation_catches_bad_fields() {
     bad_page.page = 29;
     let err = decode::<PageRendered>(&encode(&bad_page)).unwrap_err();
     assert!(err.to_string().contains("outside"), "{err}");
+
+    // Blob keys are bound to their document (and page).
+    for key in ["uploads/someone-else", "pages/x/1.png"] {
+        let mut other = submitted();
+        other.source.blob = Some(key.into());
+        let err = decode::<DocumentSubmitted>(&encode(&other)).unwrap_err();
+        assert!(err.to_string().contains("source.blob"), "{key}: {err}");
+    }
+    let mut own = submitted();
+    own.source.blob = Some("incoming/report.pdf".into());
+    decode::<DocumentSubmitted>(&encode(&own)).expect("a key outside uploads/ and pages/ is the publisher's");
+    let mut stolen = rendered();
+    stolen.image = ImageRef { format: "png".into(), inline: None, blob: Some("uploads/victim".into()) };
+    let err = decode::<PageRendered>(&encode(&stolen)).unwrap_err();
+    assert!(err.to_string().contains("image.blob"), "{err}");
+    let mut fine = rendered();
+    fine.image =
+        ImageRef { format: "png".into(), inline: None, blob: Some(format!("pages/{}/{}.png", fine.doc_id, fine.page)) };
+    decode::<PageRendered>(&encode(&fine)).expect("the page's own key");
+}
+
+#[test]
+fn dead_letter_helpers_find_the_document_and_drop_passwords() {
+    let mut sub = submitted();
+    sub.options.password = Some("s3cret".into());
+    sub.options.dpi = Some(1.0); // invalid: decode fails, the id is still found
+    let bytes = encode(&sub);
+    assert!(decode::<DocumentSubmitted>(&bytes).is_err());
+    assert_eq!(peek_doc_id(&bytes).as_deref(), Some(sub.doc_id.as_str()));
+    assert_eq!(peek_doc_id(b"\x93not a map"), None);
+    let clean = without_passwords(&bytes);
+    assert!(!clean.windows(6).any(|w| w == b"s3cret") && !clean.windows(8).any(|w| w == b"password"));
+    assert!(bytes.windows(6).any(|w| w == b"s3cret"), "the original had it");
+    assert_eq!(without_passwords(b"\x93not a map"), b"\x93not a map".to_vec());
 }
 
 #[test]

@@ -266,6 +266,30 @@ async fn rejected_and_interrupted_uploads_leave_nothing_in_the_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_blob_store_answers_507_and_keeps_what_it_accepted() {
+    let api = Api::start("hostile-full", &[("PAGESTREAM_NATS_MAX_BLOB_BYTES", "3145728")]).await;
+    let mut pdf = b"%PDF-1.7\n".to_vec();
+    pdf.resize(2 << 20, b' ');
+    let first = api.client().post_bytes("/v1/documents", "application/pdf", pdf.clone()).await.unwrap();
+    assert_eq!(first.status, 202, "{}", first.json);
+    let after_first = api.store().await;
+    let second = api.client().post_bytes("/v1/documents", "application/pdf", pdf).await.unwrap();
+    assert_eq!((second.status.as_u16(), second.json["error"]["code"].as_str()), (507, Some("storage_full")));
+    // The refused upload's chunks are gone; the accepted one is whole.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now = api.store().await;
+    while now != after_first && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        now = api.store().await;
+    }
+    println!("blob store after one accepted 2 MiB upload {after_first:?}, after a refused one {now:?}");
+    assert_eq!(now, after_first);
+    let id = first.json["id"].as_str().unwrap();
+    let st = api.client().get(&format!("/v1/documents/{id}")).await.unwrap();
+    assert_eq!((st.status.as_u16(), st.json["bytes"].as_u64()), (200, Some(2 << 20)), "{}", st.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_slow_and_excess_connections_are_cut_and_others_served() {
     let api = Api::start(
         "hostile-conns",

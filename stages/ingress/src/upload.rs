@@ -307,6 +307,11 @@ where
         let mut state = check.lock().expect("upload check lock");
         match (put, state.failure.take()) {
             (_, Some(err)) => Err(err),
+            (Err(e), None) if pagestream_pipeline::nats::is_storage_full(&format!("{e:#}")) => Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                "the blob store is full (nats.max_blob_bytes); documents already accepted go on, retry later",
+            )),
             (Err(e), None) => Err(ApiError::unavailable(format!("storing the upload failed: {e:#}"))),
             (Ok(_), None) => state.finish().map(|()| Stored {
                 bytes: state.bytes,
