@@ -1,7 +1,9 @@
 //! Transient failures are retried with back-off; when `max_deliver` is
 //! exhausted the message is dead-lettered with its original payload, stage,
-//! error and attempt count, and the page is reported failed with the reason.
-//! Once the store is back, new documents complete.
+//! error and attempt count, and the page is reported failed with the reason;
+//! when the manifest cannot be written either, the document still ends
+//! (`failed`, `manifest_unwritten`). Once the store is back, new documents
+//! complete.
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,16 @@ async fn exhausted_retries_are_dead_lettered_and_reported() {
     let original: PageInferred = decode(&dl.payload).expect("the original payload is kept");
     assert_eq!((original.doc_id.as_str(), original.page), (id.as_str(), 1));
     assert!(dl.error.message.contains("flaky"), "{}", dl.error.message);
+
+    // Its manifest cannot be written either (the store is still down): the
+    // document still ends, `failed` with the reason, not `running` forever.
+    let st = wait_terminal(&h.client, &id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        (st["state"].as_str(), st["error"]["code"].as_str()),
+        (Some("failed"), Some("manifest_unwritten")),
+        "{st}"
+    );
+    assert_eq!(st["pages"]["failed"], 1, "{st}");
 
     // The store comes back (same address, empty): the next document completes.
     let _moto = MotoServer::start_on(port).unwrap();

@@ -23,7 +23,9 @@ use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, Stag
 use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, DocInfo, DocumentCancelled, DocumentFailed, EventState, ModelRef, PageInferred};
+use pagestream_schemas::{
+    decode, DocInfo, DocumentCancelled, DocumentFailed, ErrorInfo, EventState, ModelRef, PageInferred,
+};
 use tokio_util::sync::CancellationToken;
 
 use layout::{Keys, Manifest, PageResult, SourceInfo, MANIFEST_SCHEMA};
@@ -264,12 +266,31 @@ impl Handler for Uploader {
     /// recorded as failed with the reason, and the manifest is attempted.
     async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
         let Ok(page) = decode::<PageInferred>(&msg.payload) else { return Ok(()) };
-        self.progress
-            .page(&page.doc_id, page.page, EventState::Failed, Some(err.info()), None)
-            .await
-            .map_err(transient("nats_publish"))?;
-        self.ctx.metrics.page_failure(STAGE);
-        self.finalize_if_done(&page.doc_id, page.page_count, None).await
+        let doc_id = &page.doc_id;
+        // A page whose results are written (the manifest write was what
+        // kept failing) is not failed after the fact: counts stay exact.
+        if !self.ctx.page_reached(doc_id, page.page, EventState::Uploaded).await? {
+            self.progress
+                .page(doc_id, page.page, EventState::Failed, Some(err.info()), None)
+                .await
+                .map_err(transient("nats_publish"))?;
+            self.ctx.metrics.page_failure(STAGE);
+        }
+        if let Err(e) = self.finalize_if_done(doc_id, page.page_count, None).await {
+            // Every page has an outcome but the manifest cannot be written
+            // (the store that failed the page is still failing): the
+            // document still ends, failed with the reason, rather than stay
+            // `running` with nothing left to retry it.
+            let info = ErrorInfo::new(
+                "manifest_unwritten",
+                format!("every page has an outcome, but the manifest could not be written: {e}"),
+            )
+            .at_stage(STAGE);
+            self.progress.doc(doc_id, EventState::Failed, None, Some(info)).await.map_err(transient("nats_publish"))?;
+            self.ctx.metrics.document(STAGE, "failed");
+            tracing::error!(doc_id, error = %e, "manifest not written; document marked failed");
+        }
+        Ok(())
     }
 
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
