@@ -225,7 +225,7 @@ impl Ingress {
                         .filter(|n| (1..=MAX_LIMIT).contains(n))
                         .ok_or_else(|| ApiError::bad_request("invalid_limit", format!("limit must be 1..={MAX_LIMIT}")))?
                 }
-                "cursor" if !v.is_empty() => {
+                "cursor" => {
                     check_id(&v).map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not a document id"))?;
                     cursor = Some(v)
                 }
