@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 
 /// One ingress process on a private NATS server.
 struct Api {
-    _nats: NatsServer,
+    nats: Option<NatsServer>,
     cluster: Cluster,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
     port: u16,
@@ -63,7 +63,7 @@ impl Api {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        Api { _nats: nats, cluster, _dirs: (out, logs), port, prefix: prefix.into(), js }
+        Api { nats: Some(nats), cluster, _dirs: (out, logs), port, prefix: prefix.into(), js }
     }
 
     fn client(&self) -> ApiClient {
@@ -287,6 +287,28 @@ async fn a_full_blob_store_answers_507_and_keeps_what_it_accepted() {
     let id = first.json["id"].as_str().unwrap();
     let st = api.client().get(&format!("/v1/documents/{id}")).await.unwrap();
     assert_eq!((st.status.as_u16(), st.json["bytes"].as_u64()), (200, Some(2 << 20)), "{}", st.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dependency_answers_503_without_its_internals() {
+    let mut api = Api::start("hostile-down", &[]).await;
+    let nats_url = api.nats.as_ref().unwrap().url();
+    drop(api.nats.take()); // NATS goes away under the running API
+    let ans = api.client().get("/v1/documents/some-doc").await.unwrap();
+    assert_eq!((ans.status.as_u16(), ans.json["error"]["code"].as_str()), (503, Some("unavailable")), "{}", ans.json);
+    let message = ans.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("reference"), "{message}");
+    let port = nats_url.rsplit(':').next().unwrap();
+    for internal in ["nats", "127.0.0.1", port, "hostile-down", "events"] {
+        assert!(!message.to_lowercase().contains(internal), "{internal:?} leaked: {message}");
+    }
+    // The detail is in the server's log, under the same reference.
+    let reference = message.split("reference ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !api.cluster.log("ingress", 0).contains(&reference) {
+        assert!(Instant::now() < deadline, "reference {reference} not logged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,6 +566,10 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
         ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
         ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
         ("PAGESTREAM_SPLITTER_RENDER_TIMEOUT_SECS", "3".into()),
+        // A worker limited to 256 MiB of address space, pages allowed up to
+        // 100 Mpx (400 MB as a bitmap): a 1200 DPI render cannot fit.
+        ("PAGESTREAM_SPLITTER_RENDER_MEMORY_MB", "256".into()),
+        ("PAGESTREAM_SPLITTER_MAX_PIXELS", "100000000".into()),
         // Test-only fault injection in the render worker (page 1 of a PDF
         // holding the marker): an abort, a hang.
         ("RENDER_WORKER_TEST_FAULT", "crash:%PAGESTREAM-CRASH,hang:%PAGESTREAM-HANG".into()),
@@ -582,6 +608,8 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
         assert_eq!(ans.status, 202, "{}", ans.json);
         ids.push(ans.json["id"].as_str().unwrap().to_string());
     }
+    let huge = client.submit_multipart("huge.pdf", std::fs::read(&sample).unwrap(), &[("dpi", "1200")]).await.unwrap();
+    assert_eq!(huge.status, 202, "{}", huge.json);
     let within = Duration::from_secs(180);
     let st = pagestream_e2e::wait_terminal(&client, &ids[0], within).await.unwrap();
     assert_eq!((st["state"].as_str(), st["error"]["code"].as_str()), (Some("failed"), Some("render_crashed")), "{st}");
@@ -594,11 +622,20 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
     assert_eq!(st["failed_pages"][0]["error"]["code"], "render_crashed", "{st}");
     let st = pagestream_e2e::wait_terminal(&client, &ids[3], within).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
+    // Over the worker's memory limit: that page fails (pdfium reports the
+    // failed allocation, or the worker dies of it), nothing else.
+    let st = pagestream_e2e::wait_terminal(&client, huge.json["id"].as_str().unwrap(), within).await.unwrap();
+    assert_eq!(st["state"], "failed", "{st}");
+    let code = st["failed_pages"][0]["error"]["code"].as_str().unwrap_or("").to_string();
+    assert!(code == "render_crashed" || code == "page_render_failed", "{st}");
+    println!("a 1200 DPI page in a 256 MiB worker: {code}: {}", st["failed_pages"][0]["error"]["message"]);
 
     // The splitter process survived every fault; each left a dead letter.
     let splitter = cluster.procs.iter_mut().find(|p| p.stage == "splitter").unwrap();
     assert!(splitter.child.try_wait().unwrap().is_none(), "the splitter died: {}", cluster.log("splitter", 0));
-    assert_eq!(cluster.count_in_logs("worker restarted"), 3, "{}", cluster.log("splitter", 0));
+    let restarts = cluster.count_in_logs("worker restarted");
+    let expected = 3 + usize::from(code == "render_crashed");
+    assert_eq!(restarts, expected, "{}", cluster.log("splitter", 0));
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let dlq = js.get_stream(Names::new("hostile-render").dlq_stream()).await.unwrap();
     let mut codes = Vec::new();
@@ -609,7 +646,9 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
         codes.push(decode::<DeadLetter>(&m.unwrap().payload).unwrap().error.code);
     }
     codes.sort();
-    assert_eq!(codes, ["render_crashed", "render_crashed", "render_timeout"], "{codes:?}");
+    let mut want = vec!["render_crashed"; expected - 1];
+    want.push("render_timeout");
+    assert_eq!(codes, want, "{codes:?}");
 
     // Every document finished: their sources and page images are gone from
     // the blob store (not merely expiring with the bucket).

@@ -25,8 +25,19 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    /// A dependency (NATS, the blob or result store) failed. The detail —
+    /// internal names, addresses, error chains — goes to the log under a
+    /// reference; the client gets the reference and a retry hint.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        let reference = next_reference();
+        tracing::warn!(reference, detail = %detail.into(), "answering 503 unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "a service the API depends on is unavailable; retry shortly (reference {reference} in the server log)"
+            ),
+        )
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -42,6 +53,14 @@ impl ApiError {
         }
         resp
     }
+}
+
+/// A short id tying a client-visible error to its log line.
+fn next_reference() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:x}-{:x}", secs & 0xffff_ffff, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
