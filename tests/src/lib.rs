@@ -167,6 +167,27 @@ pub async fn wait_terminal(client: &ApiClient, id: &str, within: Duration) -> Re
     anyhow::bail!("document {id} not terminal after {within:?}; last status: {last}")
 }
 
+/// Every record of the pipeline's dead-letter stream, oldest first.
+pub async fn dead_letters(
+    js: &async_nats::jetstream::Context,
+    names: &pagestream_pipeline::nats::Names,
+) -> Vec<pagestream_schemas::DeadLetter> {
+    use futures::StreamExt;
+    let stream = js.get_stream(names.dlq_stream()).await.unwrap();
+    let n = stream.get_info().await.unwrap().state.messages;
+    if n == 0 {
+        return Vec::new();
+    }
+    let consumer =
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let mut msgs = consumer.messages().await.unwrap().take(n as usize);
+    let mut out = Vec::new();
+    while let Some(m) = msgs.next().await {
+        out.push(pagestream_schemas::decode(&m.unwrap().payload).expect("dead letters decode"));
+    }
+    out
+}
+
 /// Intersection over union of two `[x0, y0, x1, y1]` boxes.
 pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
     let ix = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);

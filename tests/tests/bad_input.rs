@@ -5,29 +5,15 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use pagestream_e2e::{corpus, Harness};
 use pagestream_schemas::{decode, DeadLetter};
 use serde_json::Value;
 
 const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x02\0\0\0\x90wS\xde";
 
-/// Reads every record of the dead-letter stream.
+/// Every record of the dead-letter stream.
 async fn dead_letters(h: &Harness) -> Vec<DeadLetter> {
-    let ctx = &h.pipeline.ctx;
-    let stream = ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap();
-    let n = stream.get_info().await.unwrap().state.messages;
-    if n == 0 {
-        return Vec::new();
-    }
-    let consumer =
-        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
-    let mut msgs = consumer.messages().await.unwrap().take(n as usize);
-    let mut out = Vec::new();
-    while let Some(m) = msgs.next().await {
-        out.push(decode::<DeadLetter>(&m.unwrap().payload).expect("dead letters decode"));
-    }
-    out
+    pagestream_e2e::dead_letters(&h.pipeline.ctx.js, &h.pipeline.ctx.names).await
 }
 
 fn assert_json_error(ans: &pagestream::client::Answer, status: u16, code: &str) {

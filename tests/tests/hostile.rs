@@ -26,7 +26,7 @@ use pagestream_e2e::procs::Cluster;
 use pagestream_e2e::{init_logging, Harness};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_pipeline::nats::Names;
-use pagestream_schemas::{decode, encode, DeadLetter, DocumentSubmitted, Source, SubmitOptions, VERSION};
+use pagestream_schemas::{encode, DeadLetter, DocumentSubmitted, Source, SubmitOptions, VERSION};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -406,21 +406,7 @@ async fn idle_slow_and_excess_connections_are_cut_and_others_served() {
 
 /// Every record of the dead-letter stream.
 async fn dead_letters(h: &Harness) -> Vec<DeadLetter> {
-    use futures::StreamExt;
-    let ctx = &h.pipeline.ctx;
-    let stream = ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap();
-    let n = stream.get_info().await.unwrap().state.messages;
-    if n == 0 {
-        return Vec::new();
-    }
-    let consumer =
-        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
-    let mut msgs = consumer.messages().await.unwrap().take(n as usize);
-    let mut out = Vec::new();
-    while let Some(m) = msgs.next().await {
-        out.push(decode::<DeadLetter>(&m.unwrap().payload).expect("dead letters decode"));
-    }
-    out
+    pagestream_e2e::dead_letters(&h.pipeline.ctx.js, &h.pipeline.ctx.names).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,14 +623,9 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
     let expected = 3 + usize::from(code == "render_crashed");
     assert_eq!(restarts, expected, "{}", cluster.log("splitter", 0));
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let dlq = js.get_stream(Names::new("hostile-render").dlq_stream()).await.unwrap();
-    let mut codes = Vec::new();
-    let consumer = dlq.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
-    let n = dlq.get_info().await.unwrap().state.messages as usize;
-    let mut msgs = futures::StreamExt::take(consumer.messages().await.unwrap(), n);
-    while let Some(m) = futures::StreamExt::next(&mut msgs).await {
-        codes.push(decode::<DeadLetter>(&m.unwrap().payload).unwrap().error.code);
-    }
+    let names = Names::new("hostile-render");
+    let mut codes: Vec<String> =
+        pagestream_e2e::dead_letters(&js, &names).await.into_iter().map(|d| d.error.code).collect();
     codes.sort();
     let mut want = vec!["render_crashed"; expected - 1];
     want.push("render_timeout");
@@ -652,7 +633,7 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
 
     // Every document finished: their sources and page images are gone from
     // the blob store (not merely expiring with the bucket).
-    let mut blobs = js.get_stream(format!("OBJ_{}", Names::new("hostile-render").blob_bucket())).await.unwrap();
+    let mut blobs = js.get_stream(format!("OBJ_{}", names.blob_bucket())).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut state = blobs.info().await.unwrap().state.clone();
     while state.messages > 0 && Instant::now() < deadline {

@@ -263,10 +263,8 @@ pub async fn drain(body: hyper::body::Incoming, limit: u64, pace: Pace) {
 
 /// Streams `body` into the blob store at `key`, enforcing `limit`; adds
 /// the bytes taken to `consumed` as they pass. On any failure the partial
-/// object is deleted and the precise error returned: a rejected body ends
-/// the stream cleanly (rather than erroring inside the object store's put,
-/// which would leave its chunks under a name nobody knows), so the partial
-/// object can be deleted, chunks included.
+/// object is deleted and the precise error returned (a rejected body ends
+/// the stream; the failure recorded here says why).
 pub async fn store_stream<S>(
     blobs: &BlobStore,
     key: &str,

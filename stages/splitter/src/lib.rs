@@ -192,16 +192,7 @@ impl Splitter {
         sub: Option<&DocumentSubmitted>,
         err: StageError,
     ) -> Result<StageError, StageError> {
-        let status = pagestream_pipeline::progress::read_status(
-            &self.ctx.js,
-            &self.ctx.names,
-            &self.ctx.counters,
-            doc_id,
-            false,
-        )
-        .await
-        .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
-        if status.is_none_or(|s| s.state == DocState::Queued) {
+        if self.doc_state(doc_id).await?.is_none_or(|s| s == DocState::Queued) {
             let blank = DocumentSubmitted {
                 v: VERSION,
                 doc_id: doc_id.to_string(),
@@ -223,16 +214,16 @@ impl Splitter {
     /// redelivered after the document finished has nothing to do, and its
     /// source may be gone).
     async fn finished(&self, doc_id: &str) -> Result<bool, StageError> {
-        let status = pagestream_pipeline::progress::read_status(
-            &self.ctx.js,
-            &self.ctx.names,
-            &self.ctx.counters,
-            doc_id,
-            false,
-        )
-        .await
-        .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
-        Ok(status.is_some_and(|s| s.state.is_terminal()))
+        Ok(self.doc_state(doc_id).await?.is_some_and(DocState::is_terminal))
+    }
+
+    /// The document's state (`None`: no event yet).
+    async fn doc_state(&self, doc_id: &str) -> Result<Option<DocState>, StageError> {
+        let ctx = &self.ctx;
+        let status = pagestream_pipeline::progress::read_status(&ctx.js, &ctx.names, &ctx.counters, doc_id, false)
+            .await
+            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        Ok(status.map(|s| s.state))
     }
 
     /// Pages of `doc_id` in `pages` already rendered (from its counters).
