@@ -47,7 +47,11 @@ fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Args
 /// Runs one client command; returns the exit code.
 pub async fn main(cmd: &str, args: &[String], usage: &str) -> Result<i32> {
     let parsed = match cmd {
-        "submit" => parse(args, &["--title", "--dpi", "--model", "--priority", "--idempotency-key"], &["--watch"]),
+        "submit" => parse(
+            args,
+            &["--title", "--dpi", "--model", "--priority", "--idempotency-key"],
+            &["--watch", "--wait-for-model"],
+        ),
         "list" => parse(args, &["--status", "--limit"], &[]),
         "results" => parse(args, &["--download"], &[]),
         _ => parse(args, &[], &[]),
@@ -71,6 +75,7 @@ pub async fn main(cmd: &str, args: &[String], usage: &str) -> Result<i32> {
     let outcome = match cmd {
         "submit" => submit(&a).await,
         "list" => list(&a).await,
+        "models" => show(&a, "/v1/models", print_models).await,
         "status" => match one_id() {
             Ok(id) => show(&a, &format!("/v1/documents/{id}"), print_status).await,
             Err(c) => return Ok(c),
@@ -117,10 +122,50 @@ async fn show(a: &Args, path: &str, print: fn(&Value)) -> Result<i32> {
     Ok(0)
 }
 
+/// One line per live model: name (default marked), replicas, backends,
+/// devices, weights.
+fn print_models(v: &Value) {
+    let default = v["default"].as_str().unwrap_or("");
+    let models = v["models"].as_array().cloned().unwrap_or_default();
+    if models.is_empty() {
+        println!("no model is served right now (no live inferencer); default model: {default}");
+        return;
+    }
+    println!("{:<24} {:>8}  {:<10} {:<8} weights", "MODEL", "REPLICAS", "BACKENDS", "DEVICES");
+    let join = |x: &Value| {
+        x.as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default()
+    };
+    for m in &models {
+        let name = m["name"].as_str().unwrap_or("?");
+        let mark = if name == default { " (default)" } else { "" };
+        let canary = m["canary_replicas"].as_u64().unwrap_or(0);
+        let replicas =
+            if canary > 0 { format!("{} ({canary} canary)", m["replicas"]) } else { m["replicas"].to_string() };
+        let weights: Vec<String> = m["sha256"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).map(|s| s.chars().take(12).collect()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:>8}  {:<10} {:<8} {}",
+            format!("{name}{mark}"),
+            replicas,
+            join(&m["backends"]),
+            join(&m["devices"]),
+            weights.join(",")
+        );
+    }
+    if !models.iter().any(|m| m["name"] == default) {
+        println!("default model {default} is not served right now");
+    }
+}
+
 fn print_status(st: &Value) {
     let p = &st["pages"];
     println!("{}  {}", clean(st["id"].as_str().unwrap_or("?")), clean(st["title"].as_str().unwrap_or("")));
     println!("  state:    {}", st["state"].as_str().unwrap_or("?"));
+    if let Some(m) = st["waiting_for_model"].as_str() {
+        println!("  waiting:  for an inferencer serving model {m}");
+    }
     println!(
         "  pages:    {} total · rendered {} · inferred {} · uploaded {} · failed {}",
         st["page_count"], p["rendered"], p["inferred"], p["uploaded"], p["failed"]
@@ -284,6 +329,9 @@ async fn submit(a: &Args) -> Result<i32> {
         if let Some(v) = a.flags.get(key) {
             options.push((key, v.clone()));
         }
+    }
+    if a.switches.iter().any(|s| s == "wait-for-model") {
+        options.push(("wait_for_model", "true".into()));
     }
     let mut docs = Vec::new();
     let mut rejected = 0;

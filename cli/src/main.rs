@@ -32,14 +32,17 @@ const USAGE: &str = "usage:
       Settings: defaults, then FILE, then PAGESTREAM_<SECTION>_<KEY>.
 
 API client (a running service; scripts/up starts one):
-  pagestream submit FILE... [--watch] [--title T] [--dpi N] [--model M] [--priority high|normal|low] [--idempotency-key K]
+  pagestream submit FILE... [--watch] [--title T] [--dpi N] [--model M] [--wait-for-model] [--priority high|normal|low] [--idempotency-key K]
       Uploads each PDF; with --watch, a live progress bar per document.
+      A model no live inferencer serves is refused, unless --wait-for-model.
       Exit 0 when every document was accepted (and, with --watch, completed
       or completed_with_errors), 1 otherwise.
   pagestream status ID [--json]
   pagestream list [--status STATE] [--limit N] [--json]
   pagestream results ID [--download DIR] [--json]
   pagestream cancel ID
+  pagestream models [--json]
+      The models live inferencers serve, with replica counts and weights.
   Options for all of them: --url URL (default $PAGESTREAM_URL, else
   http://127.0.0.1:8080), --token TOKEN (default $PAGESTREAM_TOKEN).";
 
@@ -50,7 +53,7 @@ fn main() {
         match args.first().map(String::as_str) {
             Some("demo") => demo(&args[1..]).await,
             Some("run") => run(&args[1..]).await,
-            Some(cmd @ ("submit" | "status" | "list" | "results" | "cancel")) => {
+            Some(cmd @ ("submit" | "status" | "list" | "results" | "cancel" | "models")) => {
                 commands::main(cmd, &args[1..], USAGE).await
             }
             Some("-h" | "--help") | None => {

@@ -34,6 +34,7 @@ const RESERVED_ENV: &[&str] = &[
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub pipeline: PipelineConfig,
     pub nats: NatsConfig,
     pub ingress: IngressConfig,
     pub splitter: SplitterConfig,
@@ -157,6 +158,16 @@ pub struct SplitterConfig {
     pub admin_addr: String,
 }
 
+/// Settings of the whole pipeline, read where documents are accepted (the
+/// ingress, and the splitter for documents published on NATS).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// The model of a document submitted without a `model` option (empty:
+    /// `inferencer.model`). Decided once, when the document is accepted.
+    pub default_model: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferencerConfig {
@@ -189,6 +200,10 @@ pub struct InferencerConfig {
     pub batch_wait_ms: u64,
     /// Most detections kept per page (highest scores first).
     pub max_detections: usize,
+    /// Serve the models with weights that may differ from the other live
+    /// replicas of the same model names (a canary); without it such a
+    /// replica refuses to start.
+    pub canary: bool,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
 }
@@ -296,6 +311,7 @@ impl Default for InferencerConfig {
             batch_size: 1,
             batch_wait_ms: 20,
             max_detections: 500,
+            canary: false,
             admin_addr: "127.0.0.1:9102".into(),
         }
     }
@@ -368,6 +384,16 @@ fn find_upwards(rel: &str) -> Option<PathBuf> {
 }
 
 impl Config {
+    /// The model of a document submitted without one: `pipeline.default_model`,
+    /// else `inferencer.model`.
+    pub fn default_model(&self) -> &str {
+        if self.pipeline.default_model.is_empty() {
+            &self.inferencer.model
+        } else {
+            &self.pipeline.default_model
+        }
+    }
+
     /// Loads defaults, then `file` (or `$PAGESTREAM_CONFIG`), then the process
     /// environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -449,6 +475,16 @@ impl Config {
         let p = &self.nats.prefix;
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
             errors.push(format!("nats.prefix {p:?}: use 1+ characters of [a-z0-9_-]"));
+        }
+        if !self.pipeline.default_model.is_empty() {
+            if let Err(e) = pagestream_schemas::validate_model_name(&self.pipeline.default_model) {
+                errors.push(format!("pipeline.default_model: {e}"));
+            }
+        }
+        for name in self.inferencer.served_models() {
+            if let Err(e) = pagestream_schemas::validate_model_name(&name) {
+                errors.push(format!("inferencer.model / inferencer.models: {e}"));
+            }
         }
         if self.nats.max_deliver < 1 {
             errors.push("nats.max_deliver must be at least 1".into());

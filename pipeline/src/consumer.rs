@@ -31,7 +31,15 @@ pub enum ErrorKind {
     Transient,
     /// Will never succeed for this message: dead-letter and terminate.
     Permanent,
+    /// Not now, and not a failure (the work waits for something, e.g. a
+    /// model no live replica serves): nak with [`DEFER_DELAY`]. A handler
+    /// that defers must re-queue the work itself before the message reaches
+    /// `max_deliver` (see `delivered` in the message info).
+    Deferred,
 }
+
+/// How long a deferred message waits before it is delivered again.
+pub const DEFER_DELAY: Duration = Duration::from_secs(3);
 
 /// A handler failure, with a stable code for records and metrics.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -49,6 +57,9 @@ impl StageError {
     }
     pub fn permanent(code: &'static str, message: impl std::fmt::Display) -> Self {
         StageError { kind: ErrorKind::Permanent, code, message: message.to_string(), doc_id: None }
+    }
+    pub fn deferred(code: &'static str, message: impl std::fmt::Display) -> Self {
+        StageError { kind: ErrorKind::Deferred, code, message: message.to_string(), doc_id: None }
     }
     pub fn doc(mut self, doc_id: &str) -> Self {
         self.doc_id = Some(doc_id.to_string());
@@ -240,6 +251,11 @@ async fn process<H: Handler>(
                 "ack_unconfirmed"
             }
         },
+        Err(err) if err.kind == ErrorKind::Deferred && delivered < spec.max_deliver => {
+            tracing::debug!(stage = spec.stage, subject = %msg.subject, attempt = delivered, reason = %err, "deferred");
+            let _ = msg.ack_with(AckKind::Nak(Some(DEFER_DELAY))).await;
+            "deferred"
+        }
         Err(err) if err.kind == ErrorKind::Transient && delivered < spec.max_deliver => {
             let delay = backoff(delivered);
             tracing::warn!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, ?delay, "transient failure; will retry");

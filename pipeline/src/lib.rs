@@ -21,6 +21,7 @@ pub mod health;
 pub mod metrics;
 pub mod nats;
 pub mod progress;
+pub mod registry;
 pub mod shutdown;
 pub mod stage;
 pub mod util;

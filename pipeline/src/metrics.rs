@@ -29,6 +29,11 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
     pub backend: String,
@@ -60,6 +65,14 @@ pub struct Metrics {
     pub ready: Gauge,
     /// `pagestream_model_info{model,backend,requested,device}`: 1 per loaded model.
     pub model_info: Family<ModelLabels, Gauge>,
+    /// `pagestream_model_pages_total{model}`: pages this inferencer inferred, per model.
+    pub model_pages: Family<ModelLabel, Counter>,
+    /// `pagestream_model_pages_pending{model}`: pages of the model waiting in
+    /// its queue (not yet delivered to any replica).
+    pub model_pending: Family<ModelLabel, Gauge>,
+    /// `pagestream_model_pages_in_flight{model}`: pages delivered to a
+    /// replica of the model and not yet acknowledged.
+    pub model_in_flight: Family<ModelLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -82,6 +95,9 @@ impl Metrics {
         let http_requests = Family::<HttpLabels, Counter>::default();
         let ready = Gauge::default();
         let model_info = Family::<ModelLabels, Gauge>::default();
+        let model_pages = Family::<ModelLabel, Counter>::default();
+        let model_pending = Family::<ModelLabel, Gauge>::default();
+        let model_in_flight = Family::<ModelLabel, Gauge>::default();
         registry.register("messages", "Messages handled, by stage and outcome", messages.clone());
         registry.register("pages", "Pages processed, by stage", pages.clone());
         registry.register("page_failures", "Pages that failed permanently, by stage", page_failures.clone());
@@ -95,6 +111,17 @@ impl Metrics {
             "Models loaded by this inferencer: backend, requested and actual device",
             model_info.clone(),
         );
+        registry.register("model_pages", "Pages inferred by this inferencer, by model", model_pages.clone());
+        registry.register(
+            "model_pages_pending",
+            "Pages waiting in a model's queue, not yet delivered (scale that model's fleet on it)",
+            model_pending.clone(),
+        );
+        registry.register(
+            "model_pages_in_flight",
+            "Pages of a model delivered to a replica and not yet acknowledged",
+            model_in_flight.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             messages,
@@ -106,6 +133,9 @@ impl Metrics {
             http_requests,
             ready,
             model_info,
+            model_pages,
+            model_pending,
+            model_in_flight,
         }
     }
 

@@ -13,6 +13,7 @@ use crate::config::NatsConfig;
 
 const STREAMS_JSON: &str = include_str!("../../nats/streams.json");
 const CONSUMERS_JSON: &str = include_str!("../../nats/consumers.json");
+const MODEL_CONSUMER_JSON: &str = include_str!("../../nats/model_consumer.json");
 
 /// Every subject, stream, consumer and bucket name, derived from the prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +41,21 @@ impl Names {
     pub fn all_doc_events(&self) -> String {
         format!("{}.events.*.doc.*", self.prefix)
     }
-    pub fn pages_rendered(&self) -> String {
-        format!("{}.pages.rendered", self.prefix)
+    /// `<p>.pages.rendered.<model>`: pages for the inferencers serving `model`.
+    pub fn pages_rendered(&self, model: &str) -> String {
+        format!("{}.pages.rendered.{model}", self.prefix)
+    }
+    /// Every model's rendered pages: `<p>.pages.rendered.*`.
+    pub fn all_pages_rendered(&self) -> String {
+        format!("{}.pages.rendered.*", self.prefix)
+    }
+    /// The durable consumer shared by every replica serving `model`.
+    pub fn model_consumer(&self, model: &str) -> String {
+        format!("inferencer_{model}")
+    }
+    /// Key-value bucket of live model replicas ([`crate::registry`]).
+    pub fn models_bucket(&self) -> String {
+        format!("{}_models", self.prefix)
     }
     pub fn pages_inferred(&self) -> String {
         format!("{}.pages.inferred", self.prefix)
@@ -136,11 +150,16 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context>
 }
 
 fn render_template(text: &str, names: &Names, cfg: &NatsConfig) -> String {
+    render_model_template(text, names, cfg, "")
+}
+
+fn render_model_template(text: &str, names: &Names, cfg: &NatsConfig, model: &str) -> String {
     text.replace("\"{max_deliver}\"", &cfg.max_deliver.to_string())
         .replace("\"{max_pages_in_flight}\"", &cfg.max_pages_in_flight.to_string())
         .replace("\"{ack_wait}\"", &Duration::from_secs(cfg.ack_wait_secs).as_nanos().to_string())
         .replace("{PREFIX}", &names.upper())
         .replace("{prefix}", &names.prefix)
+        .replace("{model}", model)
 }
 
 /// The stream definitions of `nats/streams.json` for this prefix.
@@ -161,11 +180,48 @@ pub fn consumer_configs(names: &Names, cfg: &NatsConfig) -> Result<Vec<(String, 
     Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
 }
 
+/// The consumer of `nats/model_consumer.json` for `model`: one durable per
+/// served model on the pages stream, filtered on its subject, shared by
+/// every replica serving it.
+pub fn model_consumer_config(names: &Names, cfg: &NatsConfig, model: &str) -> Result<(String, consumer::pull::Config)> {
+    let def: ConsumerDef = serde_json::from_str(&render_model_template(MODEL_CONSUMER_JSON, names, cfg, model))
+        .context("nats/model_consumer.json is invalid")?;
+    Ok((def.stream, def.config))
+}
+
+/// Creates or updates the consumer of `model` (idempotent; its pages stay
+/// in the stream, for the next replica, when every replica is gone).
+pub async fn provision_model_consumer(
+    js: &jetstream::Context,
+    names: &Names,
+    cfg: &NatsConfig,
+    model: &str,
+) -> Result<()> {
+    let (stream_name, config) = model_consumer_config(names, cfg, model)?;
+    let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
+    stream
+        .create_consumer(config)
+        .await
+        .with_context(|| format!("creating or updating consumer {} on {stream_name}", names.model_consumer(model)))?;
+    Ok(())
+}
+
 /// Creates or updates every stream and consumer and the blob bucket.
 /// Safe to run concurrently from every stage at start-up.
 pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<()> {
     for cfg in stream_configs(names, cfg)? {
         let name = cfg.name.clone();
+        if name == names.pages_stream() {
+            // Before model fleets one unfiltered `inferencer` consumer read
+            // every page; it would overlap the per-model ones (a work-queue
+            // stream refuses that).
+            if let Ok(stream) = js.get_stream(&name).await {
+                if stream.consumer_info("inferencer").await.is_ok() {
+                    tracing::info!(stream = %name, "removing the pre-fleet consumer `inferencer`");
+                    let _ = stream.delete_consumer("inferencer").await;
+                }
+            }
+        }
         js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
     }
     for (stream_name, consumer_cfg) in consumer_configs(names, cfg)? {
@@ -180,6 +236,7 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
     }
     blob_store(js, names, cfg.max_blob_bytes).await?;
     crate::counters::Counters::open(js, names).await?;
+    crate::registry::bucket(js, names).await?;
     Ok(())
 }
 
@@ -250,12 +307,19 @@ mod tests {
         assert_eq!(streams.len(), 5);
         assert_eq!(streams[0].name, "T_42_DOCS");
         assert_eq!(streams[0].subjects, vec!["t-42.docs.submitted", "t-42.docs.split.*"]);
-        assert_eq!(streams[1].max_messages, 11);
+        assert_eq!(streams[1].subjects, vec!["t-42.pages.rendered.*"]);
+        assert_eq!(streams[1].max_messages_per_subject, 11);
         assert_eq!(streams[1].discard, stream::DiscardPolicy::New);
+        assert!(streams[1].discard_new_per_subject);
         assert_eq!(streams[3].max_messages_per_subject, 1);
         let consumers = consumer_configs(&names, &cfg).unwrap();
-        assert_eq!(consumers.len(), 3);
+        assert_eq!(consumers.len(), 2);
         assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7 && c.ack_wait == Duration::from_secs(9)));
         assert_eq!(consumers[0].0, names.docs_stream());
+        let (stream, model) = model_consumer_config(&names, &cfg, "layout_cdla").unwrap();
+        assert_eq!(stream, names.pages_stream());
+        assert_eq!(model.durable_name.as_deref(), Some("inferencer_layout_cdla"));
+        assert_eq!(model.filter_subject, "t-42.pages.rendered.layout_cdla");
+        assert_eq!((model.max_deliver, model.ack_wait), (7, Duration::from_secs(9)));
     }
 }

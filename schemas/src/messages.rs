@@ -46,6 +46,11 @@ pub struct SubmitOptions {
     /// Scheduling weight against other documents; `normal` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// When no live inferencer serves `model`: wait for one (`true`) instead
+    /// of failing the document with `model_unavailable` (absent: `false`).
+    /// A document without `model` always waits for the default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_model: Option<bool>,
 }
 
 /// How large a share of the pipeline a document gets while others run.
@@ -100,6 +105,7 @@ impl std::fmt::Debug for SubmitOptions {
             .field("model", &self.model)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("priority", &self.priority)
+            .field("wait_for_model", &self.wait_for_model)
             .finish()
     }
 }
@@ -316,8 +322,16 @@ pub struct DocInfo {
     /// Where the manifest was written (`file://…` or `s3://…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// The model every page of the document is inferred with, decided once
+    /// when the document is accepted (its `model` option, else the
+    /// deployment's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// sha256 of the weights the live (non-canary) replicas of `model`
+    /// served when the document was accepted; each page's result names the
+    /// weights that really processed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
     /// Opaque id of the API token that submitted the document (16 hex
     /// characters of its sha256); absent when submitted without a token or
     /// on NATS. With tokens, only that token (and admin tokens) see it.
@@ -425,6 +439,21 @@ pub fn without_passwords(bytes: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Longest model name.
+pub const MAX_MODEL_NAME: usize = 64;
+
+/// A model name is one NATS subject token and one consumer name:
+/// 1 to 64 of `A-Z a-z 0-9 _ -`.
+pub fn validate_model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_MODEL_NAME {
+        return Err(format!("model name {name:?} must have 1 to {MAX_MODEL_NAME} characters"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(format!("model name {name:?} may contain only A-Z, a-z, 0-9, `_` and `-`"));
+    }
+    Ok(())
+}
+
 fn check_doc_id(id: &str) -> Result<(), String> {
     validate_doc_id(id).map_err(|e| e.to_string())
 }
@@ -471,6 +500,9 @@ impl Message for DocumentSubmitted {
         }
         if self.start_page == Some(0) {
             return Err("start_page is 1-based".into());
+        }
+        if let Some(model) = &self.options.model {
+            validate_model_name(model).map_err(|e| format!("options.model: {e}"))?;
         }
         // Page images are the pipeline's own; `uploads/` keys belong to one
         // document each (the pipeline deletes `uploads/<doc_id>` when the
@@ -535,4 +567,31 @@ impl Message for DeadLetter {
     fn validate(&self) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// One inferencer replica's advertisement of a model it serves: the value
+/// (JSON) of key `<model>.<replica>` in the key-value bucket
+/// `<prefix>_models`. Each replica rewrites it every few seconds; the bucket
+/// expires entries that are not rewritten (`max_age`), so the bucket lists
+/// exactly the live replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelReplica {
+    pub model: String,
+    /// Hex sha256 of the ONNX weights.
+    pub sha256: String,
+    pub labels: Vec<String>,
+    /// `ort` or `tract`.
+    pub backend: String,
+    /// `cpu` or `cuda`.
+    pub device: String,
+    pub batch_size: usize,
+    /// A canary may serve the model with other weights than the fleet.
+    #[serde(default)]
+    pub canary: bool,
+    /// Unique id of the inferencer process.
+    pub replica: String,
+    #[serde(default)]
+    pub host: String,
+    /// RFC 3339 time the replica started serving.
+    pub started_at: String,
 }

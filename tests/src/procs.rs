@@ -17,6 +17,25 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The environment every stage process of a test shares: its NATS server
+/// and prefix, a local results directory, no admin ports, one inference
+/// thread, quiet logs. Tests add what they exercise.
+pub fn base_env(nats_url: &str, prefix: &str, out: &Path) -> Vec<(String, String)> {
+    [
+        ("PAGESTREAM_NATS_URL", nats_url.to_string()),
+        ("PAGESTREAM_NATS_PREFIX", prefix.into()),
+        ("PAGESTREAM_UPLOADER_DIR", out.display().to_string()),
+        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
+        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
+        ("PAGESTREAM_LOG", "info,async_nats=error".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 pub struct Proc {
     pub stage: &'static str,
     pub port: Option<u16>,
@@ -38,10 +57,16 @@ impl Cluster {
     }
 
     pub fn spawn(&self, stage: &'static str, idx: usize, port: Option<u16>) -> Proc {
+        self.spawn_with(stage, idx, port, &[])
+    }
+
+    /// [`Cluster::spawn`] with extra variables for this process only.
+    pub fn spawn_with(&self, stage: &'static str, idx: usize, port: Option<u16>, extra: &[(&str, String)]) -> Proc {
         let log = self.logs.join(format!("{stage}-{idx}.log"));
         let stderr = File::options().create(true).append(true).open(&log).unwrap();
         let mut cmd = Command::new(self.bins.join(stage));
         cmd.envs(self.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.envs(extra.iter().map(|(k, v)| (k, v)));
         if let Some(p) = port {
             cmd.env("PAGESTREAM_INGRESS_ADDR", format!("127.0.0.1:{p}"));
         }

@@ -75,10 +75,12 @@ async fn pages_in_flight_stay_within_the_document_and_pipeline_bounds() {
     })
     .await
     .unwrap();
-    // The bound is the stream's own limit: JetStream refuses a fifth page.
+    // The bound is the stream's own limit, per model: JetStream refuses a
+    // fifth page of the model.
     let info = h.pipeline.ctx.js.get_stream(h.pipeline.ctx.names.pages_stream()).await.unwrap().get_info().await;
     let cfg = info.unwrap().config;
-    assert_eq!(cfg.max_messages, 4);
+    assert_eq!(cfg.max_messages_per_subject, 4);
+    assert!(cfg.discard_new_per_subject);
     assert_eq!(cfg.discard, async_nats::jetstream::stream::DiscardPolicy::New);
 
     // One document: its own bound (3) is the tighter one.

@@ -75,10 +75,10 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
             render_ms: None,
         };
         let id = format!("{doc}:{page}:rendered");
-        publish_message(&ctx.js, ctx.names.pages_rendered(), &id, &rendered).await.unwrap();
+        publish_message(&ctx.js, ctx.names.pages_rendered("layout_cdla"), &id, &rendered).await.unwrap();
     }
     wait_idle(&h, ctx.names.inferred_stream(), "uploader").await;
-    wait_idle(&h, ctx.names.pages_stream(), "inferencer").await;
+    wait_idle(&h, ctx.names.pages_stream(), "inferencer_layout_cdla").await;
 
     // Only page 2's messages are dead letters: one from each stage.
     assert_eq!(dlq_count(&h).await, 2, "page 1's redeliveries were acknowledged, page 2's dead-lettered");

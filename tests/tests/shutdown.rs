@@ -65,6 +65,11 @@ async fn sigterm_finishes_in_flight_work_without_redelivery() {
     let st = wait_terminal(&client, &id, Duration::from_secs(300)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["pages"]["inferred"], 28);
-    assert_eq!(cluster.count_in_logs("handling a redelivered message"), 0, "a message was redelivered");
+    // (The splitter may defer its turn while no inferencer is live: that
+    // wait is a deliberate redelivery of its own message, not a lost ack.)
+    for (stage, idx) in [("inferencer", 0), ("inferencer", 1), ("uploader", 0)] {
+        let log = cluster.log(stage, idx);
+        assert!(!log.contains("handling a redelivered message"), "a message was redelivered to {stage}: {log}");
+    }
     println!("inferencer stopped {took:?} after SIGTERM");
 }

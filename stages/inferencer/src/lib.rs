@@ -7,9 +7,16 @@
 //! warmed up before the stage reports ready. Pre-processing
 //! ([`preprocess`]), decoding ([`picodet`], [`yolov8`], [`boxes`]) and NMS
 //! ([`nms`]) are plain Rust. Each model has its inference thread(s) fed by a
-//! [`batch::Batcher`]. A page whose image cannot be decoded or inferred, or
-//! that asks for a model this inferencer does not serve, is forwarded as
-//! failed, with the reason.
+//! [`batch::Batcher`]. A page whose image cannot be decoded or inferred is
+//! forwarded as failed, with the reason.
+//!
+//! Model fleets: pages arrive per model (`<p>.pages.rendered.<model>`), from
+//! one durable consumer per model shared by every replica serving it, so a
+//! replica only ever sees pages of its own models and a page is never
+//! inferred by another model than its document's. Each replica advertises
+//! what it serves in the live registry (`pagestream_pipeline::registry`)
+//! and refuses to start when its weights differ from the live fleet's for
+//! the same model name, unless it is a canary (`inferencer.canary`).
 //!
 //! Knows nothing about PDFs or result storage.
 
@@ -30,10 +37,11 @@ use async_nats::jetstream;
 use image::RgbImage;
 use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::metrics::ModelLabels;
+use pagestream_pipeline::metrics::{ModelLabel, ModelLabels};
 use pagestream_pipeline::progress::{publish_message, Progress};
+use pagestream_pipeline::registry;
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, EventState, ModelRef, PageInferred, PageRendered, Timings, VERSION};
+use pagestream_schemas::{decode, EventState, ModelReplica, PageInferred, PageRendered, Timings, VERSION};
 use tokio_util::sync::CancellationToken;
 
 pub use batch::Batcher;
@@ -44,9 +52,11 @@ pub const STAGE: &str = "inferencer";
 pub struct Inferencer {
     ctx: StageContext,
     blobs: BlobStore,
-    /// Served models, the default (`inferencer.model`) first.
+    /// Served models, `inferencer.model` first.
     models: Vec<Batcher>,
     progress: Progress,
+    /// This process in the model registry.
+    replica: String,
 }
 
 /// Decodes a PNG page image.
@@ -96,31 +106,78 @@ impl Inferencer {
         }
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
-        ctx.health.set_ready(STAGE, true);
-        Ok(Inferencer { ctx, blobs, models, progress })
+        let replica = registry::replica_id();
+        Ok(Inferencer { ctx, blobs, models, progress, replica })
     }
 
-    /// The model a page asks for (the default when it names none).
-    fn model_for(&self, page: &PageRendered) -> Result<&Batcher, StageError> {
-        match &page.options.model {
-            None => Ok(&self.models[0]),
-            Some(name) => self.models.iter().find(|b| b.detector.model.name == *name).ok_or_else(|| {
-                let served: Vec<&str> = self.models.iter().map(|b| b.detector.model.name.as_str()).collect();
-                StageError::permanent(
-                    "model_unknown",
-                    format!(
-                        "model {name:?} is not served by this inferencer (it serves {served:?}; see inferencer.models)"
-                    ),
-                )
-            }),
+    /// This replica's registry entries, one per served model.
+    fn advertisements(&self) -> Vec<ModelReplica> {
+        let cfg = &self.ctx.config.inferencer;
+        let started_at = pagestream_pipeline::util::now_rfc3339();
+        self.models
+            .iter()
+            .map(|b| {
+                let d = &b.detector;
+                ModelReplica {
+                    model: d.model.name.clone(),
+                    sha256: d.model.sha256.clone(),
+                    labels: d.labels.clone(),
+                    backend: d.backend.name().into(),
+                    device: d.device().into(),
+                    batch_size: cfg.batch_size.clamp(1, d.max_batch().max(1)),
+                    canary: cfg.canary,
+                    replica: self.replica.clone(),
+                    host: registry::host_name(),
+                    started_at: started_at.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Joins the fleet: refuses conflicting weights, creates each model's
+    /// consumer, advertises the models (until `shutdown`) and turns ready.
+    async fn join_fleet(&self, shutdown: CancellationToken) -> Result<()> {
+        let ctx = &self.ctx;
+        let ads = self.advertisements();
+        let store = registry::bucket(&ctx.js, &ctx.names).await?;
+        for ad in &ads {
+            let fleet = registry::read_model(&store, &ad.model).await?;
+            registry::check_weights(ad, fleet.as_ref()).map_err(anyhow::Error::msg)?;
+            pagestream_pipeline::nats::provision_model_consumer(&ctx.js, &ctx.names, &ctx.config.nats, &ad.model)
+                .await?;
         }
+        registry::advertise(store, ads, shutdown).await?;
+        ctx.health.set_ready(STAGE, true);
+        Ok(())
+    }
+
+    /// The model of a page: the one whose queue it came from. A page whose
+    /// own `options.model` disagrees was misrouted and fails, never
+    /// inferred by another model than its document's.
+    fn model_for(&self, page: &PageRendered, queue: &str) -> Result<&Batcher, StageError> {
+        if let Some(asked) = page.options.model.as_deref().filter(|m| *m != queue) {
+            return Err(StageError::permanent(
+                "model_mismatch",
+                format!("page of model {asked:?} arrived on the queue of model {queue:?}"),
+            ));
+        }
+        self.models.iter().find(|b| b.detector.model.name == queue).ok_or_else(|| {
+            let served: Vec<&str> = self.models.iter().map(|b| b.detector.model.name.as_str()).collect();
+            StageError::permanent(
+                "model_unknown",
+                format!("model {queue:?} is not served by this inferencer (it serves {served:?})"),
+            )
+        })
     }
 
     /// The output message for `page`, before detection.
-    fn output(&self, page: &PageRendered) -> PageInferred {
-        let model = match self.model_for(page) {
+    fn output(&self, page: &PageRendered, queue: &str) -> PageInferred {
+        let model = match self.model_for(page, queue) {
             Ok(b) => b.detector.model.clone(),
-            Err(_) => ModelRef { name: page.options.model.clone().unwrap_or_default(), sha256: String::new() },
+            Err(_) => pagestream_schemas::ModelRef {
+                name: page.options.model.clone().unwrap_or_else(|| queue.to_string()),
+                sha256: String::new(),
+            },
         };
         PageInferred {
             v: VERSION,
@@ -150,10 +207,10 @@ impl Inferencer {
             .map_err(transient("nats_publish"))
     }
 
-    async fn infer(&self, page: PageRendered) -> Result<(), StageError> {
+    async fn infer(&self, page: PageRendered, queue: &str) -> Result<(), StageError> {
         let doc_id = page.doc_id.clone();
-        let mut out = self.output(&page);
-        let permanent = match self.detect(&page).await {
+        let mut out = self.output(&page, queue);
+        let permanent = match self.detect(&page, queue).await {
             Ok((detections, infer_ms)) => {
                 out.detections = detections;
                 out.timings.infer_ms = Some(infer_ms);
@@ -182,6 +239,7 @@ impl Inferencer {
         match permanent {
             None => {
                 self.ctx.metrics.page(STAGE);
+                self.ctx.metrics.model_pages.get_or_create(&ModelLabel { model: queue.to_string() }).inc();
                 Ok(())
             }
             Some(e) => {
@@ -191,8 +249,12 @@ impl Inferencer {
         }
     }
 
-    async fn detect(&self, page: &PageRendered) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
-        let batcher = self.model_for(page)?;
+    async fn detect(
+        &self,
+        page: &PageRendered,
+        queue: &str,
+    ) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
+        let batcher = self.model_for(page, queue)?;
         let bytes = read_image(&self.blobs, &page.image).await?;
         let started = std::time::Instant::now();
         let img = tokio::task::spawn_blocking(move || decode_image(&bytes))
@@ -214,9 +276,16 @@ impl Inferencer {
     }
 }
 
+/// The model whose queue a message came from: the last token of
+/// `<p>.pages.rendered.<model>`.
+fn queue_of(msg: &jetstream::Message) -> &str {
+    msg.subject.as_str().rsplit('.').next().unwrap_or("")
+}
+
 impl Handler for Inferencer {
     async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
         let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
+        let queue = queue_of(msg);
         let doc_id = page.doc_id.clone();
         if self.ctx.is_cancelled(&doc_id).await? {
             tracing::debug!(doc_id, page = page.page, "document cancelled; page skipped");
@@ -226,14 +295,14 @@ impl Handler for Inferencer {
             }
             return Ok(());
         }
-        self.infer(page).await.map_err(|e| e.or_doc(&doc_id))
+        self.infer(page, queue).await.map_err(|e| e.or_doc(&doc_id))
     }
 
     /// Retries exhausted: the page goes downstream as failed, so its
     /// document still finishes (`completed_with_errors`).
     async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
         let Ok(page) = decode::<PageRendered>(&msg.payload) else { return Ok(()) };
-        let mut out = self.output(&page);
+        let mut out = self.output(&page, queue_of(msg));
         out.image = None;
         out.error = Some(err.info().at_stage(STAGE));
         self.forward(&out).await?;
@@ -254,21 +323,50 @@ impl Inferencer {
     }
 }
 
-/// Runs the inferencer until `shutdown`.
+/// Publishes each served model's queue lag (`pagestream_model_pages_pending`,
+/// `…_in_flight`) every few seconds, for autoscaling each fleet on its own.
+async fn report_lag(ctx: StageContext, models: Vec<String>, shutdown: CancellationToken) {
+    let Ok(stream) = ctx.js.get_stream(ctx.names.pages_stream()).await else { return };
+    loop {
+        for model in &models {
+            if let Ok(info) = stream.consumer_info(ctx.names.model_consumer(model)).await {
+                let label = ModelLabel { model: model.clone() };
+                ctx.metrics.model_pending.get_or_create(&label).set(info.num_pending as i64);
+                ctx.metrics.model_in_flight.get_or_create(&label).set(info.num_ack_pending as i64);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Runs the inferencer until `shutdown`: one consumer loop per served model.
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
     let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
-    // The pull window: enough pages in flight to fill a batch, or to keep
-    // every inference thread busy, plus one: the next page is fetched and
-    // decoded while the model runs, so the model never waits for NATS or
-    // the PNG decoder.
+    inferencer.join_fleet(shutdown.clone()).await?;
     let batch = ctx.config.inferencer.batch_size.max(1);
-    let concurrency = inferencer.models.iter().map(|b| (b.detector.parallel_runs() + 1).max(batch)).max().unwrap_or(2);
-    let spec = ConsumerSpec {
-        stage: STAGE,
-        stream: ctx.names.pages_stream(),
-        durable: "inferencer".into(),
-        concurrency,
-        max_deliver: ctx.config.nats.max_deliver,
-    };
-    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, inferencer, ctx.metrics.clone(), shutdown).await
+    let names: Vec<String> = inferencer.models.iter().map(|b| b.detector.model.name.clone()).collect();
+    tokio::spawn(report_lag(ctx.clone(), names, shutdown.clone()));
+    let mut loops = tokio::task::JoinSet::new();
+    for b in &inferencer.models {
+        // The pull window: enough pages in flight to fill a batch, or to
+        // keep every inference thread busy, plus one: the next page is
+        // fetched and decoded while the model runs, so the model never
+        // waits for NATS or the PNG decoder.
+        let spec = ConsumerSpec {
+            stage: STAGE,
+            stream: ctx.names.pages_stream(),
+            durable: ctx.names.model_consumer(&b.detector.model.name),
+            concurrency: (b.detector.parallel_runs() + 1).max(batch),
+            max_deliver: ctx.config.nats.max_deliver,
+        };
+        let (c, h, s) = (ctx.clone(), inferencer.clone(), shutdown.clone());
+        loops.spawn(async move { consumer::run(c.js.clone(), c.names.clone(), spec, h, c.metrics.clone(), s).await });
+    }
+    while let Some(done) = loops.join_next().await {
+        done??;
+    }
+    Ok(())
 }

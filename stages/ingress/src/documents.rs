@@ -48,6 +48,7 @@ struct Options {
     dpi: Option<f32>,
     model: Option<String>,
     priority: Option<Priority>,
+    wait_for_model: bool,
 }
 
 impl Options {
@@ -76,7 +77,19 @@ impl Options {
                 }
                 self.dpi = Some(dpi);
             }
-            "model" => self.model = Some(value).filter(|m| !m.is_empty()),
+            "model" => {
+                if !value.is_empty() {
+                    pagestream_schemas::validate_model_name(&value).map_err(invalid)?;
+                }
+                self.model = Some(value).filter(|m| !m.is_empty())
+            }
+            "wait_for_model" => {
+                self.wait_for_model = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" | "" => false,
+                    _ => return Err(invalid(format!("wait_for_model {value:?} is not true or false"))),
+                }
+            }
             "password" => self.password = Some(value).filter(|p| !p.is_empty()),
             "priority" if !value.is_empty() => {
                 self.priority = Some(
@@ -131,6 +144,7 @@ pub fn status_json(s: &DocStatus) -> serde_json::Value {
         "bytes": s.info.bytes,
         "sha256": s.info.sha256,
         "model": s.info.model,
+        "model_sha256": s.info.model_sha256,
         "page_count": s.page_count,
         "pages": s.pages,
         "failed_pages": s.failed_pages,
@@ -155,6 +169,18 @@ fn unavailable(what: &str) -> impl Fn(anyhow::Error) -> ApiError + '_ {
 }
 
 impl Ingress {
+    /// [`status_json`], plus `waiting_for_model` (the model's name) while an
+    /// unfinished document's model has no live replica: its pages wait.
+    fn live_status_json(&self, s: &DocStatus) -> serde_json::Value {
+        let mut json = status_json(s);
+        if let Some(model) = s.info.model.as_deref().filter(|_| !s.state.is_terminal()) {
+            if self.live.get(model).is_none() {
+                json["waiting_for_model"] = serde_json::Value::String(model.to_string());
+            }
+        }
+        json
+    }
+
     /// The document's status, if `caller` may see it (404 otherwise, as
     /// for a document that does not exist: ids of others are not revealed).
     pub(crate) async fn read_status(&self, caller: &Caller, id: &str, details: bool) -> Result<DocStatus, ApiError> {
@@ -168,7 +194,7 @@ impl Ingress {
 
     pub(crate) async fn status(&self, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
         let status = self.read_status(caller, id, true).await?;
-        let mut json = status_json(&status);
+        let mut json = self.live_status_json(&status);
         json["timings"] = self.timings(&status).await?;
         Ok(json_response(StatusCode::OK, &json))
     }
@@ -278,7 +304,7 @@ impl Ingress {
                 continue; // expired between the listing and the read
             };
             if want.is_none_or(|w| w == st.state) && caller.sees(&st.info) {
-                items.push(status_json(&st));
+                items.push(self.live_status_json(&st));
             }
         }
         Ok(json_response(StatusCode::OK, &serde_json::json!({"documents": items, "next_cursor": next_cursor})))
@@ -416,6 +442,10 @@ impl Ingress {
             req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let key = upload_key(&doc_id);
         let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if mime != "multipart/form-data" {
+            // Every option is known before the body: refuse before reading it.
+            self.resolve_model(opts.model.as_deref(), opts.wait_for_model)?;
+        }
         let pace = self.pace();
         let (stored, filename) = match mime.as_str() {
             "multipart/form-data" => {
@@ -491,6 +521,15 @@ impl Ingress {
                 ))
             }
         };
+        let (model, model_sha256, wait) = match self.resolve_model(opts.model.as_deref(), opts.wait_for_model) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Err(err) = self.blobs.delete(&key).await {
+                    tracing::warn!(key, error = %err, "could not delete a refused upload");
+                }
+                return Err(e);
+            }
+        };
         self.ctx.metrics.upload_bytes.inc_by(stored.bytes);
         let title = opts.title.clone().or_else(|| filename.clone());
         let msg = DocumentSubmitted {
@@ -506,9 +545,10 @@ impl Ingress {
             },
             options: SubmitOptions {
                 dpi: opts.dpi,
-                model: opts.model.clone(),
+                model: Some(model.clone()),
                 password: opts.password.take(),
                 priority: opts.priority,
+                wait_for_model: wait.then_some(true),
             },
             submitted_at: Some(now_rfc3339()),
             start_page: None,
@@ -518,7 +558,8 @@ impl Ingress {
             filename,
             sha256: Some(stored.sha256),
             bytes: Some(stored.bytes),
-            model: opts.model,
+            model: Some(model),
+            model_sha256,
             owner: caller.owner.clone(),
             ..DocInfo::default()
         };

@@ -12,6 +12,7 @@
 //! | `POST /v1/documents`, `GET /v1/documents`, `GET/DELETE /v1/documents/{id}` | [`documents`] |
 //! | `GET /v1/documents/{id}/events` | [`events`] |
 //! | `GET /v1/documents/{id}/results[/pages/{n}.{png,json}]` | [`results`] |
+//! | `GET /v1/models` | [`models`] |
 //! | `GET /`, `GET /openapi.json` | embedded files |
 //!
 //! Never loads a model or opens a PDF: it only checks the signature.
@@ -19,6 +20,7 @@
 pub mod documents;
 pub mod error;
 pub mod events;
+pub mod models;
 pub mod results;
 pub mod upload;
 
@@ -36,6 +38,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use pagestream_pipeline::admin::{admin_response, AcceptBackoff};
 use pagestream_pipeline::blob::BlobStore;
 use pagestream_pipeline::progress::Progress;
+use pagestream_pipeline::registry::LiveModels;
 use pagestream_pipeline::StageContext;
 use pagestream_uploader::ResultStore;
 use sha2::Digest as _;
@@ -60,6 +63,8 @@ pub struct Ingress {
     idempotency: kv::Store,
     tokens: Vec<String>,
     admin_tokens: Vec<String>,
+    /// Models live inferencers serve.
+    live: LiveModels,
     /// Slots for live event streams (`ingress.max_event_streams`).
     event_streams: Arc<tokio::sync::Semaphore>,
     /// Ends live event streams when the server stops.
@@ -75,7 +80,8 @@ impl Ingress {
         let tokens = ctx.config.ingress.tokens();
         let admin_tokens = ctx.config.ingress.admin_tokens();
         let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));
-        Ok(Ingress { ctx, blobs, progress, results, idempotency, tokens, admin_tokens, event_streams, shutdown })
+        let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
+        Ok(Ingress { ctx, blobs, progress, results, idempotency, tokens, admin_tokens, live, event_streams, shutdown })
     }
 
     fn read_timeout(&self) -> Duration {
@@ -158,6 +164,7 @@ impl Ingress {
             }
             (["v1", "documents"], &Method::POST) => ("submit", self.submit(req, &caller).await),
             (["v1", "documents"], &Method::GET) => ("list", self.list(&caller, req.uri().query().unwrap_or("")).await),
+            (["v1", "models"], &Method::GET) => ("models", self.models()),
             (["v1", "documents", id], &Method::GET) => ("status", self.status(&caller, id).await),
             (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(&caller, id).await),
             (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(&caller, id, &req).await),
@@ -209,7 +216,7 @@ impl Caller {
 /// when the path is no route at all.
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        [] | [""] | ["openapi.json"] => Some("GET"),
+        [] | [""] | ["openapi.json"] | ["v1", "models"] => Some("GET"),
         ["v1", "documents"] => Some("GET, POST"),
         ["v1", "documents", _] => Some("GET, DELETE"),
         ["v1", "documents", _, "events" | "results"]

@@ -21,7 +21,17 @@
 //! (scaled) pages rendered and not yet uploaded or failed, and while the
 //! pages stream is full (`nats.max_pages_in_flight`).
 //!
-//! Knows nothing about models or result storage.
+//! Models: the document's model is decided once, in its first turn (its
+//! `model` option, else `pipeline.default_model`), written into the
+//! continuation and into every page, which goes to that model's queue
+//! `<p>.pages.rendered.<model>`. When no live inferencer serves the model
+//! (the registry, `pagestream_pipeline::registry`), a new document that
+//! named it fails with `model_unavailable` unless it asked to wait
+//! (`wait_for_model`); a document for the default model always waits. A
+//! waiting document, or one whose model's last replica went away, is
+//! deferred: its turn is retried every few seconds without rendering.
+//!
+//! Knows nothing about how models run, or result storage.
 
 pub mod render;
 pub mod worker;
@@ -35,6 +45,7 @@ use async_nats::jetstream;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
 use pagestream_pipeline::progress::{publish_message, DocState};
+use pagestream_pipeline::registry::LiveModels;
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
@@ -70,6 +81,8 @@ pub struct Splitter {
     renderer: Renderer,
     progress: Progress,
     fetched: Mutex<VecDeque<Arc<Fetched>>>,
+    /// Which models live inferencers serve.
+    live: LiveModels,
     shutdown: CancellationToken,
 }
 
@@ -89,8 +102,9 @@ impl Splitter {
             tokio::task::spawn_blocking(move || Renderer::isolated(options)).await?.map_err(anyhow::Error::msg)?;
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
+        let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
         ctx.health.set_ready(STAGE, true);
-        Ok(Splitter { ctx, blobs, renderer, progress, fetched: Mutex::default(), shutdown })
+        Ok(Splitter { ctx, blobs, renderer, progress, fetched: Mutex::default(), live, shutdown })
     }
 
     /// The document's source, fetched once for all its turns.
@@ -117,7 +131,7 @@ impl Splitter {
     /// Waits until `doc_id` has fewer than `limit` pages rendered and not yet
     /// uploaded or failed. A shutdown ends the wait with a transient error:
     /// the turn is redelivered, and pages it already rendered are skipped.
-    async fn wait_for_room(&self, doc_id: &str, limit: u32) -> Result<(), StageError> {
+    async fn wait_for_room(&self, doc_id: &str, model: &str, limit: u32) -> Result<(), StageError> {
         let counters = &self.ctx.counters;
         let mut delay = Duration::from_millis(10);
         let mut waited = false;
@@ -136,7 +150,29 @@ impl Splitter {
                 return Ok(());
             }
             waited = true;
+            self.check_model(model)?;
             self.pause(&mut delay, Duration::from_millis(200), "waiting for pages in flight to drain").await?;
+        }
+    }
+
+    /// A deferral when no live inferencer serves `model`: the turn waits
+    /// (its pages in flight stay queued for the model) instead of holding
+    /// a splitter slot.
+    fn check_model(&self, model: &str) -> Result<(), StageError> {
+        if self.live.get(model).is_some() {
+            return Ok(());
+        }
+        self.ctx.metrics.message(STAGE, "waiting_for_model");
+        Err(StageError::deferred("waiting_for_model", format!("no live inferencer serves model {model:?}")))
+    }
+
+    /// The models live inferencers serve, for messages.
+    fn served(&self) -> String {
+        let names: Vec<String> = self.live.models().into_keys().collect();
+        if names.is_empty() {
+            "no model is served right now".into()
+        } else {
+            format!("served: {}", names.join(", "))
         }
     }
 
@@ -307,7 +343,7 @@ impl Splitter {
             render_ms: Some(page.render_ms),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page.page);
-        self.publish_when_room(&id, &msg).await?;
+        self.publish_when_room(&id, &msg, model_of(sub)).await?;
         self.progress
             .page(&sub.doc_id, page.page, EventState::Rendered, None, Some(page.render_ms))
             .await
@@ -318,14 +354,14 @@ impl Splitter {
 
     /// Publishes a page, waiting while the pages stream is full (it holds at
     /// most `nats.max_pages_in_flight` messages and refuses more).
-    async fn publish_when_room(&self, id: &str, msg: &PageRendered) -> Result<(), StageError> {
+    async fn publish_when_room(&self, id: &str, msg: &PageRendered, model: &str) -> Result<(), StageError> {
         let payload = encode(msg);
         let mut delay = Duration::from_millis(20);
         let mut waited = false;
         loop {
             match pagestream_pipeline::progress::publish_durable(
                 &self.ctx.js,
-                self.ctx.names.pages_rendered(),
+                self.ctx.names.pages_rendered(model),
                 id,
                 payload.clone(),
             )
@@ -339,6 +375,7 @@ impl Splitter {
                 }
                 Err(e) if is_stream_full(e.as_ref()) => {
                     waited = true;
+                    self.check_model(model)?;
                     self.pause(&mut delay, Duration::from_millis(250), "the pages stream was full").await?;
                 }
                 Err(e) => return Err(StageError::transient("nats_publish", e)),
@@ -382,8 +419,17 @@ impl Splitter {
 
     /// One turn of a document: pages `[start, start + chunk)`, then the rest
     /// goes to the back of the queue.
-    async fn split(&self, sub: DocumentSubmitted) -> Result<(), StageError> {
+    async fn split(&self, mut sub: DocumentSubmitted) -> Result<(), StageError> {
         let doc_id = sub.doc_id.clone();
+        // Decided once: the first turn resolves the default, later turns
+        // carry it.
+        if sub.options.model.is_none() {
+            // The deployment's default: a document for it waits for its
+            // fleet rather than failing (see `defer`).
+            sub.options.model = Some(self.ctx.config.default_model().to_string());
+            sub.options.wait_for_model = Some(true);
+        }
+        let model = model_of(&sub).to_string();
         if self.finished(&doc_id).await? {
             tracing::info!(doc_id, "document already finished; turn skipped");
             self.forget(&doc_id);
@@ -400,6 +446,24 @@ impl Splitter {
         let start = sub.start_page.unwrap_or(1).max(1);
         let end = start.saturating_add(priority.scale(cfg.chunk_pages) - 1);
         let in_flight_limit = priority.scale(cfg.doc_pages_in_flight);
+        let fleet = self.live.get(&model);
+        if fleet.is_none() {
+            let fresh = start == 1 && self.doc_state(&doc_id).await?.is_none_or(|s| s == DocState::Queued);
+            if fresh && !sub.options.wait_for_model.unwrap_or(false) {
+                self.forget(&doc_id);
+                let err = StageError::permanent(
+                    "model_unavailable",
+                    format!("no live inferencer serves model {model:?} ({}); submit with wait_for_model=true to wait for one", self.served()),
+                )
+                .doc(&doc_id);
+                self.fail_document(&sub, err.info()).await?;
+                return Err(err);
+            }
+            if fresh {
+                self.announce_waiting(&sub).await?;
+            }
+            self.check_model(&model)?;
+        }
         let source = self.source(&sub).await.map_err(|e| e.doc(&doc_id))?;
         let skip = self.rendered_pages(&doc_id, start..=end).await?;
         let mut events = self.renderer.render(RenderRequest {
@@ -444,7 +508,11 @@ impl Splitter {
                 sha256: Some(source.sha256.clone()),
                 bytes: Some(source.bytes),
                 page_count: Some(page_count),
-                model: sub.options.model.clone(),
+                model: Some(model.clone()),
+                model_sha256: fleet.as_ref().and_then(|f| match f.weights()[..] {
+                    [one] => Some(one.to_string()),
+                    _ => None,
+                }),
                 ..DocInfo::default()
             };
             self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(transient("nats_publish"))?;
@@ -457,7 +525,7 @@ impl Splitter {
                 self.ctx.metrics.document(STAGE, "cancelled");
                 return Ok(());
             }
-            self.wait_for_room(&doc_id, in_flight_limit).await?;
+            self.wait_for_room(&doc_id, &model, in_flight_limit).await?;
             match event {
                 RenderEvent::Page(page) => self.publish_page(&sub, page_count, page).await?,
                 RenderEvent::PageFailed { page, code, message } => {
@@ -492,6 +560,11 @@ impl Splitter {
     }
 }
 
+/// The document's model (resolved by [`Splitter::split`] before any page).
+fn model_of(sub: &DocumentSubmitted) -> &str {
+    sub.options.model.as_deref().unwrap_or_default()
+}
+
 /// Whether a publish failed because the stream is at its message limit
 /// (JetStream answers "maximum messages exceeded" with `discard: new`).
 fn is_stream_full(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -503,6 +576,44 @@ fn is_stream_full(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+impl Splitter {
+    /// Makes a document whose turn cannot run now wait: the message is
+    /// delivered again after a delay; before it would reach `max_deliver`
+    /// the turn is queued again as a fresh message instead.
+    async fn defer(&self, msg: &jetstream::Message, sub: DocumentSubmitted, e: StageError) -> Result<(), StageError> {
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        if delivered + 1 < self.ctx.config.nats.max_deliver {
+            return Err(e.doc(&sub.doc_id));
+        }
+        tokio::time::sleep(consumer::DEFER_DELAY).await;
+        let priority = sub.options.priority.unwrap_or_default();
+        let start = sub.start_page.unwrap_or(1);
+        let again = DocumentSubmitted { start_page: Some(start), ..sub };
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+        let id = format!("{}:wait:{start}:{stamp}", again.doc_id);
+        publish_message(&self.ctx.js, self.ctx.names.docs_split(priority.as_str()), &id, &again)
+            .await
+            .map_err(transient("nats_publish"))?;
+        tracing::debug!(doc_id = again.doc_id, reason = %e, "still waiting; turn queued again");
+        Ok(())
+    }
+
+    /// A document that waits for its model before its first page: it is
+    /// visible (queued, with its model) even when published on NATS.
+    async fn announce_waiting(&self, sub: &DocumentSubmitted) -> Result<(), StageError> {
+        if self.doc_state(&sub.doc_id).await?.is_some() {
+            return Ok(());
+        }
+        let info = DocInfo {
+            title: sub.title.clone().or_else(|| sub.source.filename.clone()),
+            filename: sub.source.filename.clone(),
+            model: sub.options.model.clone(),
+            ..DocInfo::default()
+        };
+        self.progress.doc(&sub.doc_id, EventState::Queued, Some(info), None).await.map_err(transient("nats_publish"))
+    }
 }
 
 impl Handler for Splitter {
@@ -525,7 +636,10 @@ impl Handler for Splitter {
             );
             return Err(self.refuse(&doc_id, Some(&sub), err).await?);
         }
-        self.split(sub).await.map_err(|e| e.or_doc(&doc_id))
+        match self.split(sub.clone()).await {
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Deferred => self.defer(msg, sub, e).await,
+            other => other.map_err(|e| e.or_doc(&doc_id)),
+        }
     }
 
     /// Retries exhausted (blob store or NATS down for good): the document fails.
