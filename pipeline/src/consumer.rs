@@ -39,7 +39,39 @@ pub enum ErrorKind {
 }
 
 /// How long a deferred message waits before it is delivered again.
-pub const DEFER_DELAY: Duration = Duration::from_secs(3);
+pub const DEFER_DELAY: Duration = Duration::from_secs(1);
+
+/// What every message task of one consumer loop shares.
+struct LoopState {
+    ack_wait: Duration,
+    deferred: std::sync::Mutex<Deferred>,
+}
+
+/// Stream sequences of messages this process deferred, so that their
+/// redelivery is not reported as a retry (bounded: oldest forgotten first).
+#[derive(Default)]
+struct Deferred {
+    seqs: std::collections::VecDeque<u64>,
+}
+
+impl Deferred {
+    const MAX: usize = 4096;
+    fn insert(&mut self, seq: u64) {
+        if self.seqs.len() == Self::MAX {
+            self.seqs.pop_front();
+        }
+        self.seqs.push_back(seq);
+    }
+    fn take(&mut self, seq: u64) -> bool {
+        match self.seqs.iter().position(|s| *s == seq) {
+            Some(i) => {
+                self.seqs.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// A handler failure, with a stable code for records and metrics.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -136,6 +168,7 @@ pub async fn run<H: Handler>(
         .await
         .map_err(|e| anyhow::anyhow!("consumer {} on {}: {e}", spec.durable, spec.stream))?;
     let ack_wait = consumer.cached_info().config.ack_wait;
+    let state = Arc::new(LoopState { ack_wait, deferred: std::sync::Mutex::default() });
     let concurrency = spec.concurrency.max(1);
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
@@ -197,10 +230,10 @@ pub async fn run<H: Handler>(
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
             };
-            let ctx = (js.clone(), names.clone(), spec.clone(), handler.clone(), metrics.clone());
+            let ctx = (js.clone(), names.clone(), spec.clone(), handler.clone(), metrics.clone(), state.clone());
             tasks.spawn(async move {
-                let (js, names, spec, handler, metrics) = ctx;
-                process(&js, &names, &spec, handler.as_ref(), &metrics, msg, ack_wait).await;
+                let (js, names, spec, handler, metrics, state) = ctx;
+                process(&js, &names, &spec, handler.as_ref(), &metrics, msg, &state).await;
                 drop(permit);
             });
         }
@@ -217,11 +250,15 @@ async fn process<H: Handler>(
     handler: &H,
     metrics: &Metrics,
     msg: jetstream::Message,
-    ack_wait: Duration,
+    state: &LoopState,
 ) {
+    let (ack_wait, deferred) = (state.ack_wait, &state.deferred);
     let started = Instant::now();
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    if delivered > 1 {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    if delivered > 1 && deferred.lock().expect("deferred set").take(seq) {
+        tracing::debug!(stage = spec.stage, subject = %msg.subject, attempt = delivered, "handling a deferred message again");
+    } else if delivered > 1 {
         tracing::info!(stage = spec.stage, subject = %msg.subject, attempt = delivered, "handling a redelivered message");
         metrics.message(spec.stage, "redelivered");
     }
@@ -253,6 +290,7 @@ async fn process<H: Handler>(
         },
         Err(err) if err.kind == ErrorKind::Deferred && delivered < spec.max_deliver => {
             tracing::debug!(stage = spec.stage, subject = %msg.subject, attempt = delivered, reason = %err, "deferred");
+            deferred.lock().expect("deferred set").insert(seq);
             let _ = msg.ack_with(AckKind::Nak(Some(DEFER_DELAY))).await;
             "deferred"
         }

@@ -71,6 +71,9 @@ struct Fetched {
     bytes: u64,
 }
 
+/// Longest a turn holds a splitter worker while waiting for room.
+const MAX_HOLD: Duration = Duration::from_secs(2);
+
 /// Fetched sources kept per process (the documents taking turns most recently).
 const FETCH_CACHE: usize = 4;
 
@@ -135,6 +138,7 @@ impl Splitter {
         let counters = &self.ctx.counters;
         let mut delay = Duration::from_millis(10);
         let mut waited = false;
+        let started = tokio::time::Instant::now();
         loop {
             let (rendered, uploaded, failed) = tokio::try_join!(
                 counters.get(doc_id, EventState::Rendered),
@@ -151,6 +155,7 @@ impl Splitter {
             }
             waited = true;
             self.check_model(model)?;
+            self.yield_if_slow(started, doc_id)?;
             self.pause(&mut delay, Duration::from_millis(200), "waiting for pages in flight to drain").await?;
         }
     }
@@ -164,6 +169,19 @@ impl Splitter {
         }
         self.ctx.metrics.message(STAGE, "waiting_for_model");
         Err(StageError::deferred("waiting_for_model", format!("no live inferencer serves model {model:?}")))
+    }
+
+    /// A turn that has waited [`MAX_HOLD`] for room (its model's fleet is
+    /// slower than the splitter) gives its worker to other documents: it is
+    /// deferred and comes back a moment later, skipping the pages it
+    /// already rendered. Without this, one document for a slow model would
+    /// hold a splitter worker and starve the documents of faster models.
+    fn yield_if_slow(&self, started: tokio::time::Instant, doc_id: &str) -> Result<(), StageError> {
+        if started.elapsed() < MAX_HOLD {
+            return Ok(());
+        }
+        self.ctx.metrics.message(STAGE, "turn_yielded");
+        Err(StageError::deferred("pages_in_flight", format!("document {doc_id}: pages in flight are draining slowly")))
     }
 
     /// The models live inferencers serve, for messages.
@@ -358,6 +376,7 @@ impl Splitter {
         let payload = encode(msg);
         let mut delay = Duration::from_millis(20);
         let mut waited = false;
+        let started = tokio::time::Instant::now();
         loop {
             match pagestream_pipeline::progress::publish_durable(
                 &self.ctx.js,
@@ -376,6 +395,7 @@ impl Splitter {
                 Err(e) if is_stream_full(e.as_ref()) => {
                     waited = true;
                     self.check_model(model)?;
+                    self.yield_if_slow(started, &msg.doc_id)?;
                     self.pause(&mut delay, Duration::from_millis(250), "the pages stream was full").await?;
                 }
                 Err(e) => return Err(StageError::transient("nats_publish", e)),
