@@ -58,15 +58,22 @@ pub struct NatsConfig {
     pub ack_wait_secs: u64,
     /// Seconds to wait for a connection at start-up.
     pub connect_timeout_secs: u64,
-    /// Rendered pages waiting for or in inference, all documents together:
-    /// the `<P>_PAGES` stream holds at most this many (JetStream refuses
-    /// more; the splitter waits), so storage does not grow with page count.
+    /// Rendered pages waiting for or in inference per model, all documents
+    /// together: the model's subject of the `<P>_PAGES` stream holds at most
+    /// this many (JetStream refuses more; the splitter waits), so storage
+    /// does not grow with page count.
     pub max_pages_in_flight: i64,
     /// Bytes the blob bucket (uploads waiting to be split, page images
     /// between stages) may hold, set when the bucket is created (0: no
     /// limit). Uploads that do not fit are refused with 507 `storage_full`
     /// instead of filling the disk under every stage.
     pub max_blob_bytes: u64,
+    /// Bytes the events stream may hold (0: no limit); beyond it the oldest
+    /// events go first (`discard: old`): the history of the oldest
+    /// documents, never the pipeline's work.
+    pub max_event_bytes: u64,
+    /// Bytes the dead-letter stream may hold (0: no limit); oldest first.
+    pub max_dead_letter_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +112,9 @@ pub struct IngressConfig {
     /// Live event streams (`/events`) open at once, all clients together
     /// (503 `too_many_streams` above).
     pub max_event_streams: usize,
+    /// Live event streams one API token may hold open at once (0: only the
+    /// global cap); without tokens, only the global cap applies.
+    pub max_event_streams_per_token: usize,
 }
 
 fn split_list(s: &str) -> Vec<String> {
@@ -255,6 +265,8 @@ impl Default for NatsConfig {
             connect_timeout_secs: 10,
             max_pages_in_flight: 64,
             max_blob_bytes: 8 * 1024 * 1024 * 1024,
+            max_event_bytes: 1024 * 1024 * 1024,
+            max_dead_letter_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -273,6 +285,7 @@ impl Default for IngressConfig {
             request_timeout_secs: 3600,
             min_upload_bytes_per_sec: 16 * 1024,
             max_event_streams: 256,
+            max_event_streams_per_token: 32,
         }
     }
 }

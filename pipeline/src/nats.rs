@@ -154,7 +154,10 @@ fn render_template(text: &str, names: &Names, cfg: &NatsConfig) -> String {
 }
 
 fn render_model_template(text: &str, names: &Names, cfg: &NatsConfig, model: &str) -> String {
+    let bytes = |b: u64| if b == 0 { "-1".to_string() } else { b.min(i64::MAX as u64).to_string() };
     text.replace("\"{max_deliver}\"", &cfg.max_deliver.to_string())
+        .replace("\"{max_event_bytes}\"", &bytes(cfg.max_event_bytes))
+        .replace("\"{max_dead_letter_bytes}\"", &bytes(cfg.max_dead_letter_bytes))
         .replace("\"{max_pages_in_flight}\"", &cfg.max_pages_in_flight.to_string())
         .replace("\"{ack_wait}\"", &Duration::from_secs(cfg.ack_wait_secs).as_nanos().to_string())
         .replace("{PREFIX}", &names.upper())
@@ -311,6 +314,10 @@ mod tests {
         assert_eq!(streams[1].max_messages_per_subject, 11);
         assert_eq!(streams[1].discard, stream::DiscardPolicy::New);
         assert!(streams[1].discard_new_per_subject);
+        assert_eq!((streams[3].max_bytes, streams[3].discard), (1 << 30, stream::DiscardPolicy::Old));
+        assert_eq!((streams[4].max_bytes, streams[4].discard), (256 << 20, stream::DiscardPolicy::Old));
+        let unbounded = NatsConfig { max_event_bytes: 0, ..cfg.clone() };
+        assert_eq!(stream_configs(&names, &unbounded).unwrap()[3].max_bytes, -1);
         assert_eq!(streams[3].max_messages_per_subject, 1);
         let consumers = consumer_configs(&names, &cfg).unwrap();
         assert_eq!(consumers.len(), 2);

@@ -13,7 +13,10 @@
 //!   `doc_id`: the document ends `failed` with the reason; its dead letter
 //!   has no password and fits even when the payload did not;
 //! - browsers: cross-origin writes refused, a Content-Security-Policy on
-//!   the page; `Allow` on 405; probes answer GET only; event streams capped.
+//!   the page; `Allow` on 405; probes answer GET only; event streams capped,
+//!   globally and per token;
+//! - floods of events and of malformed messages: the events and dead-letter
+//!   streams stay within their bytes, oldest discarded first.
 //!
 //! The first three tests run the ingress binary as a process (its RSS is
 //! measured): `cargo build --bins` first (scripts/test does it).
@@ -700,5 +703,103 @@ async fn each_token_sees_only_its_documents_and_admins_see_all() {
     ctx.js.publish(ctx.names.docs_submitted(), encode(&nats_doc).into()).await.unwrap().await.unwrap();
     let st = pagestream_e2e::wait_terminal(&bob, "from-nats", Duration::from_secs(120)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_cannot_take_every_event_stream() {
+    let h = Harness::start(|c| {
+        c.ingress.api_tokens = "alice-token,bob-token".into();
+        c.ingress.max_event_streams_per_token = 2;
+    })
+    .await
+    .unwrap();
+    let as_ = |t: &str| ApiClient::new(h.client.base()).with_token(Some(t.to_string()));
+    let (alice, bob) = (as_("alice-token"), as_("bob-token"));
+    let sample = std::fs::read(pagestream_e2e::repo_root().join("samples/c03-29.pdf")).unwrap();
+    // Documents that stay open: they wait for a model nobody serves.
+    let waiting = [("model", "nobody_serves_this"), ("wait_for_model", "true")];
+    let mut ids = Vec::new();
+    for who in [&alice, &bob] {
+        let ans = who.submit_multipart("waits.pdf", sample.clone(), &waiting).await.unwrap();
+        assert_eq!(ans.status, 202, "{}", ans.json);
+        ids.push(ans.json["id"].as_str().unwrap().to_string());
+    }
+    let events = |i: usize| format!("/v1/documents/{}/events", ids[i]);
+    let a1 = alice.raw(Method::GET, &events(0), &[], empty()).await.unwrap();
+    let a2 = alice.raw(Method::GET, &events(0), &[], empty()).await.unwrap();
+    assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));
+    let third = alice.send(Method::GET, &events(0), None, empty()).await.unwrap();
+    assert_eq!((third.status.as_u16(), third.json["error"]["code"].as_str()), (429, Some("too_many_streams")));
+    assert!(third.json["error"]["message"].as_str().unwrap().contains("max_event_streams_per_token"));
+    // Another token is not affected.
+    let b1 = bob.raw(Method::GET, &events(1), &[], empty()).await.unwrap();
+    assert_eq!(b1.status(), 200);
+    // A stream closed by its client gives its slot back.
+    drop(a1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = alice.raw(Method::GET, &events(0), &[], empty()).await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert_eq!(resp.status(), 429);
+        assert!(Instant::now() < deadline, "the slot of a closed stream never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((a2, b1));
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_and_dead_letter_streams_stay_within_their_bytes() {
+    // 256 KiB of events at most: a flood of events for made-up documents
+    // pushes out the oldest, the stream stays within its bound, and a real
+    // document submitted after the flood still completes with its status.
+    let h = Harness::start(|c| {
+        c.nats.max_event_bytes = 256 * 1024;
+        c.nats.max_dead_letter_bytes = 64 * 1024;
+    })
+    .await
+    .unwrap();
+    let ctx = &h.pipeline.ctx;
+    let progress = ctx.progress("flood");
+    for i in 0..600u32 {
+        let info = pagestream_schemas::DocInfo { title: Some("x".repeat(400)), ..Default::default() };
+        progress.doc(&format!("flood-{i}"), pagestream_schemas::EventState::Queued, Some(info), None).await.unwrap();
+    }
+    // Malformed messages: each a dead letter carrying its payload.
+    for _ in 0..40 {
+        let junk = vec![0xc1u8; 8 * 1024];
+        ctx.js.publish(ctx.names.docs_submitted(), junk.into()).await.unwrap().await.unwrap();
+    }
+    let ans = h.client.submit_file(&pagestream_e2e::repo_root().join("samples/c03-29.pdf"), None).await.unwrap();
+    let id = ans.json["id"].as_str().unwrap().to_string();
+    let st = h.wait_terminal(&id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dlq = loop {
+        let mut s = ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap();
+        let info = s.info().await.unwrap().clone();
+        if info.state.messages > 0
+            && ctx.js.get_stream(ctx.names.docs_stream()).await.unwrap().info().await.unwrap().state.messages == 0
+        {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "the malformed messages were never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut events = ctx.js.get_stream(ctx.names.events_stream()).await.unwrap();
+    let ev = events.info().await.unwrap().clone();
+    assert!(ev.state.bytes <= 256 * 1024, "events stream holds {} bytes", ev.state.bytes);
+    assert!(ev.state.messages < 600, "the oldest events were not discarded: {}", ev.state.messages);
+    assert!(dlq.state.bytes <= 64 * 1024, "dead letters hold {} bytes", dlq.state.bytes);
+    assert!(dlq.state.messages < 40, "the oldest dead letters were not discarded: {}", dlq.state.messages);
+    // The flood's first documents are gone from the history, the newest stay.
+    assert_eq!(h.client.get("/v1/documents/flood-0").await.unwrap().status, 404);
+    println!(
+        "events: {} messages, {} bytes (bound 262144); dead letters: {} messages, {} bytes (bound 65536)",
+        ev.state.messages, ev.state.bytes, dlq.state.messages, dlq.state.bytes
+    );
     h.stop().await.unwrap();
 }

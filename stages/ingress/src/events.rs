@@ -134,6 +134,16 @@ impl Ingress {
                 ),
             )
         })?;
+        // …and one of this token's: a single client cannot take them all.
+        let token_slot = self.token_streams.acquire(caller.owner.as_deref()).map_err(|max| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "this token has {max} live event streams open (ingress.max_event_streams_per_token); close one, or poll GET /v1/documents/{id}"
+                ),
+            )
+        })?;
         let names = &self.ctx.names;
         let stream = self
             .ctx
@@ -156,7 +166,7 @@ impl Ingress {
         let shutdown = self.shutdown.clone();
         let doc_id = id.to_string();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, token_slot);
             let mut tally = Tally::default();
             let mut keepalive = tokio::time::interval(KEEPALIVE);
             keepalive.tick().await;

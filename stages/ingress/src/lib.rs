@@ -67,6 +67,8 @@ pub struct Ingress {
     live: LiveModels,
     /// Slots for live event streams (`ingress.max_event_streams`).
     event_streams: Arc<tokio::sync::Semaphore>,
+    /// Live event streams per token (`ingress.max_event_streams_per_token`).
+    token_streams: TokenSlots,
     /// Ends live event streams when the server stops.
     shutdown: CancellationToken,
 }
@@ -81,7 +83,20 @@ impl Ingress {
         let admin_tokens = ctx.config.ingress.admin_tokens();
         let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
-        Ok(Ingress { ctx, blobs, progress, results, idempotency, tokens, admin_tokens, live, event_streams, shutdown })
+        let token_streams = TokenSlots::new(ctx.config.ingress.max_event_streams_per_token);
+        Ok(Ingress {
+            ctx,
+            blobs,
+            progress,
+            results,
+            idempotency,
+            tokens,
+            admin_tokens,
+            live,
+            event_streams,
+            token_streams,
+            shutdown,
+        })
     }
 
     fn read_timeout(&self) -> Duration {
@@ -190,6 +205,50 @@ impl Ingress {
             },
         };
         (route, outcome.unwrap_or_else(|e| e.response()))
+    }
+}
+
+/// Counted slots per token: one token cannot take every live event stream.
+#[derive(Clone)]
+pub(crate) struct TokenSlots {
+    max: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One token's slot, given back when dropped.
+pub(crate) struct TokenSlot {
+    slots: TokenSlots,
+    owner: String,
+}
+
+impl TokenSlots {
+    fn new(max: usize) -> Self {
+        TokenSlots { max, held: Arc::default() }
+    }
+
+    /// A slot for `owner` (`None`: no tokens configured, or no limit), or
+    /// `Err(max)` when the token already holds `max`.
+    pub(crate) fn acquire(&self, owner: Option<&str>) -> Result<Option<TokenSlot>, usize> {
+        let Some(owner) = owner.filter(|_| self.max > 0) else { return Ok(None) };
+        let mut held = self.held.lock().expect("token slots");
+        let n = held.entry(owner.to_string()).or_default();
+        if *n >= self.max {
+            return Err(self.max);
+        }
+        *n += 1;
+        Ok(Some(TokenSlot { slots: self.clone(), owner: owner.to_string() }))
+    }
+}
+
+impl Drop for TokenSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().expect("token slots");
+        if let Some(n) = held.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.owner);
+            }
+        }
     }
 }
 
