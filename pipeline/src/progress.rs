@@ -352,11 +352,19 @@ pub struct EventLookup {
     stream: tokio::sync::OnceCell<Stream>,
     /// Documents known to be cancelled.
     known: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Page counts of split documents (a document's count never changes).
+    page_counts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl EventLookup {
     pub fn new(js: jetstream::Context, names: Names) -> Self {
-        EventLookup { js, names, stream: Default::default(), known: Default::default() }
+        EventLookup {
+            js,
+            names,
+            stream: Default::default(),
+            known: Default::default(),
+            page_counts: Default::default(),
+        }
     }
 
     pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool> {
@@ -369,6 +377,33 @@ impl EventLookup {
             self.known.lock().expect("event lookup lock").insert(doc_id.to_string());
         }
         Ok(cancelled)
+    }
+
+    /// The document's page count as its splitter recorded it (`None`:
+    /// not split yet, or split before the count was recorded). One direct
+    /// get per document and process; messages may not claim another count.
+    pub async fn page_count(&self, doc_id: &str) -> Result<Option<u32>> {
+        if let Some(n) = self.page_counts.lock().expect("event lookup lock").get(doc_id) {
+            return Ok(Some(*n));
+        }
+        let stream = self
+            .stream
+            .get_or_try_init(|| async { self.js.get_stream(self.names.events_stream()).await.context("events stream") })
+            .await?;
+        let subject = self.names.doc_event(doc_id, EventState::Split.as_str());
+        let count = match stream.direct_get_last_for_subject(&subject).await {
+            Ok(raw) => decode::<Event>(&raw.payload).ok().and_then(|e| e.info).and_then(|i| i.page_count),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => None,
+            Err(e) => return Err(anyhow::anyhow!("reading {subject}: {e}")),
+        };
+        if let Some(n) = count {
+            let mut counts = self.page_counts.lock().expect("event lookup lock");
+            if counts.len() >= 10_000 {
+                counts.clear();
+            }
+            counts.insert(doc_id.to_string(), n);
+        }
+        Ok(count)
     }
 
     /// Whether page `page` of `doc_id` already reached `state` (a redelivered

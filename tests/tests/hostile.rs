@@ -803,3 +803,48 @@ async fn the_events_and_dead_letter_streams_stay_within_their_bytes() {
     );
     h.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_message_cannot_claim_another_page_count() {
+    let h = Harness::start(|_| {}).await.unwrap();
+    let ans = h.client.submit_file(&pagestream_e2e::corpus("scan_cardinal-rotated.pdf"), None).await.unwrap();
+    let id = ans.json["id"].as_str().unwrap().to_string();
+    let st = h.wait_terminal(&id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+    // Pages past the document's 4, published where the uploader reads.
+    let ctx = &h.pipeline.ctx;
+    for (page, page_count) in [(9, 9), (3, 3)] {
+        let forged = pagestream_schemas::PageInferred {
+            v: VERSION,
+            doc_id: id.clone(),
+            page,
+            page_count,
+            width: 1,
+            height: 1,
+            dpi: 72.0,
+            model: Default::default(),
+            detections: Vec::new(),
+            image: None,
+            timings: Default::default(),
+            error: Some(pagestream_schemas::ErrorInfo::new("forged", "not a real failure")),
+        };
+        ctx.js.publish(ctx.names.pages_inferred(), encode(&forged).into()).await.unwrap().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let letters = pagestream_e2e::dead_letters(&ctx.js, &ctx.names).await;
+        if letters.len() >= 2 {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "the forged pages were not dead-lettered: {letters:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        letters.iter().all(|d| d.error.code == "bad_message" && d.error.message.contains("4 pages")),
+        "{letters:?}"
+    );
+    let st = h.client.get(&format!("/v1/documents/{id}")).await.unwrap().json;
+    assert_eq!((st["pages"]["uploaded"].as_u64(), st["pages"]["failed"].as_u64()), (Some(4), Some(0)), "{st}");
+    assert_eq!(st["state"], "completed", "{st}");
+    h.stop().await.unwrap();
+}

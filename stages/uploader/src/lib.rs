@@ -68,6 +68,21 @@ impl Uploader {
             }
             return Ok(());
         }
+        // A page message cannot claim another page count than its document's
+        // (a publisher on the internal subjects could otherwise inflate the
+        // counts or finish a document early).
+        let known =
+            self.ctx.events.page_count(&doc_id).await.map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        if let Some(n) = known.filter(|n| *n != msg.page_count || msg.page > *n) {
+            if let Some(key) = msg.image.as_ref().and_then(|i| i.blob.as_ref()) {
+                let _ = self.blobs.delete(key).await;
+            }
+            return Err(StageError::permanent(
+                "bad_message",
+                format!("page {} of {} does not fit the document's {n} pages", msg.page, msg.page_count),
+            )
+            .doc(&doc_id));
+        }
         let keys = self.keys(&doc_id);
         match (&msg.error, &msg.image) {
             (Some(err), _) => {
