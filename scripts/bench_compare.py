@@ -122,6 +122,12 @@ def submit_and_wait(api: str, files: list) -> tuple:
             {"content-type": "application/pdf"},
         )
         ids.append(ans["id"])
+    return wait_all(api, ids, started)
+
+
+def wait_all(api: str, ids: list, started: float) -> tuple:
+    """Waits until every document is terminal (each must be `completed`);
+    (pages, seconds from `started`)."""
     pages, pending = 0, set(ids)
     deadline = time.time() + 3600
     while pending:

@@ -74,21 +74,6 @@ def submit(api: str, files: list, model: str = None) -> list:
     return ids
 
 
-def wait_all(api: str, ids: list, started: float) -> tuple:
-    """(pages, seconds from `started` to the last terminal state)."""
-    pages, pending = 0, set(ids)
-    while pending:
-        for doc in list(pending):
-            st = bc.http("GET", f"{api}/v1/documents/{doc}")
-            if st["state"] in bc.TERMINAL:
-                if st["state"] != "completed":
-                    raise SystemExit(f"document {doc} ended {st['state']}: {st.get('error')}")
-                pages += st["pages"]["uploaded"]
-                pending.discard(doc)
-        time.sleep(0.1)
-    return pages, time.perf_counter() - started
-
-
 def routing(args, files):
     rows = {"before": [], "after": []}
     for r in range(args.runs):
@@ -99,7 +84,7 @@ def routing(args, files):
                 try:
                     started = time.perf_counter()
                     ids = submit(api, files)
-                    pages, secs = wait_all(api, ids, started)
+                    pages, secs = bc.wait_all(api, ids, started)
                 finally:
                     bc.stop(procs[1:] + procs[:1])
             rows[label].append(pages / secs)
@@ -116,7 +101,7 @@ def fleets(args, files, slow_files):
         api, procs = start_stages(args, args.bin, work, [("layout_cdla", "ort"), ("yolov8n_doclaynet", "tract")])
         try:
             started = time.perf_counter()
-            pages, alone = wait_all(api, submit(api, files), started)
+            pages, alone = bc.wait_all(api, submit(api, files), started)
             print(f"[fleets] layout_cdla alone: {pages} pages in {alone:.1f} s = {pages / alone:.2f} pages/s", flush=True)
             started = time.perf_counter()
             slow_ids = submit(api, slow_files, "yolov8n_doclaynet")
@@ -124,7 +109,7 @@ def fleets(args, files, slow_files):
             out = {}
 
             def watch(name, ids):
-                out[name] = wait_all(api, ids, started)
+                out[name] = bc.wait_all(api, ids, started)
 
             threads = [threading.Thread(target=watch, args=a) for a in (("fast", fast_ids), ("slow", slow_ids))]
             for t in threads:
