@@ -33,8 +33,32 @@ pub fn nats_server_binary() -> Result<PathBuf> {
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a server started next, picked at
+/// random *below* the kernel's ephemeral range. A port from `bind(0)` is
+/// one the kernel hands out again to the next `bind(0)` (another test
+/// running in parallel) and to outgoing connections: between this check
+/// and the server's own bind another process could take it, and a client
+/// would then talk to someone else's server.
 pub fn free_port() -> Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32_768);
+    if ephemeral > LOWEST + 1000 {
+        let seed = std::collections::hash_map::RandomState::new();
+        for attempt in 0u32..500 {
+            let mut h = seed.build_hasher();
+            h.write_u32(std::process::id());
+            h.write_u32(attempt);
+            let port = LOWEST + (h.finish() % u64::from(ephemeral - LOWEST)) as u32;
+            let port = u16::try_from(port).expect("below the ephemeral range");
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -114,5 +138,24 @@ fn spawn(store: &Path, port: u16, monitor_port: u16) -> Result<Child> {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_bindable_distinct_and_outside_the_ephemeral_range() {
+        let ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .map(|s| s.split_whitespace().next().unwrap().parse().unwrap())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        for p in &ports {
+            assert!((10_000..ephemeral).contains(p), "port {p}, ephemeral ports from {ephemeral}");
+            TcpListener::bind(("127.0.0.1", *p)).unwrap();
+        }
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert!(distinct.len() >= 18, "{ports:?}");
     }
 }

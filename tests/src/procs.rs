@@ -95,11 +95,41 @@ impl Cluster {
     }
 }
 
+/// Lines of each process log printed when a test fails.
+const LOG_TAIL_LINES: usize = 80;
+
+impl Cluster {
+    /// The last lines of every process log, for a failing test's output.
+    pub fn log_tails(&self) -> String {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.logs)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        paths.sort();
+        let mut out = String::new();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            out.push_str(&format!("==== {} (last {} of {} lines)\n", path.display(), tail.len(), lines.len()));
+            for l in tail {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for p in &mut self.procs {
             let _ = p.child.kill();
             let _ = p.child.wait();
+        }
+        // A failing test shows what its stage processes said: without it a
+        // hang in CI (a stage that never picked a message up) is a guess.
+        if std::thread::panicking() {
+            eprintln!("stage process logs of the failed test:\n{}", self.log_tails());
         }
     }
 }

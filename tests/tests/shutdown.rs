@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{signal, Cluster, STAGES};
+use pagestream_e2e::procs::{base_env, signal, Cluster, STAGES};
 use pagestream_e2e::{corpus, init_logging, wait_terminal};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
 
@@ -16,18 +16,7 @@ async fn sigterm_finishes_in_flight_work_without_redelivery() {
     let out = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
-    let env: Vec<(String, String)> = [
-        ("PAGESTREAM_NATS_URL", nats.url()),
-        ("PAGESTREAM_NATS_PREFIX", "shutdown".into()),
-        ("PAGESTREAM_UPLOADER_DIR", out.path().display().to_string()),
-        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_LOG", "info,async_nats=error".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let env = base_env(&nats.url(), "shutdown", out.path());
     let mut cluster = Cluster::new(env, logs.path());
     for stage in STAGES {
         let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
