@@ -155,22 +155,19 @@ pub struct Counters {
 impl Counters {
     /// Opens (creating when missing) the bucket `<prefix>_progress`.
     pub async fn open(js: &jetstream::Context, names: &Names) -> Result<Self> {
-        let bucket = names.progress_bucket();
-        if let Ok(kv) = js.get_key_value(&bucket).await {
-            return Ok(Counters { kv });
-        }
-        let kv = js
-            .create_key_value(kv::Config {
-                bucket: bucket.clone(),
+        let kv = crate::nats::kv_bucket(
+            js,
+            kv::Config {
+                bucket: names.progress_bucket(),
                 description: "pagestream: per-document page counters (bitmaps), see pipeline/src/counters.rs".into(),
                 history: 1,
                 // Same lifetime as the events they index.
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 storage: jetstream::stream::StorageType::File,
                 ..Default::default()
-            })
-            .await
-            .with_context(|| format!("creating key-value bucket {bucket}"))?;
+            },
+        )
+        .await?;
         Ok(Counters { kv })
     }
 

@@ -225,7 +225,14 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
                 }
             }
         }
-        js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
+        if let Err(e) = js.create_or_update_stream(cfg.clone()).await {
+            // Lost a creation race (see [`kv_bucket`]): the stream exists
+            // now, and a second pass updates it if its config differs.
+            if js.get_stream(&name).await.is_err() {
+                return Err(e).with_context(|| format!("creating or updating stream {name}"));
+            }
+            js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
+        }
     }
     for (stream_name, consumer_cfg) in consumer_configs(names, cfg)? {
         let durable = consumer_cfg.durable_name.clone().unwrap_or_default();
@@ -243,22 +250,41 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
     Ok(())
 }
 
-/// The key-value bucket of `Idempotency-Key`s: entries expire after 24 h.
-pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result<jetstream::kv::Store> {
-    let bucket = names.idempotency_bucket();
+/// Opens key-value bucket `config.bucket`, creating it when missing.
+///
+/// Every stage provisions at start-up, so several processes may create the
+/// same bucket at once. The server can refuse all but one of them
+/// (checking the storage reservation before it notices the duplicate:
+/// "insufficient storage resources available"); whoever lost the race
+/// opens what the winner created instead of failing.
+pub async fn kv_bucket(js: &jetstream::Context, config: jetstream::kv::Config) -> Result<jetstream::kv::Store> {
+    let bucket = config.bucket.clone();
     if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(store);
     }
-    js.create_key_value(jetstream::kv::Config {
-        bucket: bucket.clone(),
-        description: "pagestream: Idempotency-Key -> document".into(),
-        history: 1,
-        max_age: Duration::from_secs(24 * 3600),
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(e) => match js.get_key_value(&bucket).await {
+            Ok(store) => Ok(store),
+            Err(_) => Err(e).with_context(|| format!("creating key-value bucket {bucket}")),
+        },
+    }
+}
+
+/// The key-value bucket of `Idempotency-Key`s: entries expire after 24 h.
+pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result<jetstream::kv::Store> {
+    kv_bucket(
+        js,
+        jetstream::kv::Config {
+            bucket: names.idempotency_bucket(),
+            description: "pagestream: Idempotency-Key -> document".into(),
+            history: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        },
+    )
     .await
-    .with_context(|| format!("creating key-value bucket {bucket}"))
 }
 
 /// The Object Store bucket used for uploads and large page images, holding
@@ -268,17 +294,26 @@ pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) 
     let limit = if max_bytes == 0 { -1 } else { i64::try_from(max_bytes).unwrap_or(i64::MAX) };
     let store = match js.get_object_store(&bucket).await {
         Ok(store) => store,
-        Err(_) => js
-            .create_object_store(object_store::Config {
-                bucket: bucket.clone(),
-                description: Some("pagestream uploads and large page images".into()),
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                max_bytes: limit,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("creating object store bucket {bucket}"))?,
+        Err(_) => {
+            let created = js
+                .create_object_store(object_store::Config {
+                    bucket: bucket.clone(),
+                    description: Some("pagestream uploads and large page images".into()),
+                    max_age: Duration::from_secs(7 * 24 * 3600),
+                    max_bytes: limit,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(store) => store,
+                // Lost a creation race (see [`kv_bucket`]).
+                Err(e) => match js.get_object_store(&bucket).await {
+                    Ok(store) => store,
+                    Err(_) => return Err(e).with_context(|| format!("creating object store bucket {bucket}")),
+                },
+            }
+        }
     };
     let stream_name = format!("OBJ_{bucket}");
     let mut stream = js.get_stream(&stream_name).await.with_context(|| format!("opening stream {stream_name}"))?;

@@ -32,20 +32,18 @@ pub const TTL: Duration = Duration::from_secs(8);
 
 /// The bucket, created on first use (every process provisions it).
 pub async fn bucket(js: &jetstream::Context, names: &Names) -> Result<kv::Store> {
-    let bucket = names.models_bucket();
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
-        bucket: bucket.clone(),
-        description: "pagestream: live inferencer replicas, key <model>.<replica>".into(),
-        history: 1,
-        max_age: TTL,
-        storage: jetstream::stream::StorageType::Memory,
-        ..Default::default()
-    })
+    crate::nats::kv_bucket(
+        js,
+        kv::Config {
+            bucket: names.models_bucket(),
+            description: "pagestream: live inferencer replicas, key <model>.<replica>".into(),
+            history: 1,
+            max_age: TTL,
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        },
+    )
     .await
-    .with_context(|| format!("creating key-value bucket {bucket}"))
 }
 
 /// A unique, readable id for this process: `<host>-<pid>-<random>`, in the
