@@ -245,9 +245,9 @@ impl ApiClient {
     }
 }
 
-/// A state after which nothing changes.
+/// A state (as the API writes it) after which nothing changes.
 pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "completed_with_errors" | "failed" | "cancelled")
+    pagestream_pipeline::progress::DocState::parse(state).is_some_and(|s| s.is_terminal())
 }
 
 pub fn empty() -> Body {

@@ -2,94 +2,135 @@
 //! live progress display shared with `pagestream demo`.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use pagestream::client::{is_terminal, Answer, ApiClient};
-use pagestream_pipeline::config::EXIT_BAD_CONFIG;
+use pagestream_schemas::Priority;
 use serde_json::Value;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 
-/// Parsed options common to every client command, plus the rest.
-struct Args {
-    client: ApiClient,
-    json: bool,
-    flags: BTreeMap<String, String>,
-    switches: Vec<String>,
-    positional: Vec<String>,
+/// Where the API is and how to talk to it: every client command takes these.
+#[derive(clap::Args, Debug)]
+pub struct ApiArgs {
+    /// Base URL of the service
+    #[arg(long, env = "PAGESTREAM_URL", default_value = DEFAULT_URL)]
+    pub url: String,
+    /// API token (sent as a Bearer token)
+    #[arg(long, env = "PAGESTREAM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of text
+    #[arg(long)]
+    pub json: bool,
 }
 
-fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Args, String> {
-    let mut url = std::env::var("PAGESTREAM_URL").unwrap_or_else(|_| DEFAULT_URL.into());
-    let mut token = std::env::var("PAGESTREAM_TOKEN").ok();
-    let (mut json, mut flags, mut on, mut positional) = (false, BTreeMap::new(), Vec::new(), Vec::new());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().cloned().ok_or_else(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--url" => url = value("--url")?,
-            "--token" => token = Some(value("--token")?),
-            "--json" => json = true,
-            f if with_value.contains(&f) => {
-                let v = value(f)?;
-                flags.insert(f.trim_start_matches('-').to_string(), v);
-            }
-            f if switches.contains(&f) => on.push(f.trim_start_matches('-').to_string()),
-            f if f.starts_with('-') => return Err(format!("unknown option {f:?}")),
-            p => positional.push(p.to_string()),
-        }
+impl ApiArgs {
+    fn client(&self) -> ApiClient {
+        ApiClient::new(self.url.clone()).with_token(self.token.clone())
     }
-    Ok(Args { client: ApiClient::new(url).with_token(token), json, flags, switches: on, positional })
 }
 
-/// Runs one client command; returns the exit code.
-pub async fn main(cmd: &str, args: &[String], usage: &str) -> Result<i32> {
-    let parsed = match cmd {
-        "submit" => parse(
-            args,
-            &["--title", "--dpi", "--model", "--priority", "--idempotency-key"],
-            &["--watch", "--wait-for-model"],
-        ),
-        "list" => parse(args, &["--status", "--limit"], &[]),
-        "results" => parse(args, &["--download"], &[]),
-        _ => parse(args, &[], &[]),
-    };
-    let a = match parsed {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}\n\n{usage}");
-            return Ok(EXIT_BAD_CONFIG);
-        }
-    };
-    let one_id = || -> Result<&str, i32> {
-        match a.positional.as_slice() {
-            [id] => Ok(id),
-            _ => {
-                eprintln!("{cmd} needs exactly one document id\n\n{usage}");
-                Err(EXIT_BAD_CONFIG)
-            }
-        }
-    };
-    let outcome = match cmd {
-        "submit" => submit(&a).await,
-        "list" => list(&a).await,
-        "models" => show(&a, "/v1/models", print_models).await,
-        "status" => match one_id() {
-            Ok(id) => show(&a, &format!("/v1/documents/{id}"), print_status).await,
-            Err(c) => return Ok(c),
-        },
-        "cancel" => match one_id() {
-            Ok(id) => cancel(&a, id).await,
-            Err(c) => return Ok(c),
-        },
-        _ => match one_id() {
-            Ok(id) => results(&a, id).await,
-            Err(c) => return Ok(c),
-        },
-    };
-    outcome.with_context(|| format!("talking to {}", a.client.base()))
+/// A command on one document.
+#[derive(clap::Args, Debug)]
+pub struct IdArgs {
+    /// The document id (as `submit` printed it)
+    pub id: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PriorityArg {
+    High,
+    Normal,
+    Low,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// PDF files to upload
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Follow each document to its end with a live progress bar (plain
+    /// lines, one per change, when stderr is not a terminal)
+    #[arg(long)]
+    pub watch: bool,
+    /// Title (default: the file name)
+    #[arg(long)]
+    pub title: Option<String>,
+    /// Rendering resolution (10..=1200; default: the service's)
+    #[arg(long)]
+    pub dpi: Option<f32>,
+    /// Model (default: the service's default model)
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Accept the document even when no live inferencer serves the model
+    /// now; it waits for one
+    #[arg(long)]
+    pub wait_for_model: bool,
+    /// Scheduling priority
+    #[arg(long, value_enum)]
+    pub priority: Option<PriorityArg>,
+    /// Idempotency-Key: a retried submission with the same key returns the
+    /// same document
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Only documents in this state (queued, running, completed, …)
+    #[arg(long, value_name = "STATE")]
+    pub status: Option<String>,
+    /// At most this many documents
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ResultsArgs {
+    /// The document id
+    pub id: String,
+    /// Download the manifest, page images and detections into DIR/<id>/
+    #[arg(long, value_name = "DIR")]
+    pub download: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Runs `f` and says which service it was talking to when it fails.
+async fn talking<F: std::future::Future<Output = Result<i32>>>(api: &ApiArgs, f: F) -> Result<i32> {
+    f.await.with_context(|| format!("talking to {}", api.url))
+}
+
+pub async fn status(a: &IdArgs) -> Result<i32> {
+    talking(&a.api, show(&a.api, &format!("/v1/documents/{}", a.id), print_status)).await
+}
+
+pub async fn models(a: &ApiArgs) -> Result<i32> {
+    talking(a, show(a, "/v1/models", print_models)).await
+}
+
+pub async fn list(a: &ListArgs) -> Result<i32> {
+    talking(&a.api, list_documents(a)).await
+}
+
+pub async fn cancel(a: &IdArgs) -> Result<i32> {
+    talking(&a.api, cancel_document(&a.api, &a.id)).await
+}
+
+pub async fn results(a: &ResultsArgs) -> Result<i32> {
+    talking(&a.api, document_results(a)).await
+}
+
+pub async fn submit(a: &SubmitArgs) -> Result<i32> {
+    talking(&a.api, submit_files(a)).await
 }
 
 /// The API's error, as one line.
@@ -109,8 +150,8 @@ fn report_error(ans: &Answer) -> bool {
     true
 }
 
-async fn show(a: &Args, path: &str, print: fn(&Value)) -> Result<i32> {
-    let ans = a.client.get(path).await?;
+async fn show(a: &ApiArgs, path: &str, print: fn(&Value)) -> Result<i32> {
+    let ans = a.client().get(path).await?;
     if report_error(&ans) {
         return Ok(1);
     }
@@ -198,18 +239,19 @@ fn print_status(st: &Value) {
     }
 }
 
-async fn list(a: &Args) -> Result<i32> {
+async fn list_documents(a: &ListArgs) -> Result<i32> {
     let mut query = Vec::new();
-    for key in ["status", "limit"] {
-        if let Some(v) = a.flags.get(key) {
-            query.push(format!("{key}={}", pagestream::client::encode_query(v)));
-        }
+    if let Some(v) = &a.status {
+        query.push(format!("status={}", pagestream::client::encode_query(v)));
     }
-    let ans = a.client.get(&format!("/v1/documents?{}", query.join("&"))).await?;
+    if let Some(n) = a.limit {
+        query.push(format!("limit={n}"));
+    }
+    let ans = a.api.client().get(&format!("/v1/documents?{}", query.join("&"))).await?;
     if report_error(&ans) {
         return Ok(1);
     }
-    if a.json {
+    if a.api.json {
         println!("{}", serde_json::to_string_pretty(&ans.json)?);
         return Ok(0);
     }
@@ -231,8 +273,8 @@ async fn list(a: &Args) -> Result<i32> {
     Ok(0)
 }
 
-async fn cancel(a: &Args, id: &str) -> Result<i32> {
-    let ans = a.client.delete(&format!("/v1/documents/{id}")).await?;
+async fn cancel_document(a: &ApiArgs, id: &str) -> Result<i32> {
+    let ans = a.client().delete(&format!("/v1/documents/{id}")).await?;
     if report_error(&ans) {
         return Ok(1);
     }
@@ -241,14 +283,15 @@ async fn cancel(a: &Args, id: &str) -> Result<i32> {
     Ok(0)
 }
 
-async fn results(a: &Args, id: &str) -> Result<i32> {
-    let ans = a.client.get(&format!("/v1/documents/{id}/results")).await?;
+async fn document_results(a: &ResultsArgs) -> Result<i32> {
+    let (id, client) = (&a.id, a.api.client());
+    let ans = client.get(&format!("/v1/documents/{id}/results")).await?;
     if report_error(&ans) {
         return Ok(1);
     }
     let m = &ans.json;
-    let Some(dir) = a.flags.get("download") else {
-        if a.json {
+    let Some(dir) = &a.download else {
+        if a.api.json {
             println!("{}", serde_json::to_string_pretty(m)?);
         } else {
             println!("{id}: {} · {} pages", m["status"].as_str().unwrap_or("?"), m["page_count"]);
@@ -264,19 +307,19 @@ async fn results(a: &Args, id: &str) -> Result<i32> {
         }
         return Ok(0);
     };
-    let dir = PathBuf::from(dir).join(id);
+    let dir = dir.join(id);
     tokio::fs::create_dir_all(dir.join("pages")).await.with_context(|| format!("creating {}", dir.display()))?;
     let mut files = 0;
     for p in m["pages"].as_array().into_iter().flatten() {
         for (rel, url) in [("image", "image_url"), ("detections", "detections_url")] {
             if let (Some(rel), Some(url)) = (p[rel].as_str(), p[url].as_str()) {
-                download(&a.client, url, &dir.join(inside(rel)?)).await?;
+                download(&client, url, &dir.join(inside(rel)?)).await?;
                 files += 1;
             }
         }
     }
     // The manifest as written, with relative links that match the download.
-    download(&a.client, &format!("/v1/documents/{id}/results/manifest.json"), &dir.join("manifest.json")).await?;
+    download(&client, &format!("/v1/documents/{id}/results/manifest.json"), &dir.join("manifest.json")).await?;
     println!("{id}: {} files and manifest.json written to {}", files, dir.display());
     Ok(0)
 }
@@ -319,36 +362,40 @@ fn split_url(url: &str) -> Option<(String, String)> {
     Some((format!("http://{}", &rest[..slash]), rest[slash..].to_string()))
 }
 
-async fn submit(a: &Args) -> Result<i32> {
-    if a.positional.is_empty() {
-        eprintln!("submit needs at least one PDF file");
-        return Ok(EXIT_BAD_CONFIG);
+async fn submit_files(a: &SubmitArgs) -> Result<i32> {
+    let client = a.api.client();
+    let mut options: Vec<(&str, String)> = Vec::new();
+    if let Some(dpi) = a.dpi {
+        options.push(("dpi", dpi.to_string()));
     }
-    let mut options = Vec::new();
-    for key in ["dpi", "model", "priority"] {
-        if let Some(v) = a.flags.get(key) {
-            options.push((key, v.clone()));
-        }
+    if let Some(m) = &a.model {
+        options.push(("model", m.clone()));
     }
-    if a.switches.iter().any(|s| s == "wait-for-model") {
+    if let Some(p) = a.priority {
+        let p = match p {
+            PriorityArg::High => Priority::High,
+            PriorityArg::Normal => Priority::Normal,
+            PriorityArg::Low => Priority::Low,
+        };
+        options.push(("priority", p.as_str().to_string()));
+    }
+    if a.wait_for_model {
         options.push(("wait_for_model", "true".into()));
     }
     let mut docs = Vec::new();
     let mut rejected = 0;
-    for f in &a.positional {
-        let path = Path::new(f);
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| f.clone());
+    for path in &a.files {
+        let shown = path.display().to_string();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| shown.clone());
         if !path.is_file() {
-            eprintln!("✗ {f}: not a file");
+            eprintln!("✗ {shown}: not a file");
             rejected += 1;
             continue;
         }
-        let title = a.flags.get("title").map(String::as_str);
-        let key = a.flags.get("idempotency-key").map(String::as_str);
-        let ans = a.client.submit_file_with(path, title, &options, key).await?;
+        let ans = client.submit_file_with(path, a.title.as_deref(), &options, a.idempotency_key.as_deref()).await?;
         if ans.status.as_u16() == 202 {
             let id = ans.json["id"].as_str().unwrap_or_default().to_string();
-            if a.json {
+            if a.api.json {
                 println!("{}", ans.json);
             } else {
                 println!("{id}  {name}");
@@ -359,10 +406,10 @@ async fn submit(a: &Args) -> Result<i32> {
             rejected += 1;
         }
     }
-    if !a.switches.iter().any(|s| s == "watch") || docs.is_empty() {
+    if !a.watch || docs.is_empty() {
         return Ok(i32::from(rejected > 0));
     }
-    let statuses = watch(&a.client, &docs).await;
+    let statuses = watch(&client, &docs).await;
     let mut bad = rejected;
     for (id, name) in &docs {
         let st = &statuses[id];
@@ -397,24 +444,28 @@ pub async fn watch(client: &ApiClient, docs: &[(String, String)]) -> BTreeMap<St
         });
     }
     drop(tx);
-    let tty = std::io::stderr().is_terminal();
+    // On a terminal, one live bar per document (indicatif); otherwise one
+    // plain line per state change, readable in a log or through `| cat`.
+    let bars = std::io::stderr().is_terminal().then(|| progress_bars(docs));
     let mut latest: Vec<Option<Value>> = vec![None; docs.len()];
-    let mut drawn = 0;
     while let Some((i, data)) = rx.recv().await {
         let state_changed = latest[i].as_ref().map(|v| &v["state"]) != Some(&data["state"]);
-        latest[i] = Some(data);
-        let mut err = std::io::stderr().lock();
-        if tty {
-            if drawn > 0 {
-                let _ = write!(err, "\x1b[{drawn}A");
+        match &bars {
+            Some(bars) => {
+                let (done, total) = page_progress(&data);
+                if let Some(n) = total {
+                    bars[i].set_length(n);
+                }
+                bars[i].set_position(done);
+                bars[i].set_message(state_detail(&data));
             }
-            for (j, (_, name)) in docs.iter().enumerate() {
-                let _ = writeln!(err, "\x1b[2K{}", progress_line(name, latest[j].as_ref()));
-            }
-            drawn = docs.len();
-        } else if state_changed {
-            let _ = writeln!(err, "{}", progress_line(&docs[i].1, latest[i].as_ref()));
+            None if state_changed => eprintln!("{}", progress_line(&docs[i].1, Some(&data))),
+            None => {}
         }
+        latest[i] = Some(data);
+    }
+    for bar in bars.iter().flatten() {
+        bar.finish();
     }
     while tasks.join_next().await.is_some() {}
     let mut out = BTreeMap::new();
@@ -428,23 +479,32 @@ pub async fn watch(client: &ApiClient, docs: &[(String, String)]) -> BTreeMap<St
     out
 }
 
-/// `name  [██████░░░░░░]  17/28  running · failed 1`
-pub fn progress_line(name: &str, st: Option<&Value>) -> String {
-    let Some(st) = st else {
-        return format!("{name}: submitted");
-    };
+fn progress_bars(docs: &[(String, String)]) -> Vec<indicatif::ProgressBar> {
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:<28} {bar:24} {pos:>4}/{len:<4} {wide_msg}")
+        .expect("progress template")
+        .progress_chars("█░");
+    docs.iter()
+        .map(|(_, name)| {
+            let bar = multi.add(indicatif::ProgressBar::new(0).with_style(style.clone()));
+            bar.set_prefix(clean(name));
+            bar.set_message("submitted");
+            bar
+        })
+        .collect()
+}
+
+/// Pages with an outcome (uploaded or failed), and the page count if known.
+fn page_progress(st: &Value) -> (u64, Option<u64>) {
     let p = &st["pages"];
-    let done = p["uploaded"].as_u64().unwrap_or(0) + p["failed"].as_u64().unwrap_or(0);
-    let total = st["page_count"].as_u64();
-    const WIDTH: u64 = 24;
-    let filled = match total {
-        Some(n) if n > 0 => (done * WIDTH / n).min(WIDTH),
-        _ => 0,
-    };
-    let bar: String = (0..WIDTH).map(|i| if i < filled { '█' } else { '░' }).collect();
-    let total = total.map(|n| n.to_string()).unwrap_or_else(|| "?".into());
+    (p["uploaded"].as_u64().unwrap_or(0) + p["failed"].as_u64().unwrap_or(0), st["page_count"].as_u64())
+}
+
+/// `running · rendered 20 · inferred 18 · failed 1 — reason`
+fn state_detail(st: &Value) -> String {
+    let p = &st["pages"];
     let state = st["state"].as_str().unwrap_or("?");
-    let mut line = format!("{name:<28} {bar} {done:>4}/{total:<4} {state}");
+    let mut line = clean(state);
     if !is_terminal(state) {
         line += &format!(" · rendered {} · inferred {}", p["rendered"], p["inferred"]);
     }
@@ -452,9 +512,26 @@ pub fn progress_line(name: &str, st: Option<&Value>) -> String {
         line += &format!(" · failed {}", p["failed"]);
     }
     if let Some(e) = st["error"]["message"].as_str() {
-        line += &format!(" — {e}");
+        line += &format!(" — {}", clean(e));
     }
     line
+}
+
+/// `name  ██████░░░░░░  17/28  running · failed 1` (one line of the plain,
+/// non-terminal progress output).
+pub fn progress_line(name: &str, st: Option<&Value>) -> String {
+    let Some(st) = st else {
+        return format!("{name}: submitted");
+    };
+    let (done, total) = page_progress(st);
+    const WIDTH: u64 = 24;
+    let filled = match total {
+        Some(n) if n > 0 => (done * WIDTH / n).min(WIDTH),
+        _ => 0,
+    };
+    let bar: String = (0..WIDTH).map(|i| if i < filled { '█' } else { '░' }).collect();
+    let total = total.map(|n| n.to_string()).unwrap_or_else(|| "?".into());
+    format!("{:<28} {bar} {done:>4}/{total:<4} {}", clean(name), state_detail(st))
 }
 
 #[cfg(test)]

@@ -5,8 +5,11 @@
 //! pagestream demo [--out DIR] [FILE.pdf ...]   private NATS + all stages, submit, watch, stop
 //! pagestream run [--config FILE] [--embedded-nats]   all stages in one process until Ctrl-C
 //! pagestream submit FILE... [--watch]          API client commands (--url, --token)
-//! pagestream status ID | list | results ID [--download DIR] | cancel ID
+//! pagestream status ID | list | results ID [--download DIR] | cancel ID | models
+//! pagestream completions bash|zsh|fish|…
 //! ```
+//!
+//! Arguments are parsed by `clap` (`pagestream help <command>`).
 
 mod commands;
 
@@ -14,55 +17,106 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use pagestream::client::ApiClient;
 use pagestream::LocalPipeline;
 use pagestream_pipeline::config::{Config, EXIT_BAD_CONFIG};
 use pagestream_pipeline::util::init_tracing;
 
-const USAGE: &str = "usage:
-  pagestream demo [--out DIR] [FILE.pdf ...]
-      Starts a private nats-server and every stage, submits each PDF (default:
-      the bundled sample), shows live progress, writes results to DIR
-      (default ./out), stops everything. Exit 0 when every document reached a
-      terminal state.
-  pagestream run [--config FILE] [--embedded-nats] [--nats-store DIR]
-      Runs every stage in this process until Ctrl-C (SIGINT/SIGTERM).
-      --embedded-nats starts a private nats-server (temporary storage, or
-      DIR with --nats-store, which keeps documents across restarts).
-      Settings: defaults, then FILE, then PAGESTREAM_<SECTION>_<KEY>.
+/// Run the whole pipeline locally, try it on PDFs, or use a running
+/// service's API.
+#[derive(Parser, Debug)]
+#[command(name = "pagestream", version)]
+#[command(after_help = "Settings of `run` and `demo`: defaults, then --config FILE (or PAGESTREAM_CONFIG), then \
+    PAGESTREAM_<SECTION>_<KEY> variables (README, Configuration). Logs: PAGESTREAM_LOG (filter), \
+    PAGESTREAM_LOG_FORMAT=json.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-API client (a running service; scripts/up starts one):
-  pagestream submit FILE... [--watch] [--title T] [--dpi N] [--model M] [--wait-for-model] [--priority high|normal|low] [--idempotency-key K]
-      Uploads each PDF; with --watch, a live progress bar per document.
-      A model no live inferencer serves is refused, unless --wait-for-model.
-      Exit 0 when every document was accepted (and, with --watch, completed
-      or completed_with_errors), 1 otherwise.
-  pagestream status ID [--json]
-  pagestream list [--status STATE] [--limit N] [--json]
-  pagestream results ID [--download DIR] [--json]
-  pagestream cancel ID
-  pagestream models [--json]
-      The models live inferencers serve, with replica counts and weights.
-  Options for all of them: --url URL (default $PAGESTREAM_URL, else
-  http://127.0.0.1:8080), --token TOKEN (default $PAGESTREAM_TOKEN).";
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a private nats-server and every stage, submit PDFs, show live
+    /// progress, write results, stop everything
+    ///
+    /// Submits each PDF (default: the bundled sample), writes results to DIR
+    /// and exits 0 when every document reached a terminal state.
+    Demo {
+        /// Where results are written
+        #[arg(long, value_name = "DIR", default_value = "out")]
+        out: PathBuf,
+        /// PDFs to process (default: the bundled sample)
+        #[arg(value_name = "FILE.pdf")]
+        files: Vec<PathBuf>,
+    },
+    /// Run every stage in this process until Ctrl-C (SIGINT/SIGTERM)
+    // A later option replaces an earlier one: `scripts/up` passes a default
+    // --nats-store before the user's arguments.
+    #[command(args_override_self = true)]
+    Run {
+        /// TOML configuration file
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Start a private nats-server (temporary storage unless --nats-store)
+        #[arg(long)]
+        embedded_nats: bool,
+        /// Storage of the private nats-server: documents survive restarts
+        /// (implies --embedded-nats)
+        #[arg(long, value_name = "DIR")]
+        nats_store: Option<PathBuf>,
+    },
+    /// Upload PDFs; with --watch, follow each to its end
+    ///
+    /// Exit 0 when every document was accepted (and, with --watch, completed
+    /// or completed_with_errors), 1 otherwise. A model no live inferencer
+    /// serves is refused, unless --wait-for-model.
+    Submit(commands::SubmitArgs),
+    /// A document's state, page counts, errors and timings
+    Status(commands::IdArgs),
+    /// Documents, newest first
+    List(commands::ListArgs),
+    /// A document's results (links), or download them with --download
+    Results(commands::ResultsArgs),
+    /// Cancel a document (pages already uploaded are kept)
+    Cancel(commands::IdArgs),
+    /// The models live inferencers serve, with replica counts and weights
+    Models(commands::ApiArgs),
+    /// Print a shell completion script
+    ///
+    /// bash: `pagestream completions bash > ~/.local/share/bash-completion/completions/pagestream`;
+    /// zsh: `pagestream completions zsh > "${fpath[1]}/_pagestream"`;
+    /// fish: `pagestream completions fish > ~/.config/fish/completions/pagestream.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print and exit 0; a usage error exits 64
+            // (EX_USAGE), like a bad configuration.
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { EXIT_BAD_CONFIG } else { 0 });
+        }
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let code = runtime.block_on(async {
-        match args.first().map(String::as_str) {
-            Some("demo") => demo(&args[1..]).await,
-            Some("run") => run(&args[1..]).await,
-            Some(cmd @ ("submit" | "status" | "list" | "results" | "cancel" | "models")) => {
-                commands::main(cmd, &args[1..], USAGE).await
-            }
-            Some("-h" | "--help") | None => {
-                println!("{USAGE}");
+        match cli.command {
+            Cmd::Demo { out, files } => demo(out, files).await,
+            Cmd::Run { config, embedded_nats, nats_store } => run(config, embedded_nats, nats_store).await,
+            Cmd::Submit(a) => commands::submit(&a).await,
+            Cmd::Status(a) => commands::status(&a).await,
+            Cmd::List(a) => commands::list(&a).await,
+            Cmd::Results(a) => commands::results(&a).await,
+            Cmd::Cancel(a) => commands::cancel(&a).await,
+            Cmd::Models(a) => commands::models(&a).await,
+            Cmd::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "pagestream", &mut std::io::stdout());
                 Ok(0)
-            }
-            Some(other) => {
-                eprintln!("unknown command {other:?}\n\n{USAGE}");
-                Ok(EXIT_BAD_CONFIG)
             }
         }
     });
@@ -82,22 +136,7 @@ fn load_config(file: Option<PathBuf>) -> Result<Config, i32> {
     })
 }
 
-async fn run(args: &[String]) -> Result<i32> {
-    let mut file = None;
-    let mut embedded = false;
-    let mut store = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-c" | "--config" => file = it.next().map(PathBuf::from),
-            "--embedded-nats" => embedded = true,
-            "--nats-store" => store = it.next().map(PathBuf::from),
-            other => {
-                eprintln!("unknown argument {other:?}\n\n{USAGE}");
-                return Ok(EXIT_BAD_CONFIG);
-            }
-        }
-    }
+async fn run(file: Option<PathBuf>, embedded: bool, store: Option<PathBuf>) -> Result<i32> {
     let config = match load_config(file) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -129,20 +168,7 @@ fn default_sample() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-async fn demo(args: &[String]) -> Result<i32> {
-    let mut out = PathBuf::from("out");
-    let mut files = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--out" => out = PathBuf::from(it.next().context("--out needs a directory")?),
-            s if s.starts_with('-') => {
-                eprintln!("unknown option {s:?}\n\n{USAGE}");
-                return Ok(EXIT_BAD_CONFIG);
-            }
-            f => files.push(PathBuf::from(f)),
-        }
-    }
+async fn demo(out: PathBuf, mut files: Vec<PathBuf>) -> Result<i32> {
     if files.is_empty() {
         files.push(default_sample().context("the bundled sample samples/c03-29.pdf was not found; pass a PDF")?);
     }

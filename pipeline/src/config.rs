@@ -16,12 +16,12 @@ use toml::{Table, Value};
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
 /// Environment variables with the `PAGESTREAM_` prefix that are not
-/// `<SECTION>_<KEY>` settings.
-/// Environment variables that are not settings: tools and the CLI read them.
+/// `<SECTION>_<KEY>` settings: tools and the CLI read them.
 const RESERVED_ENV: &[&str] = &[
     "PAGESTREAM_CONFIG",
     "PAGESTREAM_DEPS",
     "PAGESTREAM_LOG",
+    "PAGESTREAM_LOG_FORMAT",
     "PAGESTREAM_BLESS",
     "PAGESTREAM_CORPUS",
     "PAGESTREAM_NATS_SERVER",
@@ -526,8 +526,12 @@ impl Config {
         if self.nats.ack_wait_secs < 2 {
             errors.push("nats.ack_wait_secs must be at least 2".into());
         }
-        if !(10.0..=1200.0).contains(&self.splitter.dpi) {
-            errors.push(format!("splitter.dpi {} is outside 10..=1200", self.splitter.dpi));
+        if !pagestream_schemas::DPI_RANGE.contains(&self.splitter.dpi) {
+            errors.push(format!(
+                "splitter.dpi {} is outside {}",
+                self.splitter.dpi,
+                pagestream_schemas::dpi_range_text()
+            ));
         }
         if self.splitter.render_timeout_secs == 0 {
             errors.push("splitter.render_timeout_secs must be at least 1".into());

@@ -8,19 +8,33 @@ pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc().format(&Rfc3339).expect("RFC 3339 formatting of now")
 }
 
-/// Initialises logging: `PAGESTREAM_LOG` (or `RUST_LOG`) filter, default `info`.
+/// Initialises logging: `PAGESTREAM_LOG` (or `RUST_LOG`) filter, default
+/// `info`; `PAGESTREAM_LOG_FORMAT=json` writes one JSON object per line (for
+/// log shippers), anything else plain text — coloured only on a terminal,
+/// so a log file or a pipe never gets escape codes.
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("PAGESTREAM_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,async_nats=warn,aws=warn,hyper=warn".into());
-    // Colours only on a terminal: a log file or a pipe gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(filter)).with_writer(std::io::stderr);
+    let _ = match log_format(std::env::var("PAGESTREAM_LOG_FORMAT").ok().as_deref()) {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+    };
+}
+
+#[derive(Debug, PartialEq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn log_format(value: Option<&str>) -> LogFormat {
+    match value.map(str::trim) {
+        Some(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
 }
 
 /// Base64 with padding (RFC 4648): the standard alphabet, or the URL-safe
@@ -49,6 +63,16 @@ pub fn base64(bytes: &[u8], url_safe: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn log_format_is_json_only_when_asked() {
+        use super::{log_format, LogFormat};
+        assert_eq!(log_format(Some("json")), LogFormat::Json);
+        assert_eq!(log_format(Some(" JSON ")), LogFormat::Json);
+        assert_eq!(log_format(Some("text")), LogFormat::Text);
+        assert_eq!(log_format(Some("")), LogFormat::Text);
+        assert_eq!(log_format(None), LogFormat::Text);
+    }
+
     #[test]
     fn base64_matches_rfc4648() {
         use super::base64;

@@ -23,6 +23,15 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// The schema major version every message carries in `v`.
 pub const VERSION: u32 = 1;
 
+/// Rendering resolutions accepted anywhere (`options.dpi`, the upload's
+/// `dpi` field, `splitter.dpi`), in dots per inch.
+pub const DPI_RANGE: std::ops::RangeInclusive<f32> = 10.0..=1200.0;
+
+/// `DPI_RANGE` as messages write it: `10..=1200`.
+pub fn dpi_range_text() -> String {
+    format!("{}..={}", DPI_RANGE.start(), DPI_RANGE.end())
+}
+
 /// Why a payload could not be decoded. Every variant is permanent: retrying
 /// the same bytes cannot succeed.
 #[derive(Debug, thiserror::Error)]

@@ -494,8 +494,8 @@ impl Message for DocumentSubmitted {
             return Err("source: exactly one of `inline`, `blob` or `url` must be set".into());
         }
         if let Some(dpi) = self.options.dpi {
-            if !(dpi.is_finite() && (10.0..=1200.0).contains(&dpi)) {
-                return Err(format!("options.dpi {dpi} is outside 10..=1200"));
+            if !(dpi.is_finite() && crate::DPI_RANGE.contains(&dpi)) {
+                return Err(format!("options.dpi {dpi} is outside {}", crate::dpi_range_text()));
             }
         }
         if self.start_page == Some(0) {

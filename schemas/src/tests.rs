@@ -257,3 +257,17 @@ fn priority_is_a_lowercase_name_and_scales_turns() {
     zero.start_page = Some(0);
     assert!(decode::<DocumentSubmitted>(&encode(&zero)).is_err());
 }
+
+#[test]
+fn dpi_bounds_are_one_range_with_the_documented_wording() {
+    assert_eq!(dpi_range_text(), "10..=1200");
+    for (dpi, ok) in [(9.99, false), (10.0, true), (1200.0, true), (1200.5, false), (f32::NAN, false)] {
+        let mut sub = submitted();
+        sub.options.dpi = Some(dpi);
+        let res = decode::<DocumentSubmitted>(&encode(&sub));
+        assert_eq!(res.is_ok(), ok, "dpi {dpi}: {res:?}");
+        if !ok {
+            assert!(res.unwrap_err().to_string().contains("outside 10..=1200"), "dpi {dpi}");
+        }
+    }
+}

@@ -91,7 +91,7 @@ impl MotoServer {
         u.s3_path_style = true;
         u.s3_access_key_id = "test".into();
         u.s3_secret_access_key = "test".into();
-        let client = pagestream_uploader::store::s3_client(u).await;
+        let client = pagestream_results::store::s3_client(u).await;
         client.create_bucket().bucket(bucket).send().await.context("creating bucket")?;
         Ok(client)
     }

@@ -141,3 +141,42 @@ fn scripts_up_serves_the_cli_and_stops_on_ctrl_c() {
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the port is released");
 }
+
+#[test]
+fn help_per_command_completions_and_usage_errors() {
+    let url = "http://127.0.0.1:1";
+    let (code, out, _) = cli(url, &["--help"]);
+    assert_eq!(code, 0);
+    for cmd in ["demo", "run", "submit", "status", "list", "results", "cancel", "models", "completions"] {
+        assert!(out.contains(cmd), "--help lists {cmd}: {out}");
+    }
+    let (code, out, _) = cli(url, &["submit", "--help"]);
+    assert_eq!(code, 0);
+    for opt in
+        ["--watch", "--dpi", "--model", "--wait-for-model", "--priority", "--idempotency-key", "--url", "--token"]
+    {
+        assert!(out.contains(opt), "submit --help describes {opt}: {out}");
+    }
+    assert!(out.contains("[env: PAGESTREAM_URL="), "{out}");
+    let (code, out, _) = cli(url, &["help", "results"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--download"), "{out}");
+
+    let (code, out, _) = cli(url, &["completions", "bash"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("complete -F") && out.contains("pagestream") && out.contains("--wait-for-model"), "{out}");
+    let (code, out, _) = cli(url, &["completions", "zsh"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("#compdef pagestream"), "{out}");
+
+    // Usage errors: exit 64 (EX_USAGE) with the reason, nothing sent.
+    for args in [&["submit"][..], &["submit", "--priority", "urgent", "a.pdf"], &["status"], &["frobnicate"]] {
+        let (code, _, err) = cli(url, args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("error:") && err.contains("--help"), "{args:?}: {err}");
+    }
+    // A service that is not there: exit 1, naming it.
+    let (code, _, err) = cli(url, &["status", "0123456789abcdef0123456789abcdef"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("talking to http://127.0.0.1:1"), "{err}");
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pagestream::client::ApiClient;
 use pagestream_e2e::{corpus, Harness, MotoServer};
-use pagestream_uploader::ResultStore;
+use pagestream_results::ResultStore;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

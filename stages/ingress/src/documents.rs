@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use pagestream_pipeline::blob::upload_key;
 use pagestream_pipeline::progress::{publish_message, read_status, subject_counts, DocState, DocStatus};
 use pagestream_pipeline::util::now_rfc3339;
+use pagestream_results::layout::Keys;
 use pagestream_schemas::{
     validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, Priority, Source, SubmitOptions,
     VERSION,
 };
-use pagestream_uploader::layout::Keys;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -72,8 +72,8 @@ impl Options {
             }
             "dpi" => {
                 let dpi: f32 = value.parse().map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
-                if !(10.0..=1200.0).contains(&dpi) {
-                    return Err(invalid(format!("dpi {dpi} is outside 10..=1200")));
+                if !pagestream_schemas::DPI_RANGE.contains(&dpi) {
+                    return Err(invalid(format!("dpi {dpi} is outside {}", pagestream_schemas::dpi_range_text())));
                 }
                 self.dpi = Some(dpi);
             }

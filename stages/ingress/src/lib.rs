@@ -40,7 +40,7 @@ use pagestream_pipeline::blob::BlobStore;
 use pagestream_pipeline::progress::Progress;
 use pagestream_pipeline::registry::LiveModels;
 use pagestream_pipeline::StageContext;
-use pagestream_uploader::ResultStore;
+use pagestream_results::ResultStore;
 use sha2::Digest as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

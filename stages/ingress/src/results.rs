@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use pagestream_uploader::layout::Keys;
+use pagestream_results::layout::Keys;
 
 use crate::error::{bytes_response, json_response, ApiError, Resp};
 use crate::{Caller, Ingress};

@@ -11,9 +11,6 @@
 //!
 //! Knows nothing about PDFs or models beyond the message fields.
 
-pub mod layout;
-pub mod store;
-
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -28,8 +25,8 @@ use pagestream_schemas::{
 };
 use tokio_util::sync::CancellationToken;
 
-use layout::{Keys, Manifest, PageResult, SourceInfo, MANIFEST_SCHEMA};
-pub use store::ResultStore;
+use pagestream_results::layout::{Keys, Manifest, PageResult, SourceInfo, MANIFEST_SCHEMA};
+use pagestream_results::ResultStore;
 
 pub const STAGE: &str = "uploader";
 

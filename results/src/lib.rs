@@ -1,0 +1,17 @@
+//! The results contract, shared by the stage that writes results (the
+//! uploader) and the one that serves them (the ingress):
+//!
+//! - [`layout`]: where each file of a document goes ([`layout::Keys`]) and
+//!   what `manifest.json` and `pages/<n>.json` contain;
+//! - [`store`]: the local directory or S3 bucket they are written to, with
+//!   atomic writes, reads and presigned links.
+//!
+//! Stages never depend on each other: what two stages share lives here, in
+//! `pagestream-pipeline` or in `pagestream-schemas` (checked by
+//! `tests/tests/layering.rs`).
+
+pub mod layout;
+pub mod store;
+
+pub use layout::{Keys, Manifest, ManifestPage, PageResult, SourceInfo, MANIFEST_SCHEMA};
+pub use store::ResultStore;
