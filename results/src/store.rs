@@ -2,17 +2,39 @@
 //! the same keys. Writes are atomic — temp file + rename on disk, a single
 //! PUT on S3 — so no half-written object is ever visible, and a rewrite of
 //! the same key replaces, never duplicates.
+//!
+//! S3 support is the cargo feature `s3` (the AWS SDK is the largest part of
+//! a first build): builds of the whole workspace include it, `scripts/demo`
+//! (results in a local directory) does not. Without it `target = "s3"` is
+//! refused at start with that explanation.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
+#[cfg(feature = "s3")]
 use aws_sdk_s3::primitives::ByteStream;
 use pagestream_pipeline::config::UploaderConfig;
 
 #[derive(Debug, Clone)]
 pub enum ResultStore {
-    Local { root: PathBuf },
-    S3 { client: aws_sdk_s3::Client, bucket: String },
+    Local {
+        root: PathBuf,
+    },
+    #[cfg(feature = "s3")]
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+    },
+}
+
+/// The refusal of `target = "s3"` by a build without the `s3` feature.
+#[cfg(not(feature = "s3"))]
+fn no_s3() -> anyhow::Error {
+    anyhow::anyhow!(
+        "uploader.target = \"s3\", but this binary was built without S3 support (cargo feature `s3` of \
+         pagestream-results): build the workspace (`cargo build --release --bins`) or add \
+         `--features pagestream-results/s3`"
+    )
 }
 
 impl ResultStore {
@@ -20,6 +42,9 @@ impl ResultStore {
     /// writable, bucket reachable), failing with a precise message.
     pub async fn from_config(cfg: &UploaderConfig) -> Result<ResultStore> {
         match cfg.target.as_str() {
+            #[cfg(not(feature = "s3"))]
+            "s3" => Err(no_s3()),
+            #[cfg(feature = "s3")]
             "s3" => {
                 let client = s3_client(cfg).await;
                 client
@@ -47,19 +72,27 @@ impl ResultStore {
         }
     }
 
-    /// The store for reading results (the ingress): no start-up check, so a
-    /// result store that is down does not keep the API from starting.
-    pub async fn open(cfg: &UploaderConfig) -> ResultStore {
+    /// The store for reading results (the ingress): no reachability check,
+    /// so a result store that is down does not keep the API from starting
+    /// (a build without S3 support refuses `target = "s3"`).
+    pub async fn open(cfg: &UploaderConfig) -> Result<ResultStore> {
         match cfg.target.as_str() {
-            "s3" => ResultStore::S3 { client: s3_client(cfg).await, bucket: cfg.s3_bucket.clone() },
-            _ => ResultStore::Local { root: std::fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()) },
+            #[cfg(not(feature = "s3"))]
+            "s3" => Err(no_s3()),
+            #[cfg(feature = "s3")]
+            "s3" => Ok(ResultStore::S3 { client: s3_client(cfg).await, bucket: cfg.s3_bucket.clone() }),
+            _ => Ok(ResultStore::Local { root: std::fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()) }),
         }
     }
 
     /// A time-limited URL anyone can GET `key` with (S3 only).
     pub async fn presign_get(&self, key: &str, ttl: std::time::Duration) -> Result<Option<String>> {
         match self {
-            ResultStore::Local { .. } => Ok(None),
+            ResultStore::Local { .. } => {
+                let _ = (key, ttl);
+                Ok(None)
+            }
+            #[cfg(feature = "s3")]
             ResultStore::S3 { client, bucket } => {
                 let conf = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).context("presigning TTL")?;
                 let req = client
@@ -78,7 +111,11 @@ impl ResultStore {
     /// Writes `bytes` at `key` atomically, replacing any previous object.
     pub async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<()> {
         match self {
-            ResultStore::Local { root } => write_atomic(&root.join(key), &bytes).await,
+            ResultStore::Local { root } => {
+                let _ = content_type;
+                write_atomic(&root.join(key), &bytes).await
+            }
+            #[cfg(feature = "s3")]
             ResultStore::S3 { client, bucket } => {
                 client
                     .put_object()
@@ -103,6 +140,7 @@ impl ResultStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e).with_context(|| format!("reading {key}")),
             },
+            #[cfg(feature = "s3")]
             ResultStore::S3 { client, bucket } => match client.get_object().bucket(bucket).key(key).send().await {
                 Ok(out) => Ok(Some(out.body.collect().await.context("reading S3 body")?.to_vec())),
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
@@ -116,12 +154,14 @@ impl ResultStore {
     pub fn location(&self, key: &str) -> String {
         match self {
             ResultStore::Local { root } => format!("file://{}", root.join(key).display()),
+            #[cfg(feature = "s3")]
             ResultStore::S3 { bucket, .. } => format!("s3://{bucket}/{key}"),
         }
     }
 }
 
 /// The S3 client for the uploader settings (also used by tests and tools).
+#[cfg(feature = "s3")]
 pub async fn s3_client(cfg: &UploaderConfig) -> aws_sdk_s3::Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(cfg.s3_region.clone()));

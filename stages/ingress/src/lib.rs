@@ -77,7 +77,7 @@ impl Ingress {
     pub async fn new(ctx: StageContext, shutdown: CancellationToken) -> Result<Self> {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
-        let results = ResultStore::open(&ctx.config.uploader).await;
+        let results = ResultStore::open(&ctx.config.uploader).await?;
         let idempotency = pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names).await?;
         let tokens = ctx.config.ingress.tokens();
         let admin_tokens = ctx.config.ingress.admin_tokens();
