@@ -229,7 +229,8 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
             // Lost a creation race (see [`kv_bucket`]): the stream exists
             // now, and a second pass updates it if its config differs.
             if js.get_stream(&name).await.is_err() {
-                return Err(e).with_context(|| format!("creating or updating stream {name}"));
+                let hint = reservation_hint(&e.to_string());
+                return Err(e).with_context(|| format!("creating or updating stream {name}{hint}"));
             }
             js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
         }
@@ -310,7 +311,10 @@ pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) 
                 // Lost a creation race (see [`kv_bucket`]).
                 Err(e) => match js.get_object_store(&bucket).await {
                     Ok(store) => store,
-                    Err(_) => return Err(e).with_context(|| format!("creating object store bucket {bucket}")),
+                    Err(_) => {
+                        let hint = reservation_hint(&e.to_string());
+                        return Err(e).with_context(|| format!("creating object store bucket {bucket}{hint}"));
+                    }
                 },
             }
         }
@@ -326,6 +330,19 @@ pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) 
     Ok(store)
 }
 
+/// What to do when JetStream refuses to reserve a stream's `max_bytes`
+/// (error 10047): the server's storage limit — by default 75% of the disk
+/// free where it keeps its data — is smaller than the reservations.
+fn reservation_hint(error: &str) -> &'static str {
+    if error.contains("insufficient storage resources") {
+        " (the NATS server cannot reserve this stream's max_bytes: free disk space where it stores JetStream \
+         data, raise its max_file_store, or lower nats.max_blob_bytes / nats.max_event_bytes / \
+         nats.max_dead_letter_bytes)"
+    } else {
+        ""
+    }
+}
+
 /// Whether an error chain says the blob store is full (`max_bytes`, or the
 /// server out of storage).
 pub fn is_storage_full(text: &str) -> bool {
@@ -336,6 +353,13 @@ pub fn is_storage_full(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_reservation_says_what_to_change() {
+        let hint = reservation_hint("insufficient storage resources available (code 500, error code 10047)");
+        assert!(hint.contains("nats.max_blob_bytes") && hint.contains("free disk"), "{hint}");
+        assert_eq!(reservation_hint("stream name already in use"), "");
+    }
 
     #[test]
     fn data_files_parse_for_any_prefix() {
