@@ -41,11 +41,12 @@ pub struct IdArgs {
     pub api: ApiArgs,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum PriorityArg {
-    High,
-    Normal,
-    Low,
+/// `--priority`: the names `schemas::Priority` defines (listed in help and
+/// completions).
+fn priority_parser() -> impl clap::builder::TypedValueParser<Value = Priority> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Priority::ALL.map(Priority::as_str))
+        .map(|s| Priority::parse(&s).expect("one of Priority::ALL"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,8 +72,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub wait_for_model: bool,
     /// Scheduling priority
-    #[arg(long, value_enum)]
-    pub priority: Option<PriorityArg>,
+    #[arg(long, value_parser = priority_parser())]
+    pub priority: Option<Priority>,
     /// Idempotency-Key: a retried submission with the same key returns the
     /// same document
     #[arg(long, value_name = "KEY")]
@@ -372,11 +373,6 @@ async fn submit_files(a: &SubmitArgs) -> Result<i32> {
         options.push(("model", m.clone()));
     }
     if let Some(p) = a.priority {
-        let p = match p {
-            PriorityArg::High => Priority::High,
-            PriorityArg::Normal => Priority::Normal,
-            PriorityArg::Low => Priority::Low,
-        };
         options.push(("priority", p.as_str().to_string()));
     }
     if a.wait_for_model {
