@@ -11,6 +11,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use pagestream_pipeline::progress::DocState;
 use serde_json::Value;
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -247,7 +248,12 @@ impl ApiClient {
 
 /// A state (as the API writes it) after which nothing changes.
 pub fn is_terminal(state: &str) -> bool {
-    pagestream_pipeline::progress::DocState::parse(state).is_some_and(|s| s.is_terminal())
+    DocState::parse(state).is_some_and(DocState::is_terminal)
+}
+
+/// The `state` of a document's status JSON.
+pub fn doc_state(status: &serde_json::Value) -> Option<DocState> {
+    status["state"].as_str().and_then(DocState::parse)
 }
 
 pub fn empty() -> Body {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use pagestream::client::{is_terminal, Answer, ApiClient};
+use pagestream_pipeline::progress::DocState;
 use pagestream_schemas::Priority;
 use serde_json::Value;
 
@@ -410,7 +411,7 @@ async fn submit_files(a: &SubmitArgs) -> Result<i32> {
     for (id, name) in &docs {
         let st = &statuses[id];
         let state = st["state"].as_str().unwrap_or("unknown");
-        bad += usize::from(!matches!(state, "completed" | "completed_with_errors"));
+        bad += usize::from(!pagestream::client::doc_state(st).is_some_and(DocState::succeeded));
         let mut line = format!("{name}: {state}, {} pages", st["page_count"].as_u64().unwrap_or(0));
         if let Some(err) = st["error"]["message"].as_str() {
             line += &format!(" — {err}");

@@ -21,6 +21,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use pagestream::client::ApiClient;
 use pagestream::LocalPipeline;
 use pagestream_pipeline::config::{Config, EXIT_BAD_CONFIG};
+use pagestream_pipeline::progress::DocState;
 use pagestream_pipeline::util::init_tracing;
 
 /// Run the whole pipeline locally, try it on PDFs, or use a running
@@ -182,7 +183,7 @@ async fn demo(out: PathBuf, mut files: Vec<PathBuf>) -> Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    config.uploader.target = "local".into();
+    config.uploader.target = pagestream_pipeline::config::Target::Local;
     config.uploader.dir = out.clone();
     config.ingress.addr = "127.0.0.1:0".into();
     if std::env::var_os("PAGESTREAM_LOG").is_none() {
@@ -219,11 +220,11 @@ async fn demo(out: PathBuf, mut files: Vec<PathBuf>) -> Result<i32> {
         let st = &statuses[id];
         let state = st["state"].as_str().unwrap_or("unknown");
         pages += st["pages"]["uploaded"].as_u64().unwrap_or(0);
-        let terminal = pagestream::client::is_terminal(state);
-        unfinished += usize::from(!terminal);
-        let mark = match state {
-            "completed" => "✓",
-            "completed_with_errors" => "!",
+        let doc_state = pagestream::client::doc_state(st);
+        unfinished += usize::from(!doc_state.is_some_and(DocState::is_terminal));
+        let mark = match doc_state {
+            Some(DocState::Completed) => "✓",
+            Some(DocState::CompletedWithErrors) => "!",
             _ => "✗",
         };
         let mut line = format!("{mark} {name}: {state}, {} pages", st["page_count"].as_u64().unwrap_or(0));

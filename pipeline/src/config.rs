@@ -83,13 +83,14 @@ pub struct IngressConfig {
     pub addr: String,
     /// Largest accepted upload, in bytes (HTTP 413 above).
     pub max_upload_bytes: u64,
-    /// Comma-separated API tokens. When set, every `/v1` route requires
-    /// `Authorization: Bearer <token>`; empty leaves the API open.
-    pub api_tokens: String,
-    /// Comma-separated admin tokens: like `api_tokens`, and they see every
-    /// document (an API token sees only the documents it submitted, and
-    /// those submitted on NATS).
-    pub admin_tokens: String,
+    /// API tokens (a TOML list, or comma separated). When set, every `/v1`
+    /// route requires `Authorization: Bearer <token>`; empty leaves the API open.
+    #[serde(deserialize_with = "list")]
+    pub api_tokens: Vec<String>,
+    /// Admin tokens: like `api_tokens`, and they see every document (an API
+    /// token sees only the documents it submitted, and those submitted on NATS).
+    #[serde(deserialize_with = "list")]
+    pub admin_tokens: Vec<String>,
     /// Longest wait for a client's request headers or next body chunk
     /// before the request is answered 408 and the connection closed.
     pub read_timeout_secs: u64,
@@ -117,20 +118,84 @@ pub struct IngressConfig {
     pub max_event_streams_per_token: usize,
 }
 
-fn split_list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+/// A list setting: a TOML array of strings, or one comma-separated string
+/// (what an environment variable holds); blank entries are dropped.
+fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s.split(',').map(str::to_string).collect(),
+        Raw::Many(v) => v,
+    };
+    Ok(items.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect())
 }
 
-impl IngressConfig {
-    /// The configured API tokens (empty, with no admin tokens:
-    /// authentication is off).
-    pub fn tokens(&self) -> Vec<String> {
-        split_list(&self.api_tokens)
-    }
+/// Parses one of a setting's choices (e.g. [`Device`]) from its name, as
+/// the configuration would; the error lists the choices.
+pub fn parse_choice<T: serde::de::DeserializeOwned>(name: &str) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name)).map_err(|e| e.to_string())
+}
 
-    /// The configured admin tokens.
-    pub fn admin_tokens(&self) -> Vec<String> {
-        split_list(&self.admin_tokens)
+/// Inference backend (`inferencer.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// ONNX Runtime, CPU or CUDA.
+    Ort,
+    /// tract, pure Rust, CPU.
+    Tract,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Ort => "ort",
+            Backend::Tract => "tract",
+        }
+    }
+}
+
+/// Where the model runs (`inferencer.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    /// CUDA, or fail at start saying what is missing.
+    Cuda,
+    /// CUDA when usable, else the CPU (with a warning).
+    Auto,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Auto => "auto",
+        }
+    }
+}
+
+/// Where results are written (`uploader.target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A local directory (`uploader.dir`).
+    Local,
+    /// An S3 bucket (`uploader.s3_*`).
+    S3,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Local => "local",
+            Target::S3 => "s3",
+        }
     }
 }
 
@@ -190,14 +255,15 @@ pub struct InferencerConfig {
     pub weights_dir: PathBuf,
     /// Path to libonnxruntime.so (default: `<deps>/lib/libonnxruntime.so`).
     pub onnxruntime_library: PathBuf,
-    /// Further models served besides `model` (comma separated), so a
-    /// document may pick one with its `model` option.
-    pub models: String,
+    /// Further models served besides `model` (a TOML list, or comma
+    /// separated), so a document may pick one with its `model` option.
+    #[serde(deserialize_with = "list")]
+    pub models: Vec<String>,
     /// `ort` (ONNX Runtime) or `tract` (pure Rust).
-    pub backend: String,
+    pub backend: Backend,
     /// `cpu`, `cuda` (fail at start if CUDA is unusable) or `auto` (CUDA
     /// when usable, else CPU). ONNX Runtime only.
-    pub device: String,
+    pub device: Device,
     /// CPU threads per model (0: one per core): ONNX Runtime uses them
     /// inside each run, tract runs that many pages side by side.
     pub threads: usize,
@@ -222,9 +288,9 @@ impl InferencerConfig {
     /// Every model this inferencer serves: `model` first, then `models`.
     pub fn served_models(&self) -> Vec<String> {
         let mut names = vec![self.model.clone()];
-        for name in self.models.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if !names.iter().any(|n| n == name) {
-                names.push(name.to_string());
+        for name in &self.models {
+            if !names.contains(name) {
+                names.push(name.clone());
             }
         }
         names
@@ -235,7 +301,7 @@ impl InferencerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct UploaderConfig {
     /// `local` (a directory) or `s3`.
-    pub target: String,
+    pub target: Target,
     /// Results directory for `target = "local"`.
     pub dir: PathBuf,
     /// Key prefix under which `<doc_id>/…` is written (both targets).
@@ -276,8 +342,8 @@ impl Default for IngressConfig {
         IngressConfig {
             addr: "127.0.0.1:8080".into(),
             max_upload_bytes: 256 * 1024 * 1024,
-            api_tokens: String::new(),
-            admin_tokens: String::new(),
+            api_tokens: Vec::new(),
+            admin_tokens: Vec::new(),
             read_timeout_secs: 30,
             results_url_ttl_secs: 3600,
             max_field_bytes: 64 * 1024,
@@ -316,9 +382,9 @@ impl Default for InferencerConfig {
             models_dir: repo_models_dir(),
             weights_dir: deps_dir().join("models"),
             onnxruntime_library: deps_dir().join("lib/libonnxruntime.so"),
-            models: String::new(),
-            backend: "ort".into(),
-            device: "cpu".into(),
+            models: Vec::new(),
+            backend: Backend::Ort,
+            device: Device::Cpu,
             threads: 0,
             ort_sessions: 0,
             batch_size: 1,
@@ -333,7 +399,7 @@ impl Default for InferencerConfig {
 impl Default for UploaderConfig {
     fn default() -> Self {
         UploaderConfig {
-            target: "local".into(),
+            target: Target::Local,
             dir: PathBuf::from("out"),
             prefix: String::new(),
             s3_bucket: String::new(),
@@ -557,13 +623,11 @@ impl Config {
             }
         }
         let inf = &self.inferencer;
-        match (inf.backend.as_str(), inf.device.as_str()) {
-            ("ort", "cpu" | "cuda" | "auto") | ("tract", "cpu") => {}
-            ("tract", other) => errors.push(format!(
-                "inferencer.device {other:?}: the tract backend runs on the CPU only (use inferencer.backend = \"ort\" for CUDA)"
-            )),
-            ("ort", other) => errors.push(format!("inferencer.device {other:?}: expected \"cpu\", \"cuda\" or \"auto\"")),
-            (other, _) => errors.push(format!("inferencer.backend {other:?}: expected \"ort\" or \"tract\"")),
+        if inf.backend == Backend::Tract && inf.device != Device::Cpu {
+            errors.push(format!(
+                "inferencer.device {:?}: the tract backend runs on the CPU only (use inferencer.backend = \"ort\" for CUDA)",
+                inf.device.as_str()
+            ));
         }
         if !(1..=64).contains(&inf.batch_size) {
             errors.push("inferencer.batch_size must be within 1..=64".into());
@@ -571,17 +635,13 @@ impl Config {
         if inf.batch_wait_ms > 10_000 {
             errors.push("inferencer.batch_wait_ms must be at most 10000".into());
         }
-        match self.uploader.target.as_str() {
-            "local" => {}
-            "s3" => {
-                if self.uploader.s3_bucket.is_empty() {
-                    errors.push("uploader.s3_bucket is required when uploader.target = \"s3\"".into());
-                }
-                if self.uploader.s3_access_key_id.is_empty() != self.uploader.s3_secret_access_key.is_empty() {
-                    errors.push("uploader.s3_access_key_id and uploader.s3_secret_access_key go together".into());
-                }
+        if self.uploader.target == Target::S3 {
+            if self.uploader.s3_bucket.is_empty() {
+                errors.push("uploader.s3_bucket is required when uploader.target = \"s3\"".into());
             }
-            other => errors.push(format!("uploader.target {other:?}: expected \"local\" or \"s3\"")),
+            if self.uploader.s3_access_key_id.is_empty() != self.uploader.s3_secret_access_key.is_empty() {
+                errors.push("uploader.s3_access_key_id and uploader.s3_secret_access_key go together".into());
+            }
         }
         if self.uploader.prefix.starts_with('/') || self.uploader.prefix.contains("..") {
             errors.push("uploader.prefix must be relative and must not contain '..'".into());
@@ -633,6 +693,10 @@ fn parse_like(default: &Value, raw: &str) -> Result<Value, String> {
             "0" | "false" | "no" | "off" => Ok(Value::Boolean(false)),
             _ => Err("expected true or false".into()),
         },
+        // Lists: comma separated.
+        Value::Array(_) => Ok(Value::Array(
+            raw.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| Value::String(t.to_string())).collect(),
+        )),
         _ => Err("this setting cannot be set from the environment".into()),
     }
 }
@@ -649,7 +713,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::from_sources(None, env(&[])).unwrap();
         assert_eq!(c.splitter.dpi, 150.0);
-        assert_eq!(c.uploader.target, "local");
+        assert_eq!(c.uploader.target, Target::Local);
     }
 
     #[test]
@@ -694,5 +758,39 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.errors.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn choices_are_enums_and_lists_take_toml_arrays_or_commas() {
+        let c = Config::from_sources(
+            Some("[ingress]\napi_tokens = [\"a\", \" b \"]\n[inferencer]\nmodels = \"x, y,,\"\nbackend = \"tract\"\n"),
+            env(&[("PAGESTREAM_INGRESS_ADMIN_TOKENS", "root, ops"), ("PAGESTREAM_UPLOADER_TARGET", "local")]),
+        )
+        .unwrap();
+        assert_eq!(c.ingress.api_tokens, ["a", "b"]);
+        assert_eq!(c.ingress.admin_tokens, ["root", "ops"]);
+        assert_eq!(c.inferencer.models, ["x", "y"]);
+        assert_eq!(c.inferencer.served_models(), ["layout_cdla", "x", "y"]);
+        assert_eq!(
+            (c.inferencer.backend, c.inferencer.device, c.uploader.target),
+            (Backend::Tract, Device::Cpu, Target::Local)
+        );
+        // An unknown choice names the setting, the value and the choices.
+        let err =
+            Config::from_sources(None, env(&[("PAGESTREAM_INFERENCER_BACKEND", "onnx")])).unwrap_err().to_string();
+        assert!(
+            err.contains("[inferencer]") && err.contains("onnx") && err.contains("ort") && err.contains("tract"),
+            "{err}"
+        );
+        let err = Config::from_sources(None, env(&[("PAGESTREAM_UPLOADER_TARGET", "gcs")])).unwrap_err().to_string();
+        assert!(err.contains("[uploader]") && err.contains("gcs") && err.contains("s3"), "{err}");
+        // tract runs on the CPU only.
+        let err = Config::from_sources(
+            None,
+            env(&[("PAGESTREAM_INFERENCER_BACKEND", "tract"), ("PAGESTREAM_INFERENCER_DEVICE", "cuda")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tract backend runs on the CPU only"), "{err}");
     }
 }

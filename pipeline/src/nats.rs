@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, consumer, object_store, stream};
+use pagestream_schemas::EventState;
 use serde::Deserialize;
 
 use crate::config::NatsConfig;
@@ -61,16 +62,16 @@ impl Names {
         format!("{}.pages.inferred", self.prefix)
     }
     /// `<p>.events.<doc>.doc.<state>`
-    pub fn doc_event(&self, doc_id: &str, state: &str) -> String {
-        format!("{}.events.{doc_id}.doc.{state}", self.prefix)
+    pub fn doc_event(&self, doc_id: &str, state: EventState) -> String {
+        format!("{}.events.{doc_id}.doc.{}", self.prefix, state.as_str())
     }
     /// `<p>.events.<doc>.page.<state>.<page>`
-    pub fn page_event(&self, doc_id: &str, state: &str, page: u32) -> String {
-        format!("{}.events.{doc_id}.page.{state}.{page}", self.prefix)
+    pub fn page_event(&self, doc_id: &str, state: EventState, page: u32) -> String {
+        format!("{}.events.{doc_id}.page.{}.{page}", self.prefix, state.as_str())
     }
     /// Filter for one page state of a document: `<p>.events.<doc>.page.<state>.*`
-    pub fn page_events(&self, doc_id: &str, state: &str) -> String {
-        format!("{}.events.{doc_id}.page.{state}.*", self.prefix)
+    pub fn page_events(&self, doc_id: &str, state: EventState) -> String {
+        format!("{}.events.{doc_id}.page.{}.*", self.prefix, state.as_str())
     }
     /// Filter for a document's document-level events: `<p>.events.<doc>.doc.*`
     pub fn doc_events_only(&self, doc_id: &str) -> String {

@@ -68,12 +68,13 @@ impl StageContext {
         page: u32,
         state: pagestream_schemas::EventState,
     ) -> Result<bool, crate::consumer::StageError> {
-        let err = |e: anyhow::Error| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id);
-        let reached = self.events.page_reached(doc_id, page, state).await.map_err(err)?;
+        let err =
+            |e: &dyn std::fmt::Display| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id);
+        let reached = self.events.page_reached(doc_id, page, state).await.map_err(|e| err(&e))?;
         if reached {
             // A crash between the event and its counter leaves the page
             // unmarked: mark it now (idempotent).
-            self.counters.mark(doc_id, state, page, None).await.map_err(err)?;
+            self.counters.mark(doc_id, state, page, None).await.map_err(|e| err(&e))?;
         }
         Ok(reached)
     }

@@ -7,7 +7,7 @@
 //! ```
 
 use pagestream_pipeline::progress::{DocStatus, FailedPage};
-use pagestream_schemas::{Detection, ErrorInfo, ModelRef, Timings};
+use pagestream_schemas::{Detection, ErrorInfo, FinalStatus, ModelRef, Timings};
 use serde::{Deserialize, Serialize};
 
 /// Identifies the manifest format.
@@ -69,11 +69,32 @@ pub struct SourceInfo {
     pub bytes: Option<u64>,
 }
 
+/// A page's outcome in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageOutcome {
+    /// Its detections and image were written.
+    Ok,
+    /// It has no results; `error` says why.
+    Failed,
+    /// The document was cancelled before this page finished.
+    Cancelled,
+}
+
+impl PageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PageOutcome::Ok => "ok",
+            PageOutcome::Failed => "failed",
+            PageOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestPage {
     pub page: u32,
-    /// `ok`, `failed` or (in a cancelled document) `cancelled`.
-    pub status: String,
+    pub status: PageOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detections: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,8 +111,7 @@ pub struct Manifest {
     pub title: Option<String>,
     pub source: SourceInfo,
     pub page_count: Option<u32>,
-    /// `completed`, `completed_with_errors`, `failed` or `cancelled`.
-    pub status: String,
+    pub status: FinalStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     pub model: Option<ModelRef>,
@@ -110,23 +130,23 @@ impl Manifest {
             .map(|n| match failed(n) {
                 Some(f) => ManifestPage {
                     page: n,
-                    status: "failed".into(),
+                    status: PageOutcome::Failed,
                     detections: None,
                     image: None,
                     error: Some(f.error.clone()),
                 },
                 None => ManifestPage {
                     page: n,
-                    status: "ok".into(),
+                    status: PageOutcome::Ok,
                     detections: Some(rel_page_json(n)),
                     image: Some(rel_page_image(n)),
                     error: None,
                 },
             })
             .collect();
-        let failures = pages.iter().filter(|p| p.status == "failed").count();
+        let failures = pages.iter().filter(|p| p.status == PageOutcome::Failed).count();
         let (status, error) = if failures == 0 {
-            ("completed", None)
+            (FinalStatus::Completed, None)
         } else if failures as u32 == page_count {
             // One cause for every page (an unknown model, say): name it.
             let first = st.failed_pages.first().map(|f| &f.error);
@@ -136,9 +156,9 @@ impl Manifest {
                 }
                 _ => ErrorInfo::new("all_pages_failed", format!("all {page_count} pages failed")),
             };
-            ("failed", Some(error))
+            (FinalStatus::Failed, Some(error))
         } else {
-            ("completed_with_errors", None)
+            (FinalStatus::CompletedWithErrors, None)
         };
         Manifest {
             schema: MANIFEST_SCHEMA.into(),
@@ -150,7 +170,7 @@ impl Manifest {
                 bytes: st.info.bytes,
             },
             page_count: st.page_count,
-            status: status.into(),
+            status,
             error,
             model,
             pages,
@@ -167,17 +187,17 @@ impl Manifest {
     pub fn cancelled(st: &DocStatus, uploaded: &[u32], model: Option<ModelRef>, finished_at: String) -> Manifest {
         let mut m = Manifest::from_status(st, model, finished_at);
         for p in &mut m.pages {
-            if p.status == "ok" && !uploaded.contains(&p.page) {
+            if p.status == PageOutcome::Ok && !uploaded.contains(&p.page) {
                 *p = ManifestPage {
                     page: p.page,
-                    status: "cancelled".into(),
+                    status: PageOutcome::Cancelled,
                     detections: None,
                     image: None,
                     error: None,
                 };
             }
         }
-        m.status = "cancelled".into();
+        m.status = FinalStatus::Cancelled;
         m.error = Some(ErrorInfo::new("cancelled", "the document was cancelled"));
         m
     }
@@ -216,15 +236,15 @@ mod tests {
         assert_eq!(m.title.as_deref(), Some("a.pdf"), "title defaults to the file name");
 
         let m = Manifest::from_status(&status(3, &[2]), None, "t".into());
-        assert_eq!(m.status, "completed_with_errors");
-        assert_eq!(m.pages[1].status, "failed");
+        assert_eq!(m.status.as_str(), "completed_with_errors");
+        assert_eq!(m.pages[1].status.as_str(), "failed");
         assert_eq!(m.pages[1].error.as_ref().unwrap().message, "why");
         assert_eq!(m.pages[0].detections.as_deref(), Some("pages/1.json"));
         assert_eq!(m.pages[2].image.as_deref(), Some("pages/3.png"));
 
         // Every page failed for one reason: the document names it.
         let m = Manifest::from_status(&status(2, &[1, 2]), None, "t".into());
-        assert_eq!(m.status, "failed");
+        assert_eq!(m.status.as_str(), "failed");
         let e = m.error.unwrap();
         assert_eq!((e.code.as_str(), e.message.as_str()), ("x", "all 2 pages failed: why"));
         // Different reasons: a summary.
@@ -237,11 +257,23 @@ mod tests {
     #[test]
     fn cancelled_keeps_finished_pages() {
         let m = Manifest::cancelled(&status(4, &[2]), &[1], None, "t".into());
-        assert_eq!(m.status, "cancelled");
+        assert_eq!(m.status.as_str(), "cancelled");
         let states: Vec<&str> = m.pages.iter().map(|p| p.status.as_str()).collect();
         assert_eq!(states, ["ok", "failed", "cancelled", "cancelled"]);
         assert_eq!(m.pages[0].image.as_deref(), Some("pages/1.png"));
         assert!(m.pages[2].image.is_none());
+    }
+
+    #[test]
+    fn statuses_serialise_as_their_names() {
+        let m = Manifest::cancelled(&status(3, &[2]), &[1], None, "t".into());
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["status"], "cancelled");
+        let pages: Vec<&str> =
+            json["pages"].as_array().unwrap().iter().map(|p| p["status"].as_str().unwrap()).collect();
+        assert_eq!(pages, ["ok", "failed", "cancelled"]);
+        let back: Manifest = serde_json::from_value(json).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 #[cfg(feature = "s3")]
 use aws_sdk_s3::primitives::ByteStream;
-use pagestream_pipeline::config::UploaderConfig;
+use pagestream_pipeline::config::{Target, UploaderConfig};
 
 #[derive(Debug, Clone)]
 pub enum ResultStore {
@@ -41,11 +41,11 @@ impl ResultStore {
     /// Builds the store from config and checks it is usable (directory
     /// writable, bucket reachable), failing with a precise message.
     pub async fn from_config(cfg: &UploaderConfig) -> Result<ResultStore> {
-        match cfg.target.as_str() {
+        match cfg.target {
             #[cfg(not(feature = "s3"))]
-            "s3" => Err(no_s3()),
+            Target::S3 => Err(no_s3()),
             #[cfg(feature = "s3")]
-            "s3" => {
+            Target::S3 => {
                 let client = s3_client(cfg).await;
                 client
                     .head_bucket()
@@ -62,7 +62,7 @@ impl ResultStore {
                     })?;
                 Ok(ResultStore::S3 { client, bucket: cfg.s3_bucket.clone() })
             }
-            _ => {
+            Target::Local => {
                 tokio::fs::create_dir_all(&cfg.dir)
                     .await
                     .with_context(|| format!("cannot create results directory {}", cfg.dir.display()))?;
@@ -76,12 +76,14 @@ impl ResultStore {
     /// so a result store that is down does not keep the API from starting
     /// (a build without S3 support refuses `target = "s3"`).
     pub async fn open(cfg: &UploaderConfig) -> Result<ResultStore> {
-        match cfg.target.as_str() {
+        match cfg.target {
             #[cfg(not(feature = "s3"))]
-            "s3" => Err(no_s3()),
+            Target::S3 => Err(no_s3()),
             #[cfg(feature = "s3")]
-            "s3" => Ok(ResultStore::S3 { client: s3_client(cfg).await, bucket: cfg.s3_bucket.clone() }),
-            _ => Ok(ResultStore::Local { root: std::fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()) }),
+            Target::S3 => Ok(ResultStore::S3 { client: s3_client(cfg).await, bucket: cfg.s3_bucket.clone() }),
+            Target::Local => {
+                Ok(ResultStore::Local { root: std::fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()) })
+            }
         }
     }
 

@@ -268,7 +268,7 @@ pub struct DocumentCancelled {
 }
 
 /// Progress states, as they appear in events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventState {
     /// Document accepted by the ingress.
@@ -288,6 +288,22 @@ pub enum EventState {
 }
 
 impl EventState {
+    pub const ALL: [EventState; 8] = [
+        EventState::Queued,
+        EventState::Split,
+        EventState::Rendered,
+        EventState::Inferred,
+        EventState::Uploaded,
+        EventState::Failed,
+        EventState::Completed,
+        EventState::Cancelled,
+    ];
+
+    /// The state named by a subject token ([`EventState::as_str`]).
+    pub fn parse(token: &str) -> Option<EventState> {
+        EventState::ALL.into_iter().find(|s| s.as_str() == token)
+    }
+
     /// The token used in event subjects.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -300,6 +316,42 @@ impl EventState {
             EventState::Completed => "completed",
             EventState::Cancelled => "cancelled",
         }
+    }
+}
+
+/// How a document ended: the manifest's `status` and the `status` of the
+/// uploader's `completed` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalStatus {
+    /// Every page has its results.
+    Completed,
+    /// Some pages failed (each with its reason); the others have results.
+    CompletedWithErrors,
+    /// The document failed as a whole, or every page failed.
+    Failed,
+    /// A user cancelled it; pages finished before that keep their results.
+    Cancelled,
+}
+
+impl FinalStatus {
+    pub const ALL: [FinalStatus; 4] =
+        [FinalStatus::Completed, FinalStatus::CompletedWithErrors, FinalStatus::Failed, FinalStatus::Cancelled];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Completed => "completed",
+            FinalStatus::CompletedWithErrors => "completed_with_errors",
+            FinalStatus::Failed => "failed",
+            FinalStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for FinalStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -316,9 +368,9 @@ pub struct DocInfo {
     pub bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_count: Option<u32>,
-    /// Final document status (`completed`, `completed_with_errors`, `failed`, `cancelled`).
+    /// Final document status, on the uploader's `completed` event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    pub status: Option<FinalStatus>,
     /// Where the manifest was written (`file://…` or `s3://…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,

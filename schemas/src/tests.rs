@@ -271,3 +271,37 @@ fn dpi_bounds_are_one_range_with_the_documented_wording() {
         }
     }
 }
+
+#[test]
+fn final_status_is_its_wire_name_and_the_json_schema_lists_every_one() {
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../messages.schema.json")).expect("the JSON schema parses");
+    // DocInfo's status enum: the one naming completed_with_errors.
+    fn find(v: &serde_json::Value) -> Option<&serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) => m
+                .get("enum")
+                .filter(|e| e.to_string().contains("completed_with_errors"))
+                .or_else(|| m.values().find_map(find)),
+            serde_json::Value::Array(a) => a.iter().find_map(find),
+            _ => None,
+        }
+    }
+    let listed = find(&schema);
+    let listed: Vec<&str> =
+        listed.expect("status enum").as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    for status in FinalStatus::ALL {
+        let info = DocInfo { status: Some(status), ..DocInfo::default() };
+        // On the wire the status is its name, exactly as a string field carried it.
+        #[derive(serde::Deserialize)]
+        struct AsString {
+            status: String,
+        }
+        let raw: AsString = rmp_serde::from_slice(&rmp_serde::to_vec_named(&info).unwrap()).unwrap();
+        assert_eq!(raw.status, status.as_str());
+        let back: DocInfo = rmp_serde::from_slice(&rmp_serde::to_vec_named(&info).unwrap()).unwrap();
+        assert_eq!(back.status, Some(status));
+        assert!(listed.contains(&status.as_str()), "{status} missing from messages.schema.json: {listed:?}");
+    }
+    assert_eq!(listed.len(), FinalStatus::ALL.len());
+}

@@ -84,7 +84,7 @@ impl MotoServer {
     /// Points `config.uploader` at this server and creates `bucket`.
     pub async fn configure(&self, config: &mut Config, bucket: &str) -> Result<aws_sdk_s3::Client> {
         let u = &mut config.uploader;
-        u.target = "s3".into();
+        u.target = pagestream_pipeline::config::Target::S3;
         u.s3_bucket = bucket.into();
         u.s3_endpoint = self.endpoint();
         u.s3_region = "us-east-1".into();

@@ -120,7 +120,7 @@ async fn every_documented_route_answers_as_documented() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_tokens_guard_every_v1_route_but_not_probes() {
-    let h = Harness::start(|c| c.ingress.api_tokens = "first-token, second-token".into()).await.unwrap();
+    let h = Harness::start(|c| c.ingress.api_tokens = vec!["first-token".into(), "second-token".into()]).await.unwrap();
     let anon = &h.client;
     for path in ["/v1/documents", "/v1/documents/x", "/v1/documents/x/events", "/v1/documents/x/results", "/v1/models"]
     {

@@ -649,8 +649,8 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_token_sees_only_its_documents_and_admins_see_all() {
     let h = Harness::start(|c| {
-        c.ingress.api_tokens = "alice-token,bob-token".into();
-        c.ingress.admin_tokens = "root-token".into();
+        c.ingress.api_tokens = vec!["alice-token".into(), "bob-token".into()];
+        c.ingress.admin_tokens = vec!["root-token".into()];
     })
     .await
     .unwrap();
@@ -709,7 +709,7 @@ async fn each_token_sees_only_its_documents_and_admins_see_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_token_cannot_take_every_event_stream() {
     let h = Harness::start(|c| {
-        c.ingress.api_tokens = "alice-token,bob-token".into();
+        c.ingress.api_tokens = vec!["alice-token".into(), "bob-token".into()];
         c.ingress.max_event_streams_per_token = 2;
     })
     .await

@@ -33,7 +33,7 @@ fn page_detections(h: &Harness, id: &str, n: u64) -> Value {
 /// one it asked for (default: `inferencer.model`), with its labels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_document_gets_the_model_it_asks_for() {
-    let h = Harness::start(|c| c.inferencer.models = "yolov8n_doclaynet".into()).await.unwrap();
+    let h = Harness::start(|c| c.inferencer.models = vec!["yolov8n_doclaynet".into()]).await.unwrap();
     let (yolo_id, yolo) = run_one(&h, "scan_cardinal-rotated.pdf", &[("model", "yolov8n_doclaynet")]).await;
     let (cdla_id, cdla) = run_one(&h, "scan_cardinal-rotated.pdf", &[]).await;
     assert_eq!(yolo["model"]["name"], "yolov8n_doclaynet", "{yolo}");
@@ -86,7 +86,7 @@ async fn tract_pipeline_matches_ort() {
     let pdf = "fig_dbscan-jss.pdf";
     let ort = Harness::start(|_| {}).await.unwrap();
     let (ort_id, ort_manifest) = run_one(&ort, pdf, &[]).await;
-    let tract = Harness::start(|c| c.inferencer.backend = "tract".into()).await.unwrap();
+    let tract = Harness::start(|c| c.inferencer.backend = pagestream_pipeline::config::Backend::Tract).await.unwrap();
     let (tract_id, tract_manifest) = run_one(&tract, pdf, &[]).await;
     assert_eq!(ort_manifest["model"], tract_manifest["model"]);
     let pages = ort_manifest["page_count"].as_u64().unwrap();

@@ -10,58 +10,8 @@ use std::sync::{Mutex, OnceLock};
 use ort::session::Session;
 use ort::value::Tensor;
 
-/// Which engine runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Ort,
-    Tract,
-}
-
-impl BackendKind {
-    pub fn parse(s: &str) -> Result<BackendKind, String> {
-        match s {
-            "ort" => Ok(BackendKind::Ort),
-            "tract" => Ok(BackendKind::Tract),
-            other => Err(format!("unknown backend {other:?}: expected \"ort\" or \"tract\"")),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Ort => "ort",
-            BackendKind::Tract => "tract",
-        }
-    }
-}
-
-/// Where ONNX Runtime runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    /// CUDA or a start-up error.
-    Cuda,
-    /// CUDA when usable, else the CPU (with a warning).
-    Auto,
-}
-
-impl Device {
-    pub fn parse(s: &str) -> Result<Device, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
-            "auto" => Ok(Device::Auto),
-            other => Err(format!("unknown device {other:?}: expected \"cpu\", \"cuda\" or \"auto\"")),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-            Device::Auto => "auto",
-        }
-    }
-}
+/// Which engine runs the model, and where (the configuration's choices).
+pub use pagestream_pipeline::config::{Backend as BackendKind, Device};
 
 /// How to run a model.
 #[derive(Debug, Clone)]

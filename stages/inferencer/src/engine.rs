@@ -9,7 +9,7 @@ use pagestream_pipeline::config::InferencerConfig;
 use pagestream_schemas::{Detection, ModelRef};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{self, Backend, BackendKind, Device, EngineOptions, ModelIo, OutTensor};
+use crate::backend::{self, Backend, BackendKind, EngineOptions, ModelIo, OutTensor};
 use crate::manifest::{Decoder, Manifest};
 use crate::picodet::{self, TensorView};
 use crate::preprocess::{to_tensor_into, Transform};
@@ -42,8 +42,8 @@ impl EngineOptions {
             cfg.threads
         };
         Ok(EngineOptions {
-            backend: BackendKind::parse(&cfg.backend)?,
-            device: Device::parse(&cfg.device)?,
+            backend: cfg.backend,
+            device: cfg.device,
             threads,
             sessions: if cfg.ort_sessions == 0 { threads } else { cfg.ort_sessions },
             onnxruntime_library: cfg.onnxruntime_library.clone(),

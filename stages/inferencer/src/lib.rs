@@ -87,7 +87,7 @@ impl Inferencer {
             tracing::info!(
                 model = %detector.model.name,
                 sha256 = %detector.model.sha256,
-                backend = detector.backend.name(),
+                backend = detector.backend.as_str(),
                 device = detector.device(),
                 max_batch = detector.max_batch(),
                 labels = ?detector.labels,
@@ -97,8 +97,8 @@ impl Inferencer {
                 .model_info
                 .get_or_create(&ModelLabels {
                     model: detector.model.name.clone(),
-                    backend: detector.backend.name().into(),
-                    requested: cfg.device.clone(),
+                    backend: detector.backend.as_str().into(),
+                    requested: cfg.device.as_str().into(),
                     device: detector.device().into(),
                 })
                 .set(1);
@@ -122,7 +122,7 @@ impl Inferencer {
                     model: d.model.name.clone(),
                     sha256: d.model.sha256.clone(),
                     labels: d.labels.clone(),
-                    backend: d.backend.name().into(),
+                    backend: d.backend.as_str().into(),
                     device: d.device().into(),
                     batch_size: cfg.batch_size.clamp(1, d.max_batch().max(1)),
                     canary: cfg.canary,

@@ -1,6 +1,5 @@
 //! Documents: submit (with `Idempotency-Key`), list, status, cancel.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +9,12 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pagestream_pipeline::blob::upload_key;
-use pagestream_pipeline::progress::{publish_message, read_status, subject_counts, DocState, DocStatus};
+use pagestream_pipeline::progress::{list_documents, publish_message, read_status, DocState, DocStatus};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_results::layout::Keys;
 use pagestream_schemas::{
-    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, Priority, Source, SubmitOptions,
-    VERSION,
+    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, FinalStatus, Priority, Source,
+    SubmitOptions, VERSION,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -118,14 +117,6 @@ struct IdempotencyRecord {
     doc_id: String,
 }
 
-/// Per-stage time spent on each page, from the page events.
-#[derive(Debug, Default, Serialize)]
-pub struct StageTiming {
-    pub pages: u32,
-    pub mean_ms: f32,
-    pub max_ms: f32,
-}
-
 fn doc_urls(id: &str) -> serde_json::Value {
     serde_json::json!({
         "status_url": format!("/v1/documents/{id}"),
@@ -164,7 +155,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))
 }
 
-fn unavailable(what: &str) -> impl Fn(anyhow::Error) -> ApiError + '_ {
+fn unavailable<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> ApiError + '_ {
     move |e| ApiError::unavailable(format!("{what} failed: {e:#}"))
 }
 
@@ -195,36 +186,8 @@ impl Ingress {
     pub(crate) async fn status(&self, caller: &Caller, id: &str) -> Result<Resp, ApiError> {
         let status = self.read_status(caller, id, true).await?;
         let mut json = self.live_status_json(&status);
-        json["timings"] = self.timings(&status).await?;
+        json["timings"] = serde_json::to_value(status.timings()).expect("timings serialise");
         Ok(json_response(StatusCode::OK, &json))
-    }
-
-    /// Queued / started / finished, the wall time, and per stage the mean and
-    /// max milliseconds per page (aggregated in the page counters as pages
-    /// are marked: no event is read).
-    async fn timings(&self, st: &DocStatus) -> Result<serde_json::Value, ApiError> {
-        let mut stages: BTreeMap<&'static str, StageTiming> = BTreeMap::new();
-        let c = &st.counters;
-        for (stage, set) in [("render", &c.rendered), ("infer", &c.inferred), ("upload", &c.uploaded)] {
-            if let Some(mean) = set.mean_ms() {
-                stages.insert(stage, StageTiming { pages: set.timed, mean_ms: mean as f32, max_ms: set.max_ms });
-            }
-        }
-        let parse = |t: &Option<String>| {
-            t.as_deref()
-                .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
-        };
-        let wall_ms = match (parse(&st.started_at).or(parse(&st.queued_at)), parse(&st.finished_at)) {
-            (Some(a), Some(b)) => Some(((b - a).as_seconds_f64() * 1000.0).round()),
-            _ => None,
-        };
-        Ok(serde_json::json!({
-            "queued_at": st.queued_at,
-            "started_at": st.started_at,
-            "finished_at": st.finished_at,
-            "wall_ms": wall_ms,
-            "per_page_ms": stages,
-        }))
     }
 
     /// `GET /v1/documents?status=&limit=&cursor=`: newest first (ids the
@@ -258,23 +221,8 @@ impl Ingress {
                 _ => {}
             }
         }
-        let stream = self
-            .ctx
-            .js
-            .get_stream(self.ctx.names.events_stream())
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        let subjects = subject_counts(&stream, &self.ctx.names.all_doc_events())
-            .await
-            .map_err(unavailable("listing documents"))?;
-        // doc id -> its document-level states.
-        let base = format!("{}.events.", self.ctx.names.prefix);
-        let mut docs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for subject in subjects.keys() {
-            if let Some((doc, state)) = subject.strip_prefix(&base).and_then(|r| r.split_once(".doc.")) {
-                docs.entry(doc.to_string()).or_default().insert(state.to_string());
-            }
-        }
+        // doc id -> its document-level events.
+        let docs = list_documents(&self.ctx.js, &self.ctx.names).await.map_err(unavailable("listing documents"))?;
         let mut items = Vec::new();
         let mut next_cursor = None;
         let candidates = docs.iter().rev().filter(|(id, _)| cursor.as_ref().is_none_or(|c| id.as_str() < c.as_str()));
@@ -282,7 +230,7 @@ impl Ingress {
         let mut budget = MAX_LIST_READS;
         let mut examined: Option<&String> = None;
         for (id, states) in candidates {
-            if want.is_some_and(|w| !could_be(w, states)) {
+            if want.is_some_and(|w| !w.could_be(states)) {
                 continue;
             }
             if items.len() == limit || budget == 0 {
@@ -322,7 +270,7 @@ impl Ingress {
         }
         let key = Keys::new(&self.ctx.config.uploader.prefix, id).manifest();
         let info = DocInfo {
-            status: Some("cancelled".into()),
+            status: Some(FinalStatus::Cancelled),
             manifest: Some(self.results.location(&key)),
             ..DocInfo::default()
         };
@@ -590,35 +538,4 @@ fn accepted(id: &str, status: &str) -> Resp {
         obj.extend(urls);
     }
     json_response(StatusCode::ACCEPTED, &body)
-}
-
-/// Whether a document with these document-level event states may be in
-/// state `want` (cheap pre-filter before reading its status).
-fn could_be(want: DocState, states: &BTreeSet<String>) -> bool {
-    let has = |s: &str| states.contains(s);
-    let terminal = has("completed") || has("failed") || has("cancelled");
-    match want {
-        DocState::Queued => !has("split") && !terminal,
-        DocState::Running => has("split") && !terminal,
-        DocState::Completed | DocState::CompletedWithErrors => has("completed"),
-        DocState::Failed => has("failed") || has("completed"),
-        DocState::Cancelled => has("cancelled") || has("completed"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn list_prefilter() {
-        let set = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<BTreeSet<_>>();
-        assert!(could_be(DocState::Queued, &set(&["queued"])));
-        assert!(!could_be(DocState::Queued, &set(&["queued", "split"])));
-        assert!(could_be(DocState::Running, &set(&["queued", "split"])));
-        assert!(!could_be(DocState::Running, &set(&["queued", "split", "cancelled"])));
-        assert!(could_be(DocState::Cancelled, &set(&["queued", "cancelled"])));
-        assert!(could_be(DocState::Failed, &set(&["queued", "failed"])));
-        assert!(!could_be(DocState::Completed, &set(&["queued", "failed"])));
-    }
 }

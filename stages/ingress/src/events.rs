@@ -70,7 +70,7 @@ impl Tally {
                 self.page_count = Some(n);
             }
             let before = self.state.unwrap_or(DocState::Queued);
-            let after = before.after(ev.state.as_str(), ev.info.as_ref().and_then(|i| i.status.as_deref()));
+            let after = before.after(ev.state, ev.info.as_ref().and_then(|i| i.status));
             if self.state == Some(after) {
                 return None;
             }
@@ -251,7 +251,7 @@ mod tests {
         assert_eq!(data["pages"]["uploaded"], 1);
         assert_eq!(data["ms"], 3.0);
         assert!(!t.finished());
-        let done = DocInfo { status: Some("completed_with_errors".into()), ..DocInfo::default() };
+        let done = DocInfo { status: Some(pagestream_schemas::FinalStatus::CompletedWithErrors), ..DocInfo::default() };
         let (_, data) = t.apply("c", 5, &ev(EventState::Completed, None, Some(done))).unwrap();
         assert_eq!(data["state"], "completed_with_errors");
         assert!(t.finished());

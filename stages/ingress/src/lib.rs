@@ -79,8 +79,8 @@ impl Ingress {
         let progress = ctx.progress(STAGE);
         let results = ResultStore::open(&ctx.config.uploader).await?;
         let idempotency = pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names).await?;
-        let tokens = ctx.config.ingress.tokens();
-        let admin_tokens = ctx.config.ingress.admin_tokens();
+        let tokens = ctx.config.ingress.api_tokens.clone();
+        let admin_tokens = ctx.config.ingress.admin_tokens.clone();
         let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
         let token_streams = TokenSlots::new(ctx.config.ingress.max_event_streams_per_token);

@@ -17,11 +17,11 @@ use anyhow::Result;
 use async_nats::jetstream;
 use pagestream_pipeline::blob::{read_image, upload_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
-use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress};
+use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress, ProgressError};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
 use pagestream_schemas::{
-    decode, DocInfo, DocumentCancelled, DocumentFailed, ErrorInfo, EventState, ModelRef, PageInferred,
+    decode, DocInfo, DocumentCancelled, DocumentFailed, ErrorInfo, EventState, FinalStatus, ModelRef, PageInferred,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -185,7 +185,7 @@ impl Uploader {
         let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
         self.store.put(&key, json, "application/json").await.map_err(store_err)?;
         let info = DocInfo {
-            status: Some(manifest.status.clone()),
+            status: Some(manifest.status),
             manifest: Some(self.store.location(&key)),
             page_count: manifest.page_count,
             ..DocInfo::default()
@@ -194,7 +194,7 @@ impl Uploader {
         // document failure does.
         let error = manifest.error.clone();
         self.progress.doc(doc_id, EventState::Completed, Some(info), error).await.map_err(transient("nats_publish"))?;
-        self.ctx.metrics.document(STAGE, &manifest.status);
+        self.ctx.metrics.document(STAGE, manifest.status.as_str());
         tracing::info!(doc_id, status = %manifest.status, manifest = %self.store.location(&key), "document finished");
         // The uploaded PDF is not needed any more (a splitter turn
         // redelivered later sees the document finished and skips it).
@@ -208,10 +208,10 @@ impl Uploader {
     /// writes a manifest with the pages finished so far.
     async fn document_cancelled(&self, msg: DocumentCancelled) -> Result<(), StageError> {
         let doc_id = msg.doc_id.as_str();
-        let nats = |e: anyhow::Error| StageError::transient("nats", format!("{e:#}"));
+        let nats = |e: ProgressError| StageError::transient("nats", e);
         let key = self.keys(doc_id).manifest();
         let info = DocInfo {
-            status: Some("cancelled".into()),
+            status: Some(FinalStatus::Cancelled),
             manifest: Some(self.store.location(&key)),
             ..DocInfo::default()
         };
@@ -261,7 +261,7 @@ impl Uploader {
                 bytes: msg.source.bytes.or(info.bytes),
             },
             page_count: info.page_count,
-            status: "failed".into(),
+            status: FinalStatus::Failed,
             error: Some(msg.error.clone()),
             model: None,
             pages: Vec::new(),

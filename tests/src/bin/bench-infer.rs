@@ -70,7 +70,8 @@ async fn main() -> Result<()> {
     }
     let n: usize = arg("--pages").map(|s| s.parse()).transpose()?.unwrap_or(20);
     let model = arg("--model").unwrap_or_else(|| "layout_cdla".into());
-    let device = Device::parse(&arg("--device").unwrap_or_else(|| "cpu".into())).map_err(anyhow::Error::msg)?;
+    let device: Device = pagestream_pipeline::config::parse_choice(&arg("--device").unwrap_or_else(|| "cpu".into()))
+        .map_err(anyhow::Error::msg)?;
     // 14 pages of a journal article (figures, formulas) + 6 of a manual.
     let mut pages = render_pages("fig_dbscan-jss.pdf", 150.0, n.min(14)).await;
     pages.extend(render_pages("text_R-intro.pdf", 150.0, n - pages.len()).await);
@@ -107,7 +108,7 @@ async fn main() -> Result<()> {
             d.detect(p).map_err(anyhow::Error::msg)?; // warm-up
         }
         let mut row = Row {
-            engine: format!("pagestream {} ({})", backend.name(), d.device()),
+            engine: format!("pagestream {} ({})", backend.as_str(), d.device()),
             threads,
             ms: vec![],
             throughput: 0.0,
