@@ -2,7 +2,6 @@
 //! inline limit): the JetStream Object Store bucket `<prefix>_blobs`, so no
 //! extra service is needed. Objects are streamed in chunks, never held whole.
 
-use anyhow::{Context as _, Result};
 use pagestream_schemas::ImageRef;
 
 use crate::consumer::StageError;
@@ -18,6 +17,53 @@ pub fn upload_key(doc_id: &str) -> String {
 pub fn page_image_key(doc_id: &str, page: u32, format: &str) -> String {
     format!("pages/{doc_id}/{page}.{format}")
 }
+
+/// A blob store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The key does not exist (it will not appear by retrying).
+    #[error("blob {key:?} does not exist")]
+    NotFound { key: String },
+    /// The data being stored could not be read (the upload failed).
+    #[error("reading the data for blob {key}: {source}")]
+    Input {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// NATS refused or did not answer (`op`: "writing", "reading", …).
+    #[error("{op} blob {key}: {source}")]
+    Nats {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Copying the blob out failed.
+    #[error("reading blob {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BlobError {
+    fn nats<'k>(op: &'static str, key: &'k str) -> impl FnOnce(async_nats::Error) -> BlobError + 'k {
+        move |source| BlobError::Nats { op, key: key.to_string(), source }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BlobError::NotFound { .. })
+    }
+
+    /// The bucket is at its `nats.max_blob_bytes` (or the server out of storage).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, BlobError::Nats { source, .. } if crate::nats::is_storage_full(&source.to_string()))
+    }
+}
+
+type Result<T, E = BlobError> = std::result::Result<T, E>;
 
 /// Bytes per chunk message (the object store's default).
 const CHUNK: usize = 128 * 1024;
@@ -67,7 +113,8 @@ impl BlobStore {
             loop {
                 let mut buf = bytes::BytesMut::with_capacity(CHUNK);
                 while buf.len() < CHUNK {
-                    if reader.read_buf(&mut buf).await.with_context(|| format!("reading data for blob {key}"))? == 0 {
+                    let read = reader.read_buf(&mut buf).await;
+                    if read.map_err(|source| BlobError::Input { key: key.to_string(), source })? == 0 {
                         break;
                     }
                 }
@@ -78,13 +125,10 @@ impl BlobStore {
                 size += buf.len();
                 chunks += 1;
                 let last = buf.len() < CHUNK;
-                self.js
-                    .publish(chunks_subject.clone(), buf.freeze())
+                let ack = self.js.publish(chunks_subject.clone(), buf.freeze()).await;
+                ack.map_err(|e| BlobError::nats("writing a chunk of", key)(e.into()))?
                     .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))
-                    .with_context(|| format!("writing a chunk of blob {key}"))?;
+                    .map_err(|e| BlobError::nats("writing a chunk of", key)(e.into()))?;
                 if last {
                     return Ok(());
                 }
@@ -113,14 +157,12 @@ impl BlobStore {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Rollup", "sub");
             let subject = format!("$O.{}.M.{}", self.bucket, crate::util::base64(key.as_bytes(), true));
-            let body = serde_json::to_vec(&info).context("encoding blob metadata")?;
-            self.js
-                .publish_with_headers(subject, headers, body.into())
+            let body = serde_json::to_vec(&info).expect("object metadata serialises");
+            let ack = self.js.publish_with_headers(subject, headers, body.into()).await;
+            ack.map_err(|e| BlobError::nats("writing the metadata of", key)(e.into()))?
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("writing the metadata of blob {key}"))
+                .map(|_| ())
+                .map_err(|e| BlobError::nats("writing the metadata of", key)(e.into()))
         }
         .await;
         if let Err(e) = meta {
@@ -145,13 +187,14 @@ impl BlobStore {
 
     /// Streams `key` into `writer`; returns the bytes copied.
     pub async fn copy_to<W: AsyncWrite + Unpin>(&self, key: &str, writer: &mut W) -> Result<u64> {
-        let mut obj = self
-            .store
-            .get(key)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("opening blob {key}"))?;
-        tokio::io::copy(&mut obj, writer).await.with_context(|| format!("reading blob {key}"))
+        let mut obj = match self.store.get(key).await {
+            Ok(obj) => obj,
+            Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+                return Err(BlobError::NotFound { key: key.to_string() })
+            }
+            Err(e) => return Err(BlobError::nats("opening", key)(e.into())),
+        };
+        tokio::io::copy(&mut obj, writer).await.map_err(|source| BlobError::Io { key: key.to_string(), source })
     }
 
     pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>> {
@@ -167,22 +210,15 @@ impl BlobStore {
         match self.store.delete(key).await {
             Ok(()) => {}
             Err(e) if e.kind() == async_nats::jetstream::object_store::DeleteErrorKind::NotFound => {}
-            Err(e) => return Err(anyhow::anyhow!("{e}")).with_context(|| format!("deleting blob {key}")),
+            Err(e) => return Err(BlobError::nats("deleting", key)(e.into())),
         }
         let meta = format!("$O.{}.M.{}", self.bucket, crate::util::base64(key.as_bytes(), true));
         self.stream
             .purge()
             .filter(&meta)
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("purging the metadata of blob {key}"))?;
+            .map_err(|e| BlobError::nats("purging the metadata of", key)(e.into()))?;
         Ok(())
-    }
-
-    /// Whether the error chain says the object does not exist.
-    pub fn is_not_found(err: &anyhow::Error) -> bool {
-        let text = format!("{err:#}").to_ascii_lowercase();
-        text.contains("not found")
     }
 }
 
@@ -203,10 +239,10 @@ pub async fn read_image(blobs: &BlobStore, image: &ImageRef) -> Result<Vec<u8>, 
     }
     let key = image.blob.as_deref().unwrap_or_default();
     blobs.get_bytes(key).await.map_err(|e| {
-        if BlobStore::is_not_found(&e) {
+        if e.is_not_found() {
             StageError::permanent("image_missing", format!("page image {key:?} is not in the blob store"))
         } else {
-            StageError::transient("blob_store", format!("{e:#}"))
+            StageError::blob_store(e)
         }
     })
 }

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use pagestream_schemas::{encode, DeadLetter, ErrorInfo, DEAD_LETTER_PAYLOAD_MAX, VERSION};
+use pagestream_schemas::{encode, DeadLetter, DecodeError, ErrorInfo, Message, DEAD_LETTER_PAYLOAD_MAX, VERSION};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::nats::Names;
+use crate::stage::StageContext;
 use crate::util::now_rfc3339;
 
 /// Is retrying worth it?
@@ -105,6 +106,26 @@ impl StageError {
     pub fn info(&self) -> ErrorInfo {
         ErrorInfo::new(self.code, self.message.clone())
     }
+
+    /// A payload that is not the message the stage consumes (permanent).
+    pub fn bad_message(e: impl std::fmt::Display) -> Self {
+        StageError::permanent("bad_message", e)
+    }
+
+    /// A publish that got no PubAck (`nats_publish`, transient).
+    pub fn publish(e: impl std::fmt::Display) -> Self {
+        StageError::transient("nats_publish", e)
+    }
+
+    /// A read from NATS (status, counters, events) that failed (`nats`, transient).
+    pub fn nats(e: impl std::fmt::Display) -> Self {
+        StageError::transient("nats", format!("{e:#}"))
+    }
+
+    /// The blob store failed (`blob_store`, transient).
+    pub fn blob_store(e: impl std::fmt::Display) -> Self {
+        StageError::transient("blob_store", format!("{e:#}"))
+    }
 }
 
 /// Anything async that failed talking to NATS or a store is worth a retry.
@@ -112,14 +133,54 @@ pub fn transient<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> Stag
     move |e| StageError::transient(code, e)
 }
 
+/// One delivery of a message, besides its decoded payload.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    /// 1 for the first delivery.
+    pub delivered: i64,
+    pub stream_sequence: u64,
+}
+
+/// What a consumer decodes each message into, once, before its handler
+/// runs: a message type of the public schema, or an enum of several that
+/// one consumer reads (told apart by subject).
+pub trait Input: Sized + Send + 'static {
+    fn decode(names: &Names, delivery: &Delivery, payload: &[u8]) -> Result<Self, DecodeError>;
+    /// The document the message is about (errors and dead letters name it).
+    fn doc_id(&self) -> Option<&str>;
+}
+
+impl<M: Message + Send + 'static> Input for M {
+    fn decode(_: &Names, _: &Delivery, payload: &[u8]) -> Result<Self, DecodeError> {
+        pagestream_schemas::decode(payload)
+    }
+    fn doc_id(&self) -> Option<&str> {
+        Message::doc_id(self)
+    }
+}
+
 /// What a stage does with one message.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, msg: &jetstream::Message) -> impl Future<Output = Result<(), StageError>> + Send;
+    /// The message(s) this handler consumes.
+    type Input: Input;
 
-    /// The payload as it may be stored in a dead-letter record: stages whose
-    /// input can carry secrets (a PDF password) strip them here.
-    fn redact(&self, payload: &[u8]) -> Vec<u8> {
-        payload.to_vec()
+    /// Handles one decoded message. Errors are tagged with the message's
+    /// document by the loop.
+    fn handle(&self, input: Self::Input, delivery: &Delivery) -> impl Future<Output = Result<(), StageError>> + Send;
+
+    /// A payload that does not decode as [`Handler::Input`]: `err` (a
+    /// permanent `bad_message`) is dead-lettered. A stage may first tell the
+    /// document's publisher (the splitter fails the document it names).
+    /// Returns the error to act on (a transient one retries the message).
+    fn undecodable(
+        &self,
+        payload: &[u8],
+        delivery: &Delivery,
+        err: StageError,
+    ) -> impl Future<Output = StageError> + Send {
+        let _ = (payload, delivery);
+        async { err }
     }
 
     /// Called once when a message's retries are exhausted (after its dead
@@ -127,15 +188,17 @@ pub trait Handler: Send + Sync + 'static {
     /// user sees an outcome. Permanent errors are reported by `handle` itself.
     fn give_up(
         &self,
-        msg: &jetstream::Message,
+        input: Self::Input,
+        delivery: &Delivery,
         err: &StageError,
     ) -> impl Future<Output = Result<(), StageError>> + Send {
-        let _ = (msg, err);
+        let _ = (input, delivery, err);
         async { Ok(()) }
     }
 }
 
-/// Where and how a stage consumes.
+/// Where and how a stage consumes. The durable consumer itself is
+/// provisioned from `nats/` (see [`crate::nats::provision`]).
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
     /// Stage name for metrics, logs and the dead-letter subject.
@@ -145,6 +208,19 @@ pub struct ConsumerSpec {
     /// Messages handled at the same time.
     pub concurrency: usize,
     pub max_deliver: i64,
+}
+
+impl ConsumerSpec {
+    /// `stage` consuming `stream` through `durable`, `concurrency` messages
+    /// at a time, with the configured `nats.max_deliver`.
+    pub fn new(ctx: &StageContext, stage: &'static str, stream: String, durable: String, concurrency: usize) -> Self {
+        ConsumerSpec { stage, stream, durable, concurrency, max_deliver: ctx.config.nats.max_deliver }
+    }
+
+    /// Runs `handler` on this consumer until `shutdown` (see [`run`]).
+    pub async fn run<H: Handler>(self, ctx: &StageContext, handler: Arc<H>, shutdown: CancellationToken) -> Result<()> {
+        run(ctx.js.clone(), ctx.names.clone(), self, handler, ctx.metrics.clone(), shutdown).await
+    }
 }
 
 /// How long one pull request waits on the server for messages. Short, so
@@ -275,7 +351,19 @@ async fn process<H: Handler>(
             }
         })
     };
-    let result = handler.handle(&msg).await;
+    let delivery = Delivery { subject: msg.subject.to_string(), delivered, stream_sequence: seq };
+    // Decoded once; the handler gets the typed message.
+    let result = match H::Input::decode(names, &delivery, &msg.payload) {
+        Ok(input) => {
+            let doc_id = input.doc_id().map(str::to_string);
+            let result = handler.handle(input, &delivery).await;
+            result.map_err(|e| match &doc_id {
+                Some(d) => e.or_doc(d),
+                None => e,
+            })
+        }
+        Err(e) => Err(handler.undecodable(&msg.payload, &delivery, StageError::bad_message(e)).await),
+    };
     keepalive.abort();
     metrics.observe_handling(spec.stage, started.elapsed());
 
@@ -307,11 +395,13 @@ async fn process<H: Handler>(
             } else {
                 tracing::error!(stage = spec.stage, subject = %msg.subject, attempt = delivered, error = %err, "retries exhausted; dead-lettering");
             }
-            let payload = handler.redact(&msg.payload);
-            match dead_letter(js, names, spec.stage, &msg.subject, payload, &err, delivered).await {
+            match dead_letter(js, names, spec.stage, &msg.subject, msg.payload.to_vec(), &err, delivered).await {
                 Ok(()) => {
-                    if err.kind == ErrorKind::Transient {
-                        if let Err(e) = handler.give_up(&msg, &err).await {
+                    // A transient failure decoded; decoding again is cheaper
+                    // than keeping a copy of every message for this rare path.
+                    let input = H::Input::decode(names, &delivery, &msg.payload);
+                    if let (ErrorKind::Transient, Ok(input)) = (err.kind, input) {
+                        if let Err(e) = handler.give_up(input, &delivery, &err).await {
                             tracing::error!(stage = spec.stage, error = %e, "could not report the failure downstream");
                         }
                     }

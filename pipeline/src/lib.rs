@@ -27,5 +27,5 @@ pub mod stage;
 pub mod util;
 
 pub use config::Config;
-pub use consumer::{ErrorKind, Handler, StageError};
+pub use consumer::{ConsumerSpec, Delivery, ErrorKind, Handler, StageError};
 pub use stage::StageContext;

@@ -55,10 +55,7 @@ impl StageContext {
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.
     pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool, crate::consumer::StageError> {
-        self.events
-            .is_cancelled(doc_id)
-            .await
-            .map_err(|e| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id))
+        self.events.is_cancelled(doc_id).await.map_err(|e| crate::consumer::StageError::nats(e).doc(doc_id))
     }
 
     /// Whether page `page` of `doc_id` already reached `state`.
@@ -68,8 +65,7 @@ impl StageContext {
         page: u32,
         state: pagestream_schemas::EventState,
     ) -> Result<bool, crate::consumer::StageError> {
-        let err =
-            |e: &dyn std::fmt::Display| crate::consumer::StageError::transient("nats", format!("{e:#}")).doc(doc_id);
+        let err = |e: &dyn std::fmt::Display| crate::consumer::StageError::nats(e).doc(doc_id);
         let reached = self.events.page_reached(doc_id, page, state).await.map_err(|e| err(&e))?;
         if reached {
             // A crash between the event and its counter leaves the page

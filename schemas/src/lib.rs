@@ -50,6 +50,10 @@ pub trait Message: Serialize + DeserializeOwned {
     const KIND: &'static str;
     /// Checks invariants serde cannot express (ids, exactly-one-of fields).
     fn validate(&self) -> Result<(), String>;
+    /// The document the message is about, if it names one.
+    fn doc_id(&self) -> Option<&str> {
+        None
+    }
 }
 
 #[derive(Deserialize)]

@@ -539,6 +539,9 @@ impl ImageRef {
 
 impl Message for DocumentSubmitted {
     const KIND: &'static str = "DocumentSubmitted";
+    fn doc_id(&self) -> Option<&str> {
+        Some(&self.doc_id)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         let set = [self.source.inline.is_some(), self.source.blob.is_some(), self.source.url.is_some()];
@@ -573,6 +576,9 @@ impl Message for DocumentSubmitted {
 
 impl Message for PageRendered {
     const KIND: &'static str = "PageRendered";
+    fn doc_id(&self) -> Option<&str> {
+        Some(&self.doc_id)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
@@ -582,6 +588,9 @@ impl Message for PageRendered {
 
 impl Message for PageInferred {
     const KIND: &'static str = "PageInferred";
+    fn doc_id(&self) -> Option<&str> {
+        Some(&self.doc_id)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
@@ -595,6 +604,9 @@ impl Message for PageInferred {
 
 impl Message for DocumentFailed {
     const KIND: &'static str = "DocumentFailed";
+    fn doc_id(&self) -> Option<&str> {
+        Some(&self.doc_id)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }
@@ -602,6 +614,9 @@ impl Message for DocumentFailed {
 
 impl Message for DocumentCancelled {
     const KIND: &'static str = "DocumentCancelled";
+    fn doc_id(&self) -> Option<&str> {
+        Some(&self.doc_id)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }
@@ -609,6 +624,9 @@ impl Message for DocumentCancelled {
 
 impl Message for Event {
     const KIND: &'static str = "Event";
+    fn doc_id(&self) -> Option<&str> {
+        Some(&self.doc_id)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }
@@ -616,6 +634,9 @@ impl Message for Event {
 
 impl Message for DeadLetter {
     const KIND: &'static str = "DeadLetter";
+    fn doc_id(&self) -> Option<&str> {
+        self.doc_id.as_deref()
+    }
     fn validate(&self) -> Result<(), String> {
         Ok(())
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage};
 use pagestream_e2e::{iou, render_pages, repo_root};
 use pagestream_inferencer::backend::{BackendKind, Device, EngineOptions, OutTensor};
+use pagestream_inferencer::engine::LoadError;
 use pagestream_inferencer::Detector;
 use pagestream_pipeline::config::InferencerConfig;
 use pagestream_pipeline::Config;
@@ -246,7 +247,7 @@ fn manifest_mismatches_fail_with_precise_messages() {
         for backend in [BackendKind::Ort, BackendKind::Tract] {
             let err =
                 Detector::load_with(&cfg, name, &opts(backend, 1)).err().unwrap_or_else(|| panic!("{name} loaded"));
-            assert!(err.contains(want), "{name} on {backend:?}: {err}");
+            assert!(err.to_string().contains(want), "{name} on {backend:?}: {err}");
         }
     }
 }
@@ -259,6 +260,8 @@ fn cuda_is_required_or_falls_back() {
     let mut o = opts(BackendKind::Ort, 1);
     o.device = Device::Cuda;
     let err = Detector::load_with(&cfg, "layout_cdla", &o).err().expect("the CPU build of libonnxruntime has no CUDA");
+    assert!(matches!(err, LoadError::Backend(_)), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("has no CUDA execution provider"), "{err}");
     assert!(err.contains("onnxruntime-gpu") && err.contains("cuDNN 9"), "{err}");
     o.device = Device::Auto;

@@ -16,9 +16,9 @@ use image::RgbImage;
 use pagestream_schemas::Detection;
 use tokio::sync::oneshot;
 
-use crate::engine::{DetectTimings, Detector};
+use crate::engine::{DetectTimings, Detector, RunError};
 
-type Answer = Result<(Vec<Detection>, DetectTimings), String>;
+type Answer = Result<(Vec<Detection>, DetectTimings), RunError>;
 
 struct Job {
     img: RgbImage,
@@ -50,8 +50,8 @@ impl Batcher {
     /// Detects on one page, batched with whatever else is waiting.
     pub async fn detect(&self, img: RgbImage) -> Answer {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Job { img, reply }).map_err(|_| "the inference thread has stopped".to_string())?;
-        answer.await.map_err(|_| "the inference thread dropped the page".to_string())?
+        self.tx.send(Job { img, reply }).map_err(|_| RunError::Backend("the inference thread has stopped".into()))?;
+        answer.await.map_err(|_| RunError::Backend("the inference thread dropped the page".into()))?
     }
 }
 

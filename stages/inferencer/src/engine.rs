@@ -33,53 +33,83 @@ pub struct DetectTimings {
     pub decode_ms: f32,
 }
 
+/// Why a model could not be loaded; the message names the model and what
+/// to do about it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoadError {
+    /// Its manifest is missing or invalid.
+    #[error("{0}")]
+    Manifest(String),
+    /// Its weights are missing, or are not the ones the manifest names.
+    #[error("{0}")]
+    Weights(String),
+    /// The backend could not load it (library, CUDA, an unsupported operator).
+    #[error("{0}")]
+    Backend(String),
+    /// The model's inputs, outputs or labels do not fit its manifest.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Why running the model on a batch of pages failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RunError {
+    /// The backend failed to run the model.
+    #[error("{0}")]
+    Backend(String),
+    /// The outputs could not be decoded into detections.
+    #[error("{0}")]
+    Decode(String),
+}
+
 impl EngineOptions {
     /// The options a config asks for.
-    pub fn from_config(cfg: &InferencerConfig) -> Result<EngineOptions, String> {
+    pub fn from_config(cfg: &InferencerConfig) -> EngineOptions {
         let threads = if cfg.threads == 0 {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         } else {
             cfg.threads
         };
-        Ok(EngineOptions {
+        EngineOptions {
             backend: cfg.backend,
             device: cfg.device,
             threads,
             sessions: if cfg.ort_sessions == 0 { threads } else { cfg.ort_sessions },
             onnxruntime_library: cfg.onnxruntime_library.clone(),
-        })
+        }
     }
 }
 
 impl Detector {
     /// Loads `model` as the config says (backend, device, threads).
-    pub fn load(cfg: &InferencerConfig, model: &str) -> Result<Detector, String> {
-        Detector::load_with(cfg, model, &EngineOptions::from_config(cfg)?)
+    pub fn load(cfg: &InferencerConfig, model: &str) -> Result<Detector, LoadError> {
+        Detector::load_with(cfg, model, &EngineOptions::from_config(cfg))
     }
 
     /// Loads `model` (manifest from `cfg.models_dir`, weights from
     /// `cfg.weights_dir`) with explicit engine options.
-    pub fn load_with(cfg: &InferencerConfig, model: &str, opts: &EngineOptions) -> Result<Detector, String> {
-        let manifest = Manifest::load(&cfg.models_dir, model)?;
+    pub fn load_with(cfg: &InferencerConfig, model: &str, opts: &EngineOptions) -> Result<Detector, LoadError> {
+        let manifest = Manifest::load(&cfg.models_dir, model).map_err(LoadError::Manifest)?;
         let weights = manifest.weights_path(&cfg.weights_dir);
         let bytes = std::fs::read(&weights).map_err(|e| {
-            format!(
+            LoadError::Weights(format!(
                 "model {model}: cannot read weights {}: {e} (run scripts/setup, or set PAGESTREAM_INFERENCER_WEIGHTS_DIR)",
                 weights.display()
-            )
+            ))
         })?;
         let sha = hex::encode(Sha256::digest(&bytes));
         if sha != manifest.weights.sha256 {
-            return Err(format!(
+            return Err(LoadError::Weights(format!(
                 "model {model}: {} has sha256 {sha}, the manifest expects {} (re-run scripts/setup)",
                 weights.display(),
                 manifest.weights.sha256
-            ));
+            )));
         }
         let input = &manifest.input;
-        let backend_impl = backend::load(opts, model, &bytes, (&input.name, input.width, input.height))?;
-        let labels = resolve_labels(&manifest, backend_impl.io())?;
-        check_io(&manifest, backend_impl.io(), labels.len())?;
+        let backend_impl =
+            backend::load(opts, model, &bytes, (&input.name, input.width, input.height)).map_err(LoadError::Backend)?;
+        let labels = resolve_labels(&manifest, backend_impl.io()).map_err(LoadError::Mismatch)?;
+        check_io(&manifest, backend_impl.io(), labels.len()).map_err(LoadError::Mismatch)?;
         Ok(Detector {
             model: ModelRef { name: manifest.name.clone(), sha256: sha },
             manifest,
@@ -106,13 +136,13 @@ impl Detector {
     }
 
     /// Runs the model on one page image; boxes are in that image's pixels.
-    pub fn detect(&self, img: &RgbImage) -> Result<(Vec<Detection>, DetectTimings), String> {
+    pub fn detect(&self, img: &RgbImage) -> Result<(Vec<Detection>, DetectTimings), RunError> {
         let mut all = self.detect_batch(&[img])?;
         Ok(all.pop().expect("one result per image"))
     }
 
     /// Runs the model on several pages, as few runs as the model allows.
-    pub fn detect_batch(&self, imgs: &[&RgbImage]) -> Result<Vec<(Vec<Detection>, DetectTimings)>, String> {
+    pub fn detect_batch(&self, imgs: &[&RgbImage]) -> Result<Vec<(Vec<Detection>, DetectTimings)>, RunError> {
         let mut results = Vec::with_capacity(imgs.len());
         for chunk in imgs.chunks(self.max_batch().max(1)) {
             let started = Instant::now();
@@ -122,7 +152,8 @@ impl Detector {
                 .iter()
                 .enumerate()
                 .map(|(item, tr)| self.decode(&outputs, item, chunk.len(), tr))
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(RunError::Decode)?;
             let n = chunk.len() as f32;
             t.decode_ms = ms(started_decode) / n;
             t.model_ms = ms(started) / n - t.preprocess_ms - t.decode_ms;
@@ -132,11 +163,11 @@ impl Detector {
     }
 
     /// The model's raw outputs for one page (parity checks between backends).
-    pub fn raw_outputs(&self, img: &RgbImage) -> Result<Vec<OutTensor>, String> {
+    pub fn raw_outputs(&self, img: &RgbImage) -> Result<Vec<OutTensor>, RunError> {
         Ok(self.run(&[img])?.0)
     }
 
-    fn run(&self, imgs: &[&RgbImage]) -> Result<(Vec<OutTensor>, Vec<Transform>, DetectTimings), String> {
+    fn run(&self, imgs: &[&RgbImage]) -> Result<(Vec<OutTensor>, Vec<Transform>, DetectTimings), RunError> {
         let mut t = DetectTimings::default();
         let started = Instant::now();
         let input = &self.manifest.input;
@@ -146,7 +177,7 @@ impl Detector {
             imgs.iter().zip(data.chunks_exact_mut(per)).map(|(img, out)| to_tensor_into(img, input, out)).collect();
         t.preprocess_ms = ms(started) / imgs.len() as f32;
         let shape = [imgs.len(), 3, input.height as usize, input.width as usize];
-        let outputs = self.backend_impl.run(data, shape)?;
+        let outputs = self.backend_impl.run(data, shape).map_err(RunError::Backend)?;
         Ok((outputs, transforms, t))
     }
 

@@ -33,15 +33,14 @@ pub mod yolov8;
 use std::sync::Arc;
 
 use anyhow::Result;
-use async_nats::jetstream;
 use image::RgbImage;
 use pagestream_pipeline::blob::{read_image, BlobStore};
-use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
+use pagestream_pipeline::consumer::{transient, ConsumerSpec, Delivery, Handler, StageError};
 use pagestream_pipeline::metrics::{ModelLabel, ModelLabels};
 use pagestream_pipeline::progress::{publish_message, Progress};
 use pagestream_pipeline::registry;
 use pagestream_pipeline::StageContext;
-use pagestream_schemas::{decode, EventState, ModelReplica, PageInferred, PageRendered, Timings, VERSION};
+use pagestream_schemas::{EventState, ModelReplica, PageInferred, PageRendered, Timings, VERSION};
 use tokio_util::sync::CancellationToken;
 
 pub use batch::Batcher;
@@ -77,7 +76,7 @@ impl Inferencer {
         for name in cfg.served_models() {
             let c = cfg.clone();
             let detector = tokio::task::spawn_blocking(move || -> Result<Detector, String> {
-                let d = Detector::load(&c, &name)?;
+                let d = Detector::load(&c, &name).map_err(|e| e.to_string())?;
                 // Warm up so the first real page is not slow and readiness is honest.
                 d.detect(&RgbImage::new(64, 64)).map_err(|e| format!("model {name}: warm-up failed: {e}"))?;
                 Ok(d)
@@ -198,13 +197,11 @@ impl Inferencer {
     /// Publishes the result (or the failure) of a page downstream.
     async fn forward(&self, out: &PageInferred) -> Result<(), StageError> {
         let id = format!("{}:{}:inferred", out.doc_id, out.page);
-        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, out)
-            .await
-            .map_err(transient("nats_publish"))?;
+        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, out).await.map_err(StageError::publish)?;
         self.progress
             .page(&out.doc_id, out.page, EventState::Inferred, None, out.timings.infer_ms)
             .await
-            .map_err(transient("nats_publish"))
+            .map_err(StageError::publish)
     }
 
     async fn infer(&self, page: PageRendered, queue: &str) -> Result<(), StageError> {
@@ -278,14 +275,15 @@ impl Inferencer {
 
 /// The model whose queue a message came from: the last token of
 /// `<p>.pages.rendered.<model>`.
-fn queue_of(msg: &jetstream::Message) -> &str {
-    msg.subject.as_str().rsplit('.').next().unwrap_or("")
+fn queue_of(delivery: &Delivery) -> &str {
+    delivery.subject.rsplit('.').next().unwrap_or("")
 }
 
 impl Handler for Inferencer {
-    async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let page: PageRendered = decode(&msg.payload).map_err(|e| StageError::permanent("bad_message", e))?;
-        let queue = queue_of(msg);
+    type Input = PageRendered;
+
+    async fn handle(&self, page: PageRendered, delivery: &Delivery) -> Result<(), StageError> {
+        let queue = queue_of(delivery);
         let doc_id = page.doc_id.clone();
         if self.ctx.is_cancelled(&doc_id).await? {
             tracing::debug!(doc_id, page = page.page, "document cancelled; page skipped");
@@ -295,14 +293,13 @@ impl Handler for Inferencer {
             }
             return Ok(());
         }
-        self.infer(page, queue).await.map_err(|e| e.or_doc(&doc_id))
+        self.infer(page, queue).await
     }
 
     /// Retries exhausted: the page goes downstream as failed, so its
     /// document still finishes (`completed_with_errors`).
-    async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
-        let Ok(page) = decode::<PageRendered>(&msg.payload) else { return Ok(()) };
-        let mut out = self.output(&page, queue_of(msg));
+    async fn give_up(&self, page: PageRendered, delivery: &Delivery, err: &StageError) -> Result<(), StageError> {
+        let mut out = self.output(&page, queue_of(delivery));
         out.image = None;
         out.error = Some(err.info().at_stage(STAGE));
         self.forward(&out).await?;
@@ -355,15 +352,15 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         // keep every inference thread busy, plus one: the next page is
         // fetched and decoded while the model runs, so the model never
         // waits for NATS or the PNG decoder.
-        let spec = ConsumerSpec {
-            stage: STAGE,
-            stream: ctx.names.pages_stream(),
-            durable: ctx.names.model_consumer(&b.detector.model.name),
-            concurrency: (b.detector.parallel_runs() + 1).max(batch),
-            max_deliver: ctx.config.nats.max_deliver,
-        };
+        let spec = ConsumerSpec::new(
+            &ctx,
+            STAGE,
+            ctx.names.pages_stream(),
+            ctx.names.model_consumer(&b.detector.model.name),
+            (b.detector.parallel_runs() + 1).max(batch),
+        );
         let (c, h, s) = (ctx.clone(), inferencer.clone(), shutdown.clone());
-        loops.spawn(async move { consumer::run(c.js.clone(), c.names.clone(), spec, h, c.metrics.clone(), s).await });
+        loops.spawn(async move { spec.run(&c, h, s).await });
     }
     while let Some(done) = loops.join_next().await {
         done??;

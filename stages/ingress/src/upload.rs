@@ -305,7 +305,7 @@ where
         let mut state = check.lock().expect("upload check lock");
         match (put, state.failure.take()) {
             (_, Some(err)) => Err(err),
-            (Err(e), None) if pagestream_pipeline::nats::is_storage_full(&format!("{e:#}")) => Err(ApiError::new(
+            (Err(e), None) if e.is_storage_full() => Err(ApiError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "storage_full",
                 "the blob store is full (nats.max_blob_bytes); documents already accepted go on, retry later",

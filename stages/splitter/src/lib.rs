@@ -41,15 +41,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use async_nats::jetstream;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
-use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
+use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Delivery, Handler, StageError};
 use pagestream_pipeline::progress::{publish_message, DocState};
 use pagestream_pipeline::registry::LiveModels;
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
-    decode, encode, peek_doc_id, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef,
+    encode, peek_doc_id, DocInfo, DocumentFailed, DocumentSubmitted, ErrorInfo, EventState, ImageRef, ModelRef,
     PageInferred, PageRendered, Timings, VERSION,
 };
 use serde_bytes::ByteBuf;
@@ -145,7 +144,7 @@ impl Splitter {
                 counters.get(doc_id, EventState::Uploaded),
                 counters.get(doc_id, EventState::Failed),
             )
-            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+            .map_err(StageError::nats)?;
             let done = uploaded.union_len(&failed);
             if rendered.len().saturating_sub(done) < limit {
                 if waited {
@@ -225,11 +224,8 @@ impl Splitter {
         let names = &self.ctx.names;
         publish_message(&self.ctx.js, names.docs_failed(), &format!("{}:failed", sub.doc_id), &failed)
             .await
-            .map_err(transient("nats_publish"))?;
-        self.progress
-            .doc(&sub.doc_id, EventState::Failed, None, Some(error))
-            .await
-            .map_err(transient("nats_publish"))?;
+            .map_err(StageError::publish)?;
+        self.progress.doc(&sub.doc_id, EventState::Failed, None, Some(error)).await.map_err(StageError::publish)?;
         self.ctx.metrics.document(STAGE, "failed");
         Ok(())
     }
@@ -276,7 +272,7 @@ impl Splitter {
         let ctx = &self.ctx;
         let status = pagestream_pipeline::progress::read_status(&ctx.js, &ctx.names, &ctx.counters, doc_id, false)
             .await
-            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+            .map_err(StageError::nats)?;
         Ok(status.map(|s| s.state))
     }
 
@@ -286,12 +282,7 @@ impl Splitter {
         doc_id: &str,
         pages: std::ops::RangeInclusive<u32>,
     ) -> Result<HashSet<u32>, StageError> {
-        let set = self
-            .ctx
-            .counters
-            .get(doc_id, EventState::Rendered)
-            .await
-            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        let set = self.ctx.counters.get(doc_id, EventState::Rendered).await.map_err(StageError::nats)?;
         Ok(pages.filter(|p| set.contains(*p)).collect())
     }
 
@@ -309,10 +300,10 @@ impl Splitter {
             file.write_all(bytes).await.map_err(transient("tempfile"))?;
         } else if let Some(key) = &src.blob {
             if let Err(e) = self.blobs.copy_to(key, &mut file).await {
-                return Err(if BlobStore::is_not_found(&e) {
+                return Err(if e.is_not_found() {
                     StageError::permanent("source_missing", format!("blob {key:?} does not exist in the blob store"))
                 } else {
-                    StageError::transient("blob_store", format!("{e:#}"))
+                    StageError::blob_store(e)
                 });
             }
         } else {
@@ -342,10 +333,7 @@ impl Splitter {
             ImageRef { format: "png".into(), inline: Some(ByteBuf::from(page.png)), blob: None }
         } else {
             let key = page_image_key(&sub.doc_id, page.page, "png");
-            self.blobs
-                .put_bytes(&key, &page.png)
-                .await
-                .map_err(|e| StageError::transient("blob_store", format!("{e:#}")))?;
+            self.blobs.put_bytes(&key, &page.png).await.map_err(StageError::blob_store)?;
             ImageRef { format: "png".into(), inline: None, blob: Some(key) }
         };
         let msg = PageRendered {
@@ -365,7 +353,7 @@ impl Splitter {
         self.progress
             .page(&sub.doc_id, page.page, EventState::Rendered, None, Some(page.render_ms))
             .await
-            .map_err(transient("nats_publish"))?;
+            .map_err(StageError::publish)?;
         self.ctx.metrics.page(STAGE);
         Ok(())
     }
@@ -398,7 +386,7 @@ impl Splitter {
                     self.yield_if_slow(started, &msg.doc_id)?;
                     self.pause(&mut delay, Duration::from_millis(250), "the pages stream was full").await?;
                 }
-                Err(e) => return Err(StageError::transient("nats_publish", e)),
+                Err(e) => return Err(StageError::publish(e)),
             }
         }
     }
@@ -426,13 +414,8 @@ impl Splitter {
             error: Some(error.at_stage(STAGE)),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page);
-        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg)
-            .await
-            .map_err(transient("nats_publish"))?;
-        self.progress
-            .page(&sub.doc_id, page, EventState::Rendered, None, None)
-            .await
-            .map_err(transient("nats_publish"))?;
+        publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg).await.map_err(StageError::publish)?;
+        self.progress.page(&sub.doc_id, page, EventState::Rendered, None, None).await.map_err(StageError::publish)?;
         self.ctx.metrics.page_failure(STAGE);
         Ok(())
     }
@@ -535,7 +518,7 @@ impl Splitter {
                 }),
                 ..DocInfo::default()
             };
-            self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(transient("nats_publish"))?;
+            self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(StageError::publish)?;
         }
         while let Some(event) = events.recv().await {
             if self.ctx.is_cancelled(&doc_id).await? {
@@ -556,7 +539,7 @@ impl Splitter {
                         let subject = self.ctx.names.docs_submitted();
                         consumer::dead_letter(&self.ctx.js, &self.ctx.names, STAGE, &subject, encode(&sub), &err, 1)
                             .await
-                            .map_err(|e| StageError::transient("nats_publish", format!("{e:#}")))?;
+                            .map_err(|e| StageError::publish(format!("{e:#}")))?;
                     }
                     self.publish_failed_page(&sub, page_count, page, ErrorInfo::new(code, message)).await?;
                 }
@@ -568,7 +551,7 @@ impl Splitter {
             let id = format!("{doc_id}:split:{}", end + 1);
             publish_message(&self.ctx.js, self.ctx.names.docs_split(priority.as_str()), &id, &next)
                 .await
-                .map_err(transient("nats_publish"))?;
+                .map_err(StageError::publish)?;
             self.ctx.metrics.message(STAGE, "turn");
             tracing::debug!(doc_id, next = end + 1, page_count, "turn done; the rest is queued");
             return Ok(());
@@ -602,9 +585,8 @@ impl Splitter {
     /// Makes a document whose turn cannot run now wait: the message is
     /// delivered again after a delay; before it would reach `max_deliver`
     /// the turn is queued again as a fresh message instead.
-    async fn defer(&self, msg: &jetstream::Message, sub: DocumentSubmitted, e: StageError) -> Result<(), StageError> {
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-        if delivered + 1 < self.ctx.config.nats.max_deliver {
+    async fn defer(&self, delivery: &Delivery, sub: DocumentSubmitted, e: StageError) -> Result<(), StageError> {
+        if delivery.delivered + 1 < self.ctx.config.nats.max_deliver {
             return Err(e.doc(&sub.doc_id));
         }
         tokio::time::sleep(consumer::DEFER_DELAY).await;
@@ -615,7 +597,7 @@ impl Splitter {
         let id = format!("{}:wait:{start}:{stamp}", again.doc_id);
         publish_message(&self.ctx.js, self.ctx.names.docs_split(priority.as_str()), &id, &again)
             .await
-            .map_err(transient("nats_publish"))?;
+            .map_err(StageError::publish)?;
         tracing::debug!(doc_id = again.doc_id, reason = %e, "still waiting; turn queued again");
         Ok(())
     }
@@ -632,53 +614,38 @@ impl Splitter {
             model: sub.options.model.clone(),
             ..DocInfo::default()
         };
-        self.progress.doc(&sub.doc_id, EventState::Queued, Some(info), None).await.map_err(transient("nats_publish"))
+        self.progress.doc(&sub.doc_id, EventState::Queued, Some(info), None).await.map_err(StageError::publish)
     }
 }
 
 impl Handler for Splitter {
-    async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let sub: DocumentSubmitted = match decode(&msg.payload) {
-            Ok(sub) => sub,
-            Err(e) => {
-                let err = StageError::permanent("bad_message", e);
-                return Err(match peek_doc_id(&msg.payload) {
-                    Some(doc_id) => self.refuse(&doc_id, None, err).await?,
-                    None => err,
-                });
-            }
-        };
-        let doc_id = sub.doc_id.clone();
-        if sub.start_page.is_some() && msg.subject.as_str() == self.ctx.names.docs_submitted() {
-            let err = StageError::permanent(
-                "bad_message",
+    type Input = DocumentSubmitted;
+
+    async fn handle(&self, sub: DocumentSubmitted, delivery: &Delivery) -> Result<(), StageError> {
+        if sub.start_page.is_some() && delivery.subject == self.ctx.names.docs_submitted() {
+            let err = StageError::bad_message(
                 "start_page is set by the splitter only (on docs.split.*); a submission must leave it unset",
             );
-            return Err(self.refuse(&doc_id, Some(&sub), err).await?);
+            return Err(self.refuse(&sub.doc_id, Some(&sub), err).await?);
         }
         match self.split(sub.clone()).await {
-            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Deferred => self.defer(msg, sub, e).await,
-            other => other.map_err(|e| e.or_doc(&doc_id)),
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Deferred => self.defer(delivery, sub, e).await,
+            other => other,
+        }
+    }
+
+    /// A submission that does not decode but names a valid document: the
+    /// document fails with the reason (see [`Splitter::refuse`]).
+    async fn undecodable(&self, payload: &[u8], _: &Delivery, err: StageError) -> StageError {
+        match peek_doc_id(payload) {
+            Some(doc_id) => self.refuse(&doc_id, None, err).await.unwrap_or_else(|e| e),
+            None => err,
         }
     }
 
     /// Retries exhausted (blob store or NATS down for good): the document fails.
-    async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
-        match decode::<DocumentSubmitted>(&msg.payload) {
-            Ok(sub) => self.fail_document(&sub, err.info()).await,
-            Err(_) => Ok(()),
-        }
-    }
-
-    /// Dead letters keep the submission, minus its password.
-    fn redact(&self, payload: &[u8]) -> Vec<u8> {
-        match decode::<DocumentSubmitted>(payload) {
-            Ok(mut sub) if sub.options.password.is_some() => {
-                sub.options = sub.options.without_secrets();
-                encode(&sub)
-            }
-            _ => payload.to_vec(),
-        }
+    async fn give_up(&self, sub: DocumentSubmitted, _: &Delivery, err: &StageError) -> Result<(), StageError> {
+        self.fail_document(&sub, err.info()).await
     }
 }
 
@@ -701,13 +668,8 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
 
 /// Runs the splitter until `shutdown`.
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let spec = ConsumerSpec {
-        stage: STAGE,
-        stream: ctx.names.docs_stream(),
-        durable: "splitter".into(),
-        concurrency: ctx.config.splitter.concurrency,
-        max_deliver: ctx.config.nats.max_deliver,
-    };
+    let spec =
+        ConsumerSpec::new(&ctx, STAGE, ctx.names.docs_stream(), "splitter".into(), ctx.config.splitter.concurrency);
     let splitter = Arc::new(Splitter::new(ctx.clone(), shutdown.clone()).await?);
-    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, splitter, ctx.metrics.clone(), shutdown).await
+    spec.run(&ctx, splitter, shutdown).await
 }

@@ -65,18 +65,30 @@ pub struct Renderer {
     jobs: mpsc::Sender<Job>,
 }
 
-static RENDERER: OnceLock<Mutex<Option<Result<Renderer, String>>>> = OnceLock::new();
+/// Why the renderer could not start.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RenderError {
+    #[error("libpdfium not found at {} (set PAGESTREAM_SPLITTER_PDFIUM_LIBRARY, or run scripts/setup to install it)", .0.display())]
+    LibraryMissing(PathBuf),
+    #[error("cannot load libpdfium from {}: {reason}", path.display())]
+    LibraryUnusable { path: PathBuf, reason: String },
+    /// The render thread or the render-worker process could not start.
+    #[error("{0}")]
+    Start(String),
+}
+
+static RENDERER: OnceLock<Mutex<Option<Result<Renderer, RenderError>>>> = OnceLock::new();
 
 impl Renderer {
     /// Renders in a supervised worker process (see [`crate::worker`]); fails
     /// when the worker cannot start (library or binary missing).
-    pub fn isolated(options: crate::worker::WorkerOptions) -> Result<Renderer, String> {
-        crate::worker::start_supervisor(options).map(|jobs| Renderer { jobs })
+    pub fn isolated(options: crate::worker::WorkerOptions) -> Result<Renderer, RenderError> {
+        crate::worker::start_supervisor(options).map(|jobs| Renderer { jobs }).map_err(RenderError::Start)
     }
 
     /// Binds libpdfium in this process (once) and starts the render thread.
     /// Fails with a message naming the library and how to install it.
-    pub fn in_process(library: &Path) -> Result<Renderer, String> {
+    pub fn in_process(library: &Path) -> Result<Renderer, RenderError> {
         let cell = RENDERER.get_or_init(|| Mutex::new(None));
         let mut slot = cell.lock().expect("renderer lock");
         if let Some(r) = slot.as_ref() {
@@ -87,7 +99,7 @@ impl Renderer {
         r
     }
 
-    fn start(library: &Path) -> Result<Renderer, String> {
+    fn start(library: &Path) -> Result<Renderer, RenderError> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let lib = library.to_path_buf();
@@ -106,8 +118,8 @@ impl Renderer {
                     render_document(&pdfium, &req, &mut |event| out.blocking_send(event).is_ok());
                 }
             })
-            .map_err(|e| format!("cannot start render thread: {e}"))?;
-        ready_rx.recv().map_err(|_| "render thread exited during start-up".to_string())??;
+            .map_err(|e| RenderError::Start(format!("cannot start render thread: {e}")))?;
+        ready_rx.recv().map_err(|_| RenderError::Start("render thread exited during start-up".into()))??;
         Ok(Renderer { jobs: jobs_tx })
     }
 
@@ -125,16 +137,13 @@ impl Renderer {
 }
 
 /// Binds libpdfium; the error names the library and how to install it.
-pub fn bind(library: &Path) -> Result<Pdfium, String> {
+pub fn bind(library: &Path) -> Result<Pdfium, RenderError> {
     if !library.exists() {
-        return Err(format!(
-            "libpdfium not found at {} (set PAGESTREAM_SPLITTER_PDFIUM_LIBRARY, or run scripts/setup to install it)",
-            library.display()
-        ));
+        return Err(RenderError::LibraryMissing(library.to_path_buf()));
     }
     Pdfium::bind_to_library(library)
         .map(Pdfium::new)
-        .map_err(|e| format!("cannot load libpdfium from {}: {e}", library.display()))
+        .map_err(|e| RenderError::LibraryUnusable { path: library.to_path_buf(), reason: e.to_string() })
 }
 
 /// Pixel size and effective DPI for a page of `width_pt × height_pt` at

@@ -14,14 +14,15 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use async_nats::jetstream;
 use pagestream_pipeline::blob::{read_image, upload_key, BlobStore};
-use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Handler, StageError};
+use pagestream_pipeline::consumer::{self, ConsumerSpec, Delivery, Handler, StageError};
+use pagestream_pipeline::nats::Names;
 use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress, ProgressError};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
 use pagestream_schemas::{
-    decode, DocInfo, DocumentCancelled, DocumentFailed, ErrorInfo, EventState, FinalStatus, ModelRef, PageInferred,
+    decode, DecodeError, DocInfo, DocumentCancelled, DocumentFailed, ErrorInfo, EventState, FinalStatus, ModelRef,
+    PageInferred,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -68,8 +69,7 @@ impl Uploader {
         // A page message cannot claim another page count than its document's
         // (a publisher on the internal subjects could otherwise inflate the
         // counts or finish a document early).
-        let known =
-            self.ctx.events.page_count(&doc_id).await.map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+        let known = self.ctx.events.page_count(&doc_id).await.map_err(StageError::nats)?;
         if let Some(n) = known.filter(|n| *n != msg.page_count || msg.page > *n) {
             if let Some(key) = msg.image.as_ref().and_then(|i| i.blob.as_ref()) {
                 let _ = self.blobs.delete(key).await;
@@ -86,7 +86,7 @@ impl Uploader {
                 self.progress
                     .page(&doc_id, msg.page, EventState::Failed, Some(err.clone()), None)
                     .await
-                    .map_err(transient("nats_publish"))?;
+                    .map_err(StageError::publish)?;
                 self.ctx.metrics.page_failure(STAGE);
             }
             (None, Some(image)) => {
@@ -120,7 +120,7 @@ impl Uploader {
                 self.progress
                     .page(&doc_id, msg.page, EventState::Uploaded, None, Some(started.elapsed().as_secs_f32() * 1000.0))
                     .await
-                    .map_err(transient("nats_publish"))?;
+                    .map_err(StageError::publish)?;
                 if let Some(key) = &image.blob {
                     // Results are durable; the claim-check copy is garbage now.
                     if let Err(e) = self.blobs.delete(key).await {
@@ -141,7 +141,7 @@ impl Uploader {
     async fn finalize_if_done(&self, doc_id: &str, page_count: u32, model: Option<ModelRef>) -> Result<(), StageError> {
         // Cheap check first (two counter reads): only the last page(s) pay
         // for a full status read.
-        let nats = |e: anyhow::Error| StageError::transient("nats", format!("{e:#}"));
+        let nats = |e: anyhow::Error| StageError::nats(e);
         let counters = &self.ctx.counters;
         let (uploaded, failed) =
             tokio::try_join!(counters.get(doc_id, EventState::Uploaded), counters.get(doc_id, EventState::Failed))
@@ -151,7 +151,7 @@ impl Uploader {
         }
         let status = read_status(&self.ctx.js, &self.ctx.names, counters, doc_id, true)
             .await
-            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?
+            .map_err(StageError::nats)?
             .ok_or_else(|| StageError::transient("status_missing", format!("no events for {doc_id} yet")))?;
         if !status.all_pages_done() || status.state == DocState::Cancelled {
             return Ok(());
@@ -193,7 +193,7 @@ impl Uploader {
         // A document whose every page failed carries the reason, as a
         // document failure does.
         let error = manifest.error.clone();
-        self.progress.doc(doc_id, EventState::Completed, Some(info), error).await.map_err(transient("nats_publish"))?;
+        self.progress.doc(doc_id, EventState::Completed, Some(info), error).await.map_err(StageError::publish)?;
         self.ctx.metrics.document(STAGE, manifest.status.as_str());
         tracing::info!(doc_id, status = %manifest.status, manifest = %self.store.location(&key), "document finished");
         // The uploaded PDF is not needed any more (a splitter turn
@@ -208,14 +208,14 @@ impl Uploader {
     /// writes a manifest with the pages finished so far.
     async fn document_cancelled(&self, msg: DocumentCancelled) -> Result<(), StageError> {
         let doc_id = msg.doc_id.as_str();
-        let nats = |e: ProgressError| StageError::transient("nats", e);
+        let nats = |e: ProgressError| StageError::nats(e);
         let key = self.keys(doc_id).manifest();
         let info = DocInfo {
             status: Some(FinalStatus::Cancelled),
             manifest: Some(self.store.location(&key)),
             ..DocInfo::default()
         };
-        self.progress.doc(doc_id, EventState::Cancelled, Some(info), None).await.map_err(transient("nats_publish"))?;
+        self.progress.doc(doc_id, EventState::Cancelled, Some(info), None).await.map_err(StageError::publish)?;
         let Some(status) =
             read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc_id, true).await.map_err(nats)?
         else {
@@ -243,7 +243,7 @@ impl Uploader {
     async fn document_failed(&self, msg: DocumentFailed) -> Result<(), StageError> {
         let status = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, &msg.doc_id, false)
             .await
-            .map_err(|e| StageError::transient("nats", format!("{e:#}")))?;
+            .map_err(StageError::nats)?;
         if status.as_ref().is_some_and(|s| s.info.manifest.is_some()) {
             // Already finished (completed, cancelled, or this message
             // redelivered): a late failure never overwrites a manifest.
@@ -273,11 +273,42 @@ impl Uploader {
     }
 }
 
+/// What the uploader consumes: pages, and documents that failed or were
+/// cancelled as a whole (told apart by subject).
+#[derive(Debug)]
+pub enum UploaderInput {
+    Page(PageInferred),
+    Failed(DocumentFailed),
+    Cancelled(DocumentCancelled),
+}
+
+impl consumer::Input for UploaderInput {
+    fn decode(names: &Names, delivery: &Delivery, payload: &[u8]) -> Result<Self, DecodeError> {
+        Ok(if delivery.subject == names.docs_cancelled() {
+            UploaderInput::Cancelled(decode(payload)?)
+        } else if delivery.subject == names.docs_failed() {
+            UploaderInput::Failed(decode(payload)?)
+        } else {
+            UploaderInput::Page(decode(payload)?)
+        })
+    }
+
+    fn doc_id(&self) -> Option<&str> {
+        Some(match self {
+            UploaderInput::Page(m) => &m.doc_id,
+            UploaderInput::Failed(m) => &m.doc_id,
+            UploaderInput::Cancelled(m) => &m.doc_id,
+        })
+    }
+}
+
 impl Handler for Uploader {
+    type Input = UploaderInput;
+
     /// Retries exhausted (result store unreachable for good): the page is
     /// recorded as failed with the reason, and the manifest is attempted.
-    async fn give_up(&self, msg: &jetstream::Message, err: &StageError) -> Result<(), StageError> {
-        let Ok(page) = decode::<PageInferred>(&msg.payload) else { return Ok(()) };
+    async fn give_up(&self, input: UploaderInput, _: &Delivery, err: &StageError) -> Result<(), StageError> {
+        let UploaderInput::Page(page) = input else { return Ok(()) };
         let doc_id = &page.doc_id;
         // A page whose results are written (the manifest write was what
         // kept failing) is not failed after the fact: counts stay exact.
@@ -285,7 +316,7 @@ impl Handler for Uploader {
             self.progress
                 .page(doc_id, page.page, EventState::Failed, Some(err.info()), None)
                 .await
-                .map_err(transient("nats_publish"))?;
+                .map_err(StageError::publish)?;
             self.ctx.metrics.page_failure(STAGE);
         }
         if let Err(e) = self.finalize_if_done(doc_id, page.page_count, None).await {
@@ -298,40 +329,26 @@ impl Handler for Uploader {
                 format!("every page has an outcome, but the manifest could not be written: {e}"),
             )
             .at_stage(STAGE);
-            self.progress.doc(doc_id, EventState::Failed, None, Some(info)).await.map_err(transient("nats_publish"))?;
+            self.progress.doc(doc_id, EventState::Failed, None, Some(info)).await.map_err(StageError::publish)?;
             self.ctx.metrics.document(STAGE, "failed");
             tracing::error!(doc_id, error = %e, "manifest not written; document marked failed");
         }
         Ok(())
     }
 
-    async fn handle(&self, msg: &jetstream::Message) -> Result<(), StageError> {
-        let bad = |e| StageError::permanent("bad_message", e);
-        if msg.subject.as_str() == self.ctx.names.docs_cancelled() {
-            let cancelled: DocumentCancelled = decode(&msg.payload).map_err(bad)?;
-            let doc_id = cancelled.doc_id.clone();
-            self.document_cancelled(cancelled).await.map_err(|e| e.or_doc(&doc_id))
-        } else if msg.subject.as_str() == self.ctx.names.docs_failed() {
-            let failed: DocumentFailed = decode(&msg.payload).map_err(bad)?;
-            let doc_id = failed.doc_id.clone();
-            self.document_failed(failed).await.map_err(|e| e.or_doc(&doc_id))
-        } else {
-            let page: PageInferred = decode(&msg.payload).map_err(bad)?;
-            let doc_id = page.doc_id.clone();
-            self.page(page).await.map_err(|e| e.or_doc(&doc_id))
+    async fn handle(&self, input: UploaderInput, _: &Delivery) -> Result<(), StageError> {
+        match input {
+            UploaderInput::Page(page) => self.page(page).await,
+            UploaderInput::Failed(failed) => self.document_failed(failed).await,
+            UploaderInput::Cancelled(cancelled) => self.document_cancelled(cancelled).await,
         }
     }
 }
 
 /// Runs the uploader until `shutdown`.
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let spec = ConsumerSpec {
-        stage: STAGE,
-        stream: ctx.names.inferred_stream(),
-        durable: "uploader".into(),
-        concurrency: ctx.config.uploader.concurrency,
-        max_deliver: ctx.config.nats.max_deliver,
-    };
+    let spec =
+        ConsumerSpec::new(&ctx, STAGE, ctx.names.inferred_stream(), "uploader".into(), ctx.config.uploader.concurrency);
     let uploader = Arc::new(Uploader::new(ctx.clone()).await?);
-    consumer::run(ctx.js.clone(), ctx.names.clone(), spec, uploader, ctx.metrics.clone(), shutdown).await
+    spec.run(&ctx, uploader, shutdown).await
 }
