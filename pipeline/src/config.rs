@@ -45,8 +45,15 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// NATS server URL.
+    /// NATS server URL, or the URLs of a cluster's nodes, comma separated
+    /// (the client connects to one and fails over to the others).
     pub url: String,
+    /// Copies JetStream keeps of every stream, consumer, key-value bucket and
+    /// object store the pipeline creates: 1 on a single server, 3 on a
+    /// 3-node cluster (it then survives the loss of one node). Streams and
+    /// the object store follow a change at the next start; key-value
+    /// buckets keep the count they were created with.
+    pub replicas: usize,
     /// Prefix of every subject, stream and bucket (`[a-z0-9_-]`), so several
     /// pipelines can share one server.
     pub prefix: String,
@@ -321,10 +328,18 @@ pub struct UploaderConfig {
     pub admin_addr: String,
 }
 
+impl NatsConfig {
+    /// The server URLs of `url` (one, or a cluster's, comma separated).
+    pub fn urls(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+    }
+}
+
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
+            replicas: 1,
             prefix: "pagestream".into(),
             max_deliver: 5,
             ack_wait_secs: 60,
@@ -564,6 +579,12 @@ impl Config {
             if let Err(e) = pagestream_schemas::validate_model_name(&name) {
                 errors.push(format!("inferencer.model / inferencer.models: {e}"));
             }
+        }
+        if !(1..=5).contains(&self.nats.replicas) {
+            errors.push("nats.replicas must be within 1..=5 (JetStream's limit; 3 on a 3-node cluster)".into());
+        }
+        if self.nats.urls().is_empty() {
+            errors.push("nats.url: give at least one NATS URL".into());
         }
         if self.nats.max_deliver < 1 {
             errors.push("nats.max_deliver must be at least 1".into());

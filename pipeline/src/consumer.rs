@@ -244,6 +244,7 @@ pub async fn run<H: Handler>(
         .await
         .map_err(|e| anyhow::anyhow!("consumer {} on {}: {e}", spec.durable, spec.stream))?;
     let ack_wait = consumer.cached_info().config.ack_wait;
+    let lag = tokio::spawn(report_queue(consumer.clone(), spec.clone(), metrics.clone(), shutdown.clone()));
     let state = Arc::new(LoopState { ack_wait, deferred: std::sync::Mutex::default() });
     let concurrency = spec.concurrency.max(1);
     let permits = Arc::new(Semaphore::new(concurrency));
@@ -316,7 +317,37 @@ pub async fn run<H: Handler>(
     }
     tracing::info!(stage = spec.stage, in_flight = tasks.len(), "stopping: finishing in-flight messages");
     while tasks.join_next().await.is_some() {}
+    lag.abort();
     Ok(())
+}
+
+/// How often a consumer loop publishes its queue's lag.
+pub const QUEUE_REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// Publishes the consumer's lag (`pagestream_queue_pending`,
+/// `…_ack_pending`, `…_redelivered`) every [`QUEUE_REPORT_EVERY`], so any
+/// autoscaler can scale the stage on its own metrics.
+async fn report_queue(
+    mut consumer: jetstream::consumer::PullConsumer,
+    spec: ConsumerSpec,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let label = crate::metrics::QueueLabels { stage: spec.stage.to_string(), consumer: spec.durable.clone() };
+    loop {
+        match consumer.info().await {
+            Ok(info) => {
+                metrics.queue_pending.get_or_create(&label).set(info.num_pending as i64);
+                metrics.queue_ack_pending.get_or_create(&label).set(info.num_ack_pending as i64);
+                metrics.queue_redelivered.get_or_create(&label).set(info.num_redelivered as i64);
+            }
+            Err(e) => tracing::debug!(stage = spec.stage, error = %e, "reading the consumer's lag failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(QUEUE_REPORT_EVERY) => {}
+        }
+    }
 }
 
 async fn process<H: Handler>(

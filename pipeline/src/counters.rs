@@ -154,7 +154,8 @@ pub struct Counters {
 
 impl Counters {
     /// Opens (creating when missing) the bucket `<prefix>_progress`.
-    pub async fn open(js: &jetstream::Context, names: &Names) -> Result<Self> {
+    /// Opens the counters bucket, creating it with `replicas` copies.
+    pub async fn open(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<Self> {
         let kv = crate::nats::kv_bucket(
             js,
             kv::Config {
@@ -164,6 +165,7 @@ impl Counters {
                 // Same lifetime as the events they index.
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             },
         )

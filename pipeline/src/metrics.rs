@@ -28,6 +28,13 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// A stage's durable consumer (the inferencer has one per served model).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub stage: String,
+    pub consumer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
     pub model: String,
@@ -73,6 +80,9 @@ pub struct Metrics {
     /// `pagestream_model_pages_in_flight{model}`: pages delivered to a
     /// replica of the model and not yet acknowledged.
     pub model_in_flight: Family<ModelLabel, Gauge>,
+    pub queue_pending: Family<QueueLabels, Gauge>,
+    pub queue_ack_pending: Family<QueueLabels, Gauge>,
+    pub queue_redelivered: Family<QueueLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -98,6 +108,24 @@ impl Metrics {
         let model_pages = Family::<ModelLabel, Counter>::default();
         let model_pending = Family::<ModelLabel, Gauge>::default();
         let model_in_flight = Family::<ModelLabel, Gauge>::default();
+        let queue_pending = Family::<QueueLabels, Gauge>::default();
+        let queue_ack_pending = Family::<QueueLabels, Gauge>::default();
+        let queue_redelivered = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_pending",
+            "Messages waiting for a stage's consumer, not yet delivered (its queue lag: scale the stage on it)",
+            queue_pending.clone(),
+        );
+        registry.register(
+            "queue_ack_pending",
+            "Messages delivered to a stage's workers and not yet acknowledged",
+            queue_ack_pending.clone(),
+        );
+        registry.register(
+            "queue_redelivered",
+            "Messages of a stage's consumer delivered more than once and not yet acknowledged",
+            queue_redelivered.clone(),
+        );
         registry.register("messages", "Messages handled, by stage and outcome", messages.clone());
         registry.register("pages", "Pages processed, by stage", pages.clone());
         registry.register("page_failures", "Pages that failed permanently, by stage", page_failures.clone());
@@ -136,6 +164,9 @@ impl Metrics {
             model_pages,
             model_pending,
             model_in_flight,
+            queue_pending,
+            queue_ack_pending,
+            queue_redelivered,
         }
     }
 

@@ -133,7 +133,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context>
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))
-        .connect(&cfg.url);
+        .connect(cfg.urls());
     let client = match tokio::time::timeout_at(deadline, attempt).await {
         Ok(Ok(client)) => client,
         Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url)),
@@ -157,6 +157,7 @@ fn render_template(text: &str, names: &Names, cfg: &NatsConfig) -> String {
 fn render_model_template(text: &str, names: &Names, cfg: &NatsConfig, model: &str) -> String {
     let bytes = |b: u64| if b == 0 { "-1".to_string() } else { b.min(i64::MAX as u64).to_string() };
     text.replace("\"{max_deliver}\"", &cfg.max_deliver.to_string())
+        .replace("\"{replicas}\"", &cfg.replicas.to_string())
         .replace("\"{max_event_bytes}\"", &bytes(cfg.max_event_bytes))
         .replace("\"{max_dead_letter_bytes}\"", &bytes(cfg.max_dead_letter_bytes))
         .replace("\"{max_pages_in_flight}\"", &cfg.max_pages_in_flight.to_string())
@@ -246,9 +247,10 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
             .await
             .with_context(|| format!("creating or updating consumer {durable} on {stream_name}"))?;
     }
-    blob_store(js, names, cfg.max_blob_bytes).await?;
-    crate::counters::Counters::open(js, names).await?;
-    crate::registry::bucket(js, names).await?;
+    blob_store(js, names, cfg).await?;
+    crate::counters::Counters::open(js, names, cfg.replicas).await?;
+    crate::registry::bucket(js, names, cfg.replicas).await?;
+    idempotency_store(js, names, cfg.replicas).await?;
     Ok(())
 }
 
@@ -274,7 +276,11 @@ pub async fn kv_bucket(js: &jetstream::Context, config: jetstream::kv::Config) -
 }
 
 /// The key-value bucket of `Idempotency-Key`s: entries expire after 24 h.
-pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result<jetstream::kv::Store> {
+pub async fn idempotency_store(
+    js: &jetstream::Context,
+    names: &Names,
+    replicas: usize,
+) -> Result<jetstream::kv::Store> {
     kv_bucket(
         js,
         jetstream::kv::Config {
@@ -283,6 +289,7 @@ pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result
             history: 1,
             max_age: Duration::from_secs(24 * 3600),
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         },
     )
@@ -290,8 +297,10 @@ pub async fn idempotency_store(js: &jetstream::Context, names: &Names) -> Result
 }
 
 /// The Object Store bucket used for uploads and large page images, holding
-/// at most `max_bytes` (0: no limit; applied to an existing bucket too).
-pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) -> Result<object_store::ObjectStore> {
+/// at most `nats.max_blob_bytes` (0: no limit) in `nats.replicas` copies
+/// (both applied to an existing bucket too).
+pub async fn blob_store(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<object_store::ObjectStore> {
+    let (max_bytes, replicas) = (cfg.max_blob_bytes, cfg.replicas);
     let bucket = names.blob_bucket();
     let limit = if max_bytes == 0 { -1 } else { i64::try_from(max_bytes).unwrap_or(i64::MAX) };
     let store = match js.get_object_store(&bucket).await {
@@ -304,6 +313,7 @@ pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) 
                     max_age: Duration::from_secs(7 * 24 * 3600),
                     max_bytes: limit,
                     storage: stream::StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await;
@@ -323,10 +333,10 @@ pub async fn blob_store(js: &jetstream::Context, names: &Names, max_bytes: u64) 
     let stream_name = format!("OBJ_{bucket}");
     let mut stream = js.get_stream(&stream_name).await.with_context(|| format!("opening stream {stream_name}"))?;
     let config = stream.info().await.with_context(|| format!("reading stream {stream_name}"))?.config.clone();
-    if config.max_bytes != limit {
-        js.update_stream(stream::Config { max_bytes: limit, ..config })
+    if config.max_bytes != limit || config.num_replicas != replicas {
+        js.update_stream(stream::Config { max_bytes: limit, num_replicas: replicas, ..config })
             .await
-            .with_context(|| format!("setting max_bytes of {stream_name}"))?;
+            .with_context(|| format!("setting max_bytes and replicas of {stream_name}"))?;
     }
     Ok(store)
 }

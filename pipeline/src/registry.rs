@@ -31,7 +31,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const TTL: Duration = Duration::from_secs(8);
 
 /// The bucket, created on first use (every process provisions it).
-pub async fn bucket(js: &jetstream::Context, names: &Names) -> Result<kv::Store> {
+pub async fn bucket(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<kv::Store> {
     crate::nats::kv_bucket(
         js,
         kv::Config {
@@ -40,6 +40,7 @@ pub async fn bucket(js: &jetstream::Context, names: &Names) -> Result<kv::Store>
             history: 1,
             max_age: TTL,
             storage: jetstream::stream::StorageType::Memory,
+            num_replicas: replicas,
             ..Default::default()
         },
     )
@@ -133,7 +134,11 @@ impl LiveModels {
     /// Starts watching the registry; the view is complete once the first
     /// pass over the bucket is done (this returns after it, or after 5 s).
     pub async fn watch(js: &jetstream::Context, names: &Names, shutdown: CancellationToken) -> Result<Self> {
-        let store = bucket(js, names).await?;
+        // Provisioned (with `nats.replicas`) when the stage connected.
+        let store = js
+            .get_key_value(names.models_bucket())
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the model registry {}: {e}", names.models_bucket()))?;
         let view = Arc::new(Mutex::new(View::default()));
         let live = LiveModels { view: view.clone() };
         let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();

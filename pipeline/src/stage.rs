@@ -38,12 +38,12 @@ impl StageContext {
         nats::provision(&js, &names, &config.nats).await?;
         health.set_ready("nats", true);
         let events = Arc::new(EventLookup::new(js.clone(), names.clone()));
-        let counters = Counters::open(&js, &names).await?;
+        let counters = Counters::open(&js, &names, config.nats.replicas).await?;
         Ok(StageContext { js, names, config: Arc::new(config), metrics, health, events, counters })
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
-        let store = nats::blob_store(&self.js, &self.names, self.config.nats.max_blob_bytes).await?;
+        let store = nats::blob_store(&self.js, &self.names, &self.config.nats).await?;
         let bucket = self.names.blob_bucket();
         let stream = self
             .js

@@ -122,7 +122,7 @@ async fn uploader_killed_mid_document_counts_every_page_exactly_once() {
         assert_eq!(st["pages"][stage], 28, "{stage}: {st}");
     }
     assert_eq!(st["pages"]["failed"], 0, "{st}");
-    let counters = Counters::open(&js, &names).await.unwrap();
+    let counters = Counters::open(&js, &names, 1).await.unwrap();
     let c = counters.doc(&id).await.unwrap();
     let all: Vec<u32> = (1..=28).collect();
     for (state, set) in [("rendered", &c.rendered), ("inferred", &c.inferred), ("uploaded", &c.uploaded)] {

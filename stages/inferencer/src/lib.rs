@@ -138,7 +138,7 @@ impl Inferencer {
     async fn join_fleet(&self, shutdown: CancellationToken) -> Result<()> {
         let ctx = &self.ctx;
         let ads = self.advertisements();
-        let store = registry::bucket(&ctx.js, &ctx.names).await?;
+        let store = registry::bucket(&ctx.js, &ctx.names, ctx.config.nats.replicas).await?;
         for ad in &ads {
             let fleet = registry::read_model(&store, &ad.model).await?;
             registry::check_weights(ad, fleet.as_ref()).map_err(anyhow::Error::msg)?;

@@ -78,7 +78,8 @@ impl Ingress {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         let results = ResultStore::open(&ctx.config.uploader).await?;
-        let idempotency = pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names).await?;
+        let idempotency =
+            pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names, ctx.config.nats.replicas).await?;
         let tokens = ctx.config.ingress.api_tokens.clone();
         let admin_tokens = ctx.config.ingress.admin_tokens.clone();
         let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Static checks of the deployment files against the code (run by
+scripts/check-deploy; no container engine, Nomad or Kubernetes needed).
+
+- compose (single node, and with deploy/compose/cluster.yml): every
+  PAGESTREAM_* setting is one the configuration table knows; the cluster
+  has 3 NATS nodes and gives every stage all of them with replicas = 3.
+- Nomad (deploy/nomad/pagestream.nomad.hcl, parsed with python-hcl2): one
+  group per stage running that stage's binary from the image, a /readyz
+  check, restart and resources, a canary update with auto-revert, a scaling
+  policy on the stage's pagestream_queue_pending, known setting names.
+- KEDA (deploy/k8s/*.yaml): every ScaledObject validates against the CRD
+  schema in deploy/k8s/schema/, uses the nats-jetstream scaler with the
+  metadata it requires, and names a stream and consumer the code creates.
+- Grafana (deploy/grafana/pagestream.json): every query uses only metric
+  names the code registers (with the exposition's _total / _bucket / _sum
+  / _count suffixes).
+
+Usage: check.py MERGED_SINGLE.yml MERGED_CLUSTER.yml   (docker-compose
+config output), or check.py --self-test ... to also prove that
+broken files are caught.
+"""
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import hcl2
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["ingress", "splitter", "inferencer", "uploader"]
+WORKERS = ["splitter", "inferencer", "uploader"]
+PREFIX = "pagestream"
+
+
+def known_settings():
+    """PAGESTREAM_* names the configuration accepts: the README table (kept
+    equal to the code by pipeline/tests/readme_config.rs) and the reserved
+    names of pipeline/src/config.rs."""
+    names = set(re.findall(r"^\| `(PAGESTREAM_[A-Z0-9_]+)` \|", (ROOT / "README.md").read_text(), re.M))
+    src = (ROOT / "pipeline/src/config.rs").read_text()
+    reserved = re.search(r"const RESERVED_ENV: &\[&str\] = &\[(.*?)\];", src, re.S).group(1)
+    names |= set(re.findall(r'"(PAGESTREAM_[A-Z0-9_]+)"', reserved))
+    assert len(names) > 40, f"too few settings found: {sorted(names)}"
+    return names
+
+
+def registered_metrics():
+    src = (ROOT / "pipeline/src/metrics.rs").read_text()
+    return {"pagestream_" + n for n in re.findall(r'registry\.register\(\s*"([a-z_]+)"', src)}
+
+
+def code_queues():
+    """(stream, consumer) pairs the code provisions, for the default prefix."""
+    up = PREFIX.upper()
+    pairs = set()
+    for d in json.loads((ROOT / "nats/consumers.json").read_text()):
+        pairs.add((d["stream"].replace("{PREFIX}", up), d["config"]["durable_name"]))
+    model = json.loads((ROOT / "nats/model_consumer.json").read_text())
+    for manifest in (ROOT / "models").glob("*/model.toml"):
+        name = manifest.parent.name
+        pairs.add((model["stream"].replace("{PREFIX}", up), model["config"]["durable_name"].replace("{model}", name)))
+    return pairs
+
+
+def unq(v):
+    """python-hcl2 keeps string quotes and wraps expressions in ${…}."""
+    if isinstance(v, str) and len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+        return v[1:-1]
+    return v
+
+
+def blocks(node, key):
+    return node.get(key, []) if isinstance(node, dict) else []
+
+
+def named(node, key):
+    """Labelled blocks (`group "x" {…}`) as {label: body}."""
+    out = {}
+    for b in blocks(node, key):
+        for label, body in b.items():
+            out[unq(label)] = body
+    return out
+
+
+def check_compose(merged, cluster, known, errors):
+    where = "compose" + (" (cluster)" if cluster else "")
+    services = merged.get("services", {})
+    for stage in STAGES:
+        svc = services.get(stage)
+        if svc is None:
+            errors.append(f"{where}: no {stage} service")
+            continue
+        if svc.get("command") != [stage]:
+            errors.append(f"{where}: service {stage} runs {svc.get('command')}, not [{stage!r}]")
+        env = svc.get("environment", {}) or {}
+        for name in env:
+            if name.startswith("PAGESTREAM_") and name not in known:
+                errors.append(f"{where}: service {stage} sets {name}, which is not a setting")
+        if cluster:
+            if str(env.get("PAGESTREAM_NATS_REPLICAS")) != "3":
+                errors.append(f"{where}: service {stage} does not set PAGESTREAM_NATS_REPLICAS=3")
+            urls = [u for u in str(env.get("PAGESTREAM_NATS_URL", "")).split(",") if u]
+            if len(urls) != 3:
+                errors.append(f"{where}: service {stage} gets {len(urls)} NATS URLs, not the 3 nodes")
+    if cluster:
+        nodes = [n for n, s in services.items() if "--cluster_name" in (s.get("command") or [])]
+        if len(nodes) != 3:
+            errors.append(f"{where}: {len(nodes)} clustered NATS nodes ({nodes}), expected 3")
+        for n in nodes:
+            cmd = services[n]["command"]
+            if "--user" not in cmd or "-js" not in cmd:
+                errors.append(f"{where}: NATS node {n} runs without JetStream or without client auth")
+
+
+def env_names_in(task):
+    names = set()
+    for env in blocks(task, "env"):
+        names |= {k for k in env if not k.startswith("__")}
+    for tpl in blocks(task, "template"):
+        names |= set(re.findall(r"^\s*(PAGESTREAM_[A-Z0-9_]+)=", unq(tpl.get("data", "")), re.M))
+    return names
+
+
+def check_nomad(doc, known, metrics, errors):
+    jobs = named(doc, "job")
+    if list(jobs) != ["pagestream"]:
+        errors.append(f"nomad: expected one job `pagestream`, found {list(jobs)}")
+        return
+    job = jobs["pagestream"]
+    update = (blocks(job, "update") or [{}])[0]
+    if not (update.get("canary", 0) >= 1 and update.get("auto_revert") is True):
+        errors.append("nomad: the update block needs a canary and auto_revert = true")
+    groups = named(job, "group")
+    if sorted(groups) != sorted(STAGES):
+        errors.append(f"nomad: groups {sorted(groups)}, expected one per stage {sorted(STAGES)}")
+    for stage, group in groups.items():
+        checks = [c for s in blocks(group, "service") for c in blocks(s, "check")]
+        if not any(unq(c.get("path")) == "/readyz" and unq(c.get("type")) == "http" for c in checks):
+            errors.append(f"nomad: group {stage} has no http check on /readyz")
+        if not blocks(group, "restart"):
+            errors.append(f"nomad: group {stage} has no restart policy")
+        tasks = named(group, "task")
+        task = tasks.get(stage)
+        if task is None:
+            errors.append(f"nomad: group {stage} has no task {stage}")
+            continue
+        cfg = (blocks(task, "config") or [{}])[0]
+        if unq(task.get("driver")) != "docker" or cfg.get("image") != "${var.image}":
+            errors.append(f"nomad: task {stage} must run the docker image var.image")
+        if [unq(a) for a in cfg.get("args", [])] != [stage]:
+            errors.append(f"nomad: task {stage} runs {cfg.get('args')}, not the {stage} binary")
+        if not blocks(task, "resources"):
+            errors.append(f"nomad: task {stage} has no resources")
+        names = env_names_in(task)
+        for name in sorted(names - known):
+            errors.append(f"nomad: task {stage} sets {name}, which is not a setting")
+        if "PAGESTREAM_NATS_URL" not in names:
+            errors.append(f"nomad: task {stage} gets no PAGESTREAM_NATS_URL")
+        if stage in WORKERS:
+            queries = [
+                unq(c.get("query", ""))
+                for s in blocks(group, "scaling")
+                for p in blocks(s, "policy")
+                for cs in blocks(p, "check")
+                for c in cs.values()
+            ]
+            want = f'pagestream_queue_pending{{stage=\\"{stage}\\"}}'
+            if not any(want in q or want.replace("\\", "") in q for q in queries):
+                errors.append(f"nomad: group {stage} has no scaling policy on pagestream_queue_pending{{stage={stage!r}}}")
+            for q in queries:
+                for metric in re.findall(r"pagestream_[a-z_]+", q):
+                    if metric not in metrics:
+                        errors.append(f"nomad: group {stage} queries {metric}, which the code does not register")
+
+
+def metric_base(name):
+    for suffix in ["_bucket", "_sum", "_count", "_total"]:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def check_grafana(dash, metrics, errors):
+    exprs = [t.get("expr", "") for p in dash.get("panels", []) for t in p.get("targets", [])]
+    if len(exprs) < 10:
+        errors.append(f"grafana: only {len(exprs)} queries")
+    used = set()
+    for e in exprs:
+        for m in re.findall(r"pagestream_[a-z_]+", e):
+            used.add(m)
+            if m not in metrics and metric_base(m) not in metrics:
+                errors.append(f"grafana: query uses {m}, which the code does not register: {e}")
+    for m in ["pagestream_queue_pending", "pagestream_pages_total", "pagestream_handle_seconds_bucket"]:
+        if m not in used:
+            errors.append(f"grafana: no panel shows {m}")
+
+
+def check_keda(docs, schema, queues, errors):
+    scaled = [d for d in docs if d and d.get("kind") == "ScaledObject"]
+    if not scaled:
+        errors.append("keda: no ScaledObject")
+    seen = set()
+    for d in scaled:
+        name = d.get("metadata", {}).get("name", "?")
+        if d.get("apiVersion") != "keda.sh/v1alpha1":
+            errors.append(f"keda: {name}: apiVersion {d.get('apiVersion')}")
+        for e in jsonschema.Draft7Validator(schema).iter_errors(d):
+            errors.append(f"keda: {name}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+        for t in d.get("spec", {}).get("triggers", []):
+            if t.get("type") != "nats-jetstream":
+                errors.append(f"keda: {name}: trigger type {t.get('type')}, expected nats-jetstream")
+                continue
+            md = t.get("metadata", {})
+            for key in ["natsServerMonitoringEndpoint", "stream", "consumer", "lagThreshold"]:
+                if key not in md:
+                    errors.append(f"keda: {name}: metadata.{key} missing")
+            pair = (md.get("stream"), md.get("consumer"))
+            if pair not in queues:
+                errors.append(f"keda: {name}: stream/consumer {pair} is not one the code creates {sorted(queues)}")
+            seen.add(pair)
+    for stream, consumer in [("PAGESTREAM_DOCS", "splitter"), ("PAGESTREAM_INFERRED", "uploader")]:
+        if (stream, consumer) not in seen:
+            errors.append(f"keda: no ScaledObject for {consumer} ({stream})")
+    if not any(c.startswith("inferencer_") for _, c in seen):
+        errors.append("keda: no ScaledObject for an inferencer model consumer")
+
+
+def run(single, cluster, nomad, keda_docs, dash):
+    known, metrics, queues = known_settings(), registered_metrics(), code_queues()
+    schema = json.loads((ROOT / "deploy/k8s/schema/scaledobject-v1alpha1.json").read_text())
+    errors = []
+    check_compose(single, False, known, errors)
+    check_compose(cluster, True, known, errors)
+    check_nomad(nomad, known, metrics, errors)
+    check_keda(keda_docs, schema, queues, errors)
+    check_grafana(dash, metrics, errors)
+    return errors
+
+
+def main():
+    args = sys.argv[1:]
+    self_test = args[:1] == ["--self-test"]
+    if self_test:
+        args = args[1:]
+    single, cluster = (yaml.safe_load(Path(a).read_text()) for a in args)
+    nomad = hcl2.load(open(ROOT / "deploy/nomad/pagestream.nomad.hcl"))
+    keda_docs = []
+    for f in sorted((ROOT / "deploy/k8s").glob("*.yaml")):
+        keda_docs += list(yaml.safe_load_all(f.read_text()))
+    dash = json.loads((ROOT / "deploy/grafana/pagestream.json").read_text())
+    errors = run(single, cluster, nomad, keda_docs, dash)
+    for e in errors:
+        print(f"check-deploy: {e}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+    if self_test:
+        # Each kind of mistake must be caught.
+        bad_single = copy.deepcopy(single)
+        bad_single["services"]["splitter"]["environment"]["PAGESTREAM_SPLITTER_BOGUS"] = "1"
+        bad_cluster = copy.deepcopy(cluster)
+        bad_cluster["services"]["uploader"]["environment"]["PAGESTREAM_NATS_REPLICAS"] = "1"
+        bad_nomad = copy.deepcopy(nomad)
+        group = named(bad_nomad["job"][0]['"pagestream"'], "group")["inferencer"]
+        group["service"][0]["check"][0]["path"] = '"/livez"'
+        bad_keda = copy.deepcopy(keda_docs)
+        bad_keda[0]["spec"]["triggers"][0]["metadata"]["consumer"] = "splitter_typo"
+        bad_keda[1]["spec"]["minReplicaCount"] = "one"
+        bad_dash = copy.deepcopy(dash)
+        bad_dash["panels"][0]["targets"][0]["expr"] = "rate(pagestream_pagez_total[1m])"
+        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash)
+        wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3", "group inferencer has no http check",
+                 "splitter_typo", "minReplicaCount", "pagestream_pagez_total"]
+        missed = [w for w in wants if not any(w in e for e in found)]
+        if missed:
+            print(f"check-deploy: self-test: mistakes not caught: {missed} (found: {found})", file=sys.stderr)
+            sys.exit(1)
+    print(f"[check-deploy] compose (single, cluster), Nomad, {sum(1 for d in keda_docs if d)} KEDA objects and the "
+          f"Grafana dashboard OK", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
