@@ -256,3 +256,41 @@ pub async fn render_file(pdf: &Path, dpi: f32, n: usize) -> Vec<image::RgbImage>
     }
     pages
 }
+
+/// Every file below `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A document's live progress as an SSE client saw it (`(kind, data)` per
+/// event): counts never go backwards nor above the page count, exactly one
+/// terminal state, `completed`, and it comes last with every page counted.
+pub fn assert_live_progress(id: &str, events: &[(String, Value)]) {
+    let mut last = [0u64; 3];
+    let mut terminal = 0;
+    for (kind, data) in events {
+        let n = data["page_count"].as_u64().unwrap_or(u64::MAX);
+        for (i, stage) in ["rendered", "inferred", "uploaded"].iter().enumerate() {
+            let c = data["pages"][stage].as_u64().unwrap();
+            assert!(c >= last[i] && c <= n, "{id}: {stage} went from {} to {c} (of {n})", last[i]);
+            last[i] = c;
+        }
+        if kind == "state" && pagestream::client::is_terminal(data["state"].as_str().unwrap()) {
+            terminal += 1;
+            assert_eq!(data["state"], "completed", "{id}");
+        }
+    }
+    assert_eq!(terminal, 1, "{id}: one terminal state event");
+    assert_eq!(events.last().unwrap().0, "state", "{id}: the terminal state comes last");
+    let n = events.last().unwrap().1["page_count"].as_u64().unwrap();
+    assert_eq!(last, [n, n, n], "{id}: final counts");
+}

@@ -208,24 +208,11 @@ async fn encrypted_pdf_opens_with_its_password_and_fails_clearly_without() {
         assert_eq!(sub.options.password, None);
         assert!(!d.payload.windows(10).any(|w| w == b"wrong-pass"));
     }
-    for entry in walk(h.out.path()) {
+    for entry in pagestream_e2e::files_under(h.out.path()) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(!bytes.windows(8).any(|w| w == b"asdfzxcv"), "password found in {}", entry.display());
     }
     h.stop().await.unwrap();
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

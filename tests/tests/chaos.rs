@@ -218,24 +218,7 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     while let Some(res) = watchers.join_next().await {
         let (id, events) = res.unwrap();
         let events = events.unwrap_or_else(|e| panic!("event stream of {id}: {e:#}"));
-        let mut last = [0u64; 3];
-        let mut terminal = 0;
-        for (kind, data) in &events {
-            let n = data["page_count"].as_u64().unwrap_or(u64::MAX);
-            for (i, stage) in ["rendered", "inferred", "uploaded"].iter().enumerate() {
-                let c = data["pages"][stage].as_u64().unwrap();
-                assert!(c >= last[i] && c <= n, "{id}: {stage} went from {} to {c} (of {n})", last[i]);
-                last[i] = c;
-            }
-            if kind == "state" && pagestream::client::is_terminal(data["state"].as_str().unwrap()) {
-                terminal += 1;
-                assert_eq!(data["state"], "completed", "{id}");
-            }
-        }
-        assert_eq!(terminal, 1, "{id}: one terminal state event");
-        assert_eq!(events.last().unwrap().0, "state", "{id}: the terminal state comes last");
-        let n = events.last().unwrap().1["page_count"].as_u64().unwrap();
-        assert_eq!(last, [n, n, n], "{id}: final counts");
+        pagestream_e2e::assert_live_progress(&id, &events);
     }
 
     // Nothing was dead-lettered.

@@ -203,8 +203,10 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
             assert_eq!(st["pages"][stage], n, "{stage} count of {id}: {st}");
         }
         let dir = out.path().join(id);
-        let mut files: Vec<String> =
-            walk(&dir).into_iter().map(|p| p.strip_prefix(&dir).unwrap().display().to_string()).collect();
+        let mut files: Vec<String> = pagestream_e2e::files_under(&dir)
+            .into_iter()
+            .map(|p| p.strip_prefix(&dir).unwrap().display().to_string())
+            .collect();
         files.sort();
         let mut want: Vec<String> =
             (1..=n).flat_map(|p| [format!("pages/{p}.json"), format!("pages/{p}.png")]).collect();
@@ -225,20 +227,7 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
     while let Some(res) = watchers.join_next().await {
         let (id, events) = res.unwrap();
         let events = events.unwrap_or_else(|e| panic!("event stream of {id}: {e:#}"));
-        let mut last = [0u64; 3];
-        let mut terminal = 0;
-        for (kind, data) in &events {
-            let n = data["page_count"].as_u64().unwrap_or(u64::MAX);
-            for (i, stage) in ["rendered", "inferred", "uploaded"].iter().enumerate() {
-                let c = data["pages"][stage].as_u64().unwrap();
-                assert!(c >= last[i] && c <= n, "{id}: {stage} went from {} to {c} (of {n})", last[i]);
-                last[i] = c;
-            }
-            terminal +=
-                usize::from(kind == "state" && pagestream::client::is_terminal(data["state"].as_str().unwrap()));
-        }
-        assert_eq!(terminal, 1, "{id}: one terminal state event");
-        assert_eq!(events.last().unwrap().0, "state", "{id}: the terminal state comes last");
+        pagestream_e2e::assert_live_progress(&id, &events);
     }
 
     // Nothing was dead-lettered.
@@ -251,17 +240,4 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
         procs.count_in_logs("handling a redelivered message"),
         procs.count_in_logs("duplicate publish suppressed"),
     );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
