@@ -15,6 +15,7 @@ scripts/check-deploy; no container engine, Nomad or Kubernetes needed).
 - Grafana (deploy/grafana/pagestream.json): every query uses only metric
   names the code registers (with the exposition's _total / _bucket / _sum
   / _count suffixes).
+- README: documents every metric the code registers, and no other.
 
 Usage: check.py MERGED_SINGLE.yml MERGED_CLUSTER.yml   (docker-compose
 config output), or check.py --self-test ... to also prove that
@@ -199,6 +200,15 @@ def check_grafana(dash, metrics, errors):
             errors.append(f"grafana: no panel shows {m}")
 
 
+def check_readme_metrics(readme, metrics, errors):
+    for m in sorted(metrics):
+        if not re.search(re.escape(m) + r"(_total|_bucket|_sum|_count)?\b", readme):
+            errors.append(f"README: metric {m} is registered by the code but not documented")
+    for m in set(re.findall(r"`(pagestream_[a-z_]+)", readme)):
+        if m not in metrics and metric_base(m) not in metrics and not m.startswith("pagestream_e2e"):
+            errors.append(f"README: documents metric {m}, which the code does not register")
+
+
 def check_keda(docs, schema, queues, errors):
     scaled = [d for d in docs if d and d.get("kind") == "ScaledObject"]
     if not scaled:
@@ -229,7 +239,7 @@ def check_keda(docs, schema, queues, errors):
         errors.append("keda: no ScaledObject for an inferencer model consumer")
 
 
-def run(single, cluster, nomad, keda_docs, dash):
+def run(single, cluster, nomad, keda_docs, dash, readme):
     known, metrics, queues = known_settings(), registered_metrics(), code_queues()
     schema = json.loads((ROOT / "deploy/k8s/schema/scaledobject-v1alpha1.json").read_text())
     errors = []
@@ -238,6 +248,7 @@ def run(single, cluster, nomad, keda_docs, dash):
     check_nomad(nomad, known, metrics, errors)
     check_keda(keda_docs, schema, queues, errors)
     check_grafana(dash, metrics, errors)
+    check_readme_metrics(readme, metrics, errors)
     return errors
 
 
@@ -252,7 +263,8 @@ def main():
     for f in sorted((ROOT / "deploy/k8s").glob("*.yaml")):
         keda_docs += list(yaml.safe_load_all(f.read_text()))
     dash = json.loads((ROOT / "deploy/grafana/pagestream.json").read_text())
-    errors = run(single, cluster, nomad, keda_docs, dash)
+    readme = (ROOT / "README.md").read_text()
+    errors = run(single, cluster, nomad, keda_docs, dash, readme)
     for e in errors:
         print(f"check-deploy: {e}", file=sys.stderr)
     if errors:
@@ -271,15 +283,17 @@ def main():
         bad_keda[1]["spec"]["minReplicaCount"] = "one"
         bad_dash = copy.deepcopy(dash)
         bad_dash["panels"][0]["targets"][0]["expr"] = "rate(pagestream_pagez_total[1m])"
-        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash)
+        bad_readme = readme.replace("pagestream_queue_redelivered", "pagestream_queue_redeliverd")
+        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_readme)
         wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3", "group inferencer has no http check",
-                 "splitter_typo", "minReplicaCount", "pagestream_pagez_total"]
+                 "splitter_typo", "minReplicaCount", "pagestream_pagez_total",
+                 "metric pagestream_queue_redelivered is registered", "documents metric pagestream_queue_redeliverd"]
         missed = [w for w in wants if not any(w in e for e in found)]
         if missed:
             print(f"check-deploy: self-test: mistakes not caught: {missed} (found: {found})", file=sys.stderr)
             sys.exit(1)
     print(f"[check-deploy] compose (single, cluster), Nomad, {sum(1 for d in keda_docs if d)} KEDA objects and the "
-          f"Grafana dashboard OK", file=sys.stderr)
+          f"Grafana dashboard OK; README documents every metric", file=sys.stderr)
 
 
 if __name__ == "__main__":
