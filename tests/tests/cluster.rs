@@ -223,8 +223,13 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
     }
     assert!(total >= 150, "{total} pages");
 
-    // The live progress never went backwards and ended once, last.
-    while let Some(res) = watchers.join_next().await {
+    // The live progress never went backwards and ended once, last. Every
+    // document is finished: its event stream must end promptly.
+    let streams_end_by = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Some(res) = tokio::time::timeout_at(streams_end_by, watchers.join_next())
+        .await
+        .expect("an event stream did not end within 60 s of its document finishing")
+    {
         let (id, events) = res.unwrap();
         let events = events.unwrap_or_else(|e| panic!("event stream of {id}: {e:#}"));
         pagestream_e2e::assert_live_progress(&id, &events);
