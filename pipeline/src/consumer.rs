@@ -254,7 +254,18 @@ pub async fn run<H: Handler>(
     // every message received starts at once (so none idles towards its ack
     // deadline in a local buffer), and nothing is pulled that cannot be
     // handled — backpressure without an in-memory queue.
+    // Consecutive failed pulls: while a node is down or a consumer leader is
+    // being elected, every pull fails at once (503); without a pause the
+    // loop would spin (and log) tens of thousands of times a second.
+    let mut pull_failures: u32 = 0;
     'pull: loop {
+        if pull_failures > 0 {
+            let pause = pull_backoff(pull_failures);
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
         let first = tokio::select! {
             // Biased: with a free permit both branches are ready, and an
             // unbiased select would go on pulling after shutdown half the time.
@@ -272,11 +283,9 @@ pub async fn run<H: Handler>(
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(stage = spec.stage, error = %e, "pull request failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'pull,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'pull,
-                }
+                pull_failures += 1;
+                log_pull_failure(spec.stage, pull_failures, &e);
+                continue 'pull;
             }
         };
         loop {
@@ -295,12 +304,19 @@ pub async fn run<H: Handler>(
                 } => None,
             };
             let msg = match next {
-                Some(Ok(m)) => m,
+                Some(Ok(m)) => {
+                    pull_failures = 0;
+                    m
+                }
                 Some(Err(e)) => {
-                    tracing::warn!(stage = spec.stage, error = %e, "pull error");
+                    pull_failures += 1;
+                    log_pull_failure(spec.stage, pull_failures, &e);
                     break;
                 }
-                None => break,
+                None => {
+                    pull_failures = 0; // the request ended normally
+                    break;
+                }
             };
             let Some(permit) = free.pop() else {
                 // Cannot happen: the batch asks for as many messages as permits.
@@ -319,6 +335,22 @@ pub async fn run<H: Handler>(
     while tasks.join_next().await.is_some() {}
     lag.abort();
     Ok(())
+}
+
+/// The pause before pull number `failures + 1` after `failures` failed in a
+/// row: 100 ms doubling to 2 s.
+fn pull_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(2))
+}
+
+/// A warning for the first failure of a streak and every 30th after it
+/// (about once a minute at the longest pause); the others at debug level.
+fn log_pull_failure(stage: &str, failures: u32, error: &dyn std::fmt::Display) {
+    if failures == 1 || failures.is_multiple_of(30) {
+        tracing::warn!(stage, failures, error = %error, "pulling messages failed; retrying with back-off");
+    } else {
+        tracing::debug!(stage, failures, error = %error, "pulling messages failed");
+    }
 }
 
 /// How often a consumer loop publishes its queue's lag.
@@ -492,6 +524,13 @@ pub async fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pull_backoff_grows_from_100_ms_to_2_s() {
+        let ms: Vec<u128> = (1..=8).map(|n| pull_backoff(n).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(pull_backoff(u32::MAX).as_millis(), 2000);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use pagestream_schemas::EventState;
@@ -153,8 +153,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Opens (creating when missing) the bucket `<prefix>_progress`.
-    /// Opens the counters bucket, creating it with `replicas` copies.
+    /// Opens the bucket `<prefix>_progress`, creating it with `replicas`
+    /// copies when missing.
     pub async fn open(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<Self> {
         let kv = crate::nats::kv_bucket(
             js,
@@ -177,15 +177,40 @@ impl Counters {
         format!("{doc_id}.{}", state.as_str())
     }
 
+    /// The current value of `key` and its revision, read at the bucket's
+    /// stream leader.
+    ///
+    /// Never a direct get: JetStream creates key-value streams with
+    /// `allow_direct`, so any replica may answer `kv.get`, and a follower a
+    /// few milliseconds behind answers with the value before the last
+    /// write. The uploader of a document's last page then counts one page
+    /// short, never writes the manifest, and the document stays `running`
+    /// with every page uploaded — seen in the 3-node cluster test. A
+    /// completion check needs read-after-write, which the leader gives (one
+    /// round trip to the leader instead of the nearest replica; on one
+    /// server they are the same).
+    async fn read(&self, key: &str) -> Result<Option<(PageSet, u64)>> {
+        use jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", self.kv.prefix);
+        match self.kv.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(msg) => {
+                // A delete or purge marker (never written by us) reads as empty.
+                let marker = msg.headers.get("KV-Operation").is_some();
+                let set = if marker { PageSet::default() } else { PageSet::decode(&msg.payload)? };
+                Ok(Some((set, msg.sequence)))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("reading counter {key}: {e}")),
+        }
+    }
+
     /// Records that `page` of `doc_id` reached `state` (with the stage's time
     /// for it). Idempotent: returns false when it was already recorded.
     pub async fn mark(&self, doc_id: &str, state: EventState, page: u32, ms: Option<f32>) -> Result<bool> {
         let key = Self::key(doc_id, state);
         for attempt in 0..MAX_ATTEMPTS {
-            let entry = self.kv.entry(key.clone()).await.with_context(|| format!("reading counter {key}"))?;
-            let (mut set, revision) = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => (PageSet::decode(&e.value)?, Some(e.revision)),
-                Some(e) => (PageSet::default(), Some(e.revision)),
+            let (mut set, revision) = match self.read(&key).await? {
+                Some((set, revision)) => (set, Some(revision)),
                 None => (PageSet::default(), None),
             };
             if !set.insert(page, ms) {
@@ -216,11 +241,7 @@ impl Counters {
 
     /// The pages of `doc_id` in `state` (empty when none).
     pub async fn get(&self, doc_id: &str, state: EventState) -> Result<PageSet> {
-        let key = Self::key(doc_id, state);
-        match self.kv.get(key.clone()).await.with_context(|| format!("reading counter {key}"))? {
-            Some(raw) => PageSet::decode(&raw),
-            None => Ok(PageSet::default()),
-        }
+        Ok(self.read(&Self::key(doc_id, state)).await?.map(|(set, _)| set).unwrap_or_default())
     }
 
     /// All four sets of `doc_id`: four reads, whatever the page count.
