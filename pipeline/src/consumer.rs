@@ -365,13 +365,10 @@ async fn report_queue(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let label = crate::metrics::QueueLabels { stage: spec.stage.to_string(), consumer: spec.durable.clone() };
     loop {
         match consumer.info().await {
             Ok(info) => {
-                metrics.queue_pending.get_or_create(&label).set(info.num_pending as i64);
-                metrics.queue_ack_pending.get_or_create(&label).set(info.num_ack_pending as i64);
-                metrics.queue_redelivered.get_or_create(&label).set(info.num_redelivered as i64);
+                metrics.queue(spec.stage, &spec.durable, info.num_pending, info.num_ack_pending, info.num_redelivered)
             }
             Err(e) => tracing::debug!(stage = spec.stage, error = %e, "reading the consumer's lag failed"),
         }
@@ -393,8 +390,15 @@ async fn process<H: Handler>(
 ) {
     let (ack_wait, deferred) = (state.ack_wait, &state.deferred);
     let started = Instant::now();
+    let _in_flight = metrics.in_flight(spec.stage);
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    if delivered == 1 {
+        // Stored at `published`, received now: this stage's queue latency.
+        if let Ok(waited) = msg.info().map(|i| time::OffsetDateTime::now_utc() - i.published) {
+            metrics.observe_queue_wait(spec.stage, Duration::try_from(waited).unwrap_or_default());
+        }
+    }
     if delivered > 1 && deferred.lock().expect("deferred set").take(seq) {
         tracing::debug!(stage = spec.stage, subject = %msg.subject, attempt = delivered, "handling a deferred message again");
     } else if delivered > 1 {

@@ -20,13 +20,13 @@ impl Health {
     /// Declares a component, not ready yet.
     pub fn register(&self, name: &str) {
         self.components.lock().expect("health lock").insert(name.into(), false);
-        self.metrics.ready.set(0);
+        self.metrics.set_ready(false);
     }
 
     pub fn set_ready(&self, name: &str, ready: bool) {
         let mut c = self.components.lock().expect("health lock");
         c.insert(name.into(), ready);
-        self.metrics.ready.set(i64::from(c.values().all(|r| *r)));
+        self.metrics.set_ready(c.values().all(|r| *r));
     }
 
     /// `None` when ready, else the components that are not.

@@ -351,3 +351,66 @@ async fn a_stalled_upload_gets_408_and_loses_nothing() {
     assert_eq!(h.wait_terminal(&id, Duration::from_secs(120)).await.unwrap()["state"], "completed");
     h.stop().await.unwrap();
 }
+
+/// `/metrics` of the harness process as text.
+async fn metrics_text(client: &ApiClient) -> String {
+    let (status, body) = client.get_bytes("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// After one document, every metric of the catalog is exported with its
+/// type (the one that needs a failed page aside), and the live-stream gauge
+/// follows the streams that are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_the_catalog_and_follow_live_streams() {
+    use pagestream_pipeline::metrics::CATALOG;
+    let h = Harness::start(|_| {}).await.unwrap();
+    let id = submit(&h.client, SMALL).await;
+    let stream = h.client.raw(Method::GET, &format!("/v1/documents/{id}/events"), &[], empty()).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let open = metrics_text(&h.client).await;
+    assert!(open.contains("\npagestream_sse_clients 1\n"), "one stream open:\n{open}");
+    drop(stream);
+    h.wait_terminal(&id, Duration::from_secs(120)).await.unwrap();
+    // The stream's task notices the closed connection at its next event or keepalive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = metrics_text(&h.client).await;
+        if text.contains("\npagestream_sse_clients 0\n") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the closed stream is still counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for def in CATALOG.iter().filter(|d| d.name != "pagestream_page_failures_total") {
+        let typ = format!("# TYPE {} {}\n", def.name, def.kind.as_str());
+        assert!(text.contains(&typ), "{} is not exported as a {}:\n{text}", def.name, def.kind.as_str());
+        let sample = if def.kind.as_str() == "histogram" { format!("{}_bucket", def.name) } else { def.name.into() };
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with(&sample)).collect();
+        assert!(!series.is_empty(), "no {sample} series");
+        for label in def.labels {
+            assert!(
+                series.iter().all(|l| l.contains(&format!("{label}=\""))),
+                "{sample} lacks label {label}: {series:?}"
+            );
+        }
+    }
+    // Each page went through each stage once, and a run per page was timed.
+    for stage in ["splitter", "inferencer", "uploader"] {
+        assert!(text.contains(&format!("pagestream_pages_in_flight{{stage=\"{stage}\"}} 0\n")), "{stage} in flight");
+    }
+    let pages: u64 = h.wait_terminal(&id, Duration::from_secs(5)).await.unwrap()["page_count"].as_u64().unwrap();
+    // Pages run = sum over batch sizes of size × runs: each page once, plus
+    // the one-image warm-up run at start-up.
+    let ran: u64 = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("pagestream_model_run_seconds_count{"))
+        .map(|l| {
+            let batch: u64 = l.split("batch=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+            batch * l.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(ran, pages + 1, "pages in timed model runs:\n{text}");
+    h.stop().await.unwrap();
+}

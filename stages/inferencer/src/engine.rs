@@ -157,6 +157,7 @@ impl Detector {
             let n = chunk.len() as f32;
             t.decode_ms = ms(started_decode) / n;
             t.model_ms = ms(started) / n - t.preprocess_ms - t.decode_ms;
+            pagestream_pipeline::metrics::model_run(&self.model.name, chunk.len(), started.elapsed());
             results.extend(detections.into_iter().map(|d| (d, t)));
         }
         Ok(results)

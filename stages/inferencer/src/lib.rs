@@ -36,7 +36,6 @@ use anyhow::Result;
 use image::RgbImage;
 use pagestream_pipeline::blob::{read_image, BlobStore};
 use pagestream_pipeline::consumer::{transient, ConsumerSpec, Delivery, Handler, StageError};
-use pagestream_pipeline::metrics::{ModelLabel, ModelLabels};
 use pagestream_pipeline::progress::{publish_message, Progress};
 use pagestream_pipeline::registry;
 use pagestream_pipeline::StageContext;
@@ -92,15 +91,12 @@ impl Inferencer {
                 labels = ?detector.labels,
                 "model loaded"
             );
-            ctx.metrics
-                .model_info
-                .get_or_create(&ModelLabels {
-                    model: detector.model.name.clone(),
-                    backend: detector.backend.as_str().into(),
-                    requested: cfg.device.as_str().into(),
-                    device: detector.device().into(),
-                })
-                .set(1);
+            ctx.metrics.model_loaded(
+                &detector.model.name,
+                detector.backend.as_str(),
+                cfg.device.as_str(),
+                detector.device(),
+            );
             models.push(Batcher::spawn(Arc::new(detector), cfg.batch_size, wait));
         }
         let blobs = ctx.blobs().await?;
@@ -236,7 +232,7 @@ impl Inferencer {
         match permanent {
             None => {
                 self.ctx.metrics.page(STAGE);
-                self.ctx.metrics.model_pages.get_or_create(&ModelLabel { model: queue.to_string() }).inc();
+                self.ctx.metrics.model_page(queue);
                 Ok(())
             }
             Some(e) => {
@@ -327,9 +323,7 @@ async fn report_lag(ctx: StageContext, models: Vec<String>, shutdown: Cancellati
     loop {
         for model in &models {
             if let Ok(info) = stream.consumer_info(ctx.names.model_consumer(model)).await {
-                let label = ModelLabel { model: model.clone() };
-                ctx.metrics.model_pending.get_or_create(&label).set(info.num_pending as i64);
-                ctx.metrics.model_in_flight.get_or_create(&label).set(info.num_ack_pending as i64);
+                ctx.metrics.model_queue(model, info.num_pending, info.num_ack_pending);
             }
         }
         tokio::select! {

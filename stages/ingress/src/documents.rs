@@ -478,7 +478,7 @@ impl Ingress {
                 return Err(e);
             }
         };
-        self.ctx.metrics.upload_bytes.inc_by(stored.bytes);
+        self.ctx.metrics.upload_bytes(stored.bytes);
         let title = opts.title.clone().or_else(|| filename.clone());
         let msg = DocumentSubmitted {
             v: VERSION,

@@ -165,8 +165,9 @@ impl Ingress {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let shutdown = self.shutdown.clone();
         let doc_id = id.to_string();
+        let open = self.ctx.metrics.sse_client();
         tokio::spawn(async move {
-            let _slots = (slot, token_slot);
+            let _slots = (slot, token_slot, open);
             let mut tally = Tally::default();
             let mut keepalive = tokio::time::interval(KEEPALIVE);
             keepalive.tick().await;

@@ -385,7 +385,7 @@ pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: Cancellat
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            ingress.ctx.metrics.http("too_many_connections", 503);
+            ingress.ctx.metrics.http("too_many_connections", 503, Duration::ZERO);
             tokio::spawn(refuse_connection(stream, max_connections));
             continue;
         };
@@ -393,8 +393,9 @@ pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: Cancellat
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let ingress = ingress.clone();
             async move {
+                let started = std::time::Instant::now();
                 let (route, mut resp) = ingress.route(req).await;
-                ingress.ctx.metrics.http(route, resp.status().as_u16());
+                ingress.ctx.metrics.http(route, resp.status().as_u16(), started.elapsed());
                 resp.headers_mut()
                     .insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
                 Ok::<_, Infallible>(resp)

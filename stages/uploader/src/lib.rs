@@ -56,6 +56,15 @@ impl Uploader {
         Keys::new(&self.ctx.config.uploader.prefix, doc_id)
     }
 
+    /// Writes one result object (`kind`: image, json or manifest), counted
+    /// in `pagestream_result_bytes_total`.
+    async fn put(&self, kind: &'static str, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<(), StageError> {
+        let n = bytes.len();
+        self.store.put(key, bytes, content_type).await.map_err(store_err)?;
+        self.ctx.metrics.result_bytes(kind, n);
+        Ok(())
+    }
+
     async fn page(&self, msg: PageInferred) -> Result<(), StageError> {
         let doc_id = msg.doc_id.clone();
         if self.ctx.is_cancelled(&doc_id).await? {
@@ -105,7 +114,7 @@ impl Uploader {
                     }
                     Err(e) => return Err(e),
                 };
-                self.store.put(&keys.page_image(msg.page), png, "image/png").await.map_err(store_err)?;
+                self.put("image", &keys.page_image(msg.page), png, "image/png").await?;
                 let result = PageResult {
                     page: msg.page,
                     width: msg.width,
@@ -116,7 +125,7 @@ impl Uploader {
                     timings: msg.timings.clone(),
                 };
                 let json = serde_json::to_vec_pretty(&result).expect("page result serialises");
-                self.store.put(&keys.page_json(msg.page), json, "application/json").await.map_err(store_err)?;
+                self.put("json", &keys.page_json(msg.page), json, "application/json").await?;
                 self.progress
                     .page(&doc_id, msg.page, EventState::Uploaded, None, Some(started.elapsed().as_secs_f32() * 1000.0))
                     .await
@@ -183,7 +192,7 @@ impl Uploader {
     async fn write_manifest(&self, doc_id: &str, manifest: &Manifest) -> Result<(), StageError> {
         let key = self.keys(doc_id).manifest();
         let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-        self.store.put(&key, json, "application/json").await.map_err(store_err)?;
+        self.put("manifest", &key, json, "application/json").await?;
         let info = DocInfo {
             status: Some(manifest.status),
             manifest: Some(self.store.location(&key)),
@@ -234,7 +243,7 @@ impl Uploader {
         }
         let manifest = Manifest::cancelled(&status, &uploaded, model, msg.at.clone());
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        self.store.put(&key, json, "application/json").await.map_err(store_err)?;
+        self.put("manifest", &key, json, "application/json").await?;
         self.ctx.metrics.document(STAGE, "cancelled");
         tracing::info!(doc_id, pages_kept = uploaded.len(), "document cancelled; manifest written");
         Ok(())
