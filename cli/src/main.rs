@@ -156,6 +156,7 @@ async fn run(file: Option<PathBuf>, embedded: bool, store: Option<PathBuf>) -> R
     });
     let outcome = pipeline.wait().await;
     pipeline.stop().await?;
+    pagestream_pipeline::telemetry::shutdown();
     outcome.map(|()| 0)
 }
 

@@ -13,7 +13,6 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown;
 use crate::stage::StageContext;
-use crate::util::init_tracing;
 
 /// Parses `--config FILE` (or `-c FILE`) and `--help` from the command line.
 pub fn config_path_from_args(usage: &str) -> Option<PathBuf> {
@@ -60,7 +59,7 @@ where
     Fut: Future<Output = Result<()>>,
 {
     let config = load_config_or_exit(usage);
-    init_tracing();
+    crate::util::init_tracing_for(&format!("pagestream-{name}"));
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(metrics.clone());
     health.register(name);
@@ -74,5 +73,7 @@ where
         tokio::spawn(crate::admin::serve(listener, health.clone(), metrics.clone(), shutdown.clone()));
     }
     let ctx = StageContext::connect(config, name, metrics, health).await?;
-    body(ctx, shutdown).await
+    let outcome = body(ctx, shutdown).await;
+    crate::telemetry::shutdown();
+    outcome
 }

@@ -19,6 +19,7 @@ use pagestream_schemas::{encode, DeadLetter, DecodeError, ErrorInfo, Message, DE
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::nats::Names;
@@ -149,6 +150,10 @@ pub trait Input: Sized + Send + 'static {
     fn decode(names: &Names, delivery: &Delivery, payload: &[u8]) -> Result<Self, DecodeError>;
     /// The document the message is about (errors and dead letters name it).
     fn doc_id(&self) -> Option<&str>;
+    /// The page the message is about, for a page message (its span and log lines name it).
+    fn page(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl<M: Message + Send + 'static> Input for M {
@@ -157,6 +162,9 @@ impl<M: Message + Send + 'static> Input for M {
     }
     fn doc_id(&self) -> Option<&str> {
         Message::doc_id(self)
+    }
+    fn page(&self) -> Option<u32> {
+        Message::page(self)
     }
 }
 
@@ -419,17 +427,37 @@ async fn process<H: Handler>(
         })
     };
     let delivery = Delivery { subject: msg.subject.to_string(), delivered, stream_sequence: seq };
+    // One span per message, a child of its publisher's (the trace context
+    // in its headers): log lines inside carry the stage, document and page.
+    let span = tracing::info_span!(
+        "message",
+        otel.name = spec.stage,
+        otel.kind = "consumer",
+        stage = spec.stage,
+        doc_id = tracing::field::Empty,
+        page = tracing::field::Empty,
+        attempt = delivered,
+    );
+    crate::telemetry::continue_from(&span, msg.headers.as_ref());
     // Decoded once; the handler gets the typed message.
     let result = match H::Input::decode(names, &delivery, &msg.payload) {
         Ok(input) => {
             let doc_id = input.doc_id().map(str::to_string);
-            let result = handler.handle(input, &delivery).await;
+            if let Some(d) = &doc_id {
+                span.record("doc_id", d.as_str());
+            }
+            if let Some(p) = input.page() {
+                span.record("page", p);
+            }
+            let result = handler.handle(input, &delivery).instrument(span.clone()).await;
             result.map_err(|e| match &doc_id {
                 Some(d) => e.or_doc(d),
                 None => e,
             })
         }
-        Err(e) => Err(handler.undecodable(&msg.payload, &delivery, StageError::bad_message(e)).await),
+        Err(e) => {
+            Err(handler.undecodable(&msg.payload, &delivery, StageError::bad_message(e)).instrument(span.clone()).await)
+        }
     };
     keepalive.abort();
     metrics.observe_handling(spec.stage, started.elapsed());

@@ -24,6 +24,7 @@ pub mod progress;
 pub mod registry;
 pub mod shutdown;
 pub mod stage;
+pub mod telemetry;
 pub mod util;
 
 pub use config::Config;

@@ -13,15 +13,30 @@ pub fn now_rfc3339() -> String {
 /// log shippers), anything else plain text — coloured only on a terminal,
 /// so a log file or a pipe never gets escape codes.
 pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
+    init_tracing_for("pagestream");
+}
+
+/// Logs as [`init_tracing`], and exports traces as `service` when
+/// `PAGESTREAM_OTLP_ENDPOINT` is set ([`crate::telemetry`]; call it inside
+/// the Tokio runtime). Log lines inside a message's span carry its stage,
+/// `doc_id` and `page`.
+pub fn init_tracing_for(service: &str) {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = std::env::var("PAGESTREAM_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,async_nats=warn,aws=warn,hyper=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(filter)).with_writer(std::io::stderr);
-    let _ = match log_format(std::env::var("PAGESTREAM_LOG_FORMAT").ok().as_deref()) {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match log_format(std::env::var("PAGESTREAM_LOG_FORMAT").ok().as_deref()) {
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed(),
+        LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).boxed(),
     };
+    // Traces: pagestream's own spans, whatever the log filter says.
+    let traces = crate::telemetry::otlp_layer(service)
+        .map(|l| l.with_filter(Targets::new().with_target("pagestream", tracing::Level::INFO)));
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(EnvFilter::new(filter))).with(traces).try_init();
 }
 
 #[derive(Debug, PartialEq)]

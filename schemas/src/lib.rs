@@ -54,6 +54,10 @@ pub trait Message: Serialize + DeserializeOwned {
     fn doc_id(&self) -> Option<&str> {
         None
     }
+    /// The page the message is about, for page messages.
+    fn page(&self) -> Option<u32> {
+        None
+    }
 }
 
 #[derive(Deserialize)]

@@ -579,6 +579,9 @@ impl Message for PageRendered {
     fn doc_id(&self) -> Option<&str> {
         Some(&self.doc_id)
     }
+    fn page(&self) -> Option<u32> {
+        Some(self.page)
+    }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
@@ -590,6 +593,9 @@ impl Message for PageInferred {
     const KIND: &'static str = "PageInferred";
     fn doc_id(&self) -> Option<&str> {
         Some(&self.doc_id)
+    }
+    fn page(&self) -> Option<u32> {
+        Some(self.page)
     }
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;

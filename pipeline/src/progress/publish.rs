@@ -18,6 +18,7 @@ pub async fn publish_durable(
 ) -> Result<(), async_nats::Error> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
+    crate::telemetry::inject(&mut headers);
     let ack = js.publish_with_headers(subject, headers, payload.into()).await?.await?;
     if ack.duplicate {
         // A re-run after a crash or redelivery: JetStream kept the first copy.

@@ -3,6 +3,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use futures::TryStreamExt;
 use http::{Request, StatusCode};
@@ -367,8 +368,15 @@ impl Ingress {
         }
     }
 
-    /// Streams the upload to the blob store and queues the document.
+    /// Streams the upload to the blob store and queues the document, in the
+    /// root span of the document's trace (every stage's span descends from
+    /// it through the messages' trace context).
     async fn accept(&self, req: Request<Incoming>, doc_id: String, caller: &Caller) -> Result<Resp, ApiError> {
+        let span = tracing::info_span!("document", otel.name = "submit", otel.kind = "server", doc_id = %doc_id);
+        self.accept_in_span(req, doc_id, caller).instrument(span).await
+    }
+
+    async fn accept_in_span(&self, req: Request<Incoming>, doc_id: String, caller: &Caller) -> Result<Resp, ApiError> {
         let limit = self.ctx.config.ingress.max_upload_bytes;
         if let Some(len) =
             req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())

@@ -39,6 +39,7 @@ pub mod worker;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use anyhow::Result;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
@@ -530,7 +531,16 @@ impl Splitter {
             }
             self.wait_for_room(&doc_id, &model, in_flight_limit).await?;
             match event {
-                RenderEvent::Page(page) => self.publish_page(&sub, page_count, page).await?,
+                RenderEvent::Page(page) => {
+                    // A span per page: the page's later stages descend from it.
+                    let span = tracing::info_span!(
+                        "page",
+                        otel.name = "render",
+                        page = page.page,
+                        render_ms = f64::from(page.render_ms)
+                    );
+                    self.publish_page(&sub, page_count, page).instrument(span).await?
+                }
                 RenderEvent::PageFailed { page, code, message } => {
                     tracing::warn!(doc_id, page, code, %message, "page failed to render");
                     if matches!(code, "render_crashed" | "render_timeout") {

@@ -309,6 +309,13 @@ impl consumer::Input for UploaderInput {
             UploaderInput::Cancelled(m) => &m.doc_id,
         })
     }
+
+    fn page(&self) -> Option<u32> {
+        match self {
+            UploaderInput::Page(m) => Some(m.page),
+            _ => None,
+        }
+    }
 }
 
 impl Handler for Uploader {
