@@ -203,54 +203,112 @@ pub async fn provision_model_consumer(
     model: &str,
 ) -> Result<()> {
     let (stream_name, config) = model_consumer_config(names, cfg, model)?;
-    let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
-    stream
-        .create_consumer(config)
-        .await
-        .with_context(|| format!("creating or updating consumer {} on {stream_name}", names.model_consumer(model)))?;
-    Ok(())
+    let js = provisioning(js);
+    let what = format!("creating or updating consumer {} on {stream_name}", names.model_consumer(model));
+    retry_timeouts(&what, || async {
+        let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
+        stream.create_consumer(config.clone()).await.with_context(|| what.clone())?;
+        Ok(())
+    })
+    .await
+}
+
+/// How long one provisioning request waits for JetStream's answer.
+const PROVISION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Provisioning requests that time out are asked again this many times.
+const PROVISION_ATTEMPTS: u32 = 8;
+
+/// A context for provisioning requests: a short timeout, see [`retry_timeouts`].
+fn provisioning(js: &jetstream::Context) -> jetstream::Context {
+    let mut js = js.clone();
+    js.set_timeout(PROVISION_TIMEOUT);
+    js
+}
+
+/// Runs `op` again while it fails with a timeout.
+///
+/// Every stage provisions at start-up. In a cluster JetStream answers only
+/// the first of several identical concurrent create requests; the others
+/// get no answer although the stream or consumer now exists (nats-server
+/// #3677, nats.go #949), and a stage waited for the client's 10 s request
+/// timeout at each contested step — 50 s before a 3-node cluster test's
+/// stages were ready — or failed to start when the timeout hit a step
+/// without a fallback. Asked again, the request finds the resource and
+/// returns at once. Other errors are returned as they are.
+async fn retry_timeouts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < PROVISION_ATTEMPTS && is_timeout(&e) => {
+                tracing::info!(what, attempt, "JetStream did not answer in time; asking again");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether a provisioning error is a request without an answer (the client
+/// reports the kinds as "timed out" in every error type it has).
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.to_string().contains("timed out"))
 }
 
 /// Creates or updates every stream and consumer and the blob bucket.
 /// Safe to run concurrently from every stage at start-up.
 pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<()> {
+    let js = &provisioning(js);
     for cfg in stream_configs(names, cfg)? {
         let name = cfg.name.clone();
-        if name == names.pages_stream() {
-            // Before model fleets one unfiltered `inferencer` consumer read
-            // every page; it would overlap the per-model ones (a work-queue
-            // stream refuses that).
-            if let Ok(stream) = js.get_stream(&name).await {
-                if stream.consumer_info("inferencer").await.is_ok() {
-                    tracing::info!(stream = %name, "removing the pre-fleet consumer `inferencer`");
-                    let _ = stream.delete_consumer("inferencer").await;
-                }
-            }
-        }
-        if let Err(e) = js.create_or_update_stream(cfg.clone()).await {
-            // Lost a creation race (see [`kv_bucket`]): the stream exists
-            // now, and a second pass updates it if its config differs.
-            if js.get_stream(&name).await.is_err() {
-                let hint = reservation_hint(&e.to_string());
-                return Err(e).with_context(|| format!("creating or updating stream {name}{hint}"));
-            }
-            js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
-        }
+        retry_timeouts(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
     }
     for (stream_name, consumer_cfg) in consumer_configs(names, cfg)? {
         let durable = consumer_cfg.durable_name.clone().unwrap_or_default();
-        let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
-        // Creating a durable consumer with an identical config is a no-op;
-        // a changed config is applied as an update.
-        stream
-            .create_consumer(consumer_cfg)
-            .await
-            .with_context(|| format!("creating or updating consumer {durable} on {stream_name}"))?;
+        let what = format!("creating or updating consumer {durable} on {stream_name}");
+        retry_timeouts(&what, || async {
+            let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
+            // Creating a durable consumer with an identical config is a no-op;
+            // a changed config is applied as an update.
+            stream.create_consumer(consumer_cfg.clone()).await.with_context(|| what.clone())?;
+            Ok(())
+        })
+        .await?;
     }
-    blob_store(js, names, cfg).await?;
-    crate::counters::Counters::open(js, names, cfg.replicas).await?;
-    crate::registry::bucket(js, names, cfg.replicas).await?;
-    idempotency_store(js, names, cfg.replicas).await?;
+    retry_timeouts("the blob store", || blob_store(js, names, cfg)).await?;
+    retry_timeouts("the counters bucket", || crate::counters::Counters::open(js, names, cfg.replicas)).await?;
+    retry_timeouts("the model registry bucket", || crate::registry::bucket(js, names, cfg.replicas)).await?;
+    retry_timeouts("the idempotency bucket", || idempotency_store(js, names, cfg.replicas)).await?;
+    Ok(())
+}
+
+/// Creates or updates one stream (several stages may race on it).
+async fn provision_stream(js: &jetstream::Context, names: &Names, cfg: stream::Config) -> Result<()> {
+    let name = cfg.name.clone();
+    if name == names.pages_stream() {
+        // Before model fleets one unfiltered `inferencer` consumer read
+        // every page; it would overlap the per-model ones (a work-queue
+        // stream refuses that).
+        if let Ok(stream) = js.get_stream(&name).await {
+            if stream.consumer_info("inferencer").await.is_ok() {
+                tracing::info!(stream = %name, "removing the pre-fleet consumer `inferencer`");
+                let _ = stream.delete_consumer("inferencer").await;
+            }
+        }
+    }
+    if let Err(e) = js.create_or_update_stream(cfg.clone()).await {
+        // Lost a creation race (see [`kv_bucket`]): the stream exists
+        // now, and a second pass updates it if its config differs.
+        if js.get_stream(&name).await.is_err() {
+            let hint = reservation_hint(&e.to_string());
+            return Err(e).with_context(|| format!("creating or updating stream {name}{hint}"));
+        }
+        js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
+    }
     Ok(())
 }
 
@@ -364,6 +422,38 @@ pub fn is_storage_full(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn provisioning_asks_again_after_a_timeout_and_only_then() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let got = retry_timeouts("x", || async {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < 2 {
+                Err(anyhow::anyhow!("jetstream request timed out")).context("creating stream X")
+            } else {
+                Ok(n)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, 2, "two timeouts, then the answer");
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let err = retry_timeouts("x", || async {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err::<(), _>(anyhow::anyhow!("insufficient storage resources available"))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "{err}: not a timeout, not retried");
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        retry_timeouts("x", || async {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err::<(), _>(anyhow::anyhow!("timed out"))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), PROVISION_ATTEMPTS, "bounded");
+    }
 
     #[test]
     fn a_refused_reservation_says_what_to_change() {
