@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
 use pagestream_e2e::nats_cluster::NatsCluster;
-use pagestream_e2e::procs::{Cluster, STAGES};
+use pagestream_e2e::procs::{base_env, Cluster, STAGES};
 use pagestream_e2e::{corpus, init_logging};
 use pagestream_pipeline::config::NatsConfig;
 use pagestream_pipeline::embedded::free_port;
@@ -51,26 +51,19 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
         .unwrap();
     let out = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let env: Vec<(String, String)> = [
-        ("PAGESTREAM_NATS_URL", nats.urls()),
-        ("PAGESTREAM_NATS_PREFIX", PREFIX.into()),
-        ("PAGESTREAM_NATS_REPLICAS", "3".into()),
-        // Each node reserves the blob bucket's bytes: keep it small here.
-        ("PAGESTREAM_NATS_MAX_BLOB_BYTES", (1u64 << 30).to_string()),
-        ("PAGESTREAM_NATS_ACK_WAIT_SECS", "6".into()),
-        ("PAGESTREAM_NATS_MAX_DELIVER", "30".into()),
-        ("PAGESTREAM_NATS_CONNECT_TIMEOUT_SECS", "60".into()),
-        ("PAGESTREAM_UPLOADER_DIR", out.path().display().to_string()),
-        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
-        ("PAGESTREAM_SPLITTER_DPI", "100".into()),
-        ("PAGESTREAM_LOG", "info,async_nats=error".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let mut env = base_env(&nats.urls(), PREFIX, out.path());
+    env.extend(
+        [
+            ("PAGESTREAM_NATS_REPLICAS", "3".to_string()),
+            // Each node reserves the blob bucket's bytes: keep it small here.
+            ("PAGESTREAM_NATS_MAX_BLOB_BYTES", (1u64 << 30).to_string()),
+            ("PAGESTREAM_NATS_ACK_WAIT_SECS", "6".into()),
+            ("PAGESTREAM_NATS_MAX_DELIVER", "30".into()),
+            ("PAGESTREAM_NATS_CONNECT_TIMEOUT_SECS", "60".into()),
+            ("PAGESTREAM_SPLITTER_DPI", "100".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
     let mut procs = Cluster::new(env, logs.path());
     let port = free_port().unwrap();
     for (i, stage) in STAGES.into_iter().enumerate() {
