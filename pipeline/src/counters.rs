@@ -208,35 +208,58 @@ impl Counters {
     /// for it). Idempotent: returns false when it was already recorded.
     pub async fn mark(&self, doc_id: &str, state: EventState, page: u32, ms: Option<f32>) -> Result<bool> {
         let key = Self::key(doc_id, state);
-        for attempt in 0..MAX_ATTEMPTS {
-            let (mut set, revision) = match self.read(&key).await? {
-                Some((set, revision)) => (set, Some(revision)),
-                None => (PageSet::default(), None),
-            };
-            if !set.insert(page, ms) {
-                return Ok(false);
-            }
-            let value = Bytes::from(set.encode());
-            let written = match revision {
-                Some(rev) => match self.kv.update(&key, value, rev).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
-                    Err(e) => return Err(anyhow::anyhow!("updating counter {key}: {e}")),
-                },
-                None => match self.kv.create(&key, value).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
-                    Err(e) => return Err(anyhow::anyhow!("creating counter {key}: {e}")),
-                },
+        let started = std::time::Instant::now();
+        let mut outage_delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        while attempt < MAX_ATTEMPTS {
+            let written = match self.try_mark(&key, page, ms).await {
+                Ok(Some(written)) => written,
+                Ok(None) => return Ok(false),
+                // The bucket's stream has no leader for a moment (a cluster
+                // node restarts): ride it out here, like `publish_durable`,
+                // rather than use up the message's deliveries.
+                Err(e) if started.elapsed() + outage_delay <= crate::progress::OUTAGE_RIDE => {
+                    tracing::debug!(key, error = %e, delay = ?outage_delay, "counter unavailable; trying again");
+                    tokio::time::sleep(outage_delay).await;
+                    outage_delay = (outage_delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             if written {
                 return Ok(true);
             }
+            attempt += 1;
             // Another replica wrote in between: read again. A short, growing
             // pause keeps many contenders from colliding in lockstep.
             tokio::time::sleep(Duration::from_micros(200 * u64::from(attempt.min(20)) + jitter_us())).await;
         }
         anyhow::bail!("counter {key}: {MAX_ATTEMPTS} conflicting updates in a row")
+    }
+
+    /// One read and compare-and-set: `None` when `page` was already in the
+    /// set, `Some(false)` when another writer came first.
+    async fn try_mark(&self, key: &str, page: u32, ms: Option<f32>) -> Result<Option<bool>> {
+        let (mut set, revision) = match self.read(key).await? {
+            Some((set, revision)) => (set, Some(revision)),
+            None => (PageSet::default(), None),
+        };
+        if !set.insert(page, ms) {
+            return Ok(None);
+        }
+        let value = Bytes::from(set.encode());
+        Ok(Some(match revision {
+            Some(rev) => match self.kv.update(key, value, rev).await {
+                Ok(_) => true,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                Err(e) => return Err(anyhow::anyhow!("updating counter {key}: {e}")),
+            },
+            None => match self.kv.create(key, value).await {
+                Ok(_) => true,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                Err(e) => return Err(anyhow::anyhow!("creating counter {key}: {e}")),
+            },
+        }))
     }
 
     /// The pages of `doc_id` in `state` (empty when none).

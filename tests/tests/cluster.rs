@@ -229,8 +229,12 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
     }
 
     // Nothing was dead-lettered.
-    let dlq = js.get_stream(names.dlq_stream()).await.unwrap().info().await.unwrap().state.messages;
-    assert_eq!(dlq, 0, "dead letters after the node losses");
+    let dlq: Vec<String> = pagestream_e2e::dead_letters(&js, &names)
+        .await
+        .iter()
+        .map(|d| format!("{} {} after {} attempts: {:?}", d.stage, d.subject, d.attempts, d.error))
+        .collect();
+    assert!(dlq.is_empty(), "dead letters after the node losses: {dlq:#?}");
     println!(
         "cluster: {} documents, {total} pages in {:.1} s with 2 node losses; redeliveries {}, duplicates suppressed {}",
         docs.len(),

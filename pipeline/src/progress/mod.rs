@@ -22,7 +22,7 @@ pub mod status;
 pub mod subject;
 
 pub use lookup::EventLookup;
-pub use publish::{publish_durable, publish_message, Progress};
+pub use publish::{publish_durable, publish_message, Progress, OUTAGE_RIDE};
 pub use state::{DocState, ALL_STATES};
 pub use status::{
     list_documents, read_events, read_status, subject_counts, DocStatus, DocTimings, FailedPage, PageCounts,

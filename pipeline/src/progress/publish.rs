@@ -19,12 +19,46 @@ pub async fn publish_durable(
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
     crate::telemetry::inject(&mut headers);
-    let ack = js.publish_with_headers(subject, headers, payload.into()).await?.await?;
-    if ack.duplicate {
-        // A re-run after a crash or redelivery: JetStream kept the first copy.
-        tracing::info!(msg_id, "duplicate publish suppressed");
+    let payload = bytes::Bytes::from(payload);
+    let started = std::time::Instant::now();
+    let mut delay = OUTAGE_FIRST_DELAY;
+    loop {
+        let sent = match js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(ack) => {
+                if ack.duplicate {
+                    // A re-run after a crash or redelivery: JetStream kept the first copy.
+                    tracing::info!(msg_id, "duplicate publish suppressed");
+                }
+                return Ok(());
+            }
+            // The stream has no leader for a moment (a node of the cluster
+            // restarts, an election is running) or the reply was lost: the
+            // same message id again is safe, and riding the outage out here
+            // keeps it from using up the *input* message's deliveries.
+            Err(e) if outage(e.kind()) && started.elapsed() + delay <= OUTAGE_RIDE => {
+                tracing::debug!(msg_id, error = %e, ?delay, "publish failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(OUTAGE_MAX_DELAY);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(())
+}
+
+/// How long [`publish_durable`] keeps trying through a JetStream outage
+/// (a leader election takes a few seconds) before the caller sees the error.
+pub const OUTAGE_RIDE: std::time::Duration = std::time::Duration::from_secs(20);
+const OUTAGE_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+const OUTAGE_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Publish failures that an unchanged retry can cure.
+fn outage(kind: jetstream::context::PublishErrorKind) -> bool {
+    use jetstream::context::PublishErrorKind as K;
+    matches!(kind, K::StreamNotFound | K::TimedOut | K::BrokenPipe)
 }
 
 /// Publishes a message of the public schema with a deterministic message id.
