@@ -131,13 +131,29 @@ impl ApiClient {
     /// Follows a document's server-sent events, calling `on_event` for each,
     /// until the stream ends at a terminal state. A dropped connection is
     /// resumed with `Last-Event-ID`. Returns the last event's data.
-    pub async fn follow_events(&self, id: &str, mut on_event: impl FnMut(&SseEvent)) -> Result<Option<Value>> {
+    pub async fn follow_events(&self, id: &str, on_event: impl FnMut(&SseEvent)) -> Result<Option<Value>> {
+        self.follow_events_with(id, "", on_event).await
+    }
+
+    /// [`ApiClient::follow_events`] with a query string for the events
+    /// route (`detections=1`: uploaded pages carry their detections).
+    pub async fn follow_events_with(
+        &self,
+        id: &str,
+        query: &str,
+        mut on_event: impl FnMut(&SseEvent),
+    ) -> Result<Option<Value>> {
+        let path = if query.is_empty() {
+            format!("/v1/documents/{id}/events")
+        } else {
+            format!("/v1/documents/{id}/events?{query}")
+        };
         let mut last_id: Option<String> = None;
         let mut last: Option<Value> = None;
         let mut failures = 0;
         loop {
             let headers: Vec<(&str, &str)> = last_id.as_deref().map(|l| ("last-event-id", l)).into_iter().collect();
-            let attempt = self.raw(Method::GET, &format!("/v1/documents/{id}/events"), &headers, empty()).await;
+            let attempt = self.raw(Method::GET, &path, &headers, empty()).await;
             let mut resp = match attempt {
                 Ok(r) if r.status().is_success() => r,
                 // The server is restarting or NATS is briefly away: retry.

@@ -102,8 +102,23 @@ pub struct ResultsArgs {
     /// Download the manifest, page images and detections into DIR/<id>/
     #[arg(long, value_name = "DIR")]
     pub download: Option<PathBuf>,
+    /// Follow a running document until it finishes: print one JSON line per
+    /// page as it lands (with its detections), or with --download write
+    /// each page's files as they land
+    #[arg(long)]
+    pub follow: bool,
+    /// `json`: the results listing; `coco`: one COCO detection file (with
+    /// --download, written as DIR/<id>/coco.json)
+    #[arg(long, value_enum, default_value_t = ResultsFormat::Json)]
+    pub format: ResultsFormat,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    Json,
+    Coco,
 }
 
 /// Runs `f` and says which service it was talking to when it fails.
@@ -287,7 +302,18 @@ async fn cancel_document(a: &ApiArgs, id: &str) -> Result<i32> {
 
 async fn document_results(a: &ResultsArgs) -> Result<i32> {
     let (id, client) = (&a.id, a.api.client());
-    let ans = client.get(&format!("/v1/documents/{id}/results")).await?;
+    let path = format!("/v1/documents/{id}/results");
+    if a.follow {
+        return follow_results(a, &client, &path).await;
+    }
+    if a.format == ResultsFormat::Coco {
+        let ans = client.get(&format!("{path}?format=coco")).await?;
+        if report_error(&ans) {
+            return Ok(1);
+        }
+        return write_coco(a, &ans.json).await;
+    }
+    let ans = client.get(&path).await?;
     if report_error(&ans) {
         return Ok(1);
     }
@@ -296,7 +322,9 @@ async fn document_results(a: &ResultsArgs) -> Result<i32> {
         if a.api.json {
             println!("{}", serde_json::to_string_pretty(m)?);
         } else {
-            println!("{id}: {} · {} pages", m["status"].as_str().unwrap_or("?"), m["page_count"]);
+            let state = m["status"].as_str().or(m["state"].as_str()).unwrap_or("?");
+            let total = m["page_count"].as_u64().map_or("?".to_string(), |n| n.to_string());
+            println!("{id}: {} · {}/{total} pages done", clean(state), m["pages_done"]);
             for p in m["pages"].as_array().into_iter().flatten() {
                 let detail = p["detections_url"].as_str().or(p["error"]["message"].as_str()).unwrap_or("");
                 println!(
@@ -306,6 +334,9 @@ async fn document_results(a: &ResultsArgs) -> Result<i32> {
                     clean(detail)
                 );
             }
+            if m["complete"] == false {
+                println!("(still running: `pagestream results {id} --follow` prints pages as they land)");
+            }
         }
         return Ok(0);
     };
@@ -313,17 +344,123 @@ async fn document_results(a: &ResultsArgs) -> Result<i32> {
     tokio::fs::create_dir_all(dir.join("pages")).await.with_context(|| format!("creating {}", dir.display()))?;
     let mut files = 0;
     for p in m["pages"].as_array().into_iter().flatten() {
-        for (rel, url) in [("image", "image_url"), ("detections", "detections_url")] {
-            if let (Some(rel), Some(url)) = (p[rel].as_str(), p[url].as_str()) {
-                download(&client, url, &dir.join(inside(rel)?)).await?;
-                files += 1;
-            }
-        }
+        files += download_page(&client, p, &dir).await?;
+    }
+    if m["complete"] == false {
+        println!("{id}: still running; {files} files of the pages done so far written to {}", dir.display());
+        return Ok(0);
     }
     // The manifest as written, with relative links that match the download.
-    download(&client, &format!("/v1/documents/{id}/results/manifest.json"), &dir.join("manifest.json")).await?;
+    download(&client, &format!("{path}/manifest.json"), &dir.join("manifest.json")).await?;
     println!("{id}: {} files and manifest.json written to {}", files, dir.display());
     Ok(0)
+}
+
+/// Prints the COCO file, or writes it as DIR/<id>/coco.json.
+async fn write_coco(a: &ResultsArgs, coco: &Value) -> Result<i32> {
+    let Some(dir) = &a.download else {
+        println!("{}", serde_json::to_string_pretty(coco)?);
+        return Ok(0);
+    };
+    let dir = dir.join(&a.id);
+    tokio::fs::create_dir_all(&dir).await.with_context(|| format!("creating {}", dir.display()))?;
+    let to = dir.join("coco.json");
+    tokio::fs::write(&to, serde_json::to_vec_pretty(coco)?)
+        .await
+        .with_context(|| format!("writing {}", to.display()))?;
+    println!("{}: COCO file written to {}", a.id, to.display());
+    Ok(0)
+}
+
+/// Downloads a listed page's image and detections into `dir`; the number
+/// of files written.
+async fn download_page(client: &ApiClient, p: &Value, dir: &Path) -> Result<usize> {
+    let mut files = 0;
+    for (rel, url) in [("image", "image_url"), ("detections", "detections_url")] {
+        if let (Some(rel), Some(url)) = (p[rel].as_str(), p[url].as_str()) {
+            download(client, url, &dir.join(inside(rel)?)).await?;
+            files += 1;
+        }
+    }
+    Ok(files)
+}
+
+/// How often `results --follow` asks for new pages.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `results ID --follow`: until the document finishes (its manifest is
+/// written), each newly finished page once, in the order they land: a JSON
+/// line on stdout (the page's entry with `doc_id` and, for a page with
+/// results, its `width`, `height`, `model` and `detections`), or its files
+/// with `--download`. The summary goes to stderr, so stdout stays JSONL.
+async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Result<i32> {
+    use std::io::Write as _;
+    let id = &a.id;
+    let dir = a.download.as_ref().map(|d| d.join(id));
+    if let Some(dir) = &dir {
+        tokio::fs::create_dir_all(dir.join("pages")).await.with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let (mut files, mut failures) = (0, 0);
+    loop {
+        let ans = client.get(path).await?;
+        if report_error(&ans) {
+            return Ok(1);
+        }
+        let m = &ans.json;
+        for p in m["pages"].as_array().into_iter().flatten() {
+            let Some(n) = p["page"].as_u64() else { continue };
+            if !seen.insert(n) {
+                continue;
+            }
+            if p["status"] != "ok" {
+                failures += 1;
+            }
+            if a.format == ResultsFormat::Coco {
+                continue;
+            }
+            match &dir {
+                Some(dir) => files += download_page(client, p, dir).await?,
+                None => {
+                    let mut line = p.clone();
+                    line["doc_id"] = id.as_str().into();
+                    if let Some(url) = p["detections_url"].as_str() {
+                        let page = fetch_json(client, url).await?;
+                        for field in ["width", "height", "dpi", "model", "detections"] {
+                            line[field] = page[field].clone();
+                        }
+                    }
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+            }
+        }
+        if m["complete"] == true {
+            let state = m["status"].as_str().unwrap_or("?");
+            if a.format == ResultsFormat::Coco {
+                let ans = client.get(&format!("{path}?format=coco")).await?;
+                if report_error(&ans) {
+                    return Ok(1);
+                }
+                return write_coco(a, &ans.json).await;
+            }
+            if let Some(dir) = &dir {
+                download(client, &format!("{path}/manifest.json"), &dir.join("manifest.json")).await?;
+                eprintln!("{id}: {state}; {files} files and manifest.json written to {}", dir.display());
+            } else {
+                eprintln!("{id}: {state}; {} pages ({failures} without results)", seen.len());
+            }
+            return Ok(0);
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// A JSON document at `url` (an API path, or an absolute presigned URL).
+async fn fetch_json(client: &ApiClient, url: &str) -> Result<Value> {
+    let bytes = get_url(client, url).await?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{url} is not JSON"))
 }
 
 /// Text from the server made safe for a terminal: control characters
@@ -341,8 +478,8 @@ fn inside(rel: &str) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-/// Downloads `url` (an API path, or an absolute presigned URL) to `to`.
-async fn download(client: &ApiClient, url: &str, to: &Path) -> Result<()> {
+/// The body at `url` (an API path, or an absolute presigned URL).
+async fn get_url(client: &ApiClient, url: &str) -> Result<bytes::Bytes> {
     let (status, bytes) = if url.starts_with('/') {
         client.get_bytes(url).await?
     } else {
@@ -351,6 +488,12 @@ async fn download(client: &ApiClient, url: &str, to: &Path) -> Result<()> {
         ApiClient::new(base).get_bytes(&path).await?
     };
     anyhow::ensure!(status.is_success(), "downloading {url}: HTTP {status}");
+    Ok(bytes)
+}
+
+/// Downloads `url` (an API path, or an absolute presigned URL) to `to`.
+async fn download(client: &ApiClient, url: &str, to: &Path) -> Result<()> {
+    let bytes = get_url(client, url).await?;
     let tmp = to.with_extension("part");
     tokio::fs::write(&tmp, &bytes).await.with_context(|| format!("writing {}", tmp.display()))?;
     tokio::fs::rename(&tmp, to).await.with_context(|| format!("writing {}", to.display()))?;

@@ -5,7 +5,7 @@
 //! pagestream demo [--out DIR] [FILE.pdf ...]   private NATS + all stages, submit, watch, stop
 //! pagestream run [--config FILE] [--embedded-nats]   all stages in one process until Ctrl-C
 //! pagestream submit FILE... [--watch]          API client commands (--url, --token)
-//! pagestream status ID | list | results ID [--download DIR] | cancel ID | models
+//! pagestream status ID | list | results ID [--follow] [--download DIR] [--format coco] | cancel ID | models
 //! pagestream completions bash|zsh|fish|…
 //! ```
 //!
@@ -77,7 +77,7 @@ enum Cmd {
     Status(commands::IdArgs),
     /// Documents, newest first
     List(commands::ListArgs),
-    /// A document's results (links), or download them with --download
+    /// A document's results (links) at any time, as COCO, followed live, or downloaded
     Results(commands::ResultsArgs),
     /// Cancel a document (pages already uploaded are kept)
     Cancel(commands::IdArgs),

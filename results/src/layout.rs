@@ -103,6 +103,41 @@ pub struct ManifestPage {
     pub error: Option<ErrorInfo>,
 }
 
+impl ManifestPage {
+    /// A page whose image and detections were written.
+    pub fn ok(page: u32) -> Self {
+        ManifestPage {
+            page,
+            status: PageOutcome::Ok,
+            detections: Some(rel_page_json(page)),
+            image: Some(rel_page_image(page)),
+            error: None,
+        }
+    }
+
+    /// A page without results, and why.
+    pub fn failed(page: u32, error: ErrorInfo) -> Self {
+        ManifestPage { page, status: PageOutcome::Failed, detections: None, image: None, error: Some(error) }
+    }
+}
+
+/// The pages of a document that have an outcome so far, in page order: the
+/// uploaded ones (their files are written) and the failed ones. What
+/// `GET …/results` lists while a document runs, before its manifest exists.
+pub fn pages_so_far(st: &DocStatus) -> Vec<ManifestPage> {
+    let uploaded = &st.counters.uploaded;
+    let mut pages: Vec<ManifestPage> = uploaded.pages().map(ManifestPage::ok).collect();
+    pages.extend(
+        st.failed_pages
+            .iter()
+            .filter(|f| !uploaded.contains(f.page))
+            .map(|f| ManifestPage::failed(f.page, f.error.clone())),
+    );
+    pages.sort_by_key(|p| p.page);
+    pages.dedup_by_key(|p| p.page);
+    pages
+}
+
 /// `manifest.json`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -128,20 +163,8 @@ impl Manifest {
         let failed = |n: u32| -> Option<&FailedPage> { st.failed_pages.iter().find(|f| f.page == n) };
         let pages: Vec<ManifestPage> = (1..=page_count)
             .map(|n| match failed(n) {
-                Some(f) => ManifestPage {
-                    page: n,
-                    status: PageOutcome::Failed,
-                    detections: None,
-                    image: None,
-                    error: Some(f.error.clone()),
-                },
-                None => ManifestPage {
-                    page: n,
-                    status: PageOutcome::Ok,
-                    detections: Some(rel_page_json(n)),
-                    image: Some(rel_page_image(n)),
-                    error: None,
-                },
+                Some(f) => ManifestPage::failed(n, f.error.clone()),
+                None => ManifestPage::ok(n),
             })
             .collect();
         let failures = pages.iter().filter(|p| p.status == PageOutcome::Failed).count();
@@ -252,6 +275,22 @@ mod tests {
         st.failed_pages[1].error = ErrorInfo::new("y", "other");
         let m = Manifest::from_status(&st, None, "t".into());
         assert_eq!(m.error.unwrap().code, "all_pages_failed");
+    }
+
+    #[test]
+    fn pages_so_far_lists_uploaded_and_failed_pages_in_order() {
+        let mut st = status(6, &[4, 2]);
+        for p in [5, 1] {
+            st.counters.uploaded.insert(p, None);
+        }
+        // A page both uploaded and reported failed (a late failure event) counts once, as uploaded.
+        st.counters.uploaded.insert(2, None);
+        let pages = pages_so_far(&st);
+        let got: Vec<(u32, &str)> = pages.iter().map(|p| (p.page, p.status.as_str())).collect();
+        assert_eq!(got, [(1, "ok"), (2, "ok"), (4, "failed"), (5, "ok")]);
+        assert_eq!(pages[0].detections.as_deref(), Some("pages/1.json"));
+        assert_eq!(pages[2].error.as_ref().unwrap().message, "why");
+        assert!(pages_so_far(&status(3, &[])).is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! - [`layout`]: where each file of a document goes ([`layout::Keys`]) and
 //!   what `manifest.json` and `pages/<n>.json` contain;
+//! - [`coco`]: the COCO export of a document's detections;
 //! - [`store`]: the local directory or S3 bucket they are written to, with
 //!   atomic writes, reads and presigned links.
 //!
@@ -10,6 +11,7 @@
 //! `pagestream-pipeline` or in `pagestream-schemas` (checked by
 //! `tests/tests/layering.rs`).
 
+pub mod coco;
 pub mod layout;
 pub mod store;
 

@@ -7,6 +7,8 @@
 //! runs (silently), so the counts in every event are exact. Event types:
 //!
 //! - `page`: a page reached `rendered`, `inferred`, `uploaded` or `failed`;
+//!   an `uploaded` one carries `results` (`image_url`, `detections_url`)
+//!   and, with `?detections=1`, the page's `detections`;
 //! - `state`: the document changed state (`queued`, `running`, then one
 //!   terminal state), after which the stream ends.
 //!
@@ -144,6 +146,11 @@ impl Ingress {
                 ),
             )
         })?;
+        let with_detections = crate::url_query(req.uri().query().unwrap_or(""))
+            .iter()
+            .any(|(k, v)| k == "detections" && matches!(v.as_str(), "1" | "true"));
+        let results = self.results.clone();
+        let keys = self.keys(id);
         let names = &self.ctx.names;
         let stream = self
             .ctx
@@ -195,8 +202,24 @@ impl Ingress {
                 let Ok(info) = msg.info() else { continue };
                 let seq = info.stream_sequence;
                 let Ok(ev) = decode::<Event>(&msg.payload) else { continue };
-                if let Some((kind, data)) = tally.apply(msg.subject.as_str(), seq, &ev) {
-                    if seq > last_id && !send(&tx, sse_frame(seq, kind, &data)).await {
+                let fresh = tally.apply(msg.subject.as_str(), seq, &ev).filter(|_| seq > last_id);
+                if let Some((kind, mut data)) = fresh {
+                    if let (Some(page), EventState::Uploaded) = (ev.page, ev.state) {
+                        // The page's files are written: where to get them.
+                        data["results"] = serde_json::json!({
+                            "image_url": format!("/v1/documents/{doc_id}/results/pages/{page}.png"),
+                            "detections_url": format!("/v1/documents/{doc_id}/results/pages/{page}.json"),
+                        });
+                        if with_detections {
+                            data["detections"] = match results.get(&keys.page_json(page)).await {
+                                Ok(Some(bytes)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                                    .map(|mut v| v["detections"].take())
+                                    .unwrap_or_default(),
+                                _ => serde_json::Value::Null,
+                            };
+                        }
+                    }
+                    if !send(&tx, sse_frame(seq, kind, &data)).await {
                         break;
                     }
                 }

@@ -184,7 +184,9 @@ impl Ingress {
             (["v1", "documents", id], &Method::GET) => ("status", self.status(&caller, id).await),
             (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(&caller, id).await),
             (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(&caller, id, &req).await),
-            (["v1", "documents", id, "results"], &Method::GET) => ("results", self.results(&caller, id).await),
+            (["v1", "documents", id, "results"], &Method::GET) => {
+                ("results", self.results(&caller, id, req.uri().query().unwrap_or("")).await)
+            }
             (["v1", "documents", id, "results", "manifest.json"], &Method::GET) => {
                 ("result_manifest", self.result_manifest(&caller, id).await)
             }
