@@ -35,6 +35,15 @@ async fn results_are_served_page_by_page_while_the_document_runs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // …and another writes the files as they land.
+    let dl_live = tempfile::tempdir().unwrap();
+    let follow_dl = Command::new(bin_dir().join("pagestream"))
+        .args(["results", &id, "--follow", "--download", dl_live.path().to_str().unwrap(), "--url", h.client.base()])
+        .env_remove("PAGESTREAM_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // …and the live events, with detections.
     let uploaded_events: Arc<Mutex<Vec<Value>>> = Arc::default();
     let events = {
@@ -131,6 +140,18 @@ async fn results_are_served_page_by_page_while_the_document_runs() {
         assert_eq!(l["detections"], page_json(&h, &id, n)["detections"], "CLI line of page {n}");
     }
     assert!(stderr.contains("completed; 113 pages"), "summary on stderr: {stderr}");
+
+    let out = tokio::task::spawn_blocking(move || follow_dl.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(0), "results --follow --download: {}", String::from_utf8_lossy(&out.stderr));
+    let mut got: Vec<String> = pagestream_e2e::files_under(&dl_live.path().join(&id))
+        .into_iter()
+        .map(|p| p.strip_prefix(dl_live.path().join(&id)).unwrap().display().to_string())
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (1..=113).flat_map(|p| [format!("pages/{p}.json"), format!("pages/{p}.png")]).collect();
+    want.push("manifest.json".into());
+    want.sort();
+    assert_eq!(got, want, "files written by results --follow --download");
 
     // COCO: loadable by pycocotools, same boxes as the page files.
     let coco = h.client.get(&format!("/v1/documents/{id}/results?format=coco")).await.unwrap();
