@@ -5,8 +5,11 @@
 //! detections over the page image. Four other documents run at the same
 //! time: more than the page follows live (3, since browsers allow ~6
 //! connections per host), so the rest are refreshed from the list, and
-//! every row must still reach `completed`. A screenshot is left in the test's
-//! output directory for people to look at.
+//! every row must still reach `completed`. Then: a deep link
+//! (`/#/documents/{id}`) opens a document on a fresh load, with its time,
+//! pages/s and download links; a failed document shows its reason in its
+//! row and viewer; a long document's first pages show while it runs. A
+//! screenshot is left in the temp directory for people to look at.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -204,6 +207,69 @@ async fn upload_through_the_page_and_see_it_complete_with_detections() {
         )
         .await;
 
+    // A deep link opens the document's viewer on a fresh load.
+    driver.cmd(Method::POST, "/url", json!({"url": "about:blank"})).await;
+    driver.cmd(Method::POST, "/url", json!({"url": format!("{}/#/documents/{id}", h.pipeline.base_url())})).await;
+    driver
+        .wait_for(
+            "const s = document.querySelector('[data-viewer-state]'); const img = document.querySelector('#canvas img'); \
+             return s && s.textContent === 'completed' && img && img.complete && img.naturalWidth > 0 && document.querySelector('#vhead h2').textContent",
+            Duration::from_secs(30),
+            "the deep-linked document's viewer",
+        )
+        .await;
+    let meta = driver.script("return document.querySelector('#viewer .meta').innerText").await;
+    let meta = meta.as_str().unwrap();
+    assert!(meta.contains("28 of 28 pages done") && meta.contains("pages/s"), "viewer header: {meta}");
+    let links = driver.script("return [...document.querySelectorAll('[data-download]')].map(a => a.textContent)").await;
+    assert_eq!(links, json!(["manifest.json", "COCO (all pages)", "page 1 JSON"]), "download links");
+
+    // A failed document says why, in its row and in its viewer.
+    let bad = h.client.submit_file(&corpus("enc_aes256_pw-asdfzxcv.pdf"), Some("locked")).await.unwrap();
+    let bad = bad.json["id"].as_str().unwrap().to_string();
+    h.wait_terminal(&bad, Duration::from_secs(60)).await.unwrap();
+    driver.cmd(Method::POST, "/url", json!({"url": format!("{}/#/documents/{bad}", h.pipeline.base_url())})).await;
+    let row_reason = driver
+        .wait_for(
+            &format!(
+                "const r = document.querySelector('[data-doc-id=\"{bad}\"] [data-reason]'); return r && r.textContent"
+            ),
+            Duration::from_secs(30),
+            "the failed document's reason in its row",
+        )
+        .await;
+    assert!(row_reason.as_str().unwrap().starts_with("pdf_password: "), "{row_reason}");
+    let row = driver.script(&format!("return document.querySelector('[data-doc-id=\"{bad}\"]').innerText")).await;
+    assert!(!row.as_str().unwrap().contains("? pages"), "no unknown page count shown: {row}");
+    let viewer_reason = driver
+        .wait_for(
+            "const r = document.querySelector('[data-viewer-reason]'); return r && r.textContent",
+            Duration::from_secs(30),
+            "the failed document's reason in the viewer",
+        )
+        .await;
+    assert_eq!(viewer_reason, row_reason);
+
+    // A long document: its first pages show while it still runs.
+    let long = h.client.submit_file(&corpus("text_R-intro.pdf"), Some("long")).await.unwrap();
+    let long = long.json["id"].as_str().unwrap().to_string();
+    driver.cmd(Method::POST, "/url", json!({"url": format!("{}/#/documents/{long}", h.pipeline.base_url())})).await;
+    let early = driver
+        .wait_for(
+            "const s = document.querySelector('[data-viewer-state]'); const img = document.querySelector('#canvas img'); \
+             return s && s.textContent === 'running' && img && img.complete && img.naturalWidth > 0 \
+               && document.querySelectorAll('#pages button.pending').length",
+            Duration::from_secs(60),
+            "a page of the running document in the viewer",
+        )
+        .await;
+    assert!(early.as_u64().unwrap() > 0, "pages still pending while one is shown");
+    let st = h.client.get(&format!("/v1/documents/{long}")).await.unwrap().json;
+    assert!(st["pages"]["uploaded"].as_u64().unwrap() < 113, "shown before the document finished: {st}");
+    // One page: singular.
+    let legend = driver.script("return document.getElementById('legend').textContent").await;
+    assert!(!legend.as_str().unwrap().contains(" 1 detections"), "{legend}");
+
     let shot = driver.cmd(Method::GET, "/screenshot", Value::Null).await;
     use base64::Engine as _;
     let png = base64::engine::general_purpose::STANDARD.decode(shot.as_str().unwrap()).unwrap();
@@ -212,5 +278,6 @@ async fn upload_through_the_page_and_see_it_complete_with_detections() {
     std::fs::write(&out, &png).unwrap();
     eprintln!("screenshot: {}", out.display());
     driver.call(Method::DELETE, &format!("/session/{}", driver.session), Value::Null).await;
+    h.client.delete(&format!("/v1/documents/{long}")).await.unwrap();
     h.stop().await.unwrap();
 }
