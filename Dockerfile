@@ -1,5 +1,5 @@
 # One image for every stage; the command picks the stage:
-#   docker run pagestream ingress | splitter | inferencer | uploader | pagestream run
+#   docker run pagestream ingress | splitter | inferencer | uploader | notifier | pagestream run
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends python3-pip python3-venv && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -8,7 +8,7 @@ COPY . .
 RUN PAGESTREAM_DEPS=/opt/pagestream/deps scripts/setup
 RUN cargo build --release --locked --bins \
  && mkdir -p /opt/pagestream/bin \
- && cp target/release/ingress target/release/splitter target/release/render-worker target/release/inferencer target/release/uploader target/release/pagestream /opt/pagestream/bin/
+ && cp target/release/ingress target/release/splitter target/release/render-worker target/release/inferencer target/release/uploader target/release/notifier target/release/pagestream /opt/pagestream/bin/
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \

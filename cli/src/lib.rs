@@ -85,6 +85,11 @@ impl LocalPipeline {
         tasks.spawn(async move { ("uploader", pagestream_uploader::run(c, s).await) });
         let (c, s) = (ctx.clone(), shutdown.clone());
         tasks.spawn(async move { ("ingress", pagestream_ingress::serve(c, listener, s).await) });
+        // Webhooks, when the deployment signs them.
+        if !ctx.config.notifier.secret.is_empty() {
+            let (c, s) = (ctx.clone(), shutdown.clone());
+            tasks.spawn(async move { ("notifier", pagestream_notifier::run(c, s).await) });
+        }
 
         let mut pipeline = LocalPipeline { ingress_addr, ctx, shutdown, nats, tasks };
         // Start-up errors (missing library, bad model, unreachable bucket)

@@ -41,6 +41,60 @@ pub struct Config {
     pub splitter: SplitterConfig,
     pub inferencer: InferencerConfig,
     pub uploader: UploaderConfig,
+    pub notifier: NotifierConfig,
+}
+
+/// Webhooks: the notifier stage delivers signed document and page events
+/// (Standard Webhooks) to each document's `callback_url`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifierConfig {
+    /// Signing secret, `whsec_<base64>` (Standard Webhooks). Empty:
+    /// webhooks are off, and submissions with a `callback_url` are refused.
+    pub secret: String,
+    /// Webhook of documents submitted without `callback_url` (empty: none).
+    pub callback_url: String,
+    /// Events the default webhook gets: `document` or `page`.
+    pub callback_events: pagestream_schemas::CallbackEvents,
+    /// How long one event is retried (network errors, 5xx, 429) before it is given up.
+    pub retry_for_secs: u64,
+    /// Timeout of one delivery attempt.
+    pub attempt_timeout_secs: u64,
+    /// Deliveries in flight at once per notifier process.
+    pub concurrency: usize,
+    /// Hosts (names or IP addresses) webhooks may reach although they are
+    /// or resolve to private, loopback or link-local addresses.
+    pub allow_private_hosts: Vec<String>,
+    /// Base URL of the public API, making result links in webhooks
+    /// absolute (empty: links are API paths).
+    pub public_url: String,
+    /// Address of /metrics, /livez, /readyz (empty: disabled).
+    pub admin_addr: String,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            secret: String::new(),
+            callback_url: String::new(),
+            callback_events: pagestream_schemas::CallbackEvents::Document,
+            retry_for_secs: 600,
+            attempt_timeout_secs: 10,
+            concurrency: 32,
+            allow_private_hosts: Vec::new(),
+            public_url: String::new(),
+            admin_addr: "127.0.0.1:9104".into(),
+        }
+    }
+}
+
+impl NotifierConfig {
+    /// The HMAC key of `secret` (the bytes after `whsec_`, base64-decoded).
+    pub fn signing_key(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = self.secret.strip_prefix("whsec_")?;
+        base64::engine::general_purpose::STANDARD.decode(b64).ok().filter(|k| !k.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -620,6 +674,29 @@ impl Config {
                 self.splitter.dpi,
                 pagestream_schemas::dpi_range_text()
             ));
+        }
+        if !self.notifier.secret.is_empty() && self.notifier.signing_key().is_none() {
+            errors.push(
+                "notifier.secret must be whsec_ followed by base64 (e.g. echo \"whsec_$(openssl rand -base64 32)\")"
+                    .into(),
+            );
+        }
+        if !self.notifier.callback_url.is_empty() {
+            if let Err(e) = pagestream_schemas::validate_callback_url(&self.notifier.callback_url) {
+                errors.push(format!("notifier.callback_url {e}"));
+            }
+            if self.notifier.secret.is_empty() {
+                errors.push("notifier.callback_url needs notifier.secret (webhooks are signed)".into());
+            }
+        }
+        if self.notifier.retry_for_secs == 0
+            || self.notifier.attempt_timeout_secs == 0
+            || self.notifier.concurrency == 0
+        {
+            errors.push(
+                "notifier.retry_for_secs, notifier.attempt_timeout_secs and notifier.concurrency must be at least 1"
+                    .into(),
+            );
         }
         if self.splitter.render_timeout_secs == 0 {
             errors.push("splitter.render_timeout_secs must be at least 1".into());

@@ -173,6 +173,45 @@ impl Counters {
         Ok(Counters { kv })
     }
 
+    /// Another bucket of page sets, `bucket`, created with `replicas`
+    /// copies when missing (the notifier's delivered pages).
+    pub async fn open_bucket(
+        js: &jetstream::Context,
+        bucket: String,
+        description: &str,
+        replicas: usize,
+    ) -> Result<Self> {
+        let kv = crate::nats::kv_bucket(
+            js,
+            kv::Config {
+                bucket,
+                description: description.into(),
+                history: 1,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Counters { kv })
+    }
+
+    /// The bucket itself, for records beside the page sets.
+    pub fn store(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    /// [`Counters::mark`] for any key of the bucket.
+    pub async fn mark_key(&self, key: &str, page: u32) -> Result<bool> {
+        self.mark_raw(key.to_string(), page, None).await
+    }
+
+    /// The page set under any key (empty when none).
+    pub async fn get_key(&self, key: &str) -> Result<PageSet> {
+        Ok(self.read(key).await?.map(|(set, _)| set).unwrap_or_default())
+    }
+
     fn key(doc_id: &str, state: EventState) -> String {
         format!("{doc_id}.{}", state.as_str())
     }
@@ -207,7 +246,10 @@ impl Counters {
     /// Records that `page` of `doc_id` reached `state` (with the stage's time
     /// for it). Idempotent: returns false when it was already recorded.
     pub async fn mark(&self, doc_id: &str, state: EventState, page: u32, ms: Option<f32>) -> Result<bool> {
-        let key = Self::key(doc_id, state);
+        self.mark_raw(Self::key(doc_id, state), page, ms).await
+    }
+
+    async fn mark_raw(&self, key: String, page: u32, ms: Option<f32>) -> Result<bool> {
         let started = std::time::Instant::now();
         let mut outage_delay = Duration::from_millis(100);
         let mut attempt = 0;

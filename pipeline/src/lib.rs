@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod bin;
 pub mod blob;
+pub mod callbacks;
 pub mod config;
 pub mod consumer;
 pub mod counters;

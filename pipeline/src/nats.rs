@@ -103,6 +103,10 @@ impl Names {
     pub fn idempotency_bucket(&self) -> String {
         format!("{}_idempotency", self.prefix)
     }
+    /// Key-value bucket of webhook deliveries (the notifier's records).
+    pub fn callbacks_bucket(&self) -> String {
+        format!("{}_callbacks", self.prefix)
+    }
     /// Key-value bucket of per-document page counters ([`crate::counters`]).
     pub fn progress_bucket(&self) -> String {
         format!("{}_progress", self.prefix)
@@ -480,7 +484,11 @@ mod tests {
         assert_eq!(stream_configs(&names, &unbounded).unwrap()[3].max_bytes, -1);
         assert_eq!(streams[3].max_messages_per_subject, 1);
         let consumers = consumer_configs(&names, &cfg).unwrap();
-        assert_eq!(consumers.len(), 2);
+        assert_eq!(consumers.len(), 3);
+        assert_eq!(
+            consumers[2].1.filter_subjects,
+            ["t-42.events.*.doc.*", "t-42.events.*.page.uploaded.*", "t-42.events.*.page.failed.*"]
+        );
         assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7 && c.ack_wait == Duration::from_secs(9)));
         assert_eq!(consumers[0].0, names.docs_stream());
         let (stream, model) = model_consumer_config(&names, &cfg, "layout_cdla").unwrap();

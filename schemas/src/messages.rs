@@ -51,6 +51,87 @@ pub struct SubmitOptions {
     /// A document without `model` always waits for the default model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for_model: Option<bool>,
+    /// Webhook for this document (`http(s)://…`, no credentials): the
+    /// notifier POSTs signed events to it. Absent: the deployment's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// Which events the webhook gets: `document` (its terminal state only,
+    /// the default) or `page` (each page's outcome too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_events: Option<CallbackEvents>,
+}
+
+/// Which events a document's webhook receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackEvents {
+    /// The document's terminal state only.
+    #[default]
+    Document,
+    /// Each page's outcome (`page.uploaded`, `page.failed`), then the terminal state.
+    Page,
+}
+
+impl CallbackEvents {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackEvents::Document => "document",
+            CallbackEvents::Page => "page",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "document" => Some(CallbackEvents::Document),
+            "page" => Some(CallbackEvents::Page),
+            _ => None,
+        }
+    }
+}
+
+/// A document's webhook, as recorded in its events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+    #[serde(default)]
+    pub events: CallbackEvents,
+}
+
+/// The longest callback URL accepted.
+pub const CALLBACK_URL_MAX: usize = 2048;
+
+/// Syntax of a webhook URL: `http://` or `https://`, a host, no
+/// credentials, no whitespace or control characters. (Where it may point —
+/// no private addresses unless allowed — is the notifier's check.)
+pub fn validate_callback_url(url: &str) -> Result<(), String> {
+    if url.len() > CALLBACK_URL_MAX {
+        return Err(format!("is longer than {CALLBACK_URL_MAX} characters"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace or control characters".into());
+    }
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("must not contain credentials (user:password@)".into());
+    }
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.is_empty() || host == "[]" {
+        return Err("has no host".into());
+    }
+    if let Some(port) = authority.strip_prefix(host).and_then(|p| p.strip_prefix(':')) {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("has an invalid port {port:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// How large a share of the pipeline a document gets while others run.
@@ -389,6 +470,10 @@ pub struct DocInfo {
     /// on NATS. With tokens, only that token (and admin tokens) see it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The document's webhook (from its submission), on `queued` and
+    /// `split` events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
 }
 
 /// A progress event: subject `<prefix>.events.<doc_id>.doc.<state>` or
@@ -558,6 +643,9 @@ impl Message for DocumentSubmitted {
         }
         if let Some(model) = &self.options.model {
             validate_model_name(model).map_err(|e| format!("options.model: {e}"))?;
+        }
+        if let Some(url) = &self.options.callback_url {
+            validate_callback_url(url).map_err(|e| format!("options.callback_url {e}"))?;
         }
         // Page images are the pipeline's own; `uploads/` keys belong to one
         // document each (the pipeline deletes `uploads/<doc_id>` when the

@@ -224,7 +224,7 @@ fn merge_info(into: &mut DocInfo, from: DocInfo) {
     macro_rules! take {
         ($($f:ident),*) => { $( if from.$f.is_some() { into.$f = from.$f; } )* };
     }
-    take!(title, filename, sha256, bytes, page_count, status, manifest, model, model_sha256, owner);
+    take!(title, filename, sha256, bytes, page_count, status, manifest, model, model_sha256, owner, callback);
 }
 
 async fn last_event(stream: &Stream, subject: &str) -> Result<Event, ProgressError> {

@@ -14,8 +14,8 @@ use pagestream_pipeline::progress::{list_documents, publish_message, read_status
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_results::layout::Keys;
 use pagestream_schemas::{
-    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, FinalStatus, Priority, Source,
-    SubmitOptions, VERSION,
+    validate_doc_id, Callback, CallbackEvents, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, FinalStatus,
+    Priority, Source, SubmitOptions, VERSION,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -49,6 +49,8 @@ struct Options {
     model: Option<String>,
     priority: Option<Priority>,
     wait_for_model: bool,
+    callback_url: Option<String>,
+    callback_events: Option<CallbackEvents>,
 }
 
 impl Options {
@@ -89,6 +91,13 @@ impl Options {
                     "false" | "0" | "" => false,
                     _ => return Err(invalid(format!("wait_for_model {value:?} is not true or false"))),
                 }
+            }
+            "callback_url" if !value.is_empty() => self.callback_url = Some(value),
+            "callback_events" if !value.is_empty() => {
+                self.callback_events = Some(
+                    CallbackEvents::parse(&value)
+                        .ok_or_else(|| invalid(format!("callback_events {value:?} is not one of document, page")))?,
+                )
             }
             "password" => self.password = Some(value).filter(|p| !p.is_empty()),
             "priority" if !value.is_empty() => {
@@ -161,6 +170,26 @@ fn unavailable<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> ApiError + '_ 
 }
 
 impl Ingress {
+    /// A `callback_url` needs webhooks on (`notifier.secret`) and a URL the
+    /// notifier may call: 422 `invalid_callback` otherwise.
+    fn check_callback(&self, opts: &Options) -> Result<(), ApiError> {
+        let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_callback", m);
+        let Some(url) = &opts.callback_url else {
+            if opts.callback_events.is_some() {
+                return Err(invalid("callback_events needs a callback_url".into()));
+            }
+            return Ok(());
+        };
+        let cfg = &self.ctx.config.notifier;
+        if cfg.secret.is_empty() {
+            return Err(invalid(
+                "webhooks are off on this server (no notifier.secret): submit without callback_url, or ask its operator"
+                    .into(),
+            ));
+        }
+        pagestream_pipeline::callbacks::check_callback_url(url, &cfg.allow_private_hosts).map_err(invalid)
+    }
+
     /// [`status_json`], plus `waiting_for_model` (the model's name) while an
     /// unfinished document's model has no live replica: its pages wait.
     fn live_status_json(&self, s: &DocStatus) -> serde_json::Value {
@@ -188,6 +217,12 @@ impl Ingress {
         let status = self.read_status(caller, id, true).await?;
         let mut json = self.live_status_json(&status);
         json["timings"] = serde_json::to_value(status.timings()).expect("timings serialise");
+        if let (Some(cb), Some(store)) = (&status.info.callback, &self.callbacks) {
+            let mut v = store.summary(id).await.map_err(unavailable("reading webhook deliveries"))?;
+            v["url"] = cb.url.clone().into();
+            v["events"] = cb.events.as_str().into();
+            json["callback"] = v;
+        }
         Ok(json_response(StatusCode::OK, &json))
     }
 
@@ -401,6 +436,7 @@ impl Ingress {
         if mime != "multipart/form-data" {
             // Every option is known before the body: refuse before reading it.
             self.resolve_model(opts.model.as_deref(), opts.wait_for_model)?;
+            self.check_callback(&opts)?;
         }
         let pace = self.pace();
         let (stored, filename) = match mime.as_str() {
@@ -477,7 +513,10 @@ impl Ingress {
                 ))
             }
         };
-        let (model, model_sha256, wait) = match self.resolve_model(opts.model.as_deref(), opts.wait_for_model) {
+        let (model, model_sha256, wait) = match self
+            .check_callback(&opts)
+            .and_then(|()| self.resolve_model(opts.model.as_deref(), opts.wait_for_model))
+        {
             Ok(m) => m,
             Err(e) => {
                 if let Err(err) = self.blobs.delete(&key).await {
@@ -487,6 +526,8 @@ impl Ingress {
             }
         };
         self.ctx.metrics.upload_bytes(stored.bytes);
+        let callback =
+            opts.callback_url.clone().map(|url| Callback { url, events: opts.callback_events.unwrap_or_default() });
         let title = opts.title.clone().or_else(|| filename.clone());
         let msg = DocumentSubmitted {
             v: VERSION,
@@ -505,6 +546,8 @@ impl Ingress {
                 password: opts.password.take(),
                 priority: opts.priority,
                 wait_for_model: wait.then_some(true),
+                callback_url: callback.as_ref().map(|c| c.url.clone()),
+                callback_events: callback.as_ref().map(|c| c.events),
             },
             submitted_at: Some(now_rfc3339()),
             start_page: None,
@@ -517,6 +560,7 @@ impl Ingress {
             model: Some(model),
             model_sha256,
             owner: caller.owner.clone(),
+            callback,
             ..DocInfo::default()
         };
         // Queued event first: the status endpoint answers as soon as we reply.

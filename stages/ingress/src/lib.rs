@@ -71,6 +71,8 @@ pub struct Ingress {
     token_streams: TokenSlots,
     /// Ends live event streams when the server stops.
     shutdown: CancellationToken,
+    /// Webhook deliveries (when webhooks are on): shown in status.
+    callbacks: Option<pagestream_pipeline::callbacks::CallbackStore>,
 }
 
 impl Ingress {
@@ -85,7 +87,16 @@ impl Ingress {
         let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
         let token_streams = TokenSlots::new(ctx.config.ingress.max_event_streams_per_token);
+        let callbacks = if ctx.config.notifier.secret.is_empty() {
+            None
+        } else {
+            Some(
+                pagestream_pipeline::callbacks::CallbackStore::open(&ctx.js, &ctx.names, ctx.config.nats.replicas)
+                    .await?,
+            )
+        };
         Ok(Ingress {
+            callbacks,
             ctx,
             blobs,
             progress,

@@ -226,7 +226,10 @@ impl Splitter {
         publish_message(&self.ctx.js, names.docs_failed(), &format!("{}:failed", sub.doc_id), &failed)
             .await
             .map_err(StageError::publish)?;
-        self.progress.doc(&sub.doc_id, EventState::Failed, None, Some(error)).await.map_err(StageError::publish)?;
+        // A document published on NATS may fail here first: its webhook
+        // must still be known.
+        let info = callback_of(sub).map(|c| DocInfo { callback: Some(c), ..DocInfo::default() });
+        self.progress.doc(&sub.doc_id, EventState::Failed, info, Some(error)).await.map_err(StageError::publish)?;
         self.ctx.metrics.document(STAGE, "failed");
         Ok(())
     }
@@ -517,6 +520,7 @@ impl Splitter {
                     [one] => Some(one.to_string()),
                     _ => None,
                 }),
+                callback: callback_of(&sub),
                 ..DocInfo::default()
             };
             self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(StageError::publish)?;
@@ -622,10 +626,18 @@ impl Splitter {
             title: sub.title.clone().or_else(|| sub.source.filename.clone()),
             filename: sub.source.filename.clone(),
             model: sub.options.model.clone(),
+            callback: callback_of(sub),
             ..DocInfo::default()
         };
         self.progress.doc(&sub.doc_id, EventState::Queued, Some(info), None).await.map_err(StageError::publish)
     }
+}
+
+/// The webhook a submission asks for (recorded in the document's events,
+/// where the notifier reads it).
+fn callback_of(sub: &DocumentSubmitted) -> Option<pagestream_schemas::Callback> {
+    let url = sub.options.callback_url.clone()?;
+    Some(pagestream_schemas::Callback { url, events: sub.options.callback_events.unwrap_or_default() })
 }
 
 impl Handler for Splitter {
