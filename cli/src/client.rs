@@ -202,6 +202,21 @@ impl ApiClient {
         }
     }
 
+    /// POSTs a JSON body (a document by reference), with an optional
+    /// `Idempotency-Key`.
+    pub async fn post_json(&self, path: &str, body: &Value, idempotency_key: Option<&str>) -> Result<Answer> {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(k) = idempotency_key {
+            headers.push(("idempotency-key", k));
+        }
+        let resp = self.raw(Method::POST, path, &headers, full(serde_json::to_vec(body)?)).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let json =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Ok(Answer { status, json })
+    }
+
     /// Uploads bytes with a content type (`application/pdf`, …).
     pub async fn post_bytes(&self, path: &str, content_type: &str, bytes: Vec<u8>) -> Result<Answer> {
         self.send(Method::POST, path, Some(content_type), full(bytes)).await

@@ -52,8 +52,9 @@ fn priority_parser() -> impl clap::builder::TypedValueParser<Value = Priority> {
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
-    /// PDF files to upload
-    #[arg(required = true, value_name = "FILE")]
+    /// PDF files to upload, or documents by reference for the service to
+    /// fetch (`s3://bucket/key`, `https://…`)
+    #[arg(required = true, value_name = "FILE|URL")]
     pub files: Vec<PathBuf>,
     /// Follow each document to its end with a live progress bar (plain
     /// lines, one per change, when stderr is not a terminal)
@@ -526,13 +527,27 @@ async fn submit_files(a: &SubmitArgs) -> Result<i32> {
     let mut rejected = 0;
     for path in &a.files {
         let shown = path.display().to_string();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| shown.clone());
-        if !path.is_file() {
-            eprintln!("✗ {shown}: not a file");
+        let by_reference = ["s3://", "https://", "http://"].iter().any(|p| shown.starts_with(p));
+        let name = if by_reference {
+            shown.clone()
+        } else {
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| shown.clone())
+        };
+        if !by_reference && !path.is_file() {
+            eprintln!("✗ {shown}: not a file (or a s3:// / https:// URL)");
             rejected += 1;
             continue;
         }
-        let ans = client.submit_file_with(path, a.title.as_deref(), &options, a.idempotency_key.as_deref()).await?;
+        let ans = if by_reference {
+            let mut opts = serde_json::Map::new();
+            for (k, v) in &options {
+                opts.insert(k.to_string(), Value::String(v.clone()));
+            }
+            let body = serde_json::json!({"url": shown, "title": a.title, "options": opts});
+            client.post_json("/v1/documents", &body, a.idempotency_key.as_deref()).await?
+        } else {
+            client.submit_file_with(path, a.title.as_deref(), &options, a.idempotency_key.as_deref()).await?
+        };
         if ans.status.as_u16() == 202 {
             let id = ans.json["id"].as_str().unwrap_or_default().to_string();
             if a.api.json {

@@ -288,6 +288,22 @@ pub struct SplitterConfig {
     /// Longest the renderer may take to open a document or render one page;
     /// past it the worker is killed and the page fails `render_timeout`.
     pub render_timeout_secs: u64,
+    /// Documents by reference (`source.url`): the largest one fetched.
+    pub source_max_bytes: u64,
+    /// Time to fetch one document by reference, first byte to last.
+    pub source_timeout_secs: u64,
+    /// Buckets an `s3://` source may name (empty: `s3://` sources are refused).
+    pub source_s3_buckets: Vec<String>,
+    /// S3 endpoint of `s3://` sources (MinIO, moto, …); empty for AWS.
+    pub source_s3_endpoint: String,
+    pub source_s3_region: String,
+    pub source_s3_path_style: bool,
+    /// Static credentials for `s3://` sources; empty: the standard AWS chain.
+    pub source_s3_access_key_id: String,
+    pub source_s3_secret_access_key: String,
+    /// Hosts `http(s)://` sources may reach although they are (or resolve
+    /// to) private, loopback or link-local addresses.
+    pub source_allow_private_hosts: Vec<String>,
     /// Address-space limit of the render worker, in MiB (0: none); a PDF
     /// that needs more fails its page `render_crashed`.
     pub render_memory_mb: u64,
@@ -439,6 +455,15 @@ impl Default for SplitterConfig {
             doc_pages_in_flight: 16,
             render_worker: PathBuf::new(),
             render_timeout_secs: 120,
+            source_max_bytes: 256 * 1024 * 1024,
+            source_timeout_secs: 300,
+            source_s3_buckets: Vec::new(),
+            source_s3_endpoint: String::new(),
+            source_s3_region: "us-east-1".into(),
+            source_s3_path_style: false,
+            source_s3_access_key_id: String::new(),
+            source_s3_secret_access_key: String::new(),
+            source_allow_private_hosts: Vec::new(),
             render_memory_mb: 2048,
             admin_addr: "127.0.0.1:9101".into(),
         }
@@ -697,6 +722,9 @@ impl Config {
                 "notifier.retry_for_secs, notifier.attempt_timeout_secs and notifier.concurrency must be at least 1"
                     .into(),
             );
+        }
+        if self.splitter.source_max_bytes == 0 || self.splitter.source_timeout_secs == 0 {
+            errors.push("splitter.source_max_bytes and splitter.source_timeout_secs must be at least 1".into());
         }
         if self.splitter.render_timeout_secs == 0 {
             errors.push("splitter.render_timeout_secs must be at least 1".into());

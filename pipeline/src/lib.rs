@@ -21,6 +21,7 @@ pub mod embedded;
 pub mod health;
 pub mod metrics;
 pub mod nats;
+pub mod outbound;
 pub mod progress;
 pub mod registry;
 pub mod shutdown;

@@ -234,3 +234,72 @@ mod tests {
         assert!(store.location("d/x").starts_with("file:///"));
     }
 }
+
+/// Why fetching a document by reference from S3 failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceError {
+    /// No such bucket or key.
+    Missing(String),
+    /// Larger than the limit (the size, when known).
+    TooLarge(u64),
+    /// This build cannot read S3.
+    Unsupported(String),
+    /// Anything else (network, credentials, throttling): worth a retry.
+    Other(String),
+}
+
+/// Streams `s3://bucket/key` into `to`, at most `max` bytes, with a client
+/// built from `cfg` (endpoint, region, path style, credentials); returns
+/// the bytes written. Never holds the object in memory.
+#[cfg(feature = "s3")]
+pub async fn s3_fetch(
+    cfg: &UploaderConfig,
+    bucket: &str,
+    key: &str,
+    max: u64,
+    to: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+) -> Result<u64, SourceError> {
+    use tokio::io::AsyncWriteExt as _;
+    let client = s3_client(cfg).await;
+    let resp = match client.get_object().bucket(bucket).key(key).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let text = format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e));
+            return Err(match e.as_service_error() {
+                Some(s) if s.is_no_such_key() => SourceError::Missing(format!("s3://{bucket}/{key} does not exist")),
+                _ if status == Some(404) => SourceError::Missing(format!("s3://{bucket}/{key}: not found ({text})")),
+                _ => SourceError::Other(format!("reading s3://{bucket}/{key}: {text}")),
+            });
+        }
+    };
+    if let Some(len) = resp.content_length().filter(|l| *l as u64 > max) {
+        return Err(SourceError::TooLarge(len as u64));
+    }
+    let mut body = resp.body;
+    let mut written = 0u64;
+    while let Some(chunk) =
+        body.try_next().await.map_err(|e| SourceError::Other(format!("reading s3://{bucket}/{key}: {e}")))?
+    {
+        written += chunk.len() as u64;
+        if written > max {
+            return Err(SourceError::TooLarge(written));
+        }
+        to.write_all(&chunk).await.map_err(|e| SourceError::Other(format!("writing the local copy: {e}")))?;
+    }
+    Ok(written)
+}
+
+/// Without the `s3` feature: `s3://` sources are refused.
+#[cfg(not(feature = "s3"))]
+pub async fn s3_fetch(
+    _: &UploaderConfig,
+    _: &str,
+    _: &str,
+    _: u64,
+    _: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+) -> Result<u64, SourceError> {
+    Err(SourceError::Unsupported(
+        "this build has no S3 support (cargo feature `s3` of pagestream-results); build the workspace".into(),
+    ))
+}

@@ -16,7 +16,9 @@ pub struct Source {
     /// Key of the PDF in the pipeline's blob store (JetStream Object Store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<String>,
-    /// `s3://bucket/key` of the PDF.
+    /// Where the splitter fetches the PDF: `s3://bucket/key` (a bucket the
+    /// deployment allows) or `https://…` (`http://` too; public addresses,
+    /// or hosts the deployment allows). See [`SourceRef`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Original file name, shown in the manifest.
@@ -94,6 +96,42 @@ pub struct Callback {
     pub url: String,
     #[serde(default)]
     pub events: CallbackEvents,
+}
+
+/// A document by reference, parsed from `source.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRef {
+    S3 { bucket: String, key: String },
+    Http(String),
+}
+
+impl SourceRef {
+    pub fn parse(url: &str) -> Result<SourceRef, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, key) = rest.split_once('/').ok_or("s3:// URL without a key: use s3://bucket/key")?;
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+            if !bucket_ok {
+                return Err(format!("{bucket:?} is not an S3 bucket name"));
+            }
+            if key.is_empty() || key.len() > 1024 || key.chars().any(char::is_control) {
+                return Err("s3:// URL with an empty, too long or unprintable key".into());
+            }
+            return Ok(SourceRef::S3 { bucket: bucket.into(), key: key.into() });
+        }
+        validate_callback_url(url).map_err(|e| e.replace("http:// or https://", "s3://, https:// or http://"))?;
+        Ok(SourceRef::Http(url.to_string()))
+    }
+
+    /// The last path segment (a file name for the manifest), if any.
+    pub fn file_name(&self) -> Option<String> {
+        let path = match self {
+            SourceRef::S3 { key, .. } => key.as_str(),
+            SourceRef::Http(url) => url.split(['?', '#']).next().unwrap_or(""),
+        };
+        let name = path.rsplit('/').next().unwrap_or("");
+        Some(name.to_string()).filter(|n| !n.is_empty() && !n.contains(':'))
+    }
 }
 
 /// The longest callback URL accepted.
@@ -643,6 +681,9 @@ impl Message for DocumentSubmitted {
         }
         if let Some(model) = &self.options.model {
             validate_model_name(model).map_err(|e| format!("options.model: {e}"))?;
+        }
+        if let Some(url) = &self.source.url {
+            SourceRef::parse(url).map_err(|e| format!("source.url: {e}"))?;
         }
         if let Some(url) = &self.options.callback_url {
             validate_callback_url(url).map_err(|e| format!("options.callback_url {e}"))?;

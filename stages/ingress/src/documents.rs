@@ -15,7 +15,7 @@ use pagestream_pipeline::util::now_rfc3339;
 use pagestream_results::layout::Keys;
 use pagestream_schemas::{
     validate_doc_id, Callback, CallbackEvents, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, FinalStatus,
-    Priority, Source, SubmitOptions, VERSION,
+    Priority, Source, SourceRef, SubmitOptions, VERSION,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -438,6 +438,9 @@ impl Ingress {
             self.resolve_model(opts.model.as_deref(), opts.wait_for_model)?;
             self.check_callback(&opts)?;
         }
+        if mime == "application/json" {
+            return self.accept_reference(req, doc_id, caller, opts).await;
+        }
         let pace = self.pace();
         let (stored, filename) = match mime.as_str() {
             "multipart/form-data" => {
@@ -507,7 +510,7 @@ impl Ingress {
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "unsupported_content_type",
                     format!(
-                        "content type {:?} is not accepted: send multipart/form-data with a `file` field, or an application/pdf body",
+                        "content type {:?} is not accepted: send multipart/form-data with a `file` field, an application/pdf body, or application/json with a \"url\"",
                         if other.is_empty() { "(none)" } else { other }
                     ),
                 ))
@@ -526,20 +529,95 @@ impl Ingress {
             }
         };
         self.ctx.metrics.upload_bytes(stored.bytes);
+        let source = Source {
+            blob: Some(key),
+            filename,
+            bytes: Some(stored.bytes),
+            sha256: Some(stored.sha256.clone()),
+            ..Source::default()
+        };
+        self.queue(doc_id, opts, source, (model, model_sha256, wait), caller).await
+    }
+
+    /// `POST /v1/documents` with `application/json`: a document by
+    /// reference, `{"url": "s3://bucket/key" | "https://…", "title": …,
+    /// "options": {dpi, model, priority, password, wait_for_model,
+    /// callback_url, callback_events}}`. The splitter fetches it.
+    async fn accept_reference(
+        &self,
+        req: Request<Incoming>,
+        doc_id: String,
+        caller: &Caller,
+        mut opts: Options,
+    ) -> Result<Resp, ApiError> {
+        const MAX_JSON: u64 = 64 * 1024;
+        let body = upload::read_small(req.into_body(), MAX_JSON, self.pace()).await?;
+        let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_reference", m);
+        let json: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("the body is not JSON: {e}")))?;
+        let url = json["url"]
+            .as_str()
+            .ok_or_else(|| invalid("the JSON body needs \"url\": \"s3://bucket/key\" or \"https://…\"".into()))?;
+        let source = SourceRef::parse(url).map_err(|e| invalid(format!("url: {e}")))?;
+        let cfg = &self.ctx.config.splitter;
+        match &source {
+            SourceRef::S3 { bucket, .. } if !cfg.source_s3_buckets.iter().any(|b| b == bucket) => {
+                return Err(invalid(format!(
+                    "bucket {bucket:?} is not one this deployment reads documents from (splitter.source_s3_buckets)"
+                )))
+            }
+            SourceRef::Http(u) => {
+                pagestream_pipeline::callbacks::check_callback_url(u, &cfg.source_allow_private_hosts).map_err(|e| {
+                    invalid(
+                        e.replace("callback_url", "url")
+                            .replace("notifier.allow_private_hosts", "splitter.source_allow_private_hosts"),
+                    )
+                })?
+            }
+            _ => {}
+        }
+        if let Some(title) = json.get("title").filter(|t| !t.is_null()) {
+            let title = title.as_str().ok_or_else(|| invalid("title must be a string".into()))?;
+            opts.set("title", title.to_string())?;
+        }
+        if let Some(options) = json.get("options").filter(|o| !o.is_null()) {
+            let options = options.as_object().ok_or_else(|| invalid("options must be an object".into()))?;
+            for (k, v) in options {
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => return Err(invalid(format!("options.{k} must be a string, number or boolean"))),
+                };
+                opts.set(k, text)?;
+            }
+        }
+        self.check_callback(&opts)?;
+        let model = self.resolve_model(opts.model.as_deref(), opts.wait_for_model)?;
+        let filename = opts.filename.clone().or_else(|| source.file_name());
+        let source = Source { url: Some(url.to_string()), filename, ..Source::default() };
+        self.queue(doc_id, opts, source, model, caller).await
+    }
+
+    /// Records the document (its `queued` event) and publishes its submission.
+    async fn queue(
+        &self,
+        doc_id: String,
+        mut opts: Options,
+        source: Source,
+        (model, model_sha256, wait): (String, Option<String>, bool),
+        caller: &Caller,
+    ) -> Result<Resp, ApiError> {
         let callback =
             opts.callback_url.clone().map(|url| Callback { url, events: opts.callback_events.unwrap_or_default() });
+        let filename = source.filename.clone();
         let title = opts.title.clone().or_else(|| filename.clone());
+        let (sha256, bytes) = (source.sha256.clone(), source.bytes);
         let msg = DocumentSubmitted {
             v: VERSION,
             doc_id: doc_id.clone(),
             title: title.clone(),
-            source: Source {
-                blob: Some(key),
-                filename: filename.clone(),
-                bytes: Some(stored.bytes),
-                sha256: Some(stored.sha256.clone()),
-                ..Source::default()
-            },
+            source,
             options: SubmitOptions {
                 dpi: opts.dpi,
                 model: Some(model.clone()),
@@ -555,8 +633,8 @@ impl Ingress {
         let info = DocInfo {
             title,
             filename,
-            sha256: Some(stored.sha256),
-            bytes: Some(stored.bytes),
+            sha256,
+            bytes,
             model: Some(model),
             model_sha256,
             owner: caller.owner.clone(),

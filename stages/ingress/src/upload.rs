@@ -261,6 +261,26 @@ pub async fn drain(body: hyper::body::Incoming, limit: u64, pace: Pace) {
     }
 }
 
+/// Reads a small body (a JSON request) whole, at most `limit` bytes (413
+/// `too_large` above), at the upload pace.
+pub async fn read_small(body: hyper::body::Incoming, limit: u64, pace: Pace) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
+    let mut stream = paced(body.into_data_stream(), pace);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(ApiError::from)?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(ApiError::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("a JSON request body may have at most {limit} bytes"),
+            ));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// Streams `body` into the blob store at `key`, enforcing `limit`; adds
 /// the bytes taken to `consumed` as they pass. On any failure the partial
 /// object is deleted and the precise error returned (a rejected body ends

@@ -4,22 +4,17 @@
 //! timeouts, 408, 429 and 5xx for at most `notifier.retry_for_secs`.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{KeyInit as _, Mac as _};
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use pagestream_pipeline::callbacks::{check_callback_url, is_public};
+use pagestream_pipeline::callbacks::check_callback_url;
 use pagestream_pipeline::config::NotifierConfig;
+use pagestream_pipeline::outbound::Https;
 use pagestream_schemas::ErrorInfo;
 
 /// First pause after a failed attempt; doubled each time up to [`MAX_DELAY`].
@@ -61,46 +56,6 @@ pub fn check_url(url: &str, allow: &HashSet<String>) -> Result<http::Uri, String
     url.parse().map_err(|e| format!("callback_url is not a valid URL: {e}"))
 }
 
-/// DNS resolution that refuses names resolving to non-public addresses
-/// (unless allowed by name), so a webhook cannot reach internal hosts. The
-/// checked addresses are the ones connected to (no second lookup).
-#[derive(Clone)]
-pub struct GuardedResolver {
-    allow: Arc<HashSet<String>>,
-}
-
-impl tower_service::Service<Name> for GuardedResolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let allow = self.allow.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_ascii_lowercase();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if !allow.contains(&host) {
-                if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        format!(
-                            "{host} resolves to {}, a private, loopback or link-local address; allow it with notifier.allow_private_hosts",
-                            bad.ip()
-                        ),
-                    ));
-                }
-            }
-            Ok(addrs.into_iter())
-        })
-    }
-}
-
-type Https = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
-
 /// Delivers webhooks: one HTTP client (connection reuse, TLS) per process.
 #[derive(Clone)]
 pub struct Sender {
@@ -115,33 +70,9 @@ impl Sender {
     /// `None` when webhooks are off (no `notifier.secret`).
     pub fn new(cfg: &NotifierConfig) -> Option<Sender> {
         let key = cfg.signing_key()?;
-        let allow: Arc<HashSet<String>> = Arc::new(
-            cfg.allow_private_hosts
-                .iter()
-                .map(|h| h.trim().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
-                .collect(),
-        );
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow: allow.clone() });
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(cfg.attempt_timeout_secs)));
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone())
-        {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "no system CA certificates: https:// webhooks will fail");
-                let empty = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .expect("the default protocol versions")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(empty)
-            }
-        };
-        let https = builder.https_or_http().enable_http1().wrap_connector(http);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
+        let allow = pagestream_pipeline::outbound::allow_set(&cfg.allow_private_hosts);
+        let client =
+            pagestream_pipeline::outbound::guarded_client(allow.clone(), Duration::from_secs(cfg.attempt_timeout_secs));
         Some(Sender {
             client,
             key: Arc::new(key),

@@ -33,6 +33,7 @@
 //!
 //! Knows nothing about how models run, or result storage.
 
+pub mod fetch;
 pub mod render;
 pub mod worker;
 
@@ -87,6 +88,8 @@ pub struct Splitter {
     /// Which models live inferencers serve.
     live: LiveModels,
     shutdown: CancellationToken,
+    /// Fetches documents by `http(s)://` reference.
+    http: fetch::HttpClient,
 }
 
 impl Splitter {
@@ -107,7 +110,8 @@ impl Splitter {
         let progress = ctx.progress(STAGE);
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
         ctx.health.set_ready(STAGE, true);
-        Ok(Splitter { ctx, blobs, renderer, progress, fetched: Mutex::default(), live, shutdown })
+        let http = fetch::http_client(&ctx.config.splitter);
+        Ok(Splitter { ctx, blobs, renderer, progress, fetched: Mutex::default(), live, shutdown, http })
     }
 
     /// The document's source, fetched once for all its turns.
@@ -310,11 +314,26 @@ impl Splitter {
                     StageError::blob_store(e)
                 });
             }
+        } else if let Some(url) = &src.url {
+            fetch::fetch_url(&self.ctx.config.splitter, &self.http, url, &mut file).await?;
+            drop(file);
+            let head = {
+                use std::io::Read as _;
+                let mut head = Vec::with_capacity(1024);
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.take(1024).read_to_end(&mut head))
+                    .map_err(transient("tempfile"))?;
+                head
+            };
+            fetch::check_pdf_head(&head, url)?;
+            let path = tmp.to_path_buf();
+            let (sha, size) = tokio::task::spawn_blocking(move || sha256_file(&path))
+                .await
+                .map_err(transient("join"))?
+                .map_err(transient("tempfile"))?;
+            return Ok((tmp, sha, size));
         } else {
-            return Err(StageError::permanent(
-                "source_unsupported",
-                "source.url is not supported yet: upload through the ingress or send source.inline / source.blob",
-            ));
+            return Err(StageError::permanent("source_missing", "source: none of inline, blob or url is set"));
         }
         file.flush().await.map_err(transient("tempfile"))?;
         drop(file);
@@ -471,7 +490,16 @@ impl Splitter {
             }
             self.check_model(&model)?;
         }
-        let source = self.source(&sub).await.map_err(|e| e.doc(&doc_id))?;
+        let source = match self.source(&sub).await {
+            Ok(source) => source,
+            // The document cannot be read (missing, too large, not a PDF,
+            // not allowed): it fails with the reason.
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
+                self.fail_document(&sub, e.info()).await?;
+                return Err(e.doc(&doc_id));
+            }
+            Err(e) => return Err(e.doc(&doc_id)),
+        };
         let skip = self.rendered_pages(&doc_id, start..=end).await?;
         let mut events = self.renderer.render(RenderRequest {
             pdf: source.path.to_path_buf(),
