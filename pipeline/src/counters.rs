@@ -156,21 +156,8 @@ impl Counters {
     /// Opens the bucket `<prefix>_progress`, creating it with `replicas`
     /// copies when missing.
     pub async fn open(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<Self> {
-        let kv = crate::nats::kv_bucket(
-            js,
-            kv::Config {
-                bucket: names.progress_bucket(),
-                description: "pagestream: per-document page counters (bitmaps), see pipeline/src/counters.rs".into(),
-                history: 1,
-                // Same lifetime as the events they index.
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        Ok(Counters { kv })
+        let description = "pagestream: per-document page counters (bitmaps), see pipeline/src/counters.rs";
+        Self::open_bucket(js, names.progress_bucket(), description, replicas).await
     }
 
     /// Another bucket of page sets, `bucket`, created with `replicas`
@@ -187,6 +174,7 @@ impl Counters {
                 bucket,
                 description: description.into(),
                 history: 1,
+                // Same lifetime as the events they index.
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 storage: jetstream::stream::StorageType::File,
                 num_replicas: replicas,

@@ -135,12 +135,7 @@ impl Sender {
                         ("callback_status", format!("the receiver answered HTTP {status}"), retry_after)
                     }
                     Ok(Err(e)) => {
-                        let mut message = e.to_string();
-                        let mut source = std::error::Error::source(&e);
-                        while let Some(s) = source {
-                            message = format!("{message}: {s}");
-                            source = s.source();
-                        }
+                        let message = pagestream_pipeline::outbound::error_chain(&e);
                         if message.contains("private, loopback or link-local") {
                             return Outcome::Failed {
                                 attempts,

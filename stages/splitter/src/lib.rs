@@ -316,27 +316,20 @@ impl Splitter {
             }
         } else if let Some(url) = &src.url {
             fetch::fetch_url(&self.ctx.config.splitter, &self.http, url, &mut file).await?;
-            drop(file);
-            let head = {
-                use std::io::Read as _;
-                let mut head = Vec::with_capacity(1024);
-                std::fs::File::open(&tmp)
-                    .and_then(|f| f.take(1024).read_to_end(&mut head))
-                    .map_err(transient("tempfile"))?;
-                head
-            };
-            fetch::check_pdf_head(&head, url)?;
-            let path = tmp.to_path_buf();
-            let (sha, size) = tokio::task::spawn_blocking(move || sha256_file(&path))
-                .await
-                .map_err(transient("join"))?
-                .map_err(transient("tempfile"))?;
-            return Ok((tmp, sha, size));
         } else {
             return Err(StageError::permanent("source_missing", "source: none of inline, blob or url is set"));
         }
         file.flush().await.map_err(transient("tempfile"))?;
         drop(file);
+        if let Some(url) = &src.url {
+            // Fetched, not uploaded: it must start like a PDF, as an upload must.
+            use std::io::Read as _;
+            let mut head = Vec::with_capacity(1024);
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.take(1024).read_to_end(&mut head))
+                .map_err(transient("tempfile"))?;
+            fetch::check_pdf_head(&head, url)?;
+        }
         let path = tmp.to_path_buf();
         let (sha, size) = tokio::task::spawn_blocking(move || sha256_file(&path))
             .await
