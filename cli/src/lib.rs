@@ -54,6 +54,11 @@ impl LocalPipeline {
                 })
                 .await??;
                 config.nats.url = server.url();
+                // A small disk lowers the stream limits instead of refusing
+                // to start (remote servers get the error and its hint).
+                if let Some(lowered) = server.fit_limits(&mut config.nats)? {
+                    tracing::warn!("{lowered}");
+                }
                 Some(server)
             }
         };

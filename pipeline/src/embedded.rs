@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::config::deps_dir;
+use crate::config::{deps_dir, NatsConfig};
 
 /// A running nats-server child process.
 #[derive(Debug)]
@@ -109,6 +109,39 @@ impl NatsServer {
         &self.store
     }
 
+    /// JetStream's storage limit on this server, from its monitoring
+    /// endpoint: `max_file_store`, by default 75% of the disk that was free
+    /// under its store when it started.
+    pub fn max_storage(&self) -> Result<u64> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.monitor_port))
+            .with_context(|| format!("connecting to the nats-server monitor on port {}", self.monitor_port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /jsz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut reply = Vec::new();
+        conn.read_to_end(&mut reply).context("reading /jsz from the nats-server monitor")?;
+        let body = reply.windows(4).position(|w| w == b"\r\n\r\n").map(|i| &reply[i + 4..]).unwrap_or_default();
+        let jsz: serde_json::Value = serde_json::from_slice(body).context("parsing /jsz of the nats-server monitor")?;
+        jsz["config"]["max_storage"].as_u64().context("/jsz of the nats-server monitor has no config.max_storage")
+    }
+
+    /// Lowers the byte limits of `cfg` (blob bucket, events, dead letters)
+    /// so that JetStream can reserve them on this server, whose storage
+    /// limit follows the free disk: without it a laptop with less than
+    /// ~12 GB free could not start the embedded pipeline at all. Returns
+    /// what was changed, for a warning, or `None` when they fit.
+    pub fn fit_limits(&self, cfg: &mut NatsConfig) -> Result<Option<String>> {
+        let max_storage = self.max_storage()?;
+        Ok(fit_limits(cfg, max_storage).map(|changed| {
+            format!(
+                "the NATS store under {} may hold {} (JetStream's max_file_store, by default 75% of the disk free when \
+                 it started), less than the configured limits: {changed}. Free disk space to use the configured limits.",
+                self.store.display(),
+                mib(max_storage)
+            )
+        }))
+    }
+
     /// Kills the server (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -141,9 +174,79 @@ impl Drop for NatsServer {
     }
 }
 
+/// Scales the non-zero byte limits of `cfg` down, in proportion, until
+/// they fill at most 90% of `max_storage` (the rest is left to the streams
+/// and buckets without a byte limit: pages in flight, progress, results
+/// index); each keeps at least 1 MiB. Returns what changed, or `None`.
+pub fn fit_limits(cfg: &mut NatsConfig, max_storage: u64) -> Option<String> {
+    const MIB: u64 = 1 << 20;
+    let budget = max_storage / 10 * 9;
+    let limits = [
+        ("nats.max_blob_bytes", &mut cfg.max_blob_bytes),
+        ("nats.max_event_bytes", &mut cfg.max_event_bytes),
+        ("nats.max_dead_letter_bytes", &mut cfg.max_dead_letter_bytes),
+    ];
+    let reserved: u64 = limits.iter().map(|(_, v)| **v).sum();
+    if reserved <= budget {
+        return None;
+    }
+    let mut changed = Vec::new();
+    for (name, value) in limits {
+        if *value == 0 {
+            continue;
+        }
+        let scaled = u64::try_from(u128::from(*value) * u128::from(budget) / u128::from(reserved)).unwrap_or(0);
+        let lowered = (scaled / MIB * MIB).max(MIB);
+        changed.push(format!("{name} lowered from {} to {}", mib(*value), mib(lowered)));
+        *value = lowered;
+    }
+    Some(changed.join(", "))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_that_fit_are_kept_and_others_scaled_to_nine_tenths() {
+        let mut cfg = NatsConfig::default();
+        let before = cfg.clone();
+        assert_eq!(fit_limits(&mut cfg, 100 << 30), None);
+        assert_eq!(cfg, before);
+        // 9.25 GiB of limits on a server that can hold 5 GiB.
+        let msg = fit_limits(&mut cfg, 5 << 30).expect("lowered");
+        let total = cfg.max_blob_bytes + cfg.max_event_bytes + cfg.max_dead_letter_bytes;
+        assert!(total <= (5u64 << 30) / 10 * 9 && total > 4 << 30, "{total}");
+        assert!(cfg.max_blob_bytes > 4 * cfg.max_event_bytes, "{cfg:?}");
+        assert!(msg.contains("nats.max_blob_bytes lowered from 8192 MiB to"), "{msg}");
+        // No limit (0) stays no limit and reserves nothing.
+        let mut unbounded = NatsConfig { max_blob_bytes: 0, ..NatsConfig::default() };
+        fit_limits(&mut unbounded, 1 << 30).expect("lowered");
+        assert_eq!(unbounded.max_blob_bytes, 0);
+        assert!(unbounded.max_event_bytes + unbounded.max_dead_letter_bytes <= (1u64 << 30) / 10 * 9);
+        // A tiny store still gets a usable 1 MiB each.
+        let mut tiny = NatsConfig::default();
+        fit_limits(&mut tiny, 1 << 20);
+        assert_eq!(
+            (tiny.max_blob_bytes, tiny.max_event_bytes, tiny.max_dead_letter_bytes),
+            (1 << 20, 1 << 20, 1 << 20)
+        );
+    }
+
+    #[test]
+    fn the_embedded_server_reports_its_storage_limit() {
+        let server = NatsServer::start().unwrap();
+        let max = server.max_storage().unwrap();
+        assert!(max > 0, "{max}");
+        let mut cfg = NatsConfig { max_blob_bytes: max * 2, ..NatsConfig::default() };
+        let msg = server.fit_limits(&mut cfg).unwrap().expect("twice the store is lowered");
+        assert!(msg.contains(&server.store_dir().display().to_string()), "{msg}");
+        assert!(cfg.max_blob_bytes + cfg.max_event_bytes + cfg.max_dead_letter_bytes <= max);
+    }
 
     #[test]
     fn free_ports_are_bindable_distinct_and_outside_the_ephemeral_range() {

@@ -115,6 +115,11 @@ pub fn test_config(nats: &NatsServer, out: &Path) -> Config {
     c.splitter.admin_addr = String::new();
     c.inferencer.admin_addr = String::new();
     c.uploader.admin_addr = String::new();
+    // Tests store little: reserve little, so that many test servers fit on
+    // a CI disk (JetStream reserves each limit against 75% of the free disk).
+    c.nats.max_blob_bytes = 1 << 30;
+    c.nats.max_event_bytes = 256 << 20;
+    nats.fit_limits(&mut c.nats).expect("reading the test nats-server's storage limit");
     c
 }
 

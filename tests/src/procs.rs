@@ -33,7 +33,19 @@ pub fn base_env(nats_url: &str, prefix: &str, out: &Path) -> Vec<(String, String
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(small_store_env())
     .collect()
+}
+
+/// Small JetStream reservations, as in [`crate::test_config`] (every
+/// [`Cluster`] has them unless its environment sets its own): tests store
+/// little, and each limit is reserved against 75% of the free disk, so that
+/// the servers of many parallel tests fit on a CI disk.
+pub fn small_store_env() -> Vec<(String, String)> {
+    vec![
+        ("PAGESTREAM_NATS_MAX_BLOB_BYTES".into(), (1u64 << 30).to_string()),
+        ("PAGESTREAM_NATS_MAX_EVENT_BYTES".into(), (256u64 << 20).to_string()),
+    ]
 }
 
 pub struct Proc {
@@ -53,6 +65,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(env: Vec<(String, String)>, logs: &Path) -> Cluster {
+        let mut env = env;
+        for (k, v) in small_store_env() {
+            if !env.iter().any(|(key, _)| *key == k) {
+                env.push((k, v));
+            }
+        }
         Cluster { bins: bin_dir(), env, logs: logs.to_path_buf(), procs: Vec::new() }
     }
 

@@ -31,6 +31,7 @@ fn missing_pdfium_is_named_with_the_fix() {
     let out = splitter()
         .env("PAGESTREAM_NATS_URL", nats.url())
         .env("PAGESTREAM_NATS_PREFIX", "startup")
+        .env("PAGESTREAM_NATS_MAX_BLOB_BYTES", "67108864")
         .env("PAGESTREAM_SPLITTER_PDFIUM_LIBRARY", "/nonexistent/libpdfium.so")
         .output()
         .unwrap();
