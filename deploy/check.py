@@ -33,7 +33,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["ingress", "splitter", "inferencer", "uploader"]
-WORKERS = ["splitter", "inferencer", "uploader"]
+# Runs only with webhooks on (compose profile `webhooks`); Nomad and KEDA always deploy it.
+OPTIONAL = ["notifier"]
+WORKERS = ["splitter", "inferencer", "uploader", "notifier"]
 PREFIX = "pagestream"
 
 
@@ -95,7 +97,7 @@ def named(node, key):
 def check_compose(merged, cluster, known, errors):
     where = "compose" + (" (cluster)" if cluster else "")
     services = merged.get("services", {})
-    for stage in STAGES:
+    for stage in STAGES + [s for s in OPTIONAL if s in services]:
         svc = services.get(stage)
         if svc is None:
             errors.append(f"{where}: no {stage} service")
@@ -141,8 +143,8 @@ def check_nomad(doc, known, metrics, errors):
     if not (update.get("canary", 0) >= 1 and update.get("auto_revert") is True):
         errors.append("nomad: the update block needs a canary and auto_revert = true")
     groups = named(job, "group")
-    if sorted(groups) != sorted(STAGES):
-        errors.append(f"nomad: groups {sorted(groups)}, expected one per stage {sorted(STAGES)}")
+    if sorted(groups) != sorted(STAGES + OPTIONAL):
+        errors.append(f"nomad: groups {sorted(groups)}, expected one per stage {sorted(STAGES + OPTIONAL)}")
     for stage, group in groups.items():
         checks = [c for s in blocks(group, "service") for c in blocks(s, "check")]
         if not any(unq(c.get("path")) == "/readyz" and unq(c.get("type")) == "http" for c in checks):
@@ -243,7 +245,8 @@ def check_keda(docs, schema, queues, errors):
             if pair not in queues:
                 errors.append(f"keda: {name}: stream/consumer {pair} is not one the code creates {sorted(queues)}")
             seen.add(pair)
-    for stream, consumer in [("PAGESTREAM_DOCS", "splitter"), ("PAGESTREAM_INFERRED", "uploader")]:
+    for stream, consumer in [("PAGESTREAM_DOCS", "splitter"), ("PAGESTREAM_INFERRED", "uploader"),
+                             ("PAGESTREAM_EVENTS", "notifier")]:
         if (stream, consumer) not in seen:
             errors.append(f"keda: no ScaledObject for {consumer} ({stream})")
     if not any(c.startswith("inferencer_") for _, c in seen):
@@ -289,6 +292,8 @@ def main():
         bad_nomad = copy.deepcopy(nomad)
         group = named(bad_nomad["job"][0]['"pagestream"'], "group")["inferencer"]
         group["service"][0]["check"][0]["path"] = '"/livez"'
+        job = bad_nomad["job"][0]['"pagestream"']
+        job["group"] = [g for g in job["group"] if '"notifier"' not in g]
         bad_keda = copy.deepcopy(keda_docs)
         bad_keda[0]["spec"]["triggers"][0]["metadata"]["consumer"] = "splitter_typo"
         bad_keda[1]["spec"]["minReplicaCount"] = "one"
@@ -299,6 +304,7 @@ def main():
         del bad_dash["panels"][-1]
         found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_readme)
         wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3", "group inferencer has no http check",
+                 "expected one per stage ['inferencer', 'ingress', 'notifier'",
                  "splitter_typo", "minReplicaCount", "pagestream_pagez_total",
                  "metric pagestream_queue_redelivered is registered", "documents metric pagestream_queue_redeliverd",
                  "row of pagestream_sse_clients says ('counter', [])", "no panel shows pagestream_model_info"]

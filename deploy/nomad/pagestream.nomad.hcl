@@ -6,7 +6,8 @@
 #
 #   nomad var put nomad/jobs/pagestream \
 #     nats_url='nats://u:p@n1:4222,nats://u:p@n2:4222,nats://u:p@n3:4222' \
-#     api_tokens='tok1,tok2' s3_access_key_id=… s3_secret_access_key=…
+#     api_tokens='tok1,tok2' s3_access_key_id=… s3_secret_access_key=… \
+#     webhook_secret="whsec_$(openssl rand -base64 32)"
 #   nomad job run -var image=registry.example/pagestream:1.0 deploy/nomad/pagestream.nomad.hcl
 #
 # NATS itself (a 3-node JetStream cluster) runs outside this job; with 3
@@ -98,6 +99,7 @@ job "pagestream" {
           {{ with nomadVar "nomad/jobs/pagestream" }}
           PAGESTREAM_NATS_URL={{ .nats_url }}
           PAGESTREAM_INGRESS_API_TOKENS={{ .api_tokens }}
+          PAGESTREAM_NOTIFIER_SECRET={{ .webhook_secret }}
           PAGESTREAM_UPLOADER_S3_ACCESS_KEY_ID={{ .s3_access_key_id }}
           PAGESTREAM_UPLOADER_S3_SECRET_ACCESS_KEY={{ .s3_secret_access_key }}
           {{ end }}
@@ -362,6 +364,90 @@ job "pagestream" {
       resources {
         cpu    = 500
         memory = 256
+      }
+    }
+  }
+
+  # Webhooks: signs and POSTs document states (and page outcomes when a
+  # submission asks) to each document's callback_url. Scales on the lag of
+  # its events consumer; deliveries are retried for notifier.retry_for_secs.
+  group "notifier" {
+    count = 1
+
+    network {
+      port "admin" {
+        to = 9104
+      }
+    }
+
+    service {
+      name     = "pagestream-notifier"
+      port     = "admin"
+      provider = "nomad"
+
+      check {
+        type     = "http"
+        path     = "/readyz"
+        interval = "10s"
+        timeout  = "2s"
+      }
+    }
+
+    restart {
+      attempts = 3
+      interval = "5m"
+      delay    = "15s"
+      mode     = "delay"
+    }
+
+    scaling {
+      enabled = true
+      min     = 1
+      max     = 4
+
+      policy {
+        cooldown            = "2m"
+        evaluation_interval = "30s"
+
+        check "events_lag" {
+          source = "prometheus"
+          query  = "max(pagestream_queue_pending{stage=\"notifier\"})"
+
+          strategy "target-value" {
+            target = 256
+          }
+        }
+      }
+    }
+
+    task "notifier" {
+      driver = "docker"
+
+      config {
+        image = var.image
+        args  = ["notifier"]
+        ports = ["admin"]
+      }
+
+      template {
+        destination = "secrets/pagestream.env"
+        env         = true
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/pagestream" }}
+          PAGESTREAM_NATS_URL={{ .nats_url }}
+          PAGESTREAM_NOTIFIER_SECRET={{ .webhook_secret }}
+          {{ end }}
+        EOT
+      }
+
+      env {
+        PAGESTREAM_NATS_REPLICAS       = "${var.replicas}"
+        PAGESTREAM_NOTIFIER_ADMIN_ADDR = "0.0.0.0:9104"
+      }
+
+      resources {
+        cpu    = 200
+        memory = 128
       }
     }
   }
