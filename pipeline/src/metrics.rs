@@ -118,6 +118,24 @@ pub const CATALOG: &[Def] = &[
         &["stage", "consumer"],
         "Messages of a stage's consumer delivered more than once and not yet acknowledged",
     ),
+    def(
+        "pagestream_webhook_deliveries_total",
+        Counter,
+        &["kind", "outcome"],
+        "Webhooks the notifier finished, by kind (document, page) and outcome (delivered, failed: given up or refused)",
+    ),
+    def(
+        "pagestream_webhook_delivery_seconds",
+        Histogram,
+        &["kind", "outcome"],
+        "Time from a webhook's first attempt to its end, retries included, by kind and outcome",
+    ),
+    def(
+        "pagestream_webhook_attempts_total",
+        Counter,
+        &["result"],
+        "Webhook delivery attempts, by result: delivered, or the error code (callback_status, callback_unreachable, callback_timeout, callback_rejected, callback_url_refused)",
+    ),
 ];
 
 /// Buckets of every `_seconds` histogram: 1 ms to 32 s, doubling (a page

@@ -209,6 +209,35 @@ async fn webhooks_are_signed_retried_ordered_and_delivered_once_per_id() {
         assert_ne!(attempts[0].signature, "", "{id} is signed");
     }
 
+    // The notifier's metrics count each delivery and attempt (the harness
+    // runs every stage in this process, so the ingress serves them).
+    let (status, body) = h.client.get_bytes("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let sample = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    let pages_delivered = by_id.keys().filter(|id| id.contains("_p")).count() as u64;
+    let docs_delivered = by_id.len() as u64 - pages_delivered;
+    assert_eq!((pages_delivered, docs_delivered), (28, 3), "{:?}", by_id.keys());
+    assert_eq!(
+        sample(r#"pagestream_webhook_deliveries_total{kind="page",outcome="delivered"}"#),
+        pages_delivered,
+        "{text}"
+    );
+    assert_eq!(sample(r#"pagestream_webhook_deliveries_total{kind="document",outcome="delivered"}"#), docs_delivered);
+    assert_eq!(sample(r#"pagestream_webhook_deliveries_total{kind="document",outcome="failed"}"#), 1, "D");
+    assert_eq!(sample(r#"pagestream_webhook_attempts_total{result="delivered"}"#), by_id.len() as u64);
+    assert_eq!(sample(r#"pagestream_webhook_attempts_total{result="callback_status"}"#), by_id.len() as u64, "503s");
+    assert!(sample(r#"pagestream_webhook_attempts_total{result="callback_unreachable"}"#) >= 2, "D's attempts");
+    assert_eq!(
+        sample(r#"pagestream_webhook_delivery_seconds_count{kind="page",outcome="delivered"}"#),
+        pages_delivered
+    );
+    assert!(text.contains("# TYPE pagestream_webhook_delivery_seconds histogram\n"), "{text}");
+
     // A: 28 page.uploaded events, then document.completed, last.
     let events_a = of(&a);
     let delivered_a: Vec<&(Received, Value)> = events_a.iter().filter(|(r, _)| r.status == 204).collect();

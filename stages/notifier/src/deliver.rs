@@ -25,6 +25,8 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Webhook {
     pub id: String,
+    /// `document` or `page`: the `kind` label of the webhook metrics.
+    pub kind: &'static str,
     pub body: Bytes,
 }
 
@@ -33,6 +35,13 @@ pub struct Webhook {
 pub enum Outcome {
     Delivered { attempts: u32, status: u16 },
     Failed { attempts: u32, error: ErrorInfo },
+}
+
+/// One delivery attempt, by result: `delivered` or the error code
+/// (`callback_status`, `callback_unreachable`, `callback_timeout`,
+/// `callback_rejected`, `callback_url_refused`).
+fn count_attempt(result: &str) {
+    metrics::counter!("pagestream_webhook_attempts_total", "result" => result.to_string()).increment(1);
 }
 
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, the Standard
@@ -89,8 +98,23 @@ impl Sender {
 
     /// Delivers `hook` to `url`, retrying transient failures with back-off
     /// for at most `retry_for` (a `Retry-After` of up to a minute is
-    /// honoured). Never follows redirects.
+    /// honoured). Never follows redirects. Counted in
+    /// `pagestream_webhook_deliveries_total` / `_delivery_seconds` (how it
+    /// ended) and `pagestream_webhook_attempts_total` (each attempt).
     pub async fn deliver(&self, url: &str, hook: &Webhook) -> Outcome {
+        let started = Instant::now();
+        let outcome = self.attempt_until_done(url, hook).await;
+        let ended = match outcome {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Failed { .. } => "failed",
+        };
+        metrics::counter!("pagestream_webhook_deliveries_total", "kind" => hook.kind, "outcome" => ended).increment(1);
+        metrics::histogram!("pagestream_webhook_delivery_seconds", "kind" => hook.kind, "outcome" => ended)
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn attempt_until_done(&self, url: &str, hook: &Webhook) -> Outcome {
         let uri = match self.check(url) {
             Ok(u) => u,
             Err(e) => return Outcome::Failed { attempts: 0, error: ErrorInfo::new("callback_url_refused", e) },
@@ -114,6 +138,7 @@ impl Sender {
                     Ok(Ok(resp)) => {
                         let status = resp.status();
                         if status.is_success() {
+                            count_attempt("delivered");
                             return Outcome::Delivered { attempts, status: status.as_u16() };
                         }
                         let retry_after = resp
@@ -130,6 +155,7 @@ impl Sender {
                                 "callback_rejected",
                                 format!("the receiver answered HTTP {status} (not retried: only 408, 429 and 5xx are)"),
                             );
+                            count_attempt(error.code.as_str());
                             return Outcome::Failed { attempts, error };
                         }
                         ("callback_status", format!("the receiver answered HTTP {status}"), retry_after)
@@ -137,6 +163,7 @@ impl Sender {
                     Ok(Err(e)) => {
                         let message = pagestream_pipeline::outbound::error_chain(&e);
                         if message.contains("private, loopback or link-local") {
+                            count_attempt("callback_url_refused");
                             return Outcome::Failed {
                                 attempts,
                                 error: ErrorInfo::new("callback_url_refused", message),
@@ -146,6 +173,7 @@ impl Sender {
                     }
                     Err(_) => ("callback_timeout", format!("no answer within {:?}", self.attempt_timeout), None),
                 };
+            count_attempt(code);
             let wait = retry_after.unwrap_or(delay).min(MAX_DELAY);
             if started.elapsed() + wait > self.retry_for {
                 let error = ErrorInfo::new(

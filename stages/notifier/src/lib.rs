@@ -109,7 +109,7 @@ impl Notifier {
             data["error"] = serde_json::json!(e);
         }
         let body = serde_json::json!({"type": format!("page.{state}"), "timestamp": ev.at, "data": data});
-        Webhook { id: format!("msg_{doc}_p{page}_{state}"), body: Bytes::from(body.to_string()) }
+        Webhook { id: format!("msg_{doc}_p{page}_{state}"), kind: "page", body: Bytes::from(body.to_string()) }
     }
 
     async fn document_hook(&self, ev: &Event, status: FinalStatus) -> Result<Webhook, StageError> {
@@ -134,7 +134,11 @@ impl Notifier {
         }
         let kind = format!("document.{}", status.as_str());
         let body = serde_json::json!({"type": kind, "timestamp": ev.at, "data": data});
-        Ok(Webhook { id: format!("msg_{doc}_{}", status.as_str()), body: Bytes::from(body.to_string()) })
+        Ok(Webhook {
+            id: format!("msg_{doc}_{}", status.as_str()),
+            kind: "document",
+            body: Bytes::from(body.to_string()),
+        })
     }
 
     /// Waits until every page with an outcome has its page event finished
