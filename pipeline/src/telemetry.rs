@@ -10,7 +10,8 @@
 //! opens each message's span as a child of the context the message carries
 //! ([`crate::consumer`]). A publisher from another language that sends a
 //! `traceparent` header on its `DocumentSubmitted` gets the document's
-//! spans in its own trace.
+//! spans in its own trace; so does an HTTP client sending `traceparent`
+//! with its upload ([`continue_from_http`]).
 
 use std::time::Duration;
 
@@ -131,6 +132,29 @@ pub fn continue_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
         return;
     }
     let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let _ = span.set_parent(cx);
+}
+
+struct HttpExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HttpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` a child of the W3C trace context of an HTTP request
+/// (`traceparent`, `tracestate`), when it carries one: a client that traces
+/// its own work gets the document's spans in its trace (and its sampling
+/// decision is honoured). Nothing when tracing is off.
+pub fn continue_from_http(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !enabled() || !headers.contains_key("traceparent") {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&HttpExtractor(headers));
     let _ = span.set_parent(cx);
 }
 

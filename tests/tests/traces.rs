@@ -2,7 +2,8 @@
 //! stage processes export OTLP/HTTP protobuf to a receiver in this test, and
 //! a document is one trace — the ingress's `submit` span at its root, a span
 //! per page per stage below it, linked through the `traceparent` header of
-//! each NATS message.
+//! each NATS message; with a `traceparent` on the upload, under the
+//! client's span.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -96,6 +97,7 @@ async fn a_document_is_one_trace_from_ingress_to_uploader() {
     let (spans, requests) = (Arc::new(Mutex::new(Vec::<Span>::new())), Arc::new(Mutex::new(Vec::new())));
     let otlp = free_port().unwrap();
     tokio::spawn(receiver(otlp, spans.clone(), requests.clone()));
+    let span_log = spans.clone();
 
     let nats = NatsServer::start().unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -189,5 +191,42 @@ async fn a_document_is_one_trace_from_ingress_to_uploader() {
         // uploader ← inferencer ← splitter page ← splitter ← ingress.
         assert!(path.iter().any(|p| p == "pagestream-inferencer:inferencer"), "{path:?}");
         assert!(path.iter().any(|p| p == "pagestream-splitter:render"), "{path:?}");
+    }
+
+    // A client that traces its own work sends `traceparent` with the upload:
+    // the document's spans join the client's trace, under the client's span.
+    let (client_trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("00-{client_trace}-{client_span}-01");
+    let pdf = std::fs::read(corpus("scan_cardinal-rotated.pdf")).unwrap();
+    let resp = client
+        .raw(
+            http::Method::POST,
+            "/v1/documents",
+            &[("content-type", "application/pdf"), ("traceparent", &traceparent)],
+            pagestream::client::full(pdf),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let traced: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let traced = traced["id"].as_str().unwrap().to_string();
+    pagestream_e2e::wait_terminal(&client, &traced, Duration::from_secs(180)).await.unwrap();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = span_log.lock().unwrap().clone();
+        let submit = all.iter().find(|s| s.name == "submit" && s.attrs.get("doc_id") == Some(&traced));
+        let uploaded = all
+            .iter()
+            .filter(|s| s.service == "pagestream-uploader" && s.attrs.get("doc_id") == Some(&traced))
+            .collect::<Vec<_>>();
+        if let (Some(submit), false) = (submit, uploaded.is_empty()) {
+            assert_eq!((hex(&submit.trace), hex(&submit.parent)), (client_trace.into(), client_span.into()));
+            assert!(uploaded.iter().all(|s| hex(&s.trace) == client_trace), "uploader spans in the client's trace");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no submit and uploader spans of {traced}: {}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -405,9 +405,11 @@ impl Ingress {
 
     /// Streams the upload to the blob store and queues the document, in the
     /// root span of the document's trace (every stage's span descends from
-    /// it through the messages' trace context).
+    /// it through the messages' trace context) — or a child of the client's
+    /// span when the request carries a `traceparent`.
     async fn accept(&self, req: Request<Incoming>, doc_id: String, caller: &Caller) -> Result<Resp, ApiError> {
         let span = tracing::info_span!("document", otel.name = "submit", otel.kind = "server", doc_id = %doc_id);
+        pagestream_pipeline::telemetry::continue_from_http(&span, req.headers());
         self.accept_in_span(req, doc_id, caller).instrument(span).await
     }
 
