@@ -222,7 +222,8 @@ def check_readme_metrics(readme, metrics, errors):
             errors.append(f"README: documents metric {m}, which the code does not register")
 
 
-def check_keda(docs, schema, queues, errors):
+def check_keda(docs, schema, queues, errors, metrics=None):
+    metrics = registered_metrics() if metrics is None else metrics
     scaled = [d for d in docs if d and d.get("kind") == "ScaledObject"]
     if not scaled:
         errors.append("keda: no ScaledObject")
@@ -234,8 +235,31 @@ def check_keda(docs, schema, queues, errors):
         for e in jsonschema.Draft7Validator(schema).iter_errors(d):
             errors.append(f"keda: {name}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
         for t in d.get("spec", {}).get("triggers", []):
+            if t.get("type") == "prometheus":
+                # A backlog spread over per-tenant consumers (the splitter's
+                # turns) is read from the stages' own queue gauge.
+                md = t.get("metadata", {})
+                for key in ["serverAddress", "query", "threshold"]:
+                    if key not in md:
+                        errors.append(f"keda: {name}: metadata.{key} missing")
+                query = md.get("query", "")
+                used = re.findall(r"(pagestream_[a-z_]+)\{([^}]*)\}", query)
+                if not used:
+                    errors.append(f"keda: {name}: query {query!r} reads no pagestream metric")
+                for metric, sel in used:
+                    if metric not in metrics:
+                        errors.append(f"keda: {name}: query reads {metric}, which the code does not register")
+                        continue
+                    for label in re.findall(r"([a-z_]+)\s*=", sel):
+                        if label not in metrics[metric][1]:
+                            errors.append(f"keda: {name}: {metric} has no label {label}")
+                    m = re.search(r'stage="([a-z]+)"', sel)
+                    c = re.search(r'consumer="([a-z_]+)"', sel)
+                    if m and c:
+                        seen.add((f"prometheus:{m.group(1)}", c.group(1)))
+                continue
             if t.get("type") != "nats-jetstream":
-                errors.append(f"keda: {name}: trigger type {t.get('type')}, expected nats-jetstream")
+                errors.append(f"keda: {name}: trigger type {t.get('type')}, expected nats-jetstream or prometheus")
                 continue
             md = t.get("metadata", {})
             for key in ["natsServerMonitoringEndpoint", "stream", "consumer", "lagThreshold"]:
@@ -245,7 +269,9 @@ def check_keda(docs, schema, queues, errors):
             if pair not in queues:
                 errors.append(f"keda: {name}: stream/consumer {pair} is not one the code creates {sorted(queues)}")
             seen.add(pair)
-    for stream, consumer in [("PAGESTREAM_DOCS", "splitter"), ("PAGESTREAM_INFERRED", "uploader"),
+    # The splitter's backlog is its tenants' turns (one consumer per tenant,
+    # summed in pagestream_queue_pending{stage="splitter",consumer="turns"}).
+    for stream, consumer in [("prometheus:splitter", "turns"), ("PAGESTREAM_INFERRED", "uploader"),
                              ("PAGESTREAM_EVENTS", "notifier")]:
         if (stream, consumer) not in seen:
             errors.append(f"keda: no ScaledObject for {consumer} ({stream})")
@@ -295,7 +321,9 @@ def main():
         job = bad_nomad["job"][0]['"pagestream"']
         job["group"] = [g for g in job["group"] if '"notifier"' not in g]
         bad_keda = copy.deepcopy(keda_docs)
-        bad_keda[0]["spec"]["triggers"][0]["metadata"]["consumer"] = "splitter_typo"
+        bad_keda[0]["spec"]["triggers"][0]["metadata"]["query"] = (
+            'max(pagestream_queue_pending{stage="splitter",consumer="turns",tenant="x"})')
+        bad_keda[2]["spec"]["triggers"][0]["metadata"]["consumer"] = "uploader_typo"
         bad_keda[1]["spec"]["minReplicaCount"] = "one"
         bad_dash = copy.deepcopy(dash)
         bad_dash["panels"][0]["targets"][0]["expr"] = "rate(pagestream_pagez_total[1m])"
@@ -305,7 +333,7 @@ def main():
         found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_readme)
         wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3", "group inferencer has no http check",
                  "expected one per stage ['inferencer', 'ingress', 'notifier'",
-                 "splitter_typo", "minReplicaCount", "pagestream_pagez_total",
+                 "pagestream_queue_pending has no label tenant", "uploader_typo", "minReplicaCount", "pagestream_pagez_total",
                  "metric pagestream_queue_redelivered is registered", "documents metric pagestream_queue_redeliverd",
                  "row of pagestream_sse_clients says ('counter', [])", "no panel shows pagestream_model_info"]
         missed = [w for w in wants if not any(w in e for e in found)]

@@ -1,7 +1,10 @@
 //! A small HTTP client for the ingress API (submit, status, list, results,
 //! cancel, server-sent events), used by the CLI, the demo and the tests.
+//! `http://` and `https://` (rustls: the system's roots, plus a private CA
+//! with [`ApiClient::with_ca_cert`]).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
@@ -15,12 +18,48 @@ use pagestream_pipeline::progress::DocState;
 use serde_json::Value;
 
 type Body = BoxBody<Bytes, std::io::Error>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     base: String,
     token: Option<String>,
-    http: Client<HttpConnector, Body>,
+    http: Client<Connector, Body>,
+}
+
+/// TLS for `https://` URLs: the system's root certificates, and those of
+/// the PEM file `ca_cert` (a private CA) when given.
+pub fn tls_config(ca_cert: Option<&Path>) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_cert {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .with_context(|| format!("reading the CA certificates in {}", path.display()))?;
+        anyhow::ensure!(!certs.is_empty(), "{} holds no PEM certificate", path.display());
+        for cert in certs {
+            roots.add(cert).with_context(|| format!("a certificate in {} is not a usable CA", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn http_client(tls: rustls::ClientConfig) -> Client<Connector, Body> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
 }
 
 /// One server-sent event.
@@ -62,12 +101,26 @@ pub struct Answer {
 }
 
 impl ApiClient {
+    /// A client of the API at `base` (`http://` or `https://`, verified
+    /// against the system's roots).
     pub fn new(base: impl Into<String>) -> Self {
-        ApiClient {
-            base: base.into().trim_end_matches('/').to_string(),
-            token: None,
-            http: Client::builder(TokioExecutor::new()).build_http(),
+        let tls = tls_config(None).expect("TLS without a CA file cannot fail");
+        ApiClient { base: base.into().trim_end_matches('/').to_string(), token: None, http: http_client(tls) }
+    }
+
+    /// Also trusts the CA certificates of the PEM file `ca_cert` (a private
+    /// CA: `--ca-cert`, `PAGESTREAM_CA_CERT`).
+    pub fn with_ca_cert(mut self, ca_cert: Option<&Path>) -> Result<Self> {
+        if ca_cert.is_some() {
+            self.http = http_client(tls_config(ca_cert)?);
         }
+        Ok(self)
+    }
+
+    /// The same connections and TLS settings for another base URL, without
+    /// the token (a presigned link on the result store's host).
+    pub fn at(&self, base: impl Into<String>) -> Self {
+        ApiClient { base: base.into().trim_end_matches('/').to_string(), token: None, http: self.http.clone() }
     }
 
     /// Sends `Authorization: Bearer <token>` with every request.

@@ -22,14 +22,18 @@ pub struct ApiArgs {
     /// API token (sent as a Bearer token)
     #[arg(long, env = "PAGESTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of a CA to trust for an https:// URL (and presigned links),
+    /// besides the system's roots
+    #[arg(long, env = "PAGESTREAM_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
     /// Print the API's JSON instead of text
     #[arg(long)]
     pub json: bool,
 }
 
 impl ApiArgs {
-    fn client(&self) -> ApiClient {
-        ApiClient::new(self.url.clone()).with_token(self.token.clone())
+    fn client(&self) -> Result<ApiClient> {
+        ApiClient::new(self.url.clone()).with_token(self.token.clone()).with_ca_cert(self.ca_cert.as_deref())
     }
 }
 
@@ -169,7 +173,7 @@ fn report_error(ans: &Answer) -> bool {
 }
 
 async fn show(a: &ApiArgs, path: &str, print: fn(&Value)) -> Result<i32> {
-    let ans = a.client().get(path).await?;
+    let ans = a.client()?.get(path).await?;
     if report_error(&ans) {
         return Ok(1);
     }
@@ -265,7 +269,7 @@ async fn list_documents(a: &ListArgs) -> Result<i32> {
     if let Some(n) = a.limit {
         query.push(format!("limit={n}"));
     }
-    let ans = a.api.client().get(&format!("/v1/documents?{}", query.join("&"))).await?;
+    let ans = a.api.client()?.get(&format!("/v1/documents?{}", query.join("&"))).await?;
     if report_error(&ans) {
         return Ok(1);
     }
@@ -292,7 +296,7 @@ async fn list_documents(a: &ListArgs) -> Result<i32> {
 }
 
 async fn cancel_document(a: &ApiArgs, id: &str) -> Result<i32> {
-    let ans = a.client().delete(&format!("/v1/documents/{id}")).await?;
+    let ans = a.client()?.delete(&format!("/v1/documents/{id}")).await?;
     if report_error(&ans) {
         return Ok(1);
     }
@@ -302,7 +306,7 @@ async fn cancel_document(a: &ApiArgs, id: &str) -> Result<i32> {
 }
 
 async fn document_results(a: &ResultsArgs) -> Result<i32> {
-    let (id, client) = (&a.id, a.api.client());
+    let (id, client) = (&a.id, a.api.client()?);
     let path = format!("/v1/documents/{id}/results");
     if a.follow {
         return follow_results(a, &client, &path).await;
@@ -389,11 +393,21 @@ async fn download_page(client: &ApiClient, p: &Value, dir: &Path) -> Result<usiz
 /// How often `results --follow` asks for new pages.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Polls `results --follow` waits for the manifest once the document has
+/// ended (the uploader writes it last), before it says there is none.
+const FOLLOW_MANIFEST_GRACE: u32 = 10;
+
+/// Server errors in a row `results --follow` waits through (30 s).
+const FOLLOW_SERVER_ERRORS: u32 = 60;
+
 /// `results ID --follow`: until the document finishes (its manifest is
 /// written), each newly finished page once, in the order they land: a JSON
 /// line on stdout (the page's entry with `doc_id` and, for a page with
 /// results, its `width`, `height`, `model` and `detections`), or its files
 /// with `--download`. The summary goes to stderr, so stdout stays JSONL.
+/// Exits 1 with the reason when the document ended `failed` or `cancelled`
+/// (with or without a manifest: `manifest_unwritten`, a document that
+/// failed before it was split).
 async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Result<i32> {
     use std::io::Write as _;
     let id = &a.id;
@@ -402,12 +416,25 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
         tokio::fs::create_dir_all(dir.join("pages")).await.with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut seen = std::collections::HashSet::new();
-    let (mut files, mut failures) = (0, 0);
+    let (mut files, mut failures, mut ended_polls, mut server_errors) = (0, 0, 0, 0);
     loop {
         let ans = client.get(path).await?;
+        if ans.status.is_server_error() && server_errors < FOLLOW_SERVER_ERRORS {
+            // The result store may be down; the document's status says
+            // whether it has ended anyway.
+            server_errors += 1;
+            let st = client.get(&format!("/v1/documents/{id}")).await?;
+            let state = st.json["state"].as_str().unwrap_or("");
+            if DocState::parse(state).is_some_and(|s| s.is_terminal() && !s.succeeded()) {
+                return ended_without_results(client, id, state, seen.len(), failures).await;
+            }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            continue;
+        }
         if report_error(&ans) {
             return Ok(1);
         }
+        server_errors = 0;
         let m = &ans.json;
         for p in m["pages"].as_array().into_iter().flatten() {
             let Some(n) = p["page"].as_u64() else { continue };
@@ -437,25 +464,61 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
                 }
             }
         }
+        let state = m["state"].as_str().unwrap_or("");
+        if m["complete"] != true && is_terminal(state) {
+            ended_polls += 1;
+            if ended_polls > FOLLOW_MANIFEST_GRACE {
+                return ended_without_results(client, id, state, seen.len(), failures).await;
+            }
+        }
         if m["complete"] == true {
+            let failed = !DocState::parse(state).is_none_or(DocState::succeeded);
+            let ended = state;
             let state = m["status"].as_str().unwrap_or("?");
             if a.format == ResultsFormat::Coco {
                 let ans = client.get(&format!("{path}?format=coco")).await?;
                 if report_error(&ans) {
                     return Ok(1);
                 }
-                return write_coco(a, &ans.json).await;
+                let code = write_coco(a, &ans.json).await?;
+                if failed {
+                    return ended_without_results(client, id, ended, seen.len(), failures).await;
+                }
+                return Ok(code);
             }
             if let Some(dir) = &dir {
                 download(client, &format!("{path}/manifest.json"), &dir.join("manifest.json")).await?;
                 eprintln!("{id}: {state}; {files} files and manifest.json written to {}", dir.display());
-            } else {
+            } else if !failed {
                 eprintln!("{id}: {state}; {} pages ({failures} without results)", seen.len());
+            }
+            if failed {
+                return ended_without_results(client, id, ended, seen.len(), failures).await;
             }
             return Ok(0);
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
+}
+
+/// `results --follow` of a document that ended `failed` or `cancelled`:
+/// the reason (from its status) on stderr, exit code 1.
+async fn ended_without_results(
+    client: &ApiClient,
+    id: &str,
+    state: &str,
+    pages: usize,
+    failures: usize,
+) -> Result<i32> {
+    let st = client.get(&format!("/v1/documents/{id}")).await?;
+    let error = &st.json["error"];
+    let reason = match (error["code"].as_str(), error["message"].as_str()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_string(),
+        _ => "no reason given".to_string(),
+    };
+    eprintln!("{id}: {} ({}); {pages} pages ({failures} without results)", clean(state), clean(&reason));
+    Ok(1)
 }
 
 /// A JSON document at `url` (an API path, or an absolute presigned URL).
@@ -486,7 +549,7 @@ async fn get_url(client: &ApiClient, url: &str) -> Result<bytes::Bytes> {
     } else {
         // A presigned S3 URL: no API token, its own host.
         let (base, path) = split_url(url).with_context(|| format!("unsupported result URL {url}"))?;
-        ApiClient::new(base).get_bytes(&path).await?
+        client.at(base).get_bytes(&path).await?
     };
     anyhow::ensure!(status.is_success(), "downloading {url}: HTTP {status}");
     Ok(bytes)
@@ -501,15 +564,18 @@ async fn download(client: &ApiClient, url: &str, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `http://host:port/path?q` → (`http://host:port`, `/path?q`).
+/// `http(s)://host:port/path?q` → (`http(s)://host:port`, `/path?q`).
 fn split_url(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("http://")?;
-    let slash = rest.find('/').unwrap_or(rest.len());
-    Some((format!("http://{}", &rest[..slash]), rest[slash..].to_string()))
+    let scheme = ["http://", "https://"].into_iter().find(|s| url.starts_with(s))?;
+    let rest = &url[scheme.len()..];
+    let slash = rest.find(['/', '?']).unwrap_or(rest.len());
+    let path = &rest[slash..];
+    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+    Some((format!("{scheme}{}", &rest[..slash]), path))
 }
 
 async fn submit_files(a: &SubmitArgs) -> Result<i32> {
-    let client = a.api.client();
+    let client = a.api.client()?;
     let mut options: Vec<(&str, String)> = Vec::new();
     if let Some(dpi) = a.dpi {
         options.push(("dpi", dpi.to_string()));
@@ -703,6 +769,12 @@ mod tests {
             split_url("http://127.0.0.1:9000/b/k.png?X-Amz=1"),
             Some(("http://127.0.0.1:9000".into(), "/b/k.png?X-Amz=1".into()))
         );
+        assert_eq!(
+            split_url("https://s3.example.com/b/k.png?X-Amz=1"),
+            Some(("https://s3.example.com".into(), "/b/k.png?X-Amz=1".into()))
+        );
+        assert_eq!(split_url("https://h:8443?x=1"), Some(("https://h:8443".into(), "/?x=1".into())));
+        assert_eq!(split_url("ftp://h/x"), None);
     }
 }
 

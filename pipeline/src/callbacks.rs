@@ -5,6 +5,9 @@
 //! Bucket `<prefix>_callbacks`, per document:
 //! - `<doc>.pages`: pages whose page event is finished (delivered or given up);
 //! - `<doc>.page_failures`: pages whose page event was given up;
+//! - `<doc>.pages_seen`: pages whose page event the notifier read and scheduled;
+//! - `<doc>.pages_lost`: pages with an outcome whose page event the notifier
+//!   never read (evicted from the events stream first): recorded as failed too;
 //! - `<doc>.document`: the terminal event's delivery ([`CallbackRecord`]).
 
 use std::net::IpAddr;
@@ -67,6 +70,27 @@ impl CallbackStore {
         Ok(())
     }
 
+    /// Page `page`'s event was read and its delivery scheduled.
+    pub async fn page_seen(&self, doc_id: &str, page: u32) -> Result<()> {
+        self.sets.mark_key(&format!("{doc_id}.pages_seen"), page).await?;
+        Ok(())
+    }
+
+    pub async fn pages_seen(&self, doc_id: &str) -> Result<PageSet> {
+        self.sets.get_key(&format!("{doc_id}.pages_seen")).await
+    }
+
+    /// Page `page` has an outcome but its event never reached the notifier
+    /// (evicted unread): finished, failed and lost.
+    pub async fn page_lost(&self, doc_id: &str, page: u32) -> Result<()> {
+        self.sets.mark_key(&format!("{doc_id}.pages_lost"), page).await?;
+        self.page_done(doc_id, page, true).await
+    }
+
+    pub async fn pages_lost(&self, doc_id: &str) -> Result<PageSet> {
+        self.sets.get_key(&format!("{doc_id}.pages_lost")).await
+    }
+
     pub async fn record(&self, doc_id: &str) -> Result<Option<CallbackRecord>> {
         let key = format!("{doc_id}.document");
         match self.sets.store().get(&key).await {
@@ -83,11 +107,12 @@ impl CallbackStore {
         Ok(())
     }
 
-    /// `{state: pending|delivered|failed, error?, failed_pages?}` for a
-    /// document's status: `failed` when its terminal event or any page
-    /// event was given up.
+    /// `{state: pending|delivered|failed, error?, failed_pages?,
+    /// lost_pages?}` for a document's status: `failed` when its terminal
+    /// event or any page event was given up (or lost: never read).
     pub async fn summary(&self, doc_id: &str) -> Result<serde_json::Value> {
-        let (record, failures) = tokio::try_join!(self.record(doc_id), self.page_failures(doc_id))?;
+        let (record, failures, lost) =
+            tokio::try_join!(self.record(doc_id), self.page_failures(doc_id), self.pages_lost(doc_id))?;
         let failed_pages: Vec<u32> = failures.pages().collect();
         let mut v = match &record {
             None => serde_json::json!({"state": "pending"}),
@@ -101,6 +126,9 @@ impl CallbackStore {
         if !failed_pages.is_empty() {
             v["state"] = "failed".into();
             v["failed_pages"] = serde_json::json!(failed_pages);
+        }
+        if !lost.is_empty() {
+            v["lost_pages"] = serde_json::json!(lost.pages().collect::<Vec<u32>>());
         }
         Ok(v)
     }
@@ -130,13 +158,29 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let seg = v6.segments();
+            let o = v6.octets();
+            let embedded = |at: usize| IpAddr::V4(std::net::Ipv4Addr::new(o[at], o[at + 1], o[at + 2], o[at + 3]));
+            // Forms that carry an IPv4 address the network may route to:
+            // public only when that address is.
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(12)); // NAT64, well-known prefix 64:ff9b::/96
+            }
+            if seg[0] == 0x2002 {
+                return is_public(embedded(2)); // 6to4 2002:a.b.c.d::/48
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                || seg[..6] == [0; 6] // IPv4-compatible ::a.b.c.d (deprecated)
+                || seg[..6] == [0, 0, 0, 0, 0xffff, 0] // IPv4-translated ::ffff:0:a.b.c.d
+                || (seg[0] == 0x64 && seg[1] == 0xff9b) // NAT64 local use 64:ff9b:1::/48, unassigned rest
+                || seg[..4] == [0x100, 0, 0, 0] // discard-only 100::/64
+                || (seg[0] == 0x2001 && seg[1] < 0x200) // IETF special purpose 2001::/23 (Teredo, benchmarking, ORCHID)
                 || (seg[0] & 0xfe00) == 0xfc00 // unique local
                 || (seg[0] & 0xffc0) == 0xfe80 // link-local
+                || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
-                || (seg[0] == 0x64 && seg[1] == 0xff9b)) // NAT64: the IPv4 inside may be private
+                || seg[0] == 0x3fff) // documentation 3fff::/20 (inside 3fff::/16)
         }
     }
 }
@@ -195,6 +239,36 @@ mod tests {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+        // IPv6 forms that carry (or route to) an internal IPv4 address, and
+        // deprecated local ranges: all refused.
+        for ip in [
+            "::127.0.0.1",        // IPv4-compatible
+            "::10.0.0.1",         // IPv4-compatible
+            "::8.8.8.8",          // IPv4-compatible (deprecated: never public)
+            "::ffff:0:127.0.0.1", // IPv4-translated
+            "::ffff:0:8.8.8.8",   // IPv4-translated
+            "2002:7f00:1::",      // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",  // 6to4 of 169.254.169.254
+            "2002:c0a8:101::",    // 6to4 of 192.168.1.1
+            "64:ff9b::10.0.0.1",  // NAT64 of a private address
+            "64:ff9b::169.254.169.254",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b:1::8.8.8.8", // local-use NAT64 64:ff9b:1::/48
+            "64:ff9b:1:ffff::1",
+            "fec0::1",   // site-local
+            "feff::1",   // site-local
+            "100::1",    // discard-only
+            "2001::1",   // Teredo
+            "2001:2::1", // benchmarking
+            "3fff::1",   // documentation
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+            assert!(check_callback_url(&format!("http://[{ip}]/hook"), &[]).is_err(), "{ip}");
+        }
+        // The same forms around a public IPv4 address are public.
+        for ip in ["64:ff9b::8.8.8.8", "2002:808:808::1"] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
         let err = check_callback_url("http://169.254.169.254/latest/meta-data", &[]).unwrap_err();

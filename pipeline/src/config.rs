@@ -28,6 +28,7 @@ const RESERVED_ENV: &[&str] = &[
     "PAGESTREAM_NATS_SERVER",
     "PAGESTREAM_URL",
     "PAGESTREAM_TOKEN",
+    "PAGESTREAM_CA_CERT",
 ];
 
 /// The whole configuration; each binary reads the sections it needs, so one
@@ -42,6 +43,8 @@ pub struct Config {
     pub inferencer: InferencerConfig,
     pub uploader: UploaderConfig,
     pub notifier: NotifierConfig,
+    /// Per-tenant (API token) limits and weights.
+    pub tenants: crate::tenants::TenantsConfig,
 }
 
 /// Webhooks: the notifier stage delivers signed document and page events
@@ -62,6 +65,18 @@ pub struct NotifierConfig {
     pub attempt_timeout_secs: u64,
     /// Deliveries in flight at once per notifier process.
     pub concurrency: usize,
+    /// Deliveries in flight at once to one endpoint (scheme, host and
+    /// port of the callback URL) per notifier process; more wait, scheduled.
+    pub per_endpoint_concurrency: usize,
+    /// Deliveries in flight at once for one tenant (the document's owner),
+    /// all its endpoints together, per notifier process (0: no limit).
+    pub per_owner_concurrency: usize,
+    /// Consecutive failed attempts (one of them a retry, or over at least
+    /// 5 s) that open an endpoint's circuit: its deliveries are then not attempted but
+    /// scheduled for after `breaker_cooldown_secs`, when one probe is sent.
+    pub breaker_failures: u32,
+    /// How long an open circuit stays open before its probe.
+    pub breaker_cooldown_secs: u64,
     /// Hosts (names or IP addresses) webhooks may reach although they are
     /// or resolve to private, loopback or link-local addresses.
     pub allow_private_hosts: Vec<String>,
@@ -81,6 +96,10 @@ impl Default for NotifierConfig {
             retry_for_secs: 600,
             attempt_timeout_secs: 10,
             concurrency: 32,
+            per_endpoint_concurrency: 4,
+            per_owner_concurrency: 16,
+            breaker_failures: 5,
+            breaker_cooldown_secs: 30,
             allow_private_hosts: Vec::new(),
             public_url: String::new(),
             admin_addr: "127.0.0.1:9104".into(),
@@ -178,11 +197,18 @@ pub struct IngressConfig {
     /// Live event streams one API token may hold open at once (0: only the
     /// global cap); without tokens, only the global cap applies.
     pub max_event_streams_per_token: usize,
+    /// Host names the API answers to (`Host` header; 421
+    /// `misdirected_request` otherwise, probes excepted): `host` (any
+    /// port), `host:port`, `*.domain` or `*` (any). Empty: on a loopback
+    /// address `localhost`, `127.0.0.1`, `[::1]` and the bound address;
+    /// on any other address, any host. Defends against DNS rebinding.
+    #[serde(deserialize_with = "list")]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// A list setting: a TOML array of strings, or one comma-separated string
 /// (what an environment variable holds); blank entries are dropped.
-fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+pub(crate) fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -307,6 +333,12 @@ pub struct SplitterConfig {
     /// Address-space limit of the render worker, in MiB (0: none); a PDF
     /// that needs more fails its page `render_crashed`.
     pub render_memory_mb: u64,
+    /// Documents by reference fetched at once per process, in their own
+    /// pool (never in a rendering worker).
+    pub fetch_concurrency: usize,
+    /// Fetches of one tenant (document owner) at once per process (0: only
+    /// `fetch_concurrency`); its further ones wait.
+    pub fetches_per_tenant: usize,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
 }
@@ -438,6 +470,7 @@ impl Default for IngressConfig {
             min_upload_bytes_per_sec: 16 * 1024,
             max_event_streams: 256,
             max_event_streams_per_token: 32,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -465,6 +498,8 @@ impl Default for SplitterConfig {
             source_s3_secret_access_key: String::new(),
             source_allow_private_hosts: Vec::new(),
             render_memory_mb: 2048,
+            fetch_concurrency: 4,
+            fetches_per_tenant: 2,
             admin_addr: "127.0.0.1:9101".into(),
         }
     }
@@ -681,6 +716,13 @@ impl Config {
         if self.ingress.max_connections == 0 || self.ingress.max_event_streams == 0 {
             errors.push("ingress.max_connections and ingress.max_event_streams must be at least 1".into());
         }
+        for host in &self.ingress.allowed_hosts {
+            if host.contains(['/', '@', ' ']) {
+                errors.push(format!(
+                    "ingress.allowed_hosts: {host:?} is not a host name (host, host:port, *.domain or *)"
+                ));
+            }
+        }
         if !(1..=7 * 24 * 3600).contains(&self.ingress.results_url_ttl_secs) {
             errors.push("ingress.results_url_ttl_secs must be within 1..=604800 (S3's presigning limit)".into());
         }
@@ -723,6 +765,15 @@ impl Config {
                     .into(),
             );
         }
+        if self.notifier.per_endpoint_concurrency == 0
+            || self.notifier.breaker_failures == 0
+            || self.notifier.breaker_cooldown_secs == 0
+        {
+            errors.push(
+                "notifier.per_endpoint_concurrency, notifier.breaker_failures and notifier.breaker_cooldown_secs must be at least 1"
+                    .into(),
+            );
+        }
         if self.splitter.source_max_bytes == 0 || self.splitter.source_timeout_secs == 0 {
             errors.push("splitter.source_max_bytes and splitter.source_timeout_secs must be at least 1".into());
         }
@@ -742,9 +793,11 @@ impl Config {
             errors
                 .push("splitter.inline_image_max_bytes must stay below NATS's 1 MiB payload limit (max 921600)".into());
         }
-        for (name, n) in
-            [("splitter.concurrency", self.splitter.concurrency), ("uploader.concurrency", self.uploader.concurrency)]
-        {
+        for (name, n) in [
+            ("splitter.concurrency", self.splitter.concurrency),
+            ("uploader.concurrency", self.uploader.concurrency),
+            ("splitter.fetch_concurrency", self.splitter.fetch_concurrency),
+        ] {
             if n == 0 {
                 errors.push(format!("{name} must be at least 1"));
             }
@@ -773,6 +826,7 @@ impl Config {
         if self.uploader.prefix.starts_with('/') || self.uploader.prefix.contains("..") {
             errors.push("uploader.prefix must be relative and must not contain '..'".into());
         }
+        errors.extend(self.tenants.check());
         if errors.is_empty() {
             Ok(())
         } else {

@@ -104,7 +104,33 @@ impl StageError {
         self.doc_id.get_or_insert_with(|| doc_id.to_string());
         self
     }
+    /// What users see of this error (status, manifests, webhooks). An
+    /// error about the document itself (permanent: a PDF that does not
+    /// open, a refused source; or a source fetch, whose message names only
+    /// the client's own URL) keeps its message. A dependency that failed
+    /// until retries ran out (NATS, the blob or result store, a local file)
+    /// gets a plain reason and a reference instead: its chain names
+    /// endpoints, buckets and paths, which are logged under the reference.
+    /// Dead letters keep the whole message ([`StageError::detail`]).
     pub fn info(&self) -> ErrorInfo {
+        if self.kind != ErrorKind::Transient || matches!(self.code, "source_fetch" | "source_timeout") {
+            return self.detail();
+        }
+        let reference = error_reference();
+        tracing::warn!(reference, code = self.code, doc_id = ?self.doc_id, detail = %self.message, "error shown to clients by reference");
+        let reason = match self.code {
+            "nats" | "nats_publish" => "the pipeline's message broker failed",
+            "blob_store" => "the blob store (uploads and page images) failed",
+            "result_store" => "the result store failed",
+            "tempfile" => "a temporary file could not be written",
+            "renderer" => "the renderer failed",
+            _ => "an internal error occurred",
+        };
+        ErrorInfo::new(self.code, format!("{reason}, retries exhausted (reference {reference} in the pipeline's logs)"))
+    }
+
+    /// The whole error, internal detail included: for dead letters and logs.
+    pub fn detail(&self) -> ErrorInfo {
         ErrorInfo::new(self.code, self.message.clone())
     }
 
@@ -127,6 +153,15 @@ impl StageError {
     pub fn blob_store(e: impl std::fmt::Display) -> Self {
         StageError::transient("blob_store", format!("{e:#}"))
     }
+}
+
+/// A short id tying an error a client sees to the log line with its
+/// detail: seconds, process id and a counter, in hex.
+pub fn error_reference() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:x}-{:x}-{:x}", secs & 0xffff_ffff, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Anything async that failed talking to NATS or a store is worth a retry.
@@ -228,6 +263,32 @@ impl ConsumerSpec {
     /// Runs `handler` on this consumer until `shutdown` (see [`run`]).
     pub async fn run<H: Handler>(self, ctx: &StageContext, handler: Arc<H>, shutdown: CancellationToken) -> Result<()> {
         run(ctx.js.clone(), ctx.names.clone(), self, handler, ctx.metrics.clone(), shutdown).await
+    }
+}
+
+/// Handles messages that a stage pulls with a loop of its own (the
+/// splitter's per-tenant scheduler) exactly as [`run`] handles the ones it
+/// pulls: decode once, in-progress acks, ack / nak with back-off / defer /
+/// dead letter, metrics.
+pub struct Processor<H> {
+    js: jetstream::Context,
+    names: Names,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    metrics: Arc<Metrics>,
+    state: LoopState,
+}
+
+impl<H: Handler> Processor<H> {
+    /// `ack_wait`: the consumers' ack wait (in-progress acks every third of it).
+    pub fn new(ctx: &StageContext, spec: ConsumerSpec, handler: Arc<H>, ack_wait: Duration) -> Self {
+        let state = LoopState { ack_wait, deferred: std::sync::Mutex::default() };
+        Processor { js: ctx.js.clone(), names: ctx.names.clone(), spec, handler, metrics: ctx.metrics.clone(), state }
+    }
+
+    /// Handles one message and acks, naks or dead-letters it.
+    pub async fn process(&self, msg: jetstream::Message) {
+        process(&self.js, &self.names, &self.spec, self.handler.as_ref(), &self.metrics, msg, &self.state).await
     }
 }
 
@@ -544,7 +605,7 @@ pub async fn dead_letter(
         stage: stage.to_string(),
         subject: subject.to_string(),
         doc_id: err.doc_id.clone(),
-        error: err.info(),
+        error: err.detail(),
         attempts: attempts.max(1) as u64,
         payload: serde_bytes::ByteBuf::from(payload),
         at: now_rfc3339(),

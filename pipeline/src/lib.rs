@@ -23,10 +23,12 @@ pub mod metrics;
 pub mod nats;
 pub mod outbound;
 pub mod progress;
+pub mod records;
 pub mod registry;
 pub mod shutdown;
 pub mod stage;
 pub mod telemetry;
+pub mod tenants;
 pub mod util;
 
 pub use config::Config;

@@ -136,6 +136,30 @@ pub const CATALOG: &[Def] = &[
         &["result"],
         "Webhook delivery attempts, by result: delivered, or the error code (callback_status, callback_unreachable, callback_timeout, callback_rejected, callback_url_refused)",
     ),
+    def(
+        "pagestream_webhook_retries_scheduled_total",
+        Counter,
+        &["reason"],
+        "Webhook deliveries put off to a later time instead of held, by reason: failed (an attempt failed), circuit_open (the endpoint's circuit is open: not attempted), endpoint_busy (the endpoint's or tenant's concurrency is full), pages_pending (a terminal event waits for its page events)",
+    ),
+    def(
+        "pagestream_webhook_circuit_opened_total",
+        Counter,
+        &[],
+        "Times an endpoint's circuit opened (consecutive failed attempts): its deliveries are scheduled for after the cool-down instead of attempted",
+    ),
+    def(
+        "pagestream_webhook_circuits_open",
+        Gauge,
+        &[],
+        "Endpoints whose circuit is open or half-open (one probe) in this notifier process",
+    ),
+    def(
+        "pagestream_webhook_events_lost_total",
+        Counter,
+        &[],
+        "Page events with an outcome that the notifier never read (evicted from the events stream first): recorded as lost and failed, with a dead letter",
+    ),
 ];
 
 /// Buckets of every `_seconds` histogram: 1 ms to 32 s, doubling (a page

@@ -119,35 +119,206 @@ impl Names {
     pub fn blob_bucket(&self) -> String {
         format!("{}_blobs", self.prefix)
     }
+    /// `<P>_TURNS`: splitter turns, one subject per tenant and priority.
+    pub fn turns_stream(&self) -> String {
+        format!("{}_TURNS", self.upper())
+    }
+    /// `<p>.turns.<tenant>.<priority>`: a turn of a document of `tenant`.
+    pub fn turns(&self, tenant: &str, priority: &str) -> String {
+        format!("{}.turns.{tenant}.{priority}", self.prefix)
+    }
+    /// Every turn: `<p>.turns.>`.
+    pub fn all_turns(&self) -> String {
+        format!("{}.turns.>", self.prefix)
+    }
+    /// One tenant's turns, every priority: `<p>.turns.<tenant>.*`.
+    pub fn tenant_turns(&self, tenant: &str) -> String {
+        format!("{}.turns.{tenant}.*", self.prefix)
+    }
+    /// The durable consumer of one tenant's turns (shared by splitter replicas).
+    pub fn tenant_consumer(&self, tenant: &str) -> String {
+        format!("turns_{tenant}")
+    }
+    /// `<P>_PARKED`: documents waiting for a model, one message per document.
+    pub fn parked_stream(&self) -> String {
+        format!("{}_PARKED", self.upper())
+    }
+    /// `<p>.parked.<model>.<doc>`: the turn a document waits with.
+    pub fn parked(&self, model: &str, doc_id: &str) -> String {
+        format!("{}.parked.{model}.{doc_id}", self.prefix)
+    }
+    /// Every parked document: `<p>.parked.>`.
+    pub fn all_parked(&self) -> String {
+        format!("{}.parked.>", self.prefix)
+    }
+    /// `<P>_ACTIVE`: each tenant's documents with pages possibly in flight.
+    pub fn active_stream(&self) -> String {
+        format!("{}_ACTIVE", self.upper())
+    }
+    /// `<p>.active.<tenant>.<doc>.<page_count>`: a document of `tenant` being split.
+    pub fn active(&self, tenant: &str, doc_id: &str, page_count: u32) -> String {
+        format!("{}.active.{tenant}.{doc_id}.{page_count}", self.prefix)
+    }
+    /// One tenant's documents being split: `<p>.active.<tenant>.>`.
+    pub fn tenant_active(&self, tenant: &str) -> String {
+        format!("{}.active.{tenant}.>", self.prefix)
+    }
+    /// `<P>_FETCH`: documents by reference waiting to be fetched.
+    pub fn fetch_stream(&self) -> String {
+        format!("{}_FETCH", self.upper())
+    }
+    /// `<p>.fetch.<tenant>`: a document of `tenant` to fetch.
+    pub fn fetch(&self, tenant: &str) -> String {
+        format!("{}.fetch.{tenant}", self.prefix)
+    }
+    /// `<P>_WEBHOOKS`: webhook deliveries the notifier scheduled (one
+    /// message per delivery and attempt, see `nats/notifier.json`).
+    pub fn webhooks_stream(&self) -> String {
+        format!("{}_WEBHOOKS", self.upper())
+    }
+    /// `<p>.webhooks.<doc>`: a webhook delivery of a document's event.
+    pub fn webhooks(&self, doc_id: &str) -> String {
+        format!("{}.webhooks.{doc_id}", self.prefix)
+    }
+}
+
+/// A definition file of `nats/` with this deployment's placeholders filled
+/// in (for stages that provision definitions of their own).
+pub fn render_definitions(text: &str, names: &Names, cfg: &NatsConfig) -> String {
+    render_template(text, names, cfg)
+}
+
+/// `nats.url` (one URL or several, comma-separated) with the credentials
+/// of each replaced by `***` (`nats://u:***@host`, `nats://***@host` for a
+/// token): the form to log or return, never the URL itself.
+pub fn redact_url(url: &str) -> String {
+    let one = |u: &str| -> String {
+        let u = u.trim();
+        let (scheme, rest) = u.split_once("://").map_or(("", u), |(s, r)| (s, r));
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let Some((userinfo, host)) = authority.rsplit_once('@') else { return u.to_string() };
+        let user = match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***"),
+            None => "***".to_string(),
+        };
+        let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+        format!("{scheme}{user}@{host}{tail}")
+    };
+    url.split(',').map(one).collect::<Vec<_>>().join(",")
+}
+
+/// Credentials given in `nats.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// `nats://user:password@host`
+    UserPassword(String, String),
+    /// `nats://token@host`
+    Token(String),
+}
+
+/// `nats.url` split into its URLs without credentials, and the credentials
+/// they carried (percent-decoded; the same on every URL that has some).
+/// The NATS client is given the credentials as options: it does not read
+/// them from a URL, and it logs the URLs it tries.
+pub fn split_credentials(url: &str) -> Result<(Vec<String>, Option<NatsCredentials>)> {
+    let mut urls = Vec::new();
+    let mut found: Option<NatsCredentials> = None;
+    for u in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (scheme, rest) = u.split_once("://").map_or(("", u), |(s, r)| (s, r));
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let Some((userinfo, host)) = authority.rsplit_once('@') else {
+            urls.push(u.to_string());
+            continue;
+        };
+        let credentials = match userinfo.split_once(':') {
+            Some((user, password)) => NatsCredentials::UserPassword(percent_decode(user), percent_decode(password)),
+            None => NatsCredentials::Token(percent_decode(userinfo)),
+        };
+        if found.as_ref().is_some_and(|f| *f != credentials) {
+            anyhow::bail!(
+                "nats.url: the URLs carry different credentials ({}); give every server the same",
+                redact_url(url)
+            );
+        }
+        found = Some(credentials);
+        let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+        urls.push(format!("{scheme}{host}{tail}"));
+    }
+    Ok((urls, found))
+}
+
+/// `%XX` escapes decoded (invalid ones kept as written).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connects to NATS, retrying until `connect_timeout_secs` elapses, and
-/// returns a JetStream context.
+/// returns a JetStream context. Credentials in `nats.url` are handed to the
+/// client as options ([`split_credentials`]); errors and logs name the
+/// servers without them ([`redact_url`]).
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context> {
     let timeout = Duration::from_secs(cfg.connect_timeout_secs);
     let deadline = tokio::time::Instant::now() + timeout;
-    let unreachable = || {
+    let shown = redact_url(&cfg.url);
+    let (urls, credentials) = split_credentials(&cfg.url)?;
+    // The client's last error (an authorization violation, a TLS failure),
+    // for the message when it never connects.
+    let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let unreachable = |last: Option<String>| {
+        let why = last.map(|e| format!("; last error: {e}")).unwrap_or_default();
         anyhow::anyhow!(
-            "cannot connect to NATS at {} within {} s (is nats-server running? `pagestream run --embedded-nats` and scripts/demo start one)",
-            cfg.url,
+            "cannot connect to NATS at {shown} within {} s{why} (is nats-server running, are the credentials in nats.url right? `pagestream run --embedded-nats` and scripts/demo start one)",
             cfg.connect_timeout_secs
         )
     };
-    let attempt = async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    match credentials {
+        Some(NatsCredentials::UserPassword(user, password)) => options = options.user_and_password(user, password),
+        Some(NatsCredentials::Token(token)) => options = options.token(token),
+        None => {}
+    }
+    let recorder = last_error.clone();
+    let attempt = options
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))
-        .connect(cfg.urls());
+        .event_callback(move |event| {
+            let recorder = recorder.clone();
+            async move {
+                if let async_nats::Event::ClientError(e) = &event {
+                    *recorder.lock().expect("last NATS error") = Some(e.to_string());
+                }
+            }
+        })
+        .connect(urls.iter().map(String::as_str).collect::<Vec<_>>());
+    let last = || last_error.lock().expect("last NATS error").clone();
     let client = match tokio::time::timeout_at(deadline, attempt).await {
         Ok(Ok(client)) => client,
-        Ok(Err(e)) => return Err(e).with_context(|| format!("connecting to NATS at {}", cfg.url)),
-        Err(_) => return Err(unreachable()),
+        Ok(Err(e)) => return Err(anyhow::anyhow!("connecting to NATS at {shown}: {e}")),
+        Err(_) => return Err(unreachable(last())),
     };
     // retry_on_initial_connect returns before the first connection; wait
     // until it is really up so start-up errors are precise.
     while client.connection_state() != async_nats::connection::State::Connected {
         if tokio::time::Instant::now() > deadline {
-            return Err(unreachable());
+            return Err(unreachable(last()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -426,6 +597,30 @@ pub fn is_storage_full(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_nats_urls_are_redacted() {
+        for (url, shown) in [
+            ("nats://u:SECRETPW@127.0.0.1:4222", "nats://u:***@127.0.0.1:4222"),
+            ("nats://SECRETTOKEN@h:4222", "nats://***@h:4222"),
+            ("tls://u:p%40SECRET@h/x", "tls://u:***@h/x"),
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("u:SECRETPW@h:4222", "u:***@h:4222"),
+            ("nats://a:SECRET1@h1:1, nats://b:SECRET2@h2:2", "nats://a:***@h1:1,nats://b:***@h2:2"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+            assert!(!redact_url(url).contains("SECRET"), "{url}");
+        }
+        let (urls, creds) = split_credentials("nats://u:p%40ss@h1:1, nats://u:p%40ss@h2:2,nats://h3:3").unwrap();
+        assert_eq!(urls, ["nats://h1:1", "nats://h2:2", "nats://h3:3"]);
+        assert_eq!(creds, Some(NatsCredentials::UserPassword("u".into(), "p@ss".into())));
+        let (urls, creds) = split_credentials("tls://T0KEN@h:4222/x").unwrap();
+        assert_eq!((urls, creds), (vec!["tls://h:4222/x".to_string()], Some(NatsCredentials::Token("T0KEN".into()))));
+        assert_eq!(split_credentials("nats://h:1").unwrap(), (vec!["nats://h:1".to_string()], None));
+        let err = split_credentials("nats://a:SECRET1@h1:1,nats://b:SECRET2@h2:2").unwrap_err().to_string();
+        assert!(err.contains("different credentials") && !err.contains("SECRET"), "{err}");
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+    }
 
     #[tokio::test]
     async fn provisioning_asks_again_after_a_timeout_and_only_then() {

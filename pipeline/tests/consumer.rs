@@ -47,6 +47,7 @@ fn submission(doc_id: &str) -> DocumentSubmitted {
         options: SubmitOptions::default(),
         submitted_at: None,
         start_page: None,
+        owner: None,
     }
 }
 

@@ -248,6 +248,13 @@ pub struct DocumentSubmitted {
     /// pages before it). Publishers leave it unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_page: Option<u32>,
+    /// Opaque id of the API token that submitted the document (16 hex
+    /// characters of its sha256, as in [`DocInfo::owner`]); set by the
+    /// ingress, absent for documents published on NATS without one. The
+    /// splitter schedules and caps work per owner (fair share between
+    /// tenants); visibility is decided by the durable document record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// An image carried by a message: inline bytes or a blob-store key (claim
@@ -678,6 +685,11 @@ impl Message for DocumentSubmitted {
         }
         if self.start_page == Some(0) {
             return Err("start_page is 1-based".into());
+        }
+        if let Some(owner) = &self.owner {
+            if owner.len() != 16 || !owner.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(format!("owner {owner:?} is not 16 lowercase hex characters"));
+            }
         }
         if let Some(model) = &self.options.model {
             validate_model_name(model).map_err(|e| format!("options.model: {e}"))?;

@@ -25,6 +25,7 @@ fn submitted() -> DocumentSubmitted {
         options: SubmitOptions { dpi: Some(150.0), ..SubmitOptions::default() },
         submitted_at: Some("2026-11-28T12:00:00Z".into()),
         start_page: None,
+        owner: None,
     }
 }
 

@@ -330,7 +330,7 @@ async fn a_stalled_upload_gets_408_and_loses_nothing() {
     let started = Instant::now();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: application/pdf\r\nContent-Length: 100000\r\n\r\n%PDF-1.4\n")
+    s.write_all(b"POST /v1/documents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/pdf\r\nContent-Length: 100000\r\n\r\n%PDF-1.4\n")
         .unwrap();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
@@ -340,7 +340,7 @@ async fn a_stalled_upload_gets_408_and_loses_nothing() {
     // A client that never finishes its headers is disconnected.
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"GET /v1/documents HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s.write_all(b"GET /v1/documents HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "the request never completed");

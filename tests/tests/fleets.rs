@@ -269,6 +269,7 @@ async fn pages_wait_for_their_model_and_survive_the_loss_of_its_only_replica() {
         options: SubmitOptions { model: Some(YOLO.into()), ..Default::default() },
         submitted_at: None,
         start_page: None,
+        owner: None,
     };
     js.publish(names.docs_submitted(), encode(&direct).into()).await.unwrap().await.unwrap();
     let st = pagestream_e2e::wait_terminal(&f.client, "direct-unserved", Duration::from_secs(60)).await.unwrap();

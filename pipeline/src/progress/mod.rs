@@ -25,8 +25,8 @@ pub use lookup::EventLookup;
 pub use publish::{publish_durable, publish_message, Progress, OUTAGE_RIDE};
 pub use state::{DocState, ALL_STATES};
 pub use status::{
-    list_documents, read_events, read_status, subject_counts, DocStatus, DocTimings, FailedPage, PageCounts,
-    StageTiming,
+    count_events_since, list_documents, read_events, read_status, read_status_with_record, subject_counts, DocStatus,
+    DocTimings, FailedPage, PageCounts, StageTiming,
 };
 pub use subject::EventSubject;
 

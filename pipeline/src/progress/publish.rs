@@ -3,10 +3,11 @@
 //! deduplicated by JetStream.
 
 use async_nats::jetstream;
-use pagestream_schemas::{encode, DocInfo, ErrorInfo, Event, EventState, Message, VERSION};
+use pagestream_schemas::{decode, encode, DocInfo, ErrorInfo, Event, EventState, Message, VERSION};
 
 use crate::counters::Counters;
 use crate::nats::Names;
+use crate::records::DocRecords;
 use crate::util::now_rfc3339;
 
 /// Publishes `payload` on `subject` with `Nats-Msg-Id` and waits for the PubAck.
@@ -133,6 +134,24 @@ impl Progress {
             ms: None,
             at: now_rfc3339(),
         };
-        publish_message(&self.js, subject.clone(), &subject, &ev).await
+        publish_message(&self.js, subject.clone(), &subject, &ev).await?;
+        // The durable record follows (owner, page count, state, the
+        // tenant's index and quota entries): the events stream forgets, the
+        // record does not. After the event, like the page counters: a
+        // failure here fails the caller, whose retry writes it.
+        let records = DocRecords::new(&self.counters);
+        records
+            .note_event(doc_id, state, ev.info.as_ref(), self.queued_owner(doc_id))
+            .await
+            .map_err(|e| -> async_nats::Error { e.into() })
+    }
+
+    /// The owner the document's `queued` event names, if it is still stored
+    /// (only asked for a document without a record).
+    async fn queued_owner(&self, doc_id: &str) -> Option<String> {
+        let stream = self.js.get_stream(self.names.events_stream()).await.ok()?;
+        let raw =
+            stream.get_last_raw_message_by_subject(&self.names.doc_event(doc_id, EventState::Queued)).await.ok()?;
+        decode::<Event>(&raw.payload).ok()?.info?.owner
     }
 }

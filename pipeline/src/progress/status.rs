@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::counters::{Counters, DocCounters};
 use crate::nats::Names;
 use crate::progress::{DocState, EventSubject, ProgressError};
+use crate::records::{DocRecord, DocRecords};
 
 /// Distinct pages per state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -122,9 +123,9 @@ pub async fn list_documents(
     Ok(docs)
 }
 
-/// Reads a document's status; `None` when no event exists for it.
-/// With `page_details`, failed pages' reasons are fetched too (one direct
-/// get per failed page).
+/// Reads a document's status; `None` when neither an event nor a record
+/// exists for it. With `page_details`, failed pages' reasons are fetched
+/// too (one direct get per failed page).
 pub async fn read_status(
     js: &jetstream::Context,
     names: &Names,
@@ -132,10 +133,31 @@ pub async fn read_status(
     doc_id: &str,
     page_details: bool,
 ) -> Result<Option<DocStatus>, ProgressError> {
+    Ok(read_status_with_record(js, names, counters, doc_id, page_details).await?.map(|(status, _)| status))
+}
+
+/// [`read_status`], with the document's durable record (`None`: it has
+/// none — never recorded, older than records, or expired). The record
+/// fills in what the events stream no longer holds: the owner
+/// (`info.owner` is the record's whenever there is one), the page count,
+/// and the state when the events that carried it were discarded (a
+/// document whose every event is gone still reads as its record's state,
+/// so its last pages complete it and its owner still sees it).
+pub async fn read_status_with_record(
+    js: &jetstream::Context,
+    names: &Names,
+    counters: &Counters,
+    doc_id: &str,
+    page_details: bool,
+) -> Result<Option<(DocStatus, Option<DocRecord>)>, ProgressError> {
     let stream = js.get_stream(names.events_stream()).await.map_err(ProgressError::at("events stream"))?;
     // Only the document-level subjects (a handful), never one per page.
-    let subjects = subject_counts(&stream, &names.doc_events_only(doc_id)).await?;
-    if subjects.is_empty() {
+    let records = DocRecords::new(counters);
+    let filter = names.doc_events_only(doc_id);
+    let (subjects, record) = tokio::try_join!(subject_counts(&stream, &filter), async {
+        records.get(doc_id).await.map_err(|e| ProgressError::new("document record", e))
+    })?;
+    if subjects.is_empty() && record.is_none() {
         return Ok(None);
     }
     let doc_states: Vec<EventState> = subjects
@@ -206,6 +228,17 @@ pub async fn read_status(
             _ => {}
         }
     }
+    if let Some(r) = &record {
+        // Queued < running < terminal; the first terminal state sticks.
+        let rank = |s: DocState| if s.is_terminal() { 2 } else { u8::from(s == DocState::Running) };
+        if rank(r.state) > rank(status.state) {
+            status.state = r.state;
+        }
+        status.info.owner = r.owner.clone();
+        if status.info.page_count.is_none() {
+            status.info.page_count = r.page_count;
+        }
+    }
     status.page_count = status.info.page_count;
     if page_details {
         for subject in &failed_subjects {
@@ -217,7 +250,7 @@ pub async fn read_status(
         }
         status.failed_pages.sort_by_key(|f| f.page);
     }
-    Ok(Some(status))
+    Ok(Some((status, record)))
 }
 
 fn merge_info(into: &mut DocInfo, from: DocInfo) {
@@ -276,4 +309,35 @@ pub async fn read_events(
 pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, usize>, ProgressError> {
     let info = stream.info_with_subjects(filter).await.map_err(ProgressError::at("stream info with subjects"))?;
     info.try_collect::<BTreeMap<_, _>>().await.map_err(ProgressError::at("listing event subjects"))
+}
+
+/// Events on `filter` recorded within the last `window` (e.g. pages
+/// uploaded in the last five minutes, for throughput): one short-lived
+/// consumer starting at that time, whose pending count is the answer; no
+/// event is read.
+pub async fn count_events_since(
+    js: &jetstream::Context,
+    names: &Names,
+    filter: String,
+    window: std::time::Duration,
+) -> Result<u64, ProgressError> {
+    use jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let stream = js.get_stream(names.events_stream()).await.map_err(ProgressError::at("events stream"))?;
+    let start_time = time::OffsetDateTime::now_utc() - window;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: std::time::Duration::from_secs(10),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(ProgressError::at("counting recent events"))?;
+    let info = consumer.cached_info();
+    let pending = info.num_pending;
+    // Gone by itself after `inactive_threshold` if this fails.
+    let _ = stream.delete_consumer(&info.name).await;
+    Ok(pending)
 }

@@ -10,7 +10,11 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pagestream_pipeline::blob::upload_key;
-use pagestream_pipeline::progress::{list_documents, publish_message, read_status, DocState, DocStatus};
+use pagestream_pipeline::progress::{
+    list_documents, publish_message, read_status, read_status_with_record, DocState, DocStatus,
+};
+use pagestream_pipeline::records::DocRecords;
+use pagestream_pipeline::tenants::ANONYMOUS;
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_results::layout::Keys;
 use pagestream_schemas::{
@@ -161,6 +165,18 @@ pub fn status_json(s: &DocStatus) -> serde_json::Value {
     v
 }
 
+/// Whether a document whose tenant index says `indexed` may now be in
+/// state `want` (the index may lag the events, never lead them; the first
+/// terminal state sticks).
+fn may_become(indexed: DocState, want: DocState) -> bool {
+    let rank = |s: DocState| if s.is_terminal() { 2 } else { u8::from(s == DocState::Running) };
+    if indexed.is_terminal() {
+        indexed == want
+    } else {
+        rank(want) >= rank(indexed)
+    }
+}
+
 fn check_id(id: &str) -> Result<(), ApiError> {
     validate_doc_id(id).map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))
 }
@@ -204,12 +220,15 @@ impl Ingress {
 
     /// The document's status, if `caller` may see it (404 otherwise, as
     /// for a document that does not exist: ids of others are not revealed).
+    /// Ownership is the durable record's ([`Caller::sees`]), so a document
+    /// whose `queued` event the events stream discarded stays private.
     pub(crate) async fn read_status(&self, caller: &Caller, id: &str, details: bool) -> Result<DocStatus, ApiError> {
         check_id(id)?;
-        read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, details)
+        read_status_with_record(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, details)
             .await
             .map_err(unavailable("reading progress"))?
-            .filter(|st| caller.sees(&st.info))
+            .filter(|(st, record)| caller.sees(st, record.as_ref()))
+            .map(|(st, _)| st)
             .ok_or_else(|| ApiError::not_found(format!("no document {id}")))
     }
 
@@ -257,16 +276,31 @@ impl Ingress {
                 _ => {}
             }
         }
-        // doc id -> its document-level events.
-        let docs = list_documents(&self.ctx.js, &self.ctx.names).await.map_err(unavailable("listing documents"))?;
+        // doc id -> whether it may be in the wanted state (a pre-filter,
+        // before its status is read). Admins list every document with
+        // events; a token reads its tenant's index (and the anonymous
+        // tenant's: documents published on NATS without an owner), never
+        // other tenants' documents.
+        let docs: std::collections::BTreeMap<String, bool> = if caller.admin {
+            let docs = list_documents(&self.ctx.js, &self.ctx.names).await.map_err(unavailable("listing documents"))?;
+            docs.into_iter().map(|(id, states)| (id, want.is_none_or(|w| w.could_be(&states)))).collect()
+        } else {
+            let records = DocRecords::new(&self.ctx.counters);
+            let mut docs = records.documents_of(caller.tenant()).await.map_err(unavailable("listing documents"))?;
+            if caller.tenant() != ANONYMOUS {
+                let public = records.documents_of(ANONYMOUS).await.map_err(unavailable("listing documents"))?;
+                docs.extend(public);
+            }
+            docs.into_iter().map(|(id, indexed)| (id, want.is_none_or(|w| may_become(indexed, w)))).collect()
+        };
         let mut items = Vec::new();
         let mut next_cursor = None;
         let candidates = docs.iter().rev().filter(|(id, _)| cursor.as_ref().is_none_or(|c| id.as_str() < c.as_str()));
         // Status reads one page may cost, whatever the filter hides.
         let mut budget = MAX_LIST_READS;
         let mut examined: Option<&String> = None;
-        for (id, states) in candidates {
-            if want.is_some_and(|w| !w.could_be(states)) {
+        for (id, possible) in candidates {
+            if !possible {
                 continue;
             }
             if items.len() == limit || budget == 0 {
@@ -281,13 +315,14 @@ impl Ingress {
             }
             budget -= 1;
             examined = Some(id);
-            let Some(st) = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, false)
-                .await
-                .map_err(unavailable("reading progress"))?
+            let Some((st, record)) =
+                read_status_with_record(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, false)
+                    .await
+                    .map_err(unavailable("reading progress"))?
             else {
                 continue; // expired between the listing and the read
             };
-            if want.is_none_or(|w| w == st.state) && caller.sees(&st.info) {
+            if want.is_none_or(|w| w == st.state) && caller.sees(&st, record.as_ref()) {
                 items.push(self.live_status_json(&st));
             }
         }
@@ -373,10 +408,91 @@ impl Ingress {
         }
     }
 
-    /// `token`: the caller's API token, already checked ("" without tokens).
+    /// `POST /v1/documents`: the tenant's quotas first (a refusal stores
+    /// nothing: no claim, no blob, no event), then the submission.
     pub(crate) async fn submit(&self, req: Request<Incoming>, caller: &Caller) -> Result<Resp, ApiError> {
-        let token = caller.token.as_str();
         let doc_id = uuid::Uuid::now_v7().simple().to_string();
+        let reserved = match self.reserve(&req, caller, &doc_id).await {
+            Ok(reserved) => reserved,
+            Err(refusal) => {
+                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.pace()).await;
+                return Ok(refusal);
+            }
+        };
+        let outcome = self.submit_as(req, caller, doc_id.clone()).await;
+        let queued = matches!(&outcome, Ok(r) if r.status() == StatusCode::ACCEPTED && !r.headers().contains_key("idempotent-replayed"));
+        if reserved && !queued {
+            if let Err(e) = DocRecords::new(&self.ctx.counters).release(caller.tenant(), &doc_id).await {
+                tracing::warn!(doc_id, error = %e, "could not withdraw a quota reservation");
+            }
+        }
+        outcome
+    }
+
+    /// Checks the caller's tenant against `tenants.pages_per_hour` and
+    /// reserves one of its `tenants.max_documents` places for `doc_id`:
+    /// `Ok(true)` when a place was reserved (withdrawn unless the document
+    /// is queued), `Ok(false)` when none was needed (a replay of an
+    /// `Idempotency-Key` already used), else the 429 (or 503) to answer.
+    async fn reserve(&self, req: &Request<Incoming>, caller: &Caller, doc_id: &str) -> Result<bool, Resp> {
+        if let Some(kv_key) = idempotency_kv_key(req, &caller.token) {
+            // A retry of a document already accepted is answered as such.
+            if self.idempotency.get(&kv_key).await.ok().flatten().is_some() {
+                return Ok(false);
+            }
+        }
+        let tenant = caller.tenant();
+        let limits = self.ctx.config.tenants.limits_for(caller.owner.as_deref());
+        let records = DocRecords::new(&self.ctx.counters);
+        let unavailable = |e: anyhow::Error| ApiError::unavailable(format!("reading quota usage: {e:#}")).response();
+        if limits.pages_per_hour > 0 {
+            let split = records.pages_within(tenant, HOUR).await.map_err(unavailable)?;
+            let used: u64 = split.iter().map(|(_, n)| u64::from(*n)).sum();
+            let max = u64::from(limits.pages_per_hour);
+            if used >= max {
+                // When enough of the oldest pages leave the hour.
+                let now = time::OffsetDateTime::now_utc();
+                let mut left = used;
+                let mut retry = 1;
+                for (at, n) in &split {
+                    left -= u64::from(*n);
+                    if left < max {
+                        retry = ((*at + HOUR) - now).whole_seconds().max(1) as u64;
+                        break;
+                    }
+                }
+                return Err(quota_refusal(
+                    "quota_pages_per_hour",
+                    "tenants.pages_per_hour",
+                    max,
+                    used,
+                    retry,
+                    format!(
+                        "this token's documents had {used} pages split in the last hour; its limit is {max} \
+                         (tenants.pages_per_hour); retry in {retry} s"
+                    ),
+                ));
+            }
+        }
+        let max = limits.max_documents;
+        match records.reserve(tenant, doc_id, max).await.map_err(unavailable)? {
+            None => Ok(true),
+            Some(active) => Err(quota_refusal(
+                "quota_documents",
+                "tenants.max_documents",
+                u64::from(max),
+                active as u64,
+                QUOTA_DOCUMENTS_RETRY_SECS,
+                format!(
+                    "this token has {active} documents queued or running; its limit is {max} \
+                     (tenants.max_documents); retry when one finishes"
+                ),
+            )),
+        }
+    }
+
+    async fn submit_as(&self, req: Request<Incoming>, caller: &Caller, doc_id: String) -> Result<Resp, ApiError> {
+        let token = caller.token.as_str();
         let claim = match self.claim(&req, token, &doc_id).await {
             Ok(c) => c,
             Err(e) => {
@@ -578,6 +694,21 @@ impl Ingress {
             }
             _ => {}
         }
+        if let SourceRef::S3 { bucket, key } = &source {
+            // With tokens, a bucket is not a grant: each tenant reads only
+            // below its own prefixes (admins: the whole bucket list).
+            if !caller.admin {
+                let prefixes = self.ctx.config.tenants.limits_for(caller.owner.as_deref()).source_prefixes;
+                let full = format!("s3://{bucket}/{key}");
+                if !prefixes.iter().any(|p| full.starts_with(p.as_str())) {
+                    return Err(invalid(format!(
+                        "{full:?} is not below a location this token may read (tenants.source_prefixes, or its \
+                         tenants.overrides entry: {})",
+                        if prefixes.is_empty() { "none".to_string() } else { prefixes.join(", ") }
+                    )));
+                }
+            }
+        }
         if let Some(title) = json.get("title").filter(|t| !t.is_null()) {
             let title = title.as_str().ok_or_else(|| invalid("title must be a string".into()))?;
             opts.set("title", title.to_string())?;
@@ -631,6 +762,7 @@ impl Ingress {
             },
             submitted_at: Some(now_rfc3339()),
             start_page: None,
+            owner: caller.owner.clone(),
         };
         let info = DocInfo {
             title,
@@ -643,18 +775,62 @@ impl Ingress {
             callback,
             ..DocInfo::default()
         };
-        // Queued event first: the status endpoint answers as soon as we reply.
-        self.progress
-            .doc(&doc_id, EventState::Queued, Some(info), None)
+        // The durable record first (owner: who may see it; the tenant's
+        // index and active entry), then the queued event: the status
+        // endpoint answers as soon as we reply.
+        let records = DocRecords::new(&self.ctx.counters);
+        records
+            .create(&doc_id, caller.owner.as_deref(), DocState::Queued)
             .await
-            .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e}")))?;
-        publish_message(&self.ctx.js, self.ctx.names.docs_submitted(), &format!("{doc_id}:submitted"), &msg)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("queueing the document failed: {e}")))?;
+            .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e:#}")))?;
+        let queued = async {
+            self.progress
+                .doc(&doc_id, EventState::Queued, Some(info), None)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e}")))?;
+            publish_message(&self.ctx.js, self.ctx.names.docs_submitted(), &format!("{doc_id}:submitted"), &msg)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("queueing the document failed: {e}")))
+        };
+        if let Err(e) = queued.await {
+            if let Err(err) = records.forget(caller.tenant(), &doc_id).await {
+                tracing::warn!(doc_id, error = %err, "could not forget the record of a document not queued");
+            }
+            return Err(e);
+        }
         self.ctx.metrics.document(STAGE, "submitted");
         tracing::info!(doc_id, bytes = msg.source.bytes, "document accepted");
         Ok(accepted(&doc_id, "queued"))
     }
+}
+
+/// A rolling hour (`tenants.pages_per_hour`).
+const HOUR: Duration = Duration::from_secs(3600);
+/// `Retry-After` of a `quota_documents` refusal: when a document of the
+/// tenant ends is not known in advance.
+pub const QUOTA_DOCUMENTS_RETRY_SECS: u64 = 10;
+
+/// A 429 naming the limit (`code`), its setting, the limit and the usage,
+/// with `Retry-After`.
+fn quota_refusal(code: &str, setting: &str, max: u64, used: u64, retry_secs: u64, message: String) -> Resp {
+    let body = serde_json::json!({"error": {
+        "code": code,
+        "message": message,
+        "setting": setting,
+        "limit": max,
+        "used": used,
+        "retry_after_secs": retry_secs,
+    }});
+    let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
+    resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(retry_secs));
+    resp
+}
+
+/// The idempotency bucket's key for the request's `Idempotency-Key`
+/// (scoped per token), if it has a valid one.
+fn idempotency_kv_key(req: &Request<Incoming>, token: &str) -> Option<String> {
+    let key = req.headers().get("idempotency-key")?.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255)?;
+    Some(hex::encode(Sha256::digest(format!("{token}\n{key}"))))
 }
 
 fn in_progress() -> ApiError {

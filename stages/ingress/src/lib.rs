@@ -12,7 +12,7 @@
 //! | `POST /v1/documents`, `GET /v1/documents`, `GET/DELETE /v1/documents/{id}` | [`documents`] |
 //! | `GET /v1/documents/{id}/events` | [`events`] |
 //! | `GET /v1/documents/{id}/results[/pages/{n}.{png,json}]` | [`results`] |
-//! | `GET /v1/models` | [`models`] |
+//! | `GET /v1/models`, `GET /v1/capacity` | [`models`] |
 //! | `GET /`, `GET /openapi.json` | embedded files |
 //!
 //! Never loads a model or opens a PDF: it only checks the signature.
@@ -20,6 +20,7 @@
 pub mod documents;
 pub mod error;
 pub mod events;
+pub mod hosts;
 pub mod models;
 pub mod results;
 pub mod upload;
@@ -73,10 +74,12 @@ pub struct Ingress {
     shutdown: CancellationToken,
     /// Webhook deliveries (when webhooks are on): shown in status.
     callbacks: Option<pagestream_pipeline::callbacks::CallbackStore>,
+    /// Host names answered (`ingress.allowed_hosts`): 421 for others.
+    hosts: hosts::AllowedHosts,
 }
 
 impl Ingress {
-    pub async fn new(ctx: StageContext, shutdown: CancellationToken) -> Result<Self> {
+    pub async fn new(ctx: StageContext, shutdown: CancellationToken, hosts: hosts::AllowedHosts) -> Result<Self> {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         let results = ResultStore::open(&ctx.config.uploader).await?;
@@ -96,6 +99,7 @@ impl Ingress {
             )
         };
         Ok(Ingress {
+            hosts,
             callbacks,
             ctx,
             blobs,
@@ -153,7 +157,7 @@ impl Ingress {
             }
         }
         let (token, admin) = found.ok_or_else(|| unauthorized("the bearer token is not valid"))?;
-        let owner = Some(hex::encode(&sha2::Sha256::digest(token.as_bytes())[..8]));
+        let owner = Some(pagestream_pipeline::tenants::owner_id(&token));
         Ok(Caller { token, owner, admin })
     }
 
@@ -161,6 +165,12 @@ impl Ingress {
         let path = req.uri().path().to_string();
         if let Some(resp) = admin_response(req.method(), &path, &self.ctx.health, &self.ctx.metrics) {
             return ("admin", resp.map(|b| b.map_err(|never| match never {}).boxed()));
+        }
+        // Every route but the probes: a name this server does not answer
+        // to is a DNS-rebinding page's (see `hosts`).
+        if let Err(e) = self.hosts.check(&req) {
+            upload::drain(req.into_body(), 1 << 20, self.pace()).await;
+            return ("misdirected_request", e.response());
         }
         let method = req.method().clone();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
@@ -192,6 +202,7 @@ impl Ingress {
             (["v1", "documents"], &Method::POST) => ("submit", self.submit(req, &caller).await),
             (["v1", "documents"], &Method::GET) => ("list", self.list(&caller, req.uri().query().unwrap_or("")).await),
             (["v1", "models"], &Method::GET) => ("models", self.models()),
+            (["v1", "capacity"], &Method::GET) => ("capacity", self.capacity(&caller).await),
             (["v1", "documents", id], &Method::GET) => ("status", self.status(&caller, id).await),
             (["v1", "documents", id], &Method::DELETE) => ("cancel", self.cancel(&caller, id).await),
             (["v1", "documents", id, "events"], &Method::GET) => ("events", self.events(&caller, id, &req).await),
@@ -278,10 +289,30 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Whether this caller may see a document: admins see all, a token sees
-    /// what it submitted and what was submitted without a token (on NATS).
-    pub fn sees(&self, info: &pagestream_schemas::DocInfo) -> bool {
-        self.admin || info.owner.is_none() || info.owner == self.owner
+    /// Whether this caller may see a document, decided by its durable
+    /// record (never by its events, which the events stream may discard):
+    /// admins see all; a token sees what its record names it the owner of,
+    /// and documents whose record has no owner (published on NATS without
+    /// one). A document without a record is shown to admins only, or to
+    /// the owner its `queued` event still names (documents older than
+    /// records): an unknown owner fails closed.
+    pub fn sees(
+        &self,
+        status: &pagestream_pipeline::progress::DocStatus,
+        record: Option<&pagestream_pipeline::records::DocRecord>,
+    ) -> bool {
+        if self.admin {
+            return true;
+        }
+        match record {
+            Some(r) => r.owner.is_none() || r.owner == self.owner,
+            None => status.info.owner.is_some() && status.info.owner == self.owner,
+        }
+    }
+
+    /// The tenant this caller submits as (its owner id, or `anonymous`).
+    pub fn tenant(&self) -> &str {
+        pagestream_pipeline::tenants::tenant_of(self.owner.as_deref())
     }
 }
 
@@ -289,7 +320,7 @@ impl Caller {
 /// when the path is no route at all.
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        [] | [""] | ["openapi.json"] | ["v1", "models"] => Some("GET"),
+        [] | [""] | ["openapi.json"] | ["v1", "models"] | ["v1", "capacity"] => Some("GET"),
         ["v1", "documents"] => Some("GET, POST"),
         ["v1", "documents", _] => Some("GET, DELETE"),
         ["v1", "documents", _, "events" | "results"]
@@ -370,7 +401,10 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
 /// requests finish (live event streams are ended).
 pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     ctx.health.register(STAGE);
-    let ingress = Arc::new(Ingress::new(ctx.clone(), shutdown.clone()).await?);
+    let hosts = hosts::AllowedHosts::new(&ctx.config.ingress.allowed_hosts, listener.local_addr()?)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(allowed_hosts = %hosts.describe(), "ingress answers these host names");
+    let ingress = Arc::new(Ingress::new(ctx.clone(), shutdown.clone(), hosts).await?);
     ctx.health.set_ready(STAGE, true);
     tracing::info!(addr = %listener.local_addr()?, auth = !(ingress.tokens.is_empty() && ingress.admin_tokens.is_empty()), "ingress listening");
     let graceful = GracefulShutdown::new();

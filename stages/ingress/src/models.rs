@@ -85,3 +85,88 @@ impl Ingress {
         }
     }
 }
+
+/// How far back throughput is measured for `GET /v1/capacity`.
+pub const THROUGHPUT_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Ingress {
+    /// `GET /v1/capacity`: the caller's tenant's usage against each of its
+    /// limits (admins: every tenant with work, and every tenant named in
+    /// `tenants.overrides`), the queue (documents queued or running, pages
+    /// in flight), the pipeline's measured throughput and the wait it
+    /// implies for a new document.
+    pub(crate) async fn capacity(&self, caller: &crate::Caller) -> Result<Resp, ApiError> {
+        use pagestream_pipeline::progress::count_events_since;
+        use pagestream_pipeline::records::DocRecords;
+        let unavailable = |e: &dyn std::fmt::Display| ApiError::unavailable(format!("reading capacity: {e:#}"));
+        let records = DocRecords::new(&self.ctx.counters);
+        let active = records.active_by_tenant().await.map_err(|e| unavailable(&e))?;
+        let mut tenants: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        tenants.insert(caller.tenant().to_string());
+        if caller.admin {
+            tenants.extend(active.keys().cloned());
+            let config = &self.ctx.config.tenants;
+            tenants.extend(config.overrides.iter().filter_map(|o| o.split_whitespace().next().map(str::to_string)));
+        }
+        let mut rows = Vec::new();
+        for tenant in &tenants {
+            let owner = (tenant != pagestream_pipeline::tenants::ANONYMOUS).then_some(tenant.as_str());
+            let limits = self.ctx.config.tenants.limits_for(owner);
+            let pages_last_hour: u64 = records
+                .pages_within(tenant, std::time::Duration::from_secs(3600))
+                .await
+                .map_err(|e| unavailable(&e))?
+                .iter()
+                .map(|(_, n)| u64::from(*n))
+                .sum();
+            rows.push(serde_json::json!({
+                "tenant": tenant,
+                "limits": {
+                    "max_documents": limits.max_documents,
+                    "pages_per_hour": limits.pages_per_hour,
+                    "max_pages_in_flight": limits.max_pages_in_flight,
+                    "weight": limits.weight,
+                },
+                "usage": {
+                    "documents": active.get(tenant).copied().unwrap_or(0),
+                    "pages_last_hour": pages_last_hour,
+                },
+            }));
+        }
+        let (js, names) = (&self.ctx.js, &self.ctx.names);
+        let mut pages_in_flight = 0u64;
+        for stream in [names.pages_stream(), names.inferred_stream()] {
+            let mut s = js.get_stream(&stream).await.map_err(|e| unavailable(&e))?;
+            pages_in_flight += s.info().await.map_err(|e| unavailable(&e))?.state.messages;
+        }
+        let documents: usize = active.values().sum();
+        let prefix = &names.prefix;
+        let (pages, finished) = tokio::try_join!(
+            count_events_since(js, names, format!("{prefix}.events.*.page.uploaded.*"), THROUGHPUT_WINDOW),
+            count_events_since(js, names, format!("{prefix}.events.*.doc.completed"), THROUGHPUT_WINDOW),
+        )
+        .map_err(|e| unavailable(&e))?;
+        let window = THROUGHPUT_WINDOW.as_secs_f64();
+        let pages_per_sec = pages as f64 / window;
+        // Pages still to come: those in flight, plus the documents queued
+        // or running at the mean size of those finished in the window.
+        let mean_pages = if finished > 0 { pages as f64 / finished as f64 } else { 1.0 };
+        let estimated_wait_secs = (pages_per_sec > 0.0)
+            .then(|| ((pages_in_flight as f64 + documents as f64 * mean_pages) / pages_per_sec).ceil());
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "tenant": caller.tenant(),
+                "tenants": rows,
+                "queue": {"documents": documents, "pages_in_flight": pages_in_flight},
+                "throughput": {
+                    "window_secs": THROUGHPUT_WINDOW.as_secs(),
+                    "pages": pages,
+                    "documents": finished,
+                    "pages_per_sec": (pages_per_sec * 1000.0).round() / 1000.0,
+                },
+                "estimated_wait_secs": estimated_wait_secs,
+            }),
+        ))
+    }
+}

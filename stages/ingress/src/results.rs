@@ -12,9 +12,14 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use pagestream_pipeline::progress::DocStatus;
+use pagestream_results::coco::CocoWriter;
 use pagestream_results::layout::{pages_so_far, Keys, PageResult, MANIFEST_SCHEMA};
+use pagestream_results::ResultStore;
 
 use crate::error::{bytes_response, json_response, ApiError, Resp};
 use crate::{Caller, Ingress};
@@ -31,6 +36,17 @@ fn parse_page_file(file: &str) -> Option<(u32, &'static str)> {
         "json" => Some((page, "json")),
         _ => None,
     }
+}
+
+/// One page's result file (`rel` under the document, at `key`); the error
+/// is the detail for the log.
+async fn read_page(store: &ResultStore, key: &str, rel: &str) -> Result<PageResult, String> {
+    let bytes = store
+        .get(key)
+        .await
+        .map_err(|e| format!("reading {rel} failed: {e:#}"))?
+        .ok_or_else(|| format!("{rel} is listed but missing"))?;
+    serde_json::from_slice::<PageResult>(&bytes).map_err(|e| format!("{rel} is not a page result: {e}"))
 }
 
 impl Ingress {
@@ -129,44 +145,77 @@ impl Ingress {
     }
 
     /// The COCO file of the pages with results so far (all of them once
-    /// complete): each page's JSON read from the result store.
+    /// complete), streamed: each page's JSON is read from the result store
+    /// (8 at a time, in page order) and its annotations written at once, so
+    /// the ingress holds a few pages and 12 bytes per page whatever the
+    /// document's size (see [`CocoWriter`]). The first page is read before
+    /// answering, so a store that is down gets a 503; a failure later cuts
+    /// the body (the client sees an incomplete transfer) and is logged.
     async fn coco(&self, id: &str, status: &DocStatus, manifest: &serde_json::Value) -> Result<Resp, ApiError> {
-        use futures::{StreamExt as _, TryStreamExt as _};
+        use futures::StreamExt as _;
         let keys = self.keys(id);
-        let rels: Vec<String> = manifest["pages"]
+        let mut rels: Vec<(u64, String)> = manifest["pages"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|p| p["detections"].as_str().map(str::to_string))
+            .filter_map(|p| Some((p["page"].as_u64()?, p["detections"].as_str()?.to_string())))
             .collect();
-        let pages: Vec<PageResult> = futures::stream::iter(rels)
-            .map(|rel| {
-                let key = keys.file(&rel);
-                async move {
-                    let bytes = self
-                        .results
-                        .get(&key)
-                        .await
-                        .map_err(|e| ApiError::unavailable(format!("reading {rel} failed: {e:#}")))?
-                        .ok_or_else(|| ApiError::unavailable(format!("{rel} is listed but missing")))?;
-                    serde_json::from_slice::<PageResult>(&bytes)
-                        .map_err(|e| ApiError::unavailable(format!("{rel} is not a page result: {e}")))
-                }
+        rels.sort_by_key(|(page, _)| *page);
+        rels.dedup_by_key(|(page, _)| *page);
+        let store = self.results.clone();
+        let mut pages = futures::stream::iter(rels)
+            .map(move |(_, rel)| {
+                let (store, key) = (store.clone(), keys.file(&rel));
+                async move { read_page(&store, &key, &rel).await }
             })
-            .buffered(8)
-            .try_collect()
-            .await?;
+            .buffered(8);
+        let first = pages.next().await.transpose().map_err(ApiError::unavailable)?;
         // Category ids follow the model's label order when a live replica
         // serves it (stable across documents); else first seen.
-        let model = pages.first().map(|p| p.model.name.clone()).or_else(|| status.info.model.clone());
+        let model = first.as_ref().map(|p| p.model.name.clone()).or_else(|| status.info.model.clone());
         let labels = model
             .and_then(|m| self.live.get(&m))
             .and_then(|fleet| {
                 fleet.replicas.iter().find(|r| !r.canary).or(fleet.replicas.first()).map(|r| r.labels.clone())
             })
             .unwrap_or_default();
-        let coco = pagestream_results::coco::export(id, pages, &labels, manifest["finished_at"].as_str());
-        let mut resp = json_response(StatusCode::OK, &serde_json::to_value(&coco).expect("COCO serialises"));
+        let mut writer = CocoWriter::new(id, &labels, manifest["finished_at"].as_str());
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
+        let doc_id = id.to_string();
+        tokio::spawn(async move {
+            const CHUNK: usize = 64 * 1024;
+            let mut buf = Vec::with_capacity(2 * CHUNK);
+            writer.start(&mut buf);
+            if let Some(p) = first {
+                writer.page(&p, &mut buf);
+            }
+            while let Some(next) = pages.next().await {
+                match next {
+                    Ok(p) => writer.page(&p, &mut buf),
+                    Err(detail) => {
+                        tracing::warn!(doc_id, %detail, "COCO export cut: a page result could not be read");
+                        let _ = tx.send(Err(std::io::Error::other("a page result could not be read"))).await;
+                        return;
+                    }
+                }
+                if buf.len() >= CHUNK {
+                    let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(2 * CHUNK)));
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+            }
+            writer.finish(&mut buf);
+            let _ = tx.send(Ok(Bytes::from(buf))).await;
+        });
+        let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk.map(Frame::data), rx))
+        }));
+        let mut resp = http::Response::builder()
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(BodyExt::boxed(body))
+            .expect("valid response");
         let disposition = format!("attachment; filename=\"{id}.coco.json\"");
         if let Ok(v) = http::HeaderValue::from_str(&disposition) {
             resp.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);

@@ -1,11 +1,13 @@
-//! One webhook delivery: the Standard Webhooks headers and signature, the
-//! address checks (no private, loopback or link-local targets unless
-//! allowed), and retries with exponential back-off on network errors,
-//! timeouts, 408, 429 and 5xx for at most `notifier.retry_for_secs`.
+//! One webhook delivery attempt: the Standard Webhooks headers and
+//! signature, the address checks (no private, loopback or link-local
+//! targets unless allowed), and what the answer means: delivered, worth a
+//! retry (network errors, timeouts, 408, 429, 5xx; the retry is scheduled
+//! by the caller, see `crate::jobs`, never waited for here), or failed for
+//! good.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -19,7 +21,13 @@ use pagestream_schemas::ErrorInfo;
 
 /// First pause after a failed attempt; doubled each time up to [`MAX_DELAY`].
 const FIRST_DELAY: Duration = Duration::from_secs(1);
-const MAX_DELAY: Duration = Duration::from_secs(60);
+/// The longest pause between two attempts (a longer `Retry-After` is cut to it).
+pub const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// The pause after `attempts` failed attempts: 1 s, 2 s, 4 s, … 60 s.
+pub fn backoff(attempts: u32) -> Duration {
+    (FIRST_DELAY * 2u32.saturating_pow(attempts.saturating_sub(1).min(6))).min(MAX_DELAY)
+}
 
 /// A webhook to deliver: its stable id and JSON body.
 #[derive(Debug, Clone)]
@@ -30,11 +38,16 @@ pub struct Webhook {
     pub body: Bytes,
 }
 
-/// How a delivery ended.
+/// What one attempt got.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Delivered { attempts: u32, status: u16 },
-    Failed { attempts: u32, error: ErrorInfo },
+pub enum Attempt {
+    /// A 2xx answer.
+    Delivered { status: u16 },
+    /// Worth another attempt (network error, timeout, 408, 429, 5xx), not
+    /// before `retry_after` when the receiver said so.
+    Retry { error: ErrorInfo, retry_after: Option<Duration> },
+    /// Never worth another attempt (another 4xx or redirect, a refused URL).
+    Failed { error: ErrorInfo },
 }
 
 /// One delivery attempt, by result: `delivered` or the error code
@@ -42,6 +55,16 @@ pub enum Outcome {
 /// `callback_rejected`, `callback_url_refused`).
 fn count_attempt(result: &str) {
     metrics::counter!("pagestream_webhook_attempts_total", "result" => result.to_string()).increment(1);
+}
+
+/// Counts a finished webhook in `pagestream_webhook_deliveries_total` and
+/// `_delivery_seconds` (`took`: from its first attempt to its end).
+pub fn count_delivery(kind: &str, delivered: bool, took: Duration) {
+    let kind = if kind == "page" { "page" } else { "document" };
+    let ended = if delivered { "delivered" } else { "failed" };
+    metrics::counter!("pagestream_webhook_deliveries_total", "kind" => kind, "outcome" => ended).increment(1);
+    metrics::histogram!("pagestream_webhook_delivery_seconds", "kind" => kind, "outcome" => ended)
+        .record(took.as_secs_f64());
 }
 
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, the Standard
@@ -72,7 +95,6 @@ pub struct Sender {
     key: Arc<Vec<u8>>,
     allow: Arc<HashSet<String>>,
     attempt_timeout: Duration,
-    retry_for: Duration,
 }
 
 impl Sender {
@@ -87,7 +109,6 @@ impl Sender {
             key: Arc::new(key),
             allow,
             attempt_timeout: Duration::from_secs(cfg.attempt_timeout_secs),
-            retry_for: Duration::from_secs(cfg.retry_for_secs),
         })
     }
 
@@ -96,103 +117,65 @@ impl Sender {
         check_url(url, &self.allow)
     }
 
-    /// Delivers `hook` to `url`, retrying transient failures with back-off
-    /// for at most `retry_for` (a `Retry-After` of up to a minute is
-    /// honoured). Never follows redirects. Counted in
-    /// `pagestream_webhook_deliveries_total` / `_delivery_seconds` (how it
-    /// ended) and `pagestream_webhook_attempts_total` (each attempt).
-    pub async fn deliver(&self, url: &str, hook: &Webhook) -> Outcome {
-        let started = Instant::now();
-        let outcome = self.attempt_until_done(url, hook).await;
-        let ended = match outcome {
-            Outcome::Delivered { .. } => "delivered",
-            Outcome::Failed { .. } => "failed",
-        };
-        metrics::counter!("pagestream_webhook_deliveries_total", "kind" => hook.kind, "outcome" => ended).increment(1);
-        metrics::histogram!("pagestream_webhook_delivery_seconds", "kind" => hook.kind, "outcome" => ended)
-            .record(started.elapsed().as_secs_f64());
-        outcome
-    }
-
-    async fn attempt_until_done(&self, url: &str, hook: &Webhook) -> Outcome {
+    /// One attempt to deliver `hook` to `url`, at most
+    /// `notifier.attempt_timeout_secs`. Never follows redirects. Counted in
+    /// `pagestream_webhook_attempts_total` (by result).
+    pub async fn attempt(&self, url: &str, hook: &Webhook) -> Attempt {
         let uri = match self.check(url) {
             Ok(u) => u,
-            Err(e) => return Outcome::Failed { attempts: 0, error: ErrorInfo::new("callback_url_refused", e) },
-        };
-        let started = Instant::now();
-        let mut delay = FIRST_DELAY;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let req = http::Request::post(uri.clone())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::USER_AGENT, concat!("pagestream-notifier/", env!("CARGO_PKG_VERSION")))
-                .header("webhook-id", &hook.id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", sign(&self.key, &hook.id, timestamp, &hook.body))
-                .body(Full::new(hook.body.clone()))
-                .expect("a valid request");
-            let (code, message, retry_after) =
-                match tokio::time::timeout(self.attempt_timeout, self.client.request(req)).await {
-                    Ok(Ok(resp)) => {
-                        let status = resp.status();
-                        if status.is_success() {
-                            count_attempt("delivered");
-                            return Outcome::Delivered { attempts, status: status.as_u16() };
-                        }
-                        let retry_after = resp
-                            .headers()
-                            .get(http::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                            .map(Duration::from_secs);
-                        let retryable = status.is_server_error()
-                            || status == http::StatusCode::TOO_MANY_REQUESTS
-                            || status == http::StatusCode::REQUEST_TIMEOUT;
-                        if !retryable {
-                            let error = ErrorInfo::new(
-                                "callback_rejected",
-                                format!("the receiver answered HTTP {status} (not retried: only 408, 429 and 5xx are)"),
-                            );
-                            count_attempt(error.code.as_str());
-                            return Outcome::Failed { attempts, error };
-                        }
-                        ("callback_status", format!("the receiver answered HTTP {status}"), retry_after)
-                    }
-                    Ok(Err(e)) => {
-                        let message = pagestream_pipeline::outbound::error_chain(&e);
-                        if message.contains("private, loopback or link-local") {
-                            count_attempt("callback_url_refused");
-                            return Outcome::Failed {
-                                attempts,
-                                error: ErrorInfo::new("callback_url_refused", message),
-                            };
-                        }
-                        ("callback_unreachable", message, None)
-                    }
-                    Err(_) => ("callback_timeout", format!("no answer within {:?}", self.attempt_timeout), None),
-                };
-            count_attempt(code);
-            let wait = retry_after.unwrap_or(delay).min(MAX_DELAY);
-            if started.elapsed() + wait > self.retry_for {
-                let error = ErrorInfo::new(
-                    code,
-                    format!("{message}; gave up after {attempts} attempts in {:.0} s", started.elapsed().as_secs_f32()),
-                );
-                return Outcome::Failed { attempts, error };
+            Err(e) => {
+                count_attempt("callback_url_refused");
+                return Attempt::Failed { error: ErrorInfo::new("callback_url_refused", e) };
             }
-            tracing::debug!(
-                url,
-                webhook_id = hook.id,
-                attempts,
-                error = message,
-                ?wait,
-                "webhook delivery failed; retrying"
-            );
-            tokio::time::sleep(wait).await;
-            delay = (delay * 2).min(MAX_DELAY);
-        }
+        };
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let req = http::Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, concat!("pagestream-notifier/", env!("CARGO_PKG_VERSION")))
+            .header("webhook-id", &hook.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", sign(&self.key, &hook.id, timestamp, &hook.body))
+            .body(Full::new(hook.body.clone()))
+            .expect("a valid request");
+        let answer = tokio::time::timeout(self.attempt_timeout, self.client.request(req)).await;
+        let (code, message, retry_after) = match answer {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                if status.is_success() {
+                    count_attempt("delivered");
+                    return Attempt::Delivered { status: status.as_u16() };
+                }
+                let retry_after = resp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s).min(MAX_DELAY));
+                let retryable = status.is_server_error()
+                    || status == http::StatusCode::TOO_MANY_REQUESTS
+                    || status == http::StatusCode::REQUEST_TIMEOUT;
+                if !retryable {
+                    let error = ErrorInfo::new(
+                        "callback_rejected",
+                        format!("the receiver answered HTTP {status} (not retried: only 408, 429 and 5xx are)"),
+                    );
+                    count_attempt(error.code.as_str());
+                    return Attempt::Failed { error };
+                }
+                ("callback_status", format!("the receiver answered HTTP {status}"), retry_after)
+            }
+            Ok(Err(e)) => {
+                let message = pagestream_pipeline::outbound::error_chain(&e);
+                if message.contains("private, loopback or link-local") {
+                    count_attempt("callback_url_refused");
+                    return Attempt::Failed { error: ErrorInfo::new("callback_url_refused", message) };
+                }
+                ("callback_unreachable", message, None)
+            }
+            Err(_) => ("callback_timeout", format!("no answer within {:?}", self.attempt_timeout), None),
+        };
+        count_attempt(code);
+        Attempt::Retry { error: ErrorInfo::new(code, message), retry_after }
     }
 }
 
@@ -215,5 +198,13 @@ mod tests {
         assert!(check_url("http://10.0.0.1/hook", &none).unwrap_err().contains("allow_private_hosts"));
         let allowed: HashSet<String> = ["127.0.0.1".to_string()].into();
         assert_eq!(check_url("http://127.0.0.1:9000/hook", &allowed).unwrap().port_u16(), Some(9000));
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_a_minute() {
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(0).as_secs(), 1);
+        assert_eq!(backoff(u32::MAX).as_secs(), 60);
     }
 }

@@ -12,48 +12,58 @@
 //!   finished (across notifier replicas: the delivered pages are counted in
 //!   the callbacks bucket), never a page event after it.
 //!
-//! A delivery is retried in the handler (network errors, timeouts, 408,
-//! 429, 5xx; back-off 1 s doubling to 60 s) for `notifier.retry_for_secs`;
-//! the message stays in flight meanwhile (progress acks), so a slow
-//! receiver holds a notifier slot, never a pipeline stage. Given up: a dead
-//! letter with the reason, and the document's status says
-//! `callback.state: failed`.
+//! Two loops, so that no receiver holds a slot between attempts:
+//! - the events consumer ([`Notifier::handle`]) only *schedules*: each
+//!   event worth a webhook becomes a delivery on the webhooks stream
+//!   (`nats/notifier.json`, [`jobs::Job`]) and is acked at once, so the
+//!   events stream is read as fast as it is written;
+//! - the delivery loop ([`jobs::run`]) makes one attempt per message, when
+//!   the delivery is due, its endpoint's circuit is closed and the
+//!   endpoint and the tenant have a free slot ([`breaker`]); a failed
+//!   attempt (network errors, timeouts, 408, 429, 5xx) is republished with
+//!   its attempt count and "not before" time (back-off 1 s doubling to
+//!   60 s, `Retry-After` honoured) for `notifier.retry_for_secs` from its
+//!   first attempt. Given up: a dead letter with the reason, and the
+//!   document's status says `callback.state: failed`.
 
+pub mod breaker;
 pub mod deliver;
+pub mod jobs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use pagestream_pipeline::callbacks::{CallbackRecord, CallbackStore};
+use pagestream_pipeline::callbacks::CallbackStore;
 use pagestream_pipeline::consumer::{ConsumerSpec, Delivery, Handler, StageError};
 use pagestream_pipeline::progress::status::read_status;
 use pagestream_pipeline::stage::StageContext;
-use pagestream_pipeline::util::now_rfc3339;
 use pagestream_schemas::{Callback, CallbackEvents, Event, EventState, FinalStatus};
 use tokio_util::sync::CancellationToken;
 
-use crate::deliver::{Outcome, Sender, Webhook};
+use crate::breaker::{Limits, Settings};
+use crate::deliver::{Sender, Webhook};
+use crate::jobs::Job;
 
 pub const STAGE: &str = "notifier";
 
 /// Documents whose callback is remembered (it never changes).
 const KNOWN_MAX: usize = 4096;
 
-struct Notifier {
+/// A document's webhook and its owner.
+type Known = Option<(Callback, Option<String>)>;
+
+pub(crate) struct Notifier {
     ctx: StageContext,
     sender: Sender,
     store: CallbackStore,
+    limits: Limits,
     default: Option<Callback>,
     public_url: String,
     retry_for: Duration,
-    known: Mutex<HashMap<String, Option<Callback>>>,
-    /// One terminal delivery per document at a time in this process: a
-    /// document can have two terminal events (the splitter's and the
-    /// uploader's `failed`), and the second must see the first's record.
-    terminal: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    known: Mutex<HashMap<String, Known>>,
 }
 
 /// The terminal state an event announces, if it is a document's last.
@@ -70,14 +80,15 @@ fn terminal_status(ev: &Event) -> Option<FinalStatus> {
 }
 
 impl Notifier {
-    async fn callback_of(&self, doc_id: &str) -> Result<Option<Callback>, StageError> {
+    async fn callback_of(&self, doc_id: &str) -> Result<Known, StageError> {
         if let Some(known) = self.known.lock().expect("known callbacks").get(doc_id) {
             return Ok(known.clone());
         }
         let st = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc_id, false)
             .await
             .map_err(StageError::nats)?;
-        let callback = st.and_then(|s| s.info.callback).or_else(|| self.default.clone());
+        let owner = st.as_ref().and_then(|s| s.info.owner.clone());
+        let callback = st.and_then(|s| s.info.callback).or_else(|| self.default.clone()).map(|c| (c, owner));
         let mut known = self.known.lock().expect("known callbacks");
         if known.len() >= KNOWN_MAX {
             known.clear();
@@ -112,6 +123,8 @@ impl Notifier {
         Webhook { id: format!("msg_{doc}_p{page}_{state}"), kind: "page", body: Bytes::from(body.to_string()) }
     }
 
+    /// The document's terminal webhook, built when it is first attempted
+    /// (its page counts are final then).
     async fn document_hook(&self, ev: &Event, status: FinalStatus) -> Result<Webhook, StageError> {
         let doc = &ev.doc_id;
         let st = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc, false)
@@ -134,42 +147,20 @@ impl Notifier {
         }
         let kind = format!("document.{}", status.as_str());
         let body = serde_json::json!({"type": kind, "timestamp": ev.at, "data": data});
-        Ok(Webhook {
-            id: format!("msg_{doc}_{}", status.as_str()),
-            kind: "document",
-            body: Bytes::from(body.to_string()),
-        })
-    }
-
-    /// Waits until every page with an outcome has its page event finished
-    /// (delivered or given up), so the terminal event comes last. Bounded:
-    /// a page event is given up after `retry_for` at the latest.
-    async fn wait_for_pages(&self, doc_id: &str) -> Result<(), StageError> {
-        let deadline = Instant::now() + self.retry_for + Duration::from_secs(60);
-        loop {
-            let done = self.ctx.counters.doc(doc_id).await.map_err(StageError::nats)?.done();
-            let delivered = self.store.pages_done(doc_id).await.map_err(StageError::nats)?.len();
-            if delivered >= done {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                tracing::warn!(
-                    doc_id,
-                    delivered,
-                    done,
-                    "page webhooks still unfinished; delivering the document's event"
-                );
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        Ok(Webhook { id: document_webhook_id(doc, status), kind: "document", body: Bytes::from(body.to_string()) })
     }
 }
 
+fn document_webhook_id(doc_id: &str, status: FinalStatus) -> String {
+    format!("msg_{doc_id}_{}", status.as_str())
+}
+
+/// The events consumer: schedules a delivery for each event worth a
+/// webhook, and nothing else (no HTTP here).
 impl Handler for Notifier {
     type Input = Event;
 
-    async fn handle(&self, ev: Event, _: &Delivery) -> Result<(), StageError> {
+    async fn handle(&self, ev: Event, delivery: &Delivery) -> Result<(), StageError> {
         let doc_id = ev.doc_id.clone();
         let terminal = terminal_status(&ev);
         let page = match (ev.page, terminal) {
@@ -177,7 +168,7 @@ impl Handler for Notifier {
             (None, Some(_)) => None,
             _ => return Ok(()),
         };
-        let Some(callback) = self.callback_of(&doc_id).await? else { return Ok(()) };
+        let Some((callback, owner)) = self.callback_of(&doc_id).await? else { return Ok(()) };
         if page.is_some() && callback.events != CallbackEvents::Page {
             return Ok(());
         }
@@ -185,71 +176,57 @@ impl Handler for Notifier {
         if self.store.record(&doc_id).await.map_err(StageError::nats)?.is_some() {
             return Ok(());
         }
-        match (page, terminal) {
+        let (webhook_id, body) = match (page, terminal) {
             (Some(page), _) => {
                 if self.store.pages_done(&doc_id).await.map_err(StageError::nats)?.contains(page) {
                     return Ok(()); // delivered before a redelivery
                 }
                 let hook = self.page_hook(&ev, page);
-                let outcome = self.sender.deliver(&callback.url, &hook).await;
-                let failed = matches!(outcome, Outcome::Failed { .. });
-                self.store.page_done(&doc_id, page, failed).await.map_err(StageError::nats)?;
-                match outcome {
-                    Outcome::Delivered { attempts, .. } => {
-                        tracing::debug!(doc_id, page, attempts, webhook_id = hook.id, "page webhook delivered");
-                        Ok(())
-                    }
-                    Outcome::Failed { error, .. } => Err(StageError::permanent(
-                        "callback_failed",
-                        format!("webhook {} to {}: {}: {}", hook.id, callback.url, error.code, error.message),
-                    )),
-                }
+                (hook.id, Some(String::from_utf8_lossy(&hook.body).into_owned()))
             }
-            (None, Some(status)) => {
-                let lock = self.terminal.lock().expect("terminal locks").entry(doc_id.clone()).or_default().clone();
-                let _one = lock.lock().await;
-                let result = self.deliver_terminal(&ev, &callback, status).await;
-                self.terminal.lock().expect("terminal locks").remove(&doc_id);
-                result
-            }
-            (None, None) => Ok(()),
+            (None, Some(status)) => (document_webhook_id(&doc_id, status), None),
+            (None, None) => return Ok(()),
+        };
+        let job = Job::new(ev, callback, owner, webhook_id, body, delivery.stream_sequence);
+        jobs::publish(&self.ctx, &job).await.map_err(StageError::publish)?;
+        if let Some(page) = page {
+            self.store.page_seen(&doc_id, page).await.map_err(StageError::nats)?;
         }
+        Ok(())
     }
 }
 
-impl Notifier {
-    async fn deliver_terminal(&self, ev: &Event, callback: &Callback, status: FinalStatus) -> Result<(), StageError> {
-        let doc_id = ev.doc_id.clone();
-        if self.store.record(&doc_id).await.map_err(StageError::nats)?.is_some() {
-            return Ok(()); // delivered by another terminal event of this document
-        }
-        if callback.events == CallbackEvents::Page {
-            self.wait_for_pages(&doc_id).await?;
-        }
-        let hook = self.document_hook(ev, status).await?;
-        let outcome = self.sender.deliver(&callback.url, &hook).await;
-        let (state, attempts, error) = match &outcome {
-            Outcome::Delivered { attempts, .. } => ("delivered", *attempts, None),
-            Outcome::Failed { attempts, error } => ("failed", *attempts, Some(error.clone())),
-        };
-        let record = CallbackRecord {
-            state: state.into(),
-            event: format!("document.{}", status.as_str()),
-            webhook_id: hook.id.clone(),
-            attempts,
-            error: error.clone(),
-            at: now_rfc3339(),
-        };
-        self.store.set_record(&doc_id, &record).await.map_err(StageError::nats)?;
-        tracing::info!(doc_id, webhook_id = hook.id, state, attempts, "document webhook finished");
-        match error {
-            None => Ok(()),
-            Some(error) => Err(StageError::permanent(
-                "callback_failed",
-                format!("webhook {} to {}: {}: {}", hook.id, callback.url, error.code, error.message),
-            )),
+/// Creates or updates the webhooks stream and its consumer
+/// (`nats/notifier.json`; idempotent, like every stage's provisioning).
+async fn provision(ctx: &StageContext) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct ConsumerDef {
+        stream: String,
+        config: async_nats::jetstream::consumer::pull::Config,
+    }
+    #[derive(serde::Deserialize)]
+    struct Definitions {
+        streams: Vec<async_nats::jetstream::stream::Config>,
+        consumers: Vec<ConsumerDef>,
+    }
+    let text = pagestream_pipeline::nats::render_definitions(jobs::DEFINITIONS, &ctx.names, &ctx.config.nats);
+    let defs: Definitions = serde_json::from_str(&text).context("nats/notifier.json is invalid")?;
+    for stream in defs.streams {
+        let name = stream.name.clone();
+        if let Err(e) = ctx.js.create_or_update_stream(stream.clone()).await {
+            // Another replica may have created it at the same moment.
+            if ctx.js.get_stream(&name).await.is_err() {
+                return Err(e).with_context(|| format!("creating or updating stream {name}"));
+            }
+            ctx.js.create_or_update_stream(stream).await.with_context(|| format!("updating stream {name}"))?;
         }
     }
+    for def in defs.consumers {
+        let stream = ctx.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
+        let durable = def.config.durable_name.clone().unwrap_or_default();
+        stream.create_consumer(def.config).await.with_context(|| format!("consumer {durable} on {}", def.stream))?;
+    }
+    Ok(())
 }
 
 /// Runs the notifier until `shutdown`. Without `notifier.secret` webhooks
@@ -259,20 +236,43 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
     let Some(sender) = Sender::new(&cfg) else {
         anyhow::bail!("notifier.secret is not set (PAGESTREAM_NOTIFIER_SECRET=whsec_<base64>): webhooks are off");
     };
+    provision(&ctx).await?;
     let store = CallbackStore::open(&ctx.js, &ctx.names, ctx.config.nats.replicas).await?;
     let default = Some(cfg.callback_url.clone())
         .filter(|u| !u.is_empty())
         .map(|url| Callback { url, events: cfg.callback_events });
+    let limits = Limits::new(Settings {
+        per_endpoint: cfg.per_endpoint_concurrency,
+        per_owner: cfg.per_owner_concurrency,
+        failures: cfg.breaker_failures,
+        cooldown: Duration::from_secs(cfg.breaker_cooldown_secs),
+        probe_wait: Duration::from_secs(cfg.attempt_timeout_secs),
+    });
     let notifier = Arc::new(Notifier {
         ctx: ctx.clone(),
         sender,
         store,
+        limits,
         default,
         public_url: cfg.public_url.clone(),
         retry_for: Duration::from_secs(cfg.retry_for_secs),
         known: Mutex::default(),
-        terminal: Mutex::default(),
     });
     let spec = ConsumerSpec::new(&ctx, STAGE, ctx.names.events_stream(), "notifier".into(), cfg.concurrency);
-    spec.run(&ctx, notifier, shutdown).await
+    // Either loop ending ends the stage: the other is told to stop.
+    let stop = shutdown.child_token();
+    let mut deliveries = tokio::spawn(jobs::run(notifier.clone(), stop.clone()));
+    let events = spec.run(&ctx, notifier, stop.clone());
+    tokio::pin!(events);
+    let (events, deliveries) = tokio::select! {
+        r = &mut events => {
+            stop.cancel();
+            (r, deliveries.await)
+        }
+        d = &mut deliveries => {
+            stop.cancel();
+            (events.await, d)
+        }
+    };
+    events.and(deliveries.context("the delivery loop panicked")?)
 }

@@ -87,7 +87,15 @@ async fn fetch_s3(
         SourceError::Missing(m) => StageError::permanent("source_missing", m),
         SourceError::TooLarge(n) => too_large(cfg.source_max_bytes, Some(n)),
         SourceError::Unsupported(m) => StageError::permanent("source_unsupported", m),
-        SourceError::Other(m) => StageError::transient("source_fetch", m),
+        SourceError::Other(detail) => {
+            // The SDK's chain names the service's endpoint: logged, not shown.
+            let reference = pagestream_pipeline::consumer::error_reference();
+            tracing::warn!(reference, %detail, "reading an s3:// source failed");
+            StageError::transient(
+                "source_fetch",
+                format!("reading s3://{bucket}/{key} failed (reference {reference} in the pipeline's logs)"),
+            )
+        }
     })
 }
 
@@ -165,4 +173,136 @@ pub fn check_pdf_head(head: &[u8], url: &str) -> Result<(), StageError> {
         "source_not_pdf",
         format!("{url} is not a PDF: no %PDF- signature in its first 1024 bytes"),
     ))
+}
+
+/// The splitter's fetch pool: documents by reference are fetched here,
+/// apart from the rendering workers (its own per-tenant queues
+/// `<p>.fetch.<tenant>`, `splitter.fetch_concurrency` at once,
+/// `splitter.fetches_per_tenant` of one tenant; see [`crate::turns`]), into
+/// the blob store as `uploads/<doc_id>`; the document then takes its turns
+/// like an upload. One fetch, retries included, takes at most
+/// `splitter.source_timeout_secs`; then the document fails.
+pub struct Fetcher(pub std::sync::Arc<crate::Splitter>);
+
+impl pagestream_pipeline::consumer::Handler for Fetcher {
+    type Input = pagestream_schemas::DocumentSubmitted;
+
+    async fn handle(
+        &self,
+        sub: pagestream_schemas::DocumentSubmitted,
+        _: &pagestream_pipeline::consumer::Delivery,
+    ) -> Result<(), StageError> {
+        let s = &self.0;
+        let doc_id = sub.doc_id.clone();
+        if s.finished(&doc_id).await? || s.ctx.is_cancelled(&doc_id).await? {
+            tracing::info!(doc_id, "document finished or cancelled before its fetch; skipped");
+            return Ok(());
+        }
+        let Some(url) = sub.source.url.clone() else {
+            return Err(StageError::permanent("source_missing", "source: none of inline, blob or url is set"));
+        };
+        match s.fetch_to_blob(&url, &doc_id).await {
+            Ok(key) => {
+                // Exactly one of inline, blob or url (the contract).
+                let source = pagestream_schemas::Source { blob: Some(key), url: None, ..sub.source.clone() };
+                let next = pagestream_schemas::DocumentSubmitted { source, ..sub };
+                s.queue_turn(&next, &format!("{doc_id}:fetched")).await?;
+                s.ctx.metrics.message(crate::STAGE, "fetched");
+                Ok(())
+            }
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
+                s.fail_document(&sub, e.info()).await?;
+                Err(e.doc(&doc_id))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Retries exhausted (blob store or NATS down for good): the document fails.
+    async fn give_up(
+        &self,
+        sub: pagestream_schemas::DocumentSubmitted,
+        _: &pagestream_pipeline::consumer::Delivery,
+        err: &StageError,
+    ) -> Result<(), StageError> {
+        self.0.fail_document(&sub, err.info()).await
+    }
+}
+
+impl crate::Splitter {
+    /// Fetches `url` (retrying transient failures within
+    /// `splitter.source_timeout_secs` in all) into the blob store as
+    /// `uploads/<doc_id>`; returns the key.
+    async fn fetch_to_blob(&self, url: &str, doc_id: &str) -> Result<String, StageError> {
+        use pagestream_pipeline::consumer::transient;
+        let cfg = &self.ctx.config.splitter;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.source_timeout_secs);
+        let mut delay = Duration::from_secs(1);
+        let tmp = loop {
+            let attempt = async {
+                let tmp = tempfile::Builder::new()
+                    .prefix("pagestream-")
+                    .suffix(".pdf")
+                    .tempfile()
+                    .map_err(transient("tempfile"))?
+                    .into_temp_path();
+                let mut file = tokio::fs::File::create(&tmp).await.map_err(transient("tempfile"))?;
+                fetch_url(cfg, &self.http, url, &mut file).await?;
+                drop(file);
+                // Fetched, not uploaded: it must start like a PDF, as an upload must.
+                use std::io::Read as _;
+                let mut head = Vec::with_capacity(1024);
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.take(1024).read_to_end(&mut head))
+                    .map_err(transient("tempfile"))?;
+                check_pdf_head(&head, url)?;
+                Ok::<_, StageError>(tmp)
+            };
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    return Err(StageError::transient("shutting_down", format!("stopped while fetching {url}")));
+                }
+                r = tokio::time::timeout_at(deadline, attempt) => r,
+            };
+            match result {
+                Err(_) => {
+                    return Err(StageError::permanent(
+                        "source_timeout",
+                        format!(
+                            "fetching {url} took longer than splitter.source_timeout_secs = {} s, retries included",
+                            cfg.source_timeout_secs
+                        ),
+                    ))
+                }
+                Ok(Ok(tmp)) => break tmp,
+                Ok(Err(e)) if e.kind == pagestream_pipeline::ErrorKind::Transient => {
+                    if tokio::time::Instant::now() + delay >= deadline {
+                        return Err(StageError::permanent(
+                            e.code,
+                            format!(
+                                "{} (retried for splitter.source_timeout_secs = {} s)",
+                                e.message, cfg.source_timeout_secs
+                            ),
+                        ));
+                    }
+                    tracing::warn!(doc_id, url, error = %e, ?delay, "fetch failed; retrying");
+                    self.pause(&mut delay, Duration::from_secs(30), "retrying a fetch").await?;
+                }
+                Ok(Err(e)) => return Err(e),
+            }
+        };
+        let key = pagestream_pipeline::blob::upload_key(doc_id);
+        let mut file = tokio::fs::File::open(&tmp).await.map_err(transient("tempfile"))?;
+        self.blobs.put_reader(&key, &mut file).await.map_err(|e| {
+            if e.is_storage_full() {
+                StageError::permanent(
+                    "storage_full",
+                    "the blob store is full (nats.max_blob_bytes); submit it again later",
+                )
+            } else {
+                StageError::blob_store(e)
+            }
+        })?;
+        Ok(key)
+    }
 }

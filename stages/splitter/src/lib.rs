@@ -13,8 +13,9 @@
 //! Scheduling and flow control: a document is split in turns. One turn
 //! renders the pages `[start, start + chunk)` (chunk = `splitter.chunk_pages`
 //! scaled by the document's priority), then publishes the rest of the
-//! document on `<p>.docs.split.<priority>` — to the back of the queue, behind
-//! documents submitted meanwhile — and acks. Turn boundaries depend only on
+//! document on its tenant's queue `<p>.turns.<tenant>.<priority>` — behind
+//! the tenant's documents submitted meanwhile — and acks; the next turn to
+//! run is chosen fairly between tenants ([`turns`]). Turn boundaries depend only on
 //! the priority, so a redelivered turn re-publishes the same continuation
 //! (`Nats-Msg-Id = <doc>:split:<next>`), which JetStream deduplicates. Before
 //! each page the turn waits while the document has `doc_pages_in_flight`
@@ -29,12 +30,18 @@
 //! named it fails with `model_unavailable` unless it asked to wait
 //! (`wait_for_model`); a document for the default model always waits. A
 //! waiting document, or one whose model's last replica went away, is
-//! deferred: its turn is retried every few seconds without rendering.
+//! parked ([`park`]) — holding no worker — until the model is live.
+//!
+//! Documents by reference are fetched by a pool of their own
+//! ([`fetch::Fetcher`]) into the blob store before their first turn.
 //!
 //! Knows nothing about how models run, or result storage.
 
 pub mod fetch;
+mod park;
 pub mod render;
+mod tenant_pages;
+pub mod turns;
 pub mod worker;
 
 use std::collections::{HashSet, VecDeque};
@@ -138,7 +145,17 @@ impl Splitter {
     /// Waits until `doc_id` has fewer than `limit` pages rendered and not yet
     /// uploaded or failed. A shutdown ends the wait with a transient error:
     /// the turn is redelivered, and pages it already rendered are skipped.
-    async fn wait_for_room(&self, doc_id: &str, model: &str, limit: u32) -> Result<(), StageError> {
+    ///
+    /// With `tenant` = `(tenant, limit)` (`tenants.max_pages_in_flight`),
+    /// it also waits while the tenant's documents together have `limit`
+    /// pages in flight.
+    async fn wait_for_room(
+        &self,
+        doc_id: &str,
+        model: &str,
+        limit: u32,
+        tenant: Option<(&str, u32)>,
+    ) -> Result<(), StageError> {
         let counters = &self.ctx.counters;
         let mut delay = Duration::from_millis(10);
         let mut waited = false;
@@ -151,7 +168,11 @@ impl Splitter {
             )
             .map_err(StageError::nats)?;
             let done = uploaded.union_len(&failed);
-            if rendered.len().saturating_sub(done) < limit {
+            let mut room = rendered.len().saturating_sub(done) < limit;
+            if let (true, Some((tenant, max))) = (room, tenant) {
+                room = self.tenant_pages_in_flight(tenant).await? < max;
+            }
+            if room {
                 if waited {
                     self.ctx.metrics.message(STAGE, "flow_control_wait");
                 }
@@ -259,6 +280,7 @@ impl Splitter {
                 options: pagestream_schemas::SubmitOptions::default(),
                 submitted_at: None,
                 start_page: None,
+                owner: None,
             };
             let mut info = err.info();
             info.message = format!("submission refused: {}", info.message);
@@ -314,22 +336,13 @@ impl Splitter {
                     StageError::blob_store(e)
                 });
             }
-        } else if let Some(url) = &src.url {
-            fetch::fetch_url(&self.ctx.config.splitter, &self.http, url, &mut file).await?;
         } else {
-            return Err(StageError::permanent("source_missing", "source: none of inline, blob or url is set"));
+            // A `source.url` is fetched into the blob store by the fetch
+            // pool before the document's first turn (see `split`).
+            return Err(StageError::permanent("source_missing", "source: none of inline or blob is set"));
         }
         file.flush().await.map_err(transient("tempfile"))?;
         drop(file);
-        if let Some(url) = &src.url {
-            // Fetched, not uploaded: it must start like a PDF, as an upload must.
-            use std::io::Read as _;
-            let mut head = Vec::with_capacity(1024);
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.take(1024).read_to_end(&mut head))
-                .map_err(transient("tempfile"))?;
-            fetch::check_pdf_head(&head, url)?;
-        }
         let path = tmp.to_path_buf();
         let (sha, size) = tokio::task::spawn_blocking(move || sha256_file(&path))
             .await
@@ -481,7 +494,20 @@ impl Splitter {
             if fresh {
                 self.announce_waiting(&sub).await?;
             }
-            self.check_model(&model)?;
+            // Waits without a worker or an ack-pending slot (`park`).
+            self.forget(&doc_id);
+            return self.park(&sub).await;
+        }
+        if sub.source.inline.is_none() && sub.source.blob.is_none() && sub.source.url.is_some() {
+            // By reference: fetched by the fetch pool, never in a rendering
+            // worker; the document comes back as a turn from the blob store.
+            let tenant = turns::tenant_key(sub.owner.as_deref());
+            let subject = self.ctx.names.fetch(tenant);
+            publish_message(&self.ctx.js, subject, &format!("{doc_id}:fetch"), &sub)
+                .await
+                .map_err(StageError::publish)?;
+            tracing::debug!(doc_id, "queued for the fetch pool");
+            return Ok(());
         }
         let source = match self.source(&sub).await {
             Ok(source) => source,
@@ -528,6 +554,14 @@ impl Splitter {
             self.fail_document(&sub, err.info()).await?;
             return Err(err);
         }
+        let tenant = turns::tenant_key(sub.owner.as_deref());
+        let tenant_limit = match self.tenant_page_limit(sub.owner.as_deref()) {
+            0 => None,
+            max => {
+                self.record_active(tenant, &doc_id, page_count).await?;
+                Some((tenant, max))
+            }
+        };
         if start == 1 {
             let filename = sub.source.filename.clone();
             let info = DocInfo {
@@ -554,7 +588,7 @@ impl Splitter {
                 self.ctx.metrics.document(STAGE, "cancelled");
                 return Ok(());
             }
-            self.wait_for_room(&doc_id, &model, in_flight_limit).await?;
+            self.wait_for_room(&doc_id, &model, in_flight_limit, tenant_limit).await?;
             match event {
                 RenderEvent::Page(page) => {
                     // A span per page: the page's later stages descend from it.
@@ -584,9 +618,7 @@ impl Splitter {
         if end < page_count {
             let next = DocumentSubmitted { start_page: Some(end + 1), ..sub.clone() };
             let id = format!("{doc_id}:split:{}", end + 1);
-            publish_message(&self.ctx.js, self.ctx.names.docs_split(priority.as_str()), &id, &next)
-                .await
-                .map_err(StageError::publish)?;
+            self.queue_turn(&next, &id).await?;
             self.ctx.metrics.message(STAGE, "turn");
             tracing::debug!(doc_id, next = end + 1, page_count, "turn done; the rest is queued");
             return Ok(());
@@ -617,24 +649,29 @@ fn is_stream_full(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl Splitter {
-    /// Makes a document whose turn cannot run now wait: the message is
-    /// delivered again after a delay; before it would reach `max_deliver`
-    /// the turn is queued again as a fresh message instead.
+    /// Makes a turn that yielded (its pages in flight drain slowly) come
+    /// back later: the message is delivered again after a delay (no worker
+    /// held meanwhile); before it would reach `max_deliver` the turn is
+    /// queued again as a fresh message instead, at once.
     async fn defer(&self, delivery: &Delivery, sub: DocumentSubmitted, e: StageError) -> Result<(), StageError> {
         if delivery.delivered + 1 < self.ctx.config.nats.max_deliver {
             return Err(e.doc(&sub.doc_id));
         }
-        tokio::time::sleep(consumer::DEFER_DELAY).await;
-        let priority = sub.options.priority.unwrap_or_default();
         let start = sub.start_page.unwrap_or(1);
         let again = DocumentSubmitted { start_page: Some(start), ..sub };
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         let id = format!("{}:wait:{start}:{stamp}", again.doc_id);
-        publish_message(&self.ctx.js, self.ctx.names.docs_split(priority.as_str()), &id, &again)
-            .await
-            .map_err(StageError::publish)?;
+        self.queue_turn(&again, &id).await?;
         tracing::debug!(doc_id = again.doc_id, reason = %e, "still waiting; turn queued again");
         Ok(())
+    }
+
+    /// Queues a turn of `sub` on its tenant's queue
+    /// (`<p>.turns.<tenant>.<priority>`), deduplicated by `id`.
+    async fn queue_turn(&self, sub: &DocumentSubmitted, id: &str) -> Result<(), StageError> {
+        let priority = sub.options.priority.unwrap_or_default();
+        let subject = self.ctx.names.turns(turns::tenant_key(sub.owner.as_deref()), priority.as_str());
+        publish_message(&self.ctx.js, subject, id, sub).await.map_err(StageError::publish)
     }
 
     /// A document that waits for its model before its first page: it is
@@ -664,14 +701,20 @@ fn callback_of(sub: &DocumentSubmitted) -> Option<pagestream_schemas::Callback> 
 impl Handler for Splitter {
     type Input = DocumentSubmitted;
 
+    /// One turn, pulled from its tenant's queue (see [`turns`]).
     async fn handle(&self, sub: DocumentSubmitted, delivery: &Delivery) -> Result<(), StageError> {
-        if sub.start_page.is_some() && delivery.subject == self.ctx.names.docs_submitted() {
-            let err = StageError::bad_message(
-                "start_page is set by the splitter only (on docs.split.*); a submission must leave it unset",
-            );
-            return Err(self.refuse(&sub.doc_id, Some(&sub), err).await?);
-        }
         match self.split(sub.clone()).await {
+            // The model's last replica went away mid-turn: park what is
+            // left (pages already rendered are skipped when it comes back).
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Deferred && e.code == "waiting_for_model" => {
+                let model = sub.options.model.clone().unwrap_or_else(|| self.ctx.config.default_model().to_string());
+                let sub = DocumentSubmitted {
+                    options: pagestream_schemas::SubmitOptions { model: Some(model), ..sub.options },
+                    ..sub
+                };
+                self.forget(&sub.doc_id);
+                self.park(&sub).await
+            }
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Deferred => self.defer(delivery, sub, e).await,
             other => other,
         }
@@ -709,10 +752,37 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), total))
 }
 
-/// Runs the splitter until `shutdown`.
+/// Submissions moved onto the tenants' queues at once (the move is one publish).
+const ADMISSION_CONCURRENCY: usize = 8;
+
+/// Runs the splitter until `shutdown`: admission of submissions, the
+/// tenants' turns (`splitter.concurrency` at once), the fetch pool
+/// (`splitter.fetch_concurrency`) and the parking place's watch.
 pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let spec =
-        ConsumerSpec::new(&ctx, STAGE, ctx.names.docs_stream(), "splitter".into(), ctx.config.splitter.concurrency);
+    turns::provision(&ctx).await?;
     let splitter = Arc::new(Splitter::new(ctx.clone(), shutdown.clone()).await?);
-    spec.run(&ctx, splitter, shutdown).await
+    let cfg = &ctx.config.splitter;
+    let admission = ConsumerSpec::new(&ctx, STAGE, ctx.names.docs_stream(), "splitter".into(), ADMISSION_CONCURRENCY);
+    let turns = turns::Scheduler {
+        kind: "turns",
+        stream: ctx.names.turns_stream(),
+        subject_prefix: turns::turns_prefix(&ctx.names),
+        concurrency: cfg.concurrency,
+        per_tenant: 0,
+    };
+    let fetches = turns::Scheduler {
+        kind: "fetch",
+        stream: ctx.names.fetch_stream(),
+        subject_prefix: turns::fetch_prefix(&ctx.names),
+        concurrency: cfg.fetch_concurrency,
+        per_tenant: cfg.fetches_per_tenant,
+    };
+    let unpark = tokio::spawn(park::unpark(splitter.clone(), splitter.live.clone(), shutdown.clone()));
+    let result = tokio::try_join!(
+        admission.run(&ctx, Arc::new(turns::Admission(splitter.clone())), shutdown.clone()),
+        turns.run(ctx.clone(), splitter.clone(), shutdown.clone()),
+        fetches.run(ctx.clone(), Arc::new(fetch::Fetcher(splitter.clone())), shutdown.clone()),
+    );
+    unpark.abort();
+    result.map(|_| ())
 }

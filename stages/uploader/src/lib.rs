@@ -342,7 +342,7 @@ impl Handler for Uploader {
             // `running` with nothing left to retry it.
             let info = ErrorInfo::new(
                 "manifest_unwritten",
-                format!("every page has an outcome, but the manifest could not be written: {e}"),
+                format!("every page has an outcome, but the manifest could not be written: {}", e.info().message),
             )
             .at_stage(STAGE);
             self.progress.doc(doc_id, EventState::Failed, None, Some(info)).await.map_err(StageError::publish)?;

@@ -1,0 +1,65 @@
+//! `tenants.max_pages_in_flight`: pages rendered and not yet finished
+//! (uploaded or failed), all of one tenant's documents together.
+//!
+//! Each turn of a tenant with a limit records its document on
+//! `<p>.active.<tenant>.<doc>.<page_count>` (stream `<P>_ACTIVE`, one
+//! message per subject). Before each page, the splitter lists the tenant's
+//! subjects (one stream-info request) and reads each document's counters
+//! (three key reads, as the per-document bound does); a document whose
+//! pages are all finished is purged from the list. Above the limit the turn
+//! waits, then yields, exactly as at the per-document bound. Cost: nothing
+//! for a tenant without a limit (the default).
+
+use futures::TryStreamExt as _;
+use pagestream_pipeline::consumer::StageError;
+use pagestream_schemas::EventState;
+
+use crate::Splitter;
+
+impl Splitter {
+    /// The limit of `owner`'s tenant (0: none).
+    pub(crate) fn tenant_page_limit(&self, owner: Option<&str>) -> u32 {
+        self.ctx.config.tenants.limits_for(owner).max_pages_in_flight
+    }
+
+    /// Records that `doc_id` of `tenant` has pages being split.
+    pub(crate) async fn record_active(&self, tenant: &str, doc_id: &str, page_count: u32) -> Result<(), StageError> {
+        let subject = self.ctx.names.active(tenant, doc_id, page_count);
+        let ack = self.ctx.js.publish(subject, bytes::Bytes::new()).await.map_err(StageError::publish)?;
+        ack.await.map_err(StageError::publish)?;
+        Ok(())
+    }
+
+    /// Pages of `tenant` rendered and not yet uploaded or failed.
+    pub(crate) async fn tenant_pages_in_flight(&self, tenant: &str) -> Result<u32, StageError> {
+        let names = &self.ctx.names;
+        let stream = self.ctx.js.get_stream(names.active_stream()).await.map_err(StageError::nats)?;
+        let mut info = stream.info_with_subjects(names.tenant_active(tenant)).await.map_err(StageError::nats)?;
+        let mut docs = Vec::new();
+        while let Some((subject, _)) = info.try_next().await.map_err(StageError::nats)? {
+            // <p>.active.<tenant>.<doc>.<page_count>
+            let mut rest = subject.rsplitn(3, '.');
+            let (Some(count), Some(doc)) = (rest.next(), rest.next()) else { continue };
+            let Ok(count) = count.parse::<u32>() else { continue };
+            docs.push((subject.clone(), doc.to_string(), count));
+        }
+        let counters = &self.ctx.counters;
+        let mut total = 0u32;
+        for (subject, doc, page_count) in docs {
+            let (rendered, uploaded, failed) = tokio::try_join!(
+                counters.get(&doc, EventState::Rendered),
+                counters.get(&doc, EventState::Uploaded),
+                counters.get(&doc, EventState::Failed),
+            )
+            .map_err(StageError::nats)?;
+            let done = uploaded.union_len(&failed);
+            if done >= page_count {
+                // Every page finished: the document leaves the list.
+                let _ = stream.purge().filter(subject).await;
+                continue;
+            }
+            total += rendered.len().saturating_sub(done);
+        }
+        Ok(total)
+    }
+}
