@@ -2,6 +2,7 @@
 //! free port), real moto S3 server, real pdfium and ONNX Runtime, real PDFs.
 //! Every server is started on free ports and killed on drop.
 
+pub mod ingress;
 pub mod nats_cluster;
 pub mod procs;
 

@@ -13,11 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use pagestream::client::ApiClient;
-use pagestream_e2e::procs::Cluster;
-use pagestream_e2e::{corpus, init_logging, wait_terminal, Harness};
+use pagestream_e2e::ingress::{peak_rss_mib, IngressProc};
+use pagestream_e2e::{corpus, wait_terminal, Harness};
 use pagestream_pipeline::counters::Counters;
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_pipeline::embedded::free_port;
 use pagestream_pipeline::nats::Names;
 use pagestream_pipeline::progress::Progress;
 use pagestream_results::layout::{Keys, Manifest, ManifestPage, PageResult, SourceInfo, MANIFEST_SCHEMA};
@@ -29,43 +28,16 @@ const PAGES: u32 = 2415;
 const DETECTIONS: usize = 50;
 const LABELS: [&str; 5] = ["text", "title", "figure", "table", "list"];
 
-/// Peak RSS (VmHWM) of process `pid`, in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    kb / 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coco_export_of_thousands_of_pages_streams_in_bounded_memory() {
-    init_logging();
-    let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-    let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let prefix = "coco-mem";
-    let vars: Vec<(String, String)> = vec![
-        ("PAGESTREAM_NATS_URL".into(), nats.url()),
-        ("PAGESTREAM_NATS_PREFIX".into(), prefix.into()),
-        ("PAGESTREAM_UPLOADER_DIR".into(), out.path().display().to_string()),
-        ("PAGESTREAM_LOG".into(), "info,async_nats=error".into()),
-    ];
-    let mut cluster = Cluster::new(vars, logs.path());
-    let port = free_port().unwrap();
-    cluster.procs.push(cluster.spawn("ingress", 0, Some(port)));
-    let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-        assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let api = IngressProc::start(prefix, &[]).await;
+    let (port, out) = (api.port, &api.dirs.0);
 
     // The document's history, as the stages record it, and its results,
     // as the uploader writes them.
     let id = "coco-big";
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let js = api.js.clone();
     let names = Names::new(prefix);
     let counters = Counters::open(&js, &names, 1).await.unwrap();
     let progress = Progress::new(js.clone(), names, counters, "test");
@@ -120,7 +92,7 @@ async fn a_coco_export_of_thousands_of_pages_streams_in_bounded_memory() {
     };
     std::fs::write(out.path().join(keys.manifest()), serde_json::to_vec(&manifest).unwrap()).unwrap();
 
-    let pid = cluster.procs[0].child.id();
+    let pid = api.cluster.procs[0].child.id();
     let before = peak_rss_mib(pid);
     // Read the export over a raw socket as it comes.
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use pagestream::client::{empty, full, ApiClient};
+use pagestream_e2e::ingress::IngressProc;
 use pagestream_e2e::procs::Cluster;
 use pagestream_e2e::{init_logging, Harness};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
@@ -35,68 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// One ingress process on a private NATS server.
-struct Api {
-    nats: Option<NatsServer>,
-    cluster: Cluster,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-    port: u16,
-    prefix: String,
-    js: async_nats::jetstream::Context,
-}
-
-impl Api {
-    async fn start(prefix: &str, env: &[(&str, &str)]) -> Api {
-        init_logging();
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut vars: Vec<(String, String)> = vec![
-            ("PAGESTREAM_NATS_URL".into(), nats.url()),
-            ("PAGESTREAM_NATS_PREFIX".into(), prefix.into()),
-            ("PAGESTREAM_UPLOADER_DIR".into(), out.path().display().to_string()),
-            ("PAGESTREAM_LOG".into(), "info,async_nats=error".into()),
-        ];
-        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut cluster = Cluster::new(vars, logs.path());
-        let port = free_port().unwrap();
-        cluster.procs.push(cluster.spawn("ingress", 0, Some(port)));
-        let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-            assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        Api { nats: Some(nats), cluster, _dirs: (out, logs), port, prefix: prefix.into(), js }
-    }
-
-    fn client(&self) -> ApiClient {
-        ApiClient::new(format!("http://127.0.0.1:{}", self.port))
-    }
-
-    async fn connect(&self) -> TcpStream {
-        TcpStream::connect(("127.0.0.1", self.port)).await.unwrap()
-    }
-
-    /// Peak RSS of the ingress process so far (VmHWM), in MiB.
-    fn peak_rss_mib(&self) -> u64 {
-        let pid = self.cluster.procs[0].child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap();
-        kb / 1024
-    }
-
-    /// Messages and bytes in the blob store's stream.
-    async fn store(&self) -> (u64, u64) {
-        let bucket = Names::new(&self.prefix).blob_bucket();
-        let mut stream = self.js.get_stream(format!("OBJ_{bucket}")).await.unwrap();
-        let state = stream.info().await.unwrap().state.clone();
-        (state.messages, state.bytes)
-    }
-}
+type Api = IngressProc;
 
 /// Reads one HTTP response (status line, headers, `Content-Length` body)
 /// within `within`; `None` when the server closed the connection first.

@@ -8,50 +8,27 @@
 //!
 //! Runs the ingress binary: `cargo build --bins` first.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pagestream::client::ApiClient;
-use pagestream_e2e::procs::Cluster;
-use pagestream_e2e::{init_logging, repo_root};
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_e2e::ingress::IngressProc;
+use pagestream_e2e::repo_root;
 use pagestream_pipeline::nats::Names;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// One ingress process on a private NATS server.
-struct Api {
-    _nats: NatsServer,
-    cluster: Cluster,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-    port: u16,
-    prefix: String,
-    js: async_nats::jetstream::Context,
+struct Api(IngressProc);
+
+impl std::ops::Deref for Api {
+    type Target = IngressProc;
+    fn deref(&self) -> &IngressProc {
+        &self.0
+    }
 }
 
 impl Api {
     async fn start(prefix: &str, env: &[(&str, &str)]) -> Api {
-        init_logging();
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut vars: Vec<(String, String)> = vec![
-            ("PAGESTREAM_NATS_URL".into(), nats.url()),
-            ("PAGESTREAM_NATS_PREFIX".into(), prefix.into()),
-            ("PAGESTREAM_UPLOADER_DIR".into(), out.path().display().to_string()),
-            ("PAGESTREAM_LOG".into(), "info,async_nats=error".into()),
-        ];
-        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut cluster = Cluster::new(vars, logs.path());
-        let port = free_port().unwrap();
-        cluster.procs.push(cluster.spawn("ingress", 0, Some(port)));
-        let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-            assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        Api { _nats: nats, cluster, _dirs: (out, logs), port, prefix: prefix.into(), js }
+        Api(IngressProc::start(prefix, env).await)
     }
 
     /// One request over a fresh connection, with exactly these headers:
@@ -62,7 +39,7 @@ impl Api {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let mut s = self.connect().await;
         s.write_all(head.as_bytes()).await.unwrap();
         s.write_all(body).await.unwrap();
         let mut answer = Vec::new();
@@ -89,14 +66,7 @@ impl Api {
 
     /// Messages and bytes in the blob store's stream and in the documents stream.
     async fn stored(&self) -> [(u64, u64); 2] {
-        let names = Names::new(&self.prefix);
-        let mut out = [(0, 0); 2];
-        for (i, stream) in [format!("OBJ_{}", names.blob_bucket()), names.docs_stream()].into_iter().enumerate() {
-            let mut stream = self.js.get_stream(stream).await.unwrap();
-            let state = stream.info().await.unwrap().state.clone();
-            out[i] = (state.messages, state.bytes);
-        }
-        out
+        [self.store().await, self.stream_state(Names::new(&self.prefix).docs_stream()).await]
     }
 }
 

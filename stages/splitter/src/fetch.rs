@@ -240,13 +240,7 @@ impl crate::Splitter {
         let mut delay = Duration::from_secs(1);
         let tmp = loop {
             let attempt = async {
-                let tmp = tempfile::Builder::new()
-                    .prefix("pagestream-")
-                    .suffix(".pdf")
-                    .tempfile()
-                    .map_err(transient("tempfile"))?
-                    .into_temp_path();
-                let mut file = tokio::fs::File::create(&tmp).await.map_err(transient("tempfile"))?;
+                let (tmp, mut file) = crate::temp_pdf().await?;
                 fetch_url(cfg, &self.http, url, &mut file).await?;
                 drop(file);
                 // Fetched, not uploaded: it must start like a PDF, as an upload must.

@@ -318,13 +318,7 @@ impl Splitter {
 
     /// Copies the source PDF to a temporary file; returns it with its sha256 and size.
     async fn fetch(&self, sub: &DocumentSubmitted) -> Result<(tempfile::TempPath, String, u64), StageError> {
-        let tmp = tempfile::Builder::new()
-            .prefix("pagestream-")
-            .suffix(".pdf")
-            .tempfile()
-            .map_err(transient("tempfile"))?
-            .into_temp_path();
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(transient("tempfile"))?;
+        let (tmp, mut file) = temp_pdf().await?;
         let src = &sub.source;
         if let Some(bytes) = &src.inline {
             file.write_all(bytes).await.map_err(transient("tempfile"))?;
@@ -733,6 +727,15 @@ impl Handler for Splitter {
     async fn give_up(&self, sub: DocumentSubmitted, _: &Delivery, err: &StageError) -> Result<(), StageError> {
         self.fail_document(&sub, err.info()).await
     }
+}
+
+/// A new temporary `.pdf` file (deleted with the path), open for writing.
+async fn temp_pdf() -> Result<(tempfile::TempPath, tokio::fs::File), StageError> {
+    let tmp =
+        tempfile::Builder::new().prefix("pagestream-").suffix(".pdf").tempfile().map_err(transient("tempfile"))?;
+    let tmp = tmp.into_temp_path();
+    let file = tokio::fs::File::create(&tmp).await.map_err(transient("tempfile"))?;
+    Ok((tmp, file))
 }
 
 fn sha256_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {

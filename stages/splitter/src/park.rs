@@ -21,6 +21,7 @@ use pagestream_pipeline::consumer::StageError;
 use pagestream_pipeline::registry::LiveModels;
 use pagestream_schemas::{decode, encode, DocumentSubmitted};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{model_of, Splitter, STAGE};
 
@@ -38,7 +39,15 @@ impl Splitter {
         // No Nats-Msg-Id: a document may park at the same page twice within
         // the duplicate window (its model came and went); one message per
         // subject keeps the latest.
-        let ack = self.ctx.js.publish(subject, encode(&parked).into()).await.map_err(StageError::publish)?;
+        // The document's trace goes on when it is unparked.
+        let mut headers = async_nats::HeaderMap::new();
+        pagestream_pipeline::telemetry::inject(&mut headers);
+        let ack = self
+            .ctx
+            .js
+            .publish_with_headers(subject, headers, encode(&parked).into())
+            .await
+            .map_err(StageError::publish)?;
         ack.await.map_err(StageError::publish)?;
         self.ctx.metrics.message(STAGE, "parked");
         tracing::info!(doc_id = sub.doc_id, model = model_of(sub), start, "waiting for the model: parked");
@@ -98,7 +107,10 @@ async fn unpark_once(s: &Splitter, live: &LiveModels, sweep: bool) -> Result<()>
         };
         if live_now {
             let id = format!("{}:unpark:{}", sub.doc_id, msg.sequence);
-            s.queue_turn(&sub, &id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            // A child of the span that parked it: the document stays one trace.
+            let span = tracing::info_span!("unpark", doc_id = %sub.doc_id);
+            pagestream_pipeline::telemetry::continue_from(&span, Some(&msg.headers));
+            s.queue_turn(&sub, &id).instrument(span).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             tracing::info!(doc_id = sub.doc_id, model, "the model is live: unparked");
             s.ctx.metrics.message(STAGE, "unparked");
         } else if !(s.ctx.is_cancelled(&sub.doc_id).await? || s.finished(&sub.doc_id).await?) {
