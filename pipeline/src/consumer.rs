@@ -408,13 +408,29 @@ pub async fn run<H: Handler>(
 
 /// The pause before pull number `failures + 1` after `failures` failed in a
 /// row: 100 ms doubling to 2 s.
-fn pull_backoff(failures: u32) -> Duration {
+/// Keeps `msg` alive with in-progress acks every third of `ack_wait` while
+/// a handler works; abort the task when done.
+pub fn keep_alive(msg: &jetstream::Message, ack_wait: Duration) -> tokio::task::JoinHandle<()> {
+    let msg = msg.clone();
+    let every = (ack_wait / 3).max(Duration::from_millis(500));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if msg.ack_with(AckKind::Progress).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Pause before pulling again after `failures` failed pulls in a row.
+pub fn pull_backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(2))
 }
 
 /// A warning for the first failure of a streak and every 30th after it
 /// (about once a minute at the longest pause); the others at debug level.
-fn log_pull_failure(stage: &str, failures: u32, error: &dyn std::fmt::Display) {
+pub fn log_pull_failure(stage: &str, failures: u32, error: &dyn std::fmt::Display) {
     if failures == 1 || failures.is_multiple_of(30) {
         tracing::warn!(stage, failures, error = %error, "pulling messages failed; retrying with back-off");
     } else {
@@ -475,18 +491,7 @@ async fn process<H: Handler>(
         metrics.message(spec.stage, "redelivered");
     }
     // Keep the message alive while a slow handler works.
-    let keepalive = {
-        let msg = msg.clone();
-        let every = (ack_wait / 3).max(Duration::from_millis(500));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if msg.ack_with(AckKind::Progress).await.is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let keepalive = keep_alive(&msg, ack_wait);
     let delivery = Delivery { subject: msg.subject.to_string(), delivered, stream_sequence: seq };
     // One span per message, a child of its publisher's (the trace context
     // in its headers): log lines inside carry the stage, document and page.

@@ -461,6 +461,47 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
     Ok(())
 }
 
+/// A stage's own definitions file (`nats/splitter.json`,
+/// `nats/notifier.json`): streams, and consumers with their stream.
+#[derive(serde::Deserialize)]
+struct StageDefinitions {
+    #[serde(default)]
+    streams: Vec<stream::Config>,
+    #[serde(default)]
+    consumers: Vec<StageConsumer>,
+}
+
+#[derive(serde::Deserialize)]
+struct StageConsumer {
+    stream: String,
+    config: jetstream::consumer::pull::Config,
+}
+
+/// Creates or updates the streams and consumers of a stage's own
+/// definitions (the JSON text, rendered with [`render_definitions`]), as
+/// [`provision`] does for the shared ones: races and unanswered requests
+/// on a fresh cluster are ridden out. Other keys of the file are the
+/// stage's own (e.g. per-tenant consumer templates).
+pub async fn provision_definitions(js: &jetstream::Context, names: &Names, file: &str, text: &str) -> Result<()> {
+    let defs: StageDefinitions = serde_json::from_str(text).with_context(|| format!("{file} is invalid"))?;
+    let js = &provisioning(js);
+    for cfg in defs.streams {
+        let name = cfg.name.clone();
+        retry_timeouts(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
+    }
+    for def in defs.consumers {
+        let durable = def.config.durable_name.clone().unwrap_or_default();
+        let what = format!("creating or updating consumer {durable} on {}", def.stream);
+        retry_timeouts(&what, || async {
+            let stream = js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
+            stream.create_consumer(def.config.clone()).await.with_context(|| what.clone())?;
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// Creates or updates one stream (several stages may race on it).
 async fn provision_stream(js: &jetstream::Context, names: &Names, cfg: stream::Config) -> Result<()> {
     let name = cfg.name.clone();

@@ -191,7 +191,7 @@ pub(crate) async fn run(n: Arc<Notifier>, shutdown: CancellationToken) -> Result
     tracing::info!(stream = %stream_name, consumer = CONSUMER, "delivering webhooks");
     'pull: loop {
         if failures > 0 {
-            let pause = Duration::from_millis(100u64 << failures.min(5)).min(Duration::from_secs(2));
+            let pause = pagestream_pipeline::consumer::pull_backoff(failures);
             tokio::select! {
                 _ = shutdown.cancelled() => break 'pull,
                 _ = tokio::time::sleep(pause) => {}
@@ -211,7 +211,7 @@ pub(crate) async fn run(n: Arc<Notifier>, shutdown: CancellationToken) -> Result
             Ok(b) => b,
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, failures, "pulling webhook deliveries failed");
+                pagestream_pipeline::consumer::log_pull_failure(crate::STAGE, failures, &e);
                 continue 'pull;
             }
         };
@@ -248,18 +248,7 @@ impl Notifier {
     /// Handles one delivery message and acks, naks or republishes it.
     async fn process(&self, msg: jetstream::Message, ack_wait: Duration) {
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-        let keepalive = {
-            let msg = msg.clone();
-            let every = (ack_wait / 3).max(Duration::from_millis(500));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if msg.ack_with(AckKind::Progress).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
+        let keepalive = pagestream_pipeline::consumer::keep_alive(&msg, ack_wait);
         let step = match serde_json::from_slice::<Job>(&msg.payload) {
             Ok(job) => self.step(job, delivered).await,
             Err(e) => Err(StageError::bad_message(e)),

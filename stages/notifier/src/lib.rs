@@ -199,34 +199,8 @@ impl Handler for Notifier {
 /// Creates or updates the webhooks stream and its consumer
 /// (`nats/notifier.json`; idempotent, like every stage's provisioning).
 async fn provision(ctx: &StageContext) -> Result<()> {
-    #[derive(serde::Deserialize)]
-    struct ConsumerDef {
-        stream: String,
-        config: async_nats::jetstream::consumer::pull::Config,
-    }
-    #[derive(serde::Deserialize)]
-    struct Definitions {
-        streams: Vec<async_nats::jetstream::stream::Config>,
-        consumers: Vec<ConsumerDef>,
-    }
     let text = pagestream_pipeline::nats::render_definitions(jobs::DEFINITIONS, &ctx.names, &ctx.config.nats);
-    let defs: Definitions = serde_json::from_str(&text).context("nats/notifier.json is invalid")?;
-    for stream in defs.streams {
-        let name = stream.name.clone();
-        if let Err(e) = ctx.js.create_or_update_stream(stream.clone()).await {
-            // Another replica may have created it at the same moment.
-            if ctx.js.get_stream(&name).await.is_err() {
-                return Err(e).with_context(|| format!("creating or updating stream {name}"));
-            }
-            ctx.js.create_or_update_stream(stream).await.with_context(|| format!("updating stream {name}"))?;
-        }
-    }
-    for def in defs.consumers {
-        let stream = ctx.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
-        let durable = def.config.durable_name.clone().unwrap_or_default();
-        stream.create_consumer(def.config).await.with_context(|| format!("consumer {durable} on {}", def.stream))?;
-    }
-    Ok(())
+    pagestream_pipeline::nats::provision_definitions(&ctx.js, &ctx.names, "nats/notifier.json", &text).await
 }
 
 /// Runs the notifier until `shutdown`. Without `notifier.secret` webhooks
