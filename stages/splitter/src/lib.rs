@@ -97,6 +97,11 @@ pub struct Splitter {
     shutdown: CancellationToken,
     /// Fetches documents by `http(s)://` reference.
     http: fetch::HttpClient,
+    /// Wakes this process's idle turn scheduler when it queues a turn
+    /// (other replicas find it by polling).
+    pub(crate) turn_queued: Arc<tokio::sync::Notify>,
+    /// The same for the fetch pool.
+    pub(crate) fetch_queued: Arc<tokio::sync::Notify>,
 }
 
 impl Splitter {
@@ -118,7 +123,18 @@ impl Splitter {
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
         ctx.health.set_ready(STAGE, true);
         let http = fetch::http_client(&ctx.config.splitter);
-        Ok(Splitter { ctx, blobs, renderer, progress, fetched: Mutex::default(), live, shutdown, http })
+        Ok(Splitter {
+            ctx,
+            blobs,
+            renderer,
+            progress,
+            fetched: Mutex::default(),
+            live,
+            shutdown,
+            http,
+            turn_queued: Arc::default(),
+            fetch_queued: Arc::default(),
+        })
     }
 
     /// The document's source, fetched once for all its turns.
@@ -500,6 +516,7 @@ impl Splitter {
             publish_message(&self.ctx.js, subject, &format!("{doc_id}:fetch"), &sub)
                 .await
                 .map_err(StageError::publish)?;
+            self.fetch_queued.notify_one();
             tracing::debug!(doc_id, "queued for the fetch pool");
             return Ok(());
         }
@@ -665,7 +682,9 @@ impl Splitter {
     async fn queue_turn(&self, sub: &DocumentSubmitted, id: &str) -> Result<(), StageError> {
         let priority = sub.options.priority.unwrap_or_default();
         let subject = self.ctx.names.turns(turns::tenant_key(sub.owner.as_deref()), priority.as_str());
-        publish_message(&self.ctx.js, subject, id, sub).await.map_err(StageError::publish)
+        publish_message(&self.ctx.js, subject, id, sub).await.map_err(StageError::publish)?;
+        self.turn_queued.notify_one();
+        Ok(())
     }
 
     /// A document that waits for its model before its first page: it is
@@ -772,6 +791,7 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         subject_prefix: turns::turns_prefix(&ctx.names),
         concurrency: cfg.concurrency,
         per_tenant: 0,
+        wake: splitter.turn_queued.clone(),
     };
     let fetches = turns::Scheduler {
         kind: "fetch",
@@ -779,6 +799,7 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         subject_prefix: turns::fetch_prefix(&ctx.names),
         concurrency: cfg.fetch_concurrency,
         per_tenant: cfg.fetches_per_tenant,
+        wake: splitter.fetch_queued.clone(),
     };
     let unpark = tokio::spawn(park::unpark(splitter.clone(), splitter.live.clone(), shutdown.clone()));
     let result = tokio::try_join!(

@@ -56,14 +56,13 @@ fn owner_of(tenant: &str) -> Option<&str> {
 
 #[derive(Deserialize)]
 struct ConsumerDef {
-    stream: String,
     config: jetstream::consumer::pull::Config,
 }
 
+/// The per-tenant consumer templates of `nats/splitter.json` (its streams
+/// are provisioned by [`provision`]).
 #[derive(Deserialize)]
 struct Definitions {
-    streams: Vec<jetstream::stream::Config>,
-    consumers: Vec<ConsumerDef>,
     tenant_consumers: BTreeMap<String, ConsumerDef>,
 }
 
@@ -76,22 +75,8 @@ fn definitions(ctx: &StageContext, tenant: &str) -> Result<Definitions> {
 /// documents) from `nats/splitter.json` (idempotent, like every stage's
 /// provisioning).
 pub async fn provision(ctx: &StageContext) -> Result<()> {
-    let defs = definitions(ctx, "")?;
-    for cfg in defs.streams {
-        let name = cfg.name.clone();
-        if let Err(e) = ctx.js.create_or_update_stream(cfg.clone()).await {
-            // Lost a creation race with another replica: update what it made.
-            if ctx.js.get_stream(&name).await.is_err() {
-                return Err(e).with_context(|| format!("creating or updating stream {name}"));
-            }
-            ctx.js.create_or_update_stream(cfg).await.with_context(|| format!("updating stream {name}"))?;
-        }
-    }
-    for def in defs.consumers {
-        let stream = ctx.js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
-        stream.create_consumer(def.config).await.with_context(|| format!("consumer on {}", def.stream))?;
-    }
-    Ok(())
+    let text = render_definitions(DEFINITIONS, &ctx.names, &ctx.config.nats);
+    pagestream_pipeline::nats::provision_definitions(&ctx.js, &ctx.names, "nats/splitter.json", &text).await
 }
 
 /// Stride scheduling between tenants with work waiting.
@@ -142,6 +127,9 @@ pub struct Scheduler {
     pub concurrency: usize,
     /// Messages of one tenant handled at once by this process (0: no cap).
     pub per_tenant: usize,
+    /// Signalled when this process queues work here: an idle loop looks at
+    /// once instead of at its next poll (up to 250 ms later).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl Scheduler {
@@ -196,9 +184,8 @@ impl Scheduler {
                 Ok(None) => {}
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures.is_multiple_of(30) {
-                        tracing::warn!(stage = STAGE, kind = self.kind, failures, error = %format!("{e:#}"), "reading the tenant queues failed; retrying");
-                    }
+                    let error = format!("{} queues: {e:#}", self.kind);
+                    pagestream_pipeline::consumer::log_pull_failure(STAGE, failures, &error);
                     idle = Duration::from_secs(1);
                 }
             }
@@ -207,6 +194,9 @@ impl Scheduler {
                 _ = shutdown.cancelled() => break,
                 // A message handled here frees a permit: look again at once.
                 _ = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = self.wake.notified() => {
+                    idle = Duration::from_millis(10);
+                }
                 _ = tokio::time::sleep(idle) => {}
             }
             idle = (idle * 2).min(Duration::from_millis(250));
