@@ -15,7 +15,13 @@ scripts/check-deploy; no container engine, Nomad or Kubernetes needed).
 - Grafana (deploy/grafana/pagestream.json): every query uses only metric
   names the code registers (with the exposition's _total / _bucket / _sum
   / _count suffixes).
-- README: documents every metric the code registers, and no other.
+- Documentation: the metrics table of docs/operations.md lists every
+  metric the code registers, with its type and labels, and no other; no
+  document (README.md, ARCHITECTURE.md, SECURITY.md, docs/*.md) names a
+  metric the code does not register.
+- Links: every relative markdown link in README.md, ARCHITECTURE.md,
+  SECURITY.md, BENCHMARKS.md and docs/*.md names a file that exists and,
+  with #anchor, a heading of that file (GitHub's anchor rules).
 
 Usage: check.py MERGED_SINGLE.yml MERGED_CLUSTER.yml   (docker-compose
 config output), or check.py --self-test ... to also prove that
@@ -37,13 +43,20 @@ STAGES = ["ingress", "splitter", "inferencer", "uploader"]
 OPTIONAL = ["notifier"]
 WORKERS = ["splitter", "inferencer", "uploader", "notifier"]
 PREFIX = "pagestream"
+CONFIG_DOC = "docs/configuration.md"
+METRICS_DOC = "docs/operations.md"
+# Documents whose relative links must resolve; their metric names are checked too
+# (BENCHMARKS.md only for links: it records measurements of past builds).
+LINKED_DOCS = ["README.md", "ARCHITECTURE.md", "SECURITY.md", "BENCHMARKS.md"]
+METRIC_DOCS = ["README.md", "ARCHITECTURE.md", "SECURITY.md"]
 
 
 def known_settings():
-    """PAGESTREAM_* names the configuration accepts: the README table (kept
-    equal to the code by pipeline/tests/readme_config.rs) and the reserved
-    names of pipeline/src/config.rs."""
-    names = set(re.findall(r"^\| `(PAGESTREAM_[A-Z0-9_]+)` \|", (ROOT / "README.md").read_text(), re.M))
+    """PAGESTREAM_* names the configuration accepts: the table of
+    docs/configuration.md (kept equal to the code by
+    pipeline/tests/docs_config.rs) and the reserved names of
+    pipeline/src/config.rs."""
+    names = set(re.findall(r"^\| `(PAGESTREAM_[A-Z0-9_]+)` \|", (ROOT / CONFIG_DOC).read_text(), re.M))
     src = (ROOT / "pipeline/src/config.rs").read_text()
     reserved = re.search(r"const RESERVED_ENV: &\[&str\] = &\[(.*?)\];", src, re.S).group(1)
     names |= set(re.findall(r'"(PAGESTREAM_[A-Z0-9_]+)"', reserved))
@@ -207,19 +220,91 @@ def check_grafana(dash, metrics, errors):
             errors.append(f"grafana: no panel shows {m}")
 
 
-def check_readme_metrics(readme, metrics, errors):
-    # The metrics table: | `name` | type | `label`, … | meaning |
+def check_metrics_docs(docs, metrics, errors):
+    # The metrics table of METRICS_DOC: | `name` | type | `label`, … | meaning |
     rows = {}
-    for name, kind, labels in re.findall(r"^\| `(pagestream_[a-z_]+)` \| (counter|gauge|histogram) \| ([^|]*) \|", readme, re.M):
+    for name, kind, labels in re.findall(r"^\| `(pagestream_[a-z_]+)` \| (counter|gauge|histogram) \| ([^|]*) \|",
+                                         docs[METRICS_DOC], re.M):
         rows[name] = (kind, re.findall(r"`([a-z_]+)`", labels))
     for m, (kind, labels) in sorted(metrics.items()):
         if m not in rows:
-            errors.append(f"README: metric {m} is registered by the code but not in the metrics table")
+            errors.append(f"{METRICS_DOC}: metric {m} is registered by the code but not in the metrics table")
         elif rows[m] != (kind, labels):
-            errors.append(f"README: metrics table row of {m} says {rows[m]}, the code registers {(kind, labels)}")
-    for m in set(re.findall(r"`(pagestream_[a-z_]+)", readme)):
-        if m not in metrics and metric_base(m) not in metrics and not m.startswith("pagestream_e2e"):
-            errors.append(f"README: documents metric {m}, which the code does not register")
+            errors.append(f"{METRICS_DOC}: metrics table row of {m} says {rows[m]}, the code registers {(kind, labels)}")
+    for path, text in sorted(docs.items()):
+        if path not in METRIC_DOCS and not path.startswith("docs/"):
+            continue
+        for m in sorted(set(re.findall(r"`(pagestream_[a-z_]+)", text))):
+            if m not in metrics and metric_base(m) not in metrics and not m.startswith("pagestream_e2e"):
+                errors.append(f"{path}: documents metric {m}, which the code does not register")
+
+
+def strip_code(text):
+    """The text without fenced code blocks and with inline code spans kept as
+    plain words (so `[x](y)` in code is no link, but [`x`](y) still is)."""
+    out, fence = [], None
+    for line in text.split("\n"):
+        m = re.match(r"^\s*(```+|~~~+)", line)
+        if m:
+            if fence is None:
+                fence = m.group(1)[:3]
+            elif line.strip().startswith(fence):
+                fence = None
+            out.append("")
+            continue
+        out.append("" if fence else re.sub(r"`+([^`]*)`+", lambda c: c.group(1).replace("[", "(").replace("]", ")"), line))
+    return "\n".join(out)
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: links and code marks dropped, lower
+    case, punctuation but - and _ removed, spaces turned into -."""
+    h = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").strip().lower()
+    return re.sub(r"[^\w\- ]", "", h).replace(" ", "-")
+
+
+def anchors(text):
+    """Every heading's anchor in a markdown text (repeats get -1, -2, …)."""
+    seen, out = {}, set()
+    for line in strip_code(text).split("\n"):
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        base = slug(m.group(1))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def check_links(docs, errors):
+    """Relative links [text](path#anchor) of each document name an existing
+    file and, for a markdown file, one of its headings."""
+    for path, text in sorted(docs.items()):
+        base = (ROOT / path).parent
+        for target in re.findall(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", strip_code(text)):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+                continue  # https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = (base / file).resolve() if file else (ROOT / path).resolve()
+            try:
+                rel = dest.relative_to(ROOT).as_posix()
+            except ValueError:
+                errors.append(f"{path}: link {target} leaves the repository")
+                continue
+            if not dest.exists():
+                errors.append(f"{path}: link {target} names {rel}, which does not exist")
+                continue
+            if anchor and dest.suffix == ".md":
+                body = docs[rel] if rel in docs else dest.read_text()
+                if anchor.lower() not in anchors(body):
+                    errors.append(f"{path}: link {target}: {rel} has no heading with the anchor #{anchor}")
+
+
+def read_docs():
+    """path (relative to the repository) -> text of every document checked."""
+    paths = LINKED_DOCS + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    return {p: (ROOT / p).read_text() for p in paths}
 
 
 def check_keda(docs, schema, queues, errors, metrics=None):
@@ -279,7 +364,7 @@ def check_keda(docs, schema, queues, errors, metrics=None):
         errors.append("keda: no ScaledObject for an inferencer model consumer")
 
 
-def run(single, cluster, nomad, keda_docs, dash, readme):
+def run(single, cluster, nomad, keda_docs, dash, docs):
     known, metrics, queues = known_settings(), registered_metrics(), code_queues()
     schema = json.loads((ROOT / "deploy/k8s/schema/scaledobject-v1alpha1.json").read_text())
     errors = []
@@ -288,7 +373,8 @@ def run(single, cluster, nomad, keda_docs, dash, readme):
     check_nomad(nomad, known, metrics, errors)
     check_keda(keda_docs, schema, queues, errors)
     check_grafana(dash, metrics, errors)
-    check_readme_metrics(readme, metrics, errors)
+    check_metrics_docs(docs, metrics, errors)
+    check_links(docs, errors)
     return errors
 
 
@@ -303,8 +389,8 @@ def main():
     for f in sorted((ROOT / "deploy/k8s").glob("*.yaml")):
         keda_docs += list(yaml.safe_load_all(f.read_text()))
     dash = json.loads((ROOT / "deploy/grafana/pagestream.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    errors = run(single, cluster, nomad, keda_docs, dash, readme)
+    docs = read_docs()
+    errors = run(single, cluster, nomad, keda_docs, dash, docs)
     for e in errors:
         print(f"check-deploy: {e}", file=sys.stderr)
     if errors:
@@ -327,21 +413,30 @@ def main():
         bad_keda[1]["spec"]["minReplicaCount"] = "one"
         bad_dash = copy.deepcopy(dash)
         bad_dash["panels"][0]["targets"][0]["expr"] = "rate(pagestream_pagez_total[1m])"
-        bad_readme = readme.replace("pagestream_queue_redelivered", "pagestream_queue_redeliverd").replace(
+        bad_docs = dict(docs)
+        bad_docs[METRICS_DOC] = docs[METRICS_DOC].replace("pagestream_queue_redelivered", "pagestream_queue_redeliverd").replace(
             "| `pagestream_sse_clients` | gauge |", "| `pagestream_sse_clients` | counter |")
+        bad_docs["README.md"] = docs["README.md"] + (
+            "\n[gone](docs/no-such-file.md) [moved](docs/operations.md#no-such-heading) [here](#no-such-anchor)"
+            " `[not a link](nowhere.md)`\n```\n[in a code block](nowhere-either.md)\n```\n")
         bad_dash["panels"] = [p for p in bad_dash["panels"] if "pagestream_model_info" not in json.dumps(p)]
-        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_readme)
+        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_docs)
         wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3", "group inferencer has no http check",
                  "expected one per stage ['inferencer', 'ingress', 'notifier'",
                  "pagestream_queue_pending has no label tenant", "uploader_typo", "minReplicaCount", "pagestream_pagez_total",
                  "metric pagestream_queue_redelivered is registered", "documents metric pagestream_queue_redeliverd",
-                 "row of pagestream_sse_clients says ('counter', [])", "no panel shows pagestream_model_info"]
+                 "row of pagestream_sse_clients says ('counter', [])", "no panel shows pagestream_model_info",
+                 "link docs/no-such-file.md names docs/no-such-file.md, which does not exist",
+                 "docs/operations.md has no heading with the anchor #no-such-heading",
+                 "README.md has no heading with the anchor #no-such-anchor"]
         missed = [w for w in wants if not any(w in e for e in found)]
+        missed += [f"(wrongly) {w}" for w in ["nowhere.md", "nowhere-either.md"] if any(w in e for e in found)]
         if missed:
             print(f"check-deploy: self-test: mistakes not caught: {missed} (found: {found})", file=sys.stderr)
             sys.exit(1)
     print(f"[check-deploy] compose (single, cluster), Nomad, {sum(1 for d in keda_docs if d)} KEDA objects and the "
-          f"Grafana dashboard OK; README documents every metric", file=sys.stderr)
+          f"Grafana dashboard OK; {METRICS_DOC} documents every metric; links in {len(docs)} documents resolve",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

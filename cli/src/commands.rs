@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use pagestream::client::{is_terminal, Answer, ApiClient};
 use pagestream_pipeline::progress::DocState;
-use pagestream_schemas::Priority;
+use pagestream_schemas::{Priority, SubmitOptions, SubmitRequest};
 use serde_json::Value;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -86,6 +86,24 @@ pub struct SubmitArgs {
     pub idempotency_key: Option<String>,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+impl SubmitArgs {
+    /// The submission the flags describe, typed as clap parsed them (the
+    /// title goes apart: an upload's defaults to its file name).
+    pub fn request(&self) -> SubmitRequest {
+        SubmitRequest {
+            title: None,
+            filename: None,
+            options: SubmitOptions {
+                dpi: self.dpi,
+                model: self.model.clone(),
+                priority: self.priority,
+                wait_for_model: self.wait_for_model.then_some(true),
+                ..SubmitOptions::default()
+            },
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -576,19 +594,11 @@ fn split_url(url: &str) -> Option<(String, String)> {
 
 async fn submit_files(a: &SubmitArgs) -> Result<i32> {
     let client = a.api.client()?;
-    let mut options: Vec<(&str, String)> = Vec::new();
-    if let Some(dpi) = a.dpi {
-        options.push(("dpi", dpi.to_string()));
-    }
-    if let Some(m) = &a.model {
-        options.push(("model", m.clone()));
-    }
-    if let Some(p) = a.priority {
-        options.push(("priority", p.as_str().to_string()));
-    }
-    if a.wait_for_model {
-        options.push(("wait_for_model", "true".into()));
-    }
+    let request = a.request();
+    // Sent as the API reads them back: query parameters for an upload, a
+    // JSON object (typed values) for a document by reference.
+    let options = request.option_fields();
+    let json_options = serde_json::to_value(&request.options).context("encoding the options")?;
     let mut docs = Vec::new();
     let mut rejected = 0;
     for path in &a.files {
@@ -605,11 +615,7 @@ async fn submit_files(a: &SubmitArgs) -> Result<i32> {
             continue;
         }
         let ans = if by_reference {
-            let mut opts = serde_json::Map::new();
-            for (k, v) in &options {
-                opts.insert(k.to_string(), Value::String(v.clone()));
-            }
-            let body = serde_json::json!({"url": shown, "title": a.title, "options": opts});
+            let body = serde_json::json!({"url": shown, "title": a.title, "options": json_options});
             client.post_json("/v1/documents", &body, a.idempotency_key.as_deref()).await?
         } else {
             client.submit_file_with(path, a.title.as_deref(), &options, a.idempotency_key.as_deref()).await?
@@ -775,6 +781,33 @@ mod tests {
         );
         assert_eq!(split_url("https://h:8443?x=1"), Some(("https://h:8443".into(), "/?x=1".into())));
         assert_eq!(split_url("ftp://h/x"), None);
+    }
+
+    #[test]
+    fn submit_flags_reach_the_api_as_one_typed_request() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            submit: SubmitArgs,
+        }
+        let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from(args).map(|c| c.submit);
+        let a = parse(&["x", "--dpi", "150", "--model", "yolo_v8", "--priority", "low", "--wait-for-model", "a.pdf"])
+            .unwrap();
+        let request = a.request();
+        assert_eq!(request.options.priority, Some(Priority::Low));
+        assert_eq!(request.options.dpi, Some(150.0));
+        // The API reads back what the CLI sends, as query fields or JSON.
+        let mut back = SubmitRequest::default();
+        back.set_all(request.option_fields()).unwrap();
+        assert_eq!(back, request);
+        let json = serde_json::to_value(&request.options).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"dpi": 150.0, "model": "yolo_v8", "priority": "low", "wait_for_model": true})
+        );
+        // No flags: no options.
+        assert_eq!(parse(&["x", "a.pdf"]).unwrap().request(), SubmitRequest::default());
+        assert!(parse(&["x", "--priority", "urgent", "a.pdf"]).is_err());
     }
 }
 

@@ -6,8 +6,10 @@
 
 pub mod client;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
@@ -15,10 +17,71 @@ use pagestream_pipeline::embedded::NatsServer;
 use pagestream_pipeline::health::Health;
 use pagestream_pipeline::metrics::Metrics;
 use pagestream_pipeline::{Config, StageContext};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// All four stages running in this process.
+/// One stage of the all-in-one mode.
+struct Stage {
+    name: &'static str,
+    /// Whether this configuration runs it.
+    enabled: fn(&Config) -> bool,
+    /// Whether the pipeline is ready only once this stage is (every stage
+    /// counts from the start, not only once it has begun loading: a stage
+    /// still connecting to S3 is not ready).
+    readiness: bool,
+    /// Its `run`: the shared context, the API listener (bound before any
+    /// stage starts, so that its address is known; taken by the ingress)
+    /// and the shutdown token.
+    run: fn(StageContext, &mut Option<TcpListener>, CancellationToken) -> StageFuture,
+}
+
+type StageFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+fn always(_: &Config) -> bool {
+    true
+}
+
+/// Every stage, in the order they start: the ingress accepts uploads only
+/// once the others run, and the notifier runs when the deployment signs
+/// webhooks.
+const STAGES: [Stage; 5] = [
+    Stage {
+        name: pagestream_splitter::STAGE,
+        enabled: always,
+        readiness: true,
+        run: |c, _, s| Box::pin(pagestream_splitter::run(c, s)),
+    },
+    Stage {
+        name: pagestream_inferencer::STAGE,
+        enabled: always,
+        readiness: true,
+        run: |c, _, s| Box::pin(pagestream_inferencer::run(c, s)),
+    },
+    Stage {
+        name: pagestream_uploader::STAGE,
+        enabled: always,
+        readiness: true,
+        run: |c, _, s| Box::pin(pagestream_uploader::run(c, s)),
+    },
+    Stage {
+        name: pagestream_ingress::STAGE,
+        enabled: always,
+        readiness: true,
+        run: |c, listener, s| {
+            let listener = listener.take().expect("the API listener is bound once, for the ingress");
+            Box::pin(pagestream_ingress::serve(c, listener, s))
+        },
+    },
+    Stage {
+        name: pagestream_notifier::STAGE,
+        enabled: |c| !c.notifier.secret.is_empty(),
+        readiness: false,
+        run: |c, _, s| Box::pin(pagestream_notifier::run(c, s)),
+    },
+];
+
+/// Every stage ([`STAGES`]) running in this process.
 #[derive(Debug)]
 pub struct LocalPipeline {
     pub ingress_addr: SocketAddr,
@@ -64,36 +127,23 @@ impl LocalPipeline {
         };
         let metrics = Arc::new(Metrics::new());
         let health = Health::new(metrics.clone());
-        // Every stage counts for readiness from the start, not only once it
-        // has begun loading (a stage still connecting to S3 is not ready).
-        for stage in [
-            pagestream_ingress::STAGE,
-            pagestream_splitter::STAGE,
-            pagestream_inferencer::STAGE,
-            pagestream_uploader::STAGE,
-        ] {
-            health.register(stage);
+        let stages: Vec<&Stage> = STAGES.iter().filter(|stage| (stage.enabled)(&config)).collect();
+        for stage in stages.iter().filter(|stage| stage.readiness) {
+            health.register(stage.name);
         }
         let ctx = StageContext::connect(config, "pagestream-local", metrics, health).await?;
         let shutdown = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind(&ctx.config.ingress.addr).await.with_context(|| {
+        let listener = TcpListener::bind(&ctx.config.ingress.addr).await.with_context(|| {
             format!("ingress: cannot listen on {} (set PAGESTREAM_INGRESS_ADDR)", ctx.config.ingress.addr)
         })?;
         let ingress_addr = listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
-        let (c, s) = (ctx.clone(), shutdown.clone());
-        tasks.spawn(async move { ("splitter", pagestream_splitter::run(c, s).await) });
-        let (c, s) = (ctx.clone(), shutdown.clone());
-        tasks.spawn(async move { ("inferencer", pagestream_inferencer::run(c, s).await) });
-        let (c, s) = (ctx.clone(), shutdown.clone());
-        tasks.spawn(async move { ("uploader", pagestream_uploader::run(c, s).await) });
-        let (c, s) = (ctx.clone(), shutdown.clone());
-        tasks.spawn(async move { ("ingress", pagestream_ingress::serve(c, listener, s).await) });
-        // Webhooks, when the deployment signs them.
-        if !ctx.config.notifier.secret.is_empty() {
-            let (c, s) = (ctx.clone(), shutdown.clone());
-            tasks.spawn(async move { ("notifier", pagestream_notifier::run(c, s).await) });
+        let mut listener = Some(listener);
+        for stage in stages {
+            let run = (stage.run)(ctx.clone(), &mut listener, shutdown.clone());
+            let name = stage.name;
+            tasks.spawn(async move { (name, run.await) });
         }
 
         let mut pipeline = LocalPipeline { ingress_addr, ctx, shutdown, nats, tasks };
@@ -165,5 +215,24 @@ impl LocalPipeline {
         }
         drop(self.nats.take());
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_runs_each_stage_once_and_the_notifier_when_webhooks_are_signed() {
+        let names: Vec<&str> = STAGES.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["splitter", "inferencer", "uploader", "ingress", "notifier"]);
+        let enabled =
+            |config: &Config| -> Vec<&str> { STAGES.iter().filter(|s| (s.enabled)(config)).map(|s| s.name).collect() };
+        let mut config = Config::default();
+        assert_eq!(enabled(&config), ["splitter", "inferencer", "uploader", "ingress"]);
+        config.notifier.secret = "whsec_c2VjcmV0".into();
+        assert_eq!(enabled(&config), names);
+        let ready: Vec<&str> = STAGES.iter().filter(|s| s.readiness).map(|s| s.name).collect();
+        assert_eq!(ready, ["splitter", "inferencer", "uploader", "ingress"], "the notifier reports no readiness");
     }
 }

@@ -29,7 +29,7 @@ use pagestream_pipeline::util::init_tracing;
 #[derive(Parser, Debug)]
 #[command(name = "pagestream", version)]
 #[command(after_help = "Settings of `run` and `demo`: defaults, then --config FILE (or PAGESTREAM_CONFIG), then \
-    PAGESTREAM_<SECTION>_<KEY> variables (README, Configuration). Logs: PAGESTREAM_LOG (filter), \
+    PAGESTREAM_<SECTION>_<KEY> variables (docs/configuration.md). Logs: PAGESTREAM_LOG (filter), \
     PAGESTREAM_LOG_FORMAT=json.")]
 struct Cli {
     #[command(subcommand)]

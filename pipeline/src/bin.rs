@@ -22,7 +22,7 @@ pub fn config_path_from_args(usage: &str) -> Option<PathBuf> {
         match a.as_str() {
             "-c" | "--config" => path = args.next().map(PathBuf::from),
             "-h" | "--help" => {
-                println!("{usage}\n\nOptions:\n  -c, --config FILE   TOML config file (also PAGESTREAM_CONFIG)\n\nEvery setting can be set as PAGESTREAM_<SECTION>_<KEY>; see the README's configuration table.");
+                println!("{usage}\n\nOptions:\n  -c, --config FILE   TOML config file (also PAGESTREAM_CONFIG)\n\nEvery setting can be set as PAGESTREAM_<SECTION>_<KEY>; see docs/configuration.md.");
                 std::process::exit(0);
             }
             other => {

@@ -4,7 +4,7 @@
 
 use pagestream_schemas::ImageRef;
 
-use crate::consumer::StageError;
+use crate::error::StageError;
 use async_nats::jetstream::object_store::ObjectStore;
 use tokio::io::{AsyncRead, AsyncWrite};
 

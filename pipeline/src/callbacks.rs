@@ -8,6 +8,8 @@
 //! - `<doc>.pages_seen`: pages whose page event the notifier read and scheduled;
 //! - `<doc>.pages_lost`: pages with an outcome whose page event the notifier
 //!   never read (evicted from the events stream first): recorded as failed too;
+//! - `<doc>.scheduled`: the terminal event's delivery is scheduled (by the
+//!   events consumer, or by the sweep for an event evicted unread);
 //! - `<doc>.document`: the terminal event's delivery ([`CallbackRecord`]).
 
 use std::net::IpAddr;
@@ -89,6 +91,25 @@ impl CallbackStore {
 
     pub async fn pages_lost(&self, doc_id: &str) -> Result<PageSet> {
         self.sets.get_key(&format!("{doc_id}.pages_lost")).await
+    }
+
+    /// The document's terminal webhook is scheduled (on the webhooks stream).
+    pub async fn document_scheduled(&self, doc_id: &str) -> Result<()> {
+        let key = format!("{doc_id}.scheduled");
+        self.sets
+            .store()
+            .put(&key, Bytes::from_static(b"1"))
+            .await
+            .map_err(|e| anyhow::anyhow!("writing {key}: {e}"))?;
+        Ok(())
+    }
+
+    pub async fn is_document_scheduled(&self, doc_id: &str) -> Result<bool> {
+        let key = format!("{doc_id}.scheduled");
+        match self.sets.store().get(&key).await {
+            Ok(v) => Ok(v.is_some()),
+            Err(e) => Err(anyhow::anyhow!("reading {key}: {e}")),
+        }
     }
 
     pub async fn record(&self, doc_id: &str) -> Result<Option<CallbackRecord>> {

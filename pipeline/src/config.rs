@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
+use crate::util::list;
+
 /// Exit code for invalid configuration (EX_USAGE).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -204,22 +206,6 @@ pub struct IngressConfig {
     /// on any other address, any host. Defends against DNS rebinding.
     #[serde(deserialize_with = "list")]
     pub allowed_hosts: Vec<String>,
-}
-
-/// A list setting: a TOML array of strings, or one comma-separated string
-/// (what an environment variable holds); blank entries are dropped.
-pub(crate) fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        One(String),
-        Many(Vec<String>),
-    }
-    let items = match Raw::deserialize(d)? {
-        Raw::One(s) => s.split(',').map(str::to_string).collect(),
-        Raw::Many(v) => v,
-    };
-    Ok(items.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect())
 }
 
 /// Parses one of a setting's choices (e.g. [`Device`]) from its name, as

@@ -248,7 +248,7 @@ impl Counters {
                 // The bucket's stream has no leader for a moment (a cluster
                 // node restarts): ride it out here, like `publish_durable`,
                 // rather than use up the message's deliveries.
-                Err(e) if started.elapsed() + outage_delay <= crate::progress::OUTAGE_RIDE => {
+                Err(e) if started.elapsed() + outage_delay <= crate::nats::OUTAGE_RIDE => {
                     tracing::debug!(key, error = %e, delay = ?outage_delay, "counter unavailable; trying again");
                     tokio::time::sleep(outage_delay).await;
                     outage_delay = (outage_delay * 2).min(Duration::from_secs(2));

@@ -49,7 +49,7 @@ const fn def(name: &'static str, kind: Kind, labels: &'static [&'static str], he
 
 use Kind::{Counter, Gauge, Histogram};
 
-/// Every metric pagestream records: the README's metrics table and the
+/// Every metric pagestream records: docs/operations.md's metrics table and the
 /// Grafana dashboard are checked against this list (`scripts/check-deploy`).
 pub const CATALOG: &[Def] = &[
     def("pagestream_messages_total", Counter, &["stage", "outcome"], "Messages handled, by stage and outcome"),
@@ -159,6 +159,12 @@ pub const CATALOG: &[Def] = &[
         Counter,
         &[],
         "Page events with an outcome that the notifier never read (evicted from the events stream first): recorded as lost and failed, with a dead letter",
+    ),
+    def(
+        "pagestream_webhook_events_recovered_total",
+        Counter,
+        &[],
+        "Terminal document events evicted from the events stream before the notifier read them, whose webhook the sweep scheduled from the durable record",
     ),
 ];
 

@@ -1,20 +1,28 @@
-//! NATS connection, subject and stream names, and idempotent provisioning of
-//! the streams, consumers and blob bucket described by the data files in
-//! `nats/` (JetStream's own JSON format, with `{prefix}`, `{PREFIX}` and
-//! `{max_deliver}` placeholders).
+//! NATS connection, subject and stream names, and the tools of idempotent
+//! provisioning: definitions from the data files in `nats/` (JetStream's
+//! own JSON format, with `{prefix}`, `{PREFIX}` and `{max_deliver}`
+//! placeholders) created or updated through races and unanswered requests,
+//! key-value and object store buckets. What a pipeline provisions at
+//! start-up with them is [`crate::provision`]'s.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, consumer, object_store, stream};
+use futures::TryStreamExt;
 use pagestream_schemas::EventState;
 use serde::Deserialize;
 
 use crate::config::NatsConfig;
 
-const STREAMS_JSON: &str = include_str!("../../nats/streams.json");
-const CONSUMERS_JSON: &str = include_str!("../../nats/consumers.json");
 const MODEL_CONSUMER_JSON: &str = include_str!("../../nats/model_consumer.json");
+
+/// How long a write keeps trying through a JetStream outage (a leader
+/// election takes a few seconds) before the caller sees the error:
+/// [`publish_durable`](crate::progress::publish_durable) and the page
+/// counters ([`crate::counters`]).
+pub const OUTAGE_RIDE: Duration = Duration::from_secs(20);
 
 /// Every subject, stream, consumer and bucket name, derived from the prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,7 +333,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<jetstream::Context>
     Ok(jetstream::new(client))
 }
 
-fn render_template(text: &str, names: &Names, cfg: &NatsConfig) -> String {
+pub(crate) fn render_template(text: &str, names: &Names, cfg: &NatsConfig) -> String {
     render_model_template(text, names, cfg, "")
 }
 
@@ -342,22 +350,11 @@ fn render_model_template(text: &str, names: &Names, cfg: &NatsConfig, model: &st
         .replace("{model}", model)
 }
 
-/// The stream definitions of `nats/streams.json` for this prefix.
-pub fn stream_configs(names: &Names, cfg: &NatsConfig) -> Result<Vec<stream::Config>> {
-    serde_json::from_str(&render_template(STREAMS_JSON, names, cfg)).context("nats/streams.json is invalid")
-}
-
+/// One consumer of a data file, with its stream.
 #[derive(Deserialize)]
-struct ConsumerDef {
-    stream: String,
-    config: consumer::pull::Config,
-}
-
-/// `(stream, consumer config)` pairs of `nats/consumers.json`.
-pub fn consumer_configs(names: &Names, cfg: &NatsConfig) -> Result<Vec<(String, consumer::pull::Config)>> {
-    let defs: Vec<ConsumerDef> =
-        serde_json::from_str(&render_template(CONSUMERS_JSON, names, cfg)).context("nats/consumers.json is invalid")?;
-    Ok(defs.into_iter().map(|d| (d.stream, d.config)).collect())
+pub(crate) struct ConsumerDef {
+    pub(crate) stream: String,
+    pub(crate) config: consumer::pull::Config,
 }
 
 /// The consumer of `nats/model_consumer.json` for `model`: one durable per
@@ -394,7 +391,7 @@ const PROVISION_TIMEOUT: Duration = Duration::from_secs(2);
 const PROVISION_ATTEMPTS: u32 = 8;
 
 /// A context for provisioning requests: a short timeout, see [`retry_timeouts`].
-fn provisioning(js: &jetstream::Context) -> jetstream::Context {
+pub(crate) fn provisioning(js: &jetstream::Context) -> jetstream::Context {
     let mut js = js.clone();
     js.set_timeout(PROVISION_TIMEOUT);
     js
@@ -410,7 +407,7 @@ fn provisioning(js: &jetstream::Context) -> jetstream::Context {
 /// stages were ready — or failed to start when the timeout hit a step
 /// without a fallback. Asked again, the request finds the resource and
 /// returns at once. Other errors are returned as they are.
-async fn retry_timeouts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
+pub(crate) async fn retry_timeouts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -434,33 +431,6 @@ fn is_timeout(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.to_string().contains("timed out"))
 }
 
-/// Creates or updates every stream and consumer and the blob bucket.
-/// Safe to run concurrently from every stage at start-up.
-pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<()> {
-    let js = &provisioning(js);
-    for cfg in stream_configs(names, cfg)? {
-        let name = cfg.name.clone();
-        retry_timeouts(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
-    }
-    for (stream_name, consumer_cfg) in consumer_configs(names, cfg)? {
-        let durable = consumer_cfg.durable_name.clone().unwrap_or_default();
-        let what = format!("creating or updating consumer {durable} on {stream_name}");
-        retry_timeouts(&what, || async {
-            let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
-            // Creating a durable consumer with an identical config is a no-op;
-            // a changed config is applied as an update.
-            stream.create_consumer(consumer_cfg.clone()).await.with_context(|| what.clone())?;
-            Ok(())
-        })
-        .await?;
-    }
-    retry_timeouts("the blob store", || blob_store(js, names, cfg)).await?;
-    retry_timeouts("the counters bucket", || crate::counters::Counters::open(js, names, cfg.replicas)).await?;
-    retry_timeouts("the model registry bucket", || crate::registry::bucket(js, names, cfg.replicas)).await?;
-    retry_timeouts("the idempotency bucket", || idempotency_store(js, names, cfg.replicas)).await?;
-    Ok(())
-}
-
 /// A stage's own definitions file (`nats/splitter.json`,
 /// `nats/notifier.json`): streams, and consumers with their stream.
 #[derive(serde::Deserialize)]
@@ -479,7 +449,7 @@ struct StageConsumer {
 
 /// Creates or updates the streams and consumers of a stage's own
 /// definitions (the JSON text, rendered with [`render_definitions`]), as
-/// [`provision`] does for the shared ones: races and unanswered requests
+/// [`provision`](crate::provision::provision) does for the shared ones: races and unanswered requests
 /// on a fresh cluster are ridden out. Other keys of the file are the
 /// stage's own (e.g. per-tenant consumer templates).
 pub async fn provision_definitions(js: &jetstream::Context, names: &Names, file: &str, text: &str) -> Result<()> {
@@ -503,7 +473,7 @@ pub async fn provision_definitions(js: &jetstream::Context, names: &Names, file:
 }
 
 /// Creates or updates one stream (several stages may race on it).
-async fn provision_stream(js: &jetstream::Context, names: &Names, cfg: stream::Config) -> Result<()> {
+pub(crate) async fn provision_stream(js: &jetstream::Context, names: &Names, cfg: stream::Config) -> Result<()> {
     let name = cfg.name.clone();
     if name == names.pages_stream() {
         // Before model fleets one unfiltered `inferencer` consumer read
@@ -526,6 +496,13 @@ async fn provision_stream(js: &jetstream::Context, names: &Names, cfg: stream::C
         js.create_or_update_stream(cfg).await.with_context(|| format!("creating or updating stream {name}"))?;
     }
     Ok(())
+}
+
+/// Subject → message count for every subject of `stream` matching
+/// `filter` (one stream info request; no message is read).
+pub async fn subject_counts(stream: &stream::Stream, filter: &str) -> Result<BTreeMap<String, usize>> {
+    let info = stream.info_with_subjects(filter).await.context("stream info with subjects")?;
+    info.try_collect().await.context("listing subjects")
 }
 
 /// Opens key-value bucket `config.bucket`, creating it when missing.
@@ -703,30 +680,9 @@ mod tests {
     }
 
     #[test]
-    fn data_files_parse_for_any_prefix() {
+    fn the_model_consumer_file_parses_for_any_prefix() {
         let names = Names::new("t-42");
         let cfg = NatsConfig { max_deliver: 7, ack_wait_secs: 9, max_pages_in_flight: 11, ..NatsConfig::default() };
-        let streams = stream_configs(&names, &cfg).unwrap();
-        assert_eq!(streams.len(), 5);
-        assert_eq!(streams[0].name, "T_42_DOCS");
-        assert_eq!(streams[0].subjects, vec!["t-42.docs.submitted", "t-42.docs.split.*"]);
-        assert_eq!(streams[1].subjects, vec!["t-42.pages.rendered.*"]);
-        assert_eq!(streams[1].max_messages_per_subject, 11);
-        assert_eq!(streams[1].discard, stream::DiscardPolicy::New);
-        assert!(streams[1].discard_new_per_subject);
-        assert_eq!((streams[3].max_bytes, streams[3].discard), (1 << 30, stream::DiscardPolicy::Old));
-        assert_eq!((streams[4].max_bytes, streams[4].discard), (256 << 20, stream::DiscardPolicy::Old));
-        let unbounded = NatsConfig { max_event_bytes: 0, ..cfg.clone() };
-        assert_eq!(stream_configs(&names, &unbounded).unwrap()[3].max_bytes, -1);
-        assert_eq!(streams[3].max_messages_per_subject, 1);
-        let consumers = consumer_configs(&names, &cfg).unwrap();
-        assert_eq!(consumers.len(), 3);
-        assert_eq!(
-            consumers[2].1.filter_subjects,
-            ["t-42.events.*.doc.*", "t-42.events.*.page.uploaded.*", "t-42.events.*.page.failed.*"]
-        );
-        assert!(consumers.iter().all(|(_, c)| c.max_deliver == 7 && c.ack_wait == Duration::from_secs(9)));
-        assert_eq!(consumers[0].0, names.docs_stream());
         let (stream, model) = model_consumer_config(&names, &cfg, "layout_cdla").unwrap();
         assert_eq!(stream, names.pages_stream());
         assert_eq!(model.durable_name.as_deref(), Some("inferencer_layout_cdla"));

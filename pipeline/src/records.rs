@@ -13,6 +13,7 @@
 //! | `owner.<tenant>.<doc>` | `{"state": …}` | with the record: the tenant's documents, what a token's list reads |
 //! | `active.<tenant>.<doc>` | `1` | while the document is queued or running: `tenants.max_documents` counts these; purged (no marker left) when it ends |
 //! | `pages.<tenant>.<doc>` | the page count | once, when the splitter records the count: `tenants.pages_per_hour` sums these messages of the last hour |
+//! | `ended.<tenant>.<doc>` | `{"state": …}` | when the document reaches its terminal state; purged by the notifier once the terminal webhook is scheduled (or none is due), so a terminal event evicted from the events stream before the notifier read it is still delivered ([`DocRecords::ended`]) |
 //!
 //! A tenant is an owner id or `anonymous` ([`crate::tenants::tenant_of`]).
 //! Document ids never contain `.`, so these keys never collide with the
@@ -26,11 +27,11 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
-use pagestream_schemas::{DocInfo, DocumentSubmitted, EventState};
+use pagestream_schemas::{Callback, DocInfo, DocumentSubmitted, EventState};
 use serde::{Deserialize, Serialize};
 
 use crate::counters::Counters;
-use crate::progress::DocState;
+use crate::doc_state::DocState;
 use crate::tenants::tenant_of;
 
 /// A document's durable record.
@@ -43,6 +44,11 @@ pub struct DocRecord {
     /// Pages, once the splitter opened it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_count: Option<u32>,
+    /// The document's own webhook (its submission's `callback_url`), kept
+    /// here so that the terminal webhook goes out even when the events
+    /// that named it are gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
     /// The state as of the last document-level event (the first terminal
     /// state sticks, as in [`DocState::after`]).
     pub state: DocState,
@@ -93,6 +99,18 @@ fn active_key(tenant: &str, doc_id: &str) -> String {
 fn pages_key(tenant: &str, doc_id: &str) -> String {
     format!("pages.{tenant}.{doc_id}")
 }
+fn ended_key(tenant: &str, doc_id: &str) -> String {
+    format!("ended.{tenant}.{doc_id}")
+}
+
+/// A document that reached its terminal state and whose terminal webhook
+/// the notifier has not scheduled yet ([`DocRecords::ended`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ended {
+    pub doc_id: String,
+    pub tenant: String,
+    pub state: DocState,
+}
 
 impl DocRecords {
     /// The records beside `counters`' page sets.
@@ -129,10 +147,17 @@ impl DocRecords {
     /// Creates the record of a new document (with its index entry and,
     /// unless `state` is terminal, its active entry); false when it already
     /// had one (nothing changes).
-    pub async fn create(&self, doc_id: &str, owner: Option<&str>, state: DocState) -> Result<bool> {
+    pub async fn create(
+        &self,
+        doc_id: &str,
+        owner: Option<&str>,
+        callback: Option<Callback>,
+        state: DocState,
+    ) -> Result<bool> {
         let record = DocRecord {
             owner: owner.map(str::to_string),
             page_count: None,
+            callback,
             state,
             created_at: crate::util::now_rfc3339(),
         };
@@ -159,15 +184,19 @@ impl DocRecords {
     /// document that already has a record (the ingress wrote it) is left
     /// alone, so a message cannot take over another tenant's document.
     pub async fn adopt(&self, sub: &DocumentSubmitted) -> Result<()> {
-        self.create(&sub.doc_id, sub.owner.as_deref(), DocState::Queued).await.map(|_| ())
+        self.create(&sub.doc_id, sub.owner.as_deref(), sub.options.callback(), DocState::Queued).await.map(|_| ())
     }
 
     /// Forgets a document that was never queued (a refused submission):
     /// its record, index, active and pages entries are purged.
     pub async fn forget(&self, tenant: &str, doc_id: &str) -> Result<()> {
-        for key in
-            [active_key(tenant, doc_id), index_key(tenant, doc_id), pages_key(tenant, doc_id), record_key(doc_id)]
-        {
+        for key in [
+            active_key(tenant, doc_id),
+            index_key(tenant, doc_id),
+            pages_key(tenant, doc_id),
+            ended_key(tenant, doc_id),
+            record_key(doc_id),
+        ] {
             self.purge(&key).await?;
         }
         Ok(())
@@ -201,6 +230,7 @@ impl DocRecords {
                 let record = DocRecord {
                     owner,
                     page_count,
+                    callback: info.and_then(|i| i.callback.clone()),
                     state: DocState::Queued.after(event, final_status),
                     created_at: crate::util::now_rfc3339(),
                 };
@@ -213,6 +243,9 @@ impl DocRecords {
             after.state = before.state.after(event, final_status);
             if after.page_count.is_none() {
                 after.page_count = page_count;
+            }
+            if after.callback.is_none() {
+                after.callback = info.and_then(|i| i.callback.clone());
             }
             if after == before {
                 return Ok(());
@@ -241,6 +274,8 @@ impl DocRecords {
         }
         if after.state.is_terminal() {
             if before.is_none_or(|b| !b.state.is_terminal()) {
+                let entry = serde_json::to_vec(&IndexEntry { state: after.state }).expect("entry serialises");
+                self.kv.put(ended_key(tenant, doc_id), entry.into()).await.context("marking a document ended")?;
                 self.purge(&active_key(tenant, doc_id)).await?;
             }
         } else if before.is_none() {
@@ -309,7 +344,7 @@ impl DocRecords {
     }
 
     async fn count_by_tenant(&self, filter: &str) -> Result<BTreeMap<String, usize>> {
-        let subjects = crate::progress::subject_counts(&self.kv.stream, &format!("{}{filter}", self.kv.prefix))
+        let subjects = crate::nats::subject_counts(&self.kv.stream, &format!("{}{filter}", self.kv.prefix))
             .await
             .context("listing active documents")?;
         let mut out = BTreeMap::new();
@@ -350,6 +385,26 @@ impl DocRecords {
                 Some((doc, entry.state))
             })
             .collect())
+    }
+
+    /// Documents that reached their terminal state and whose terminal
+    /// webhook is not scheduled yet (the notifier's sweep), oldest first.
+    pub async fn ended(&self) -> Result<Vec<Ended>> {
+        let scanned = self.scan("ended.*.*", jetstream::consumer::DeliverPolicy::LastPerSubject).await?;
+        Ok(scanned
+            .into_iter()
+            .filter_map(|s| {
+                let mut parts = s.key.splitn(3, '.').skip(1);
+                let (tenant, doc_id) = (parts.next()?.to_string(), parts.next()?.to_string());
+                let entry: IndexEntry = serde_json::from_slice(&s.payload).ok()?;
+                Some(Ended { doc_id, tenant, state: entry.state })
+            })
+            .collect())
+    }
+
+    /// The document's terminal webhook is scheduled, or none is due.
+    pub async fn clear_ended(&self, tenant: &str, doc_id: &str) -> Result<()> {
+        self.purge(&ended_key(tenant, doc_id)).await
     }
 
     /// The messages of the keys matching `filter`, from `policy` on, read
@@ -399,6 +454,7 @@ mod tests {
         assert_eq!(index_key("anonymous", "d1"), "owner.anonymous.d1");
         assert_eq!(active_key("0123456789abcdef", "d1").split('.').count(), 3);
         assert_eq!(pages_key("t", "d").split('.').count(), 3);
+        assert_eq!(ended_key("t", "d").split('.').count(), 3);
     }
 
     #[test]
@@ -406,6 +462,7 @@ mod tests {
         let r = DocRecord {
             owner: Some("0123456789abcdef".into()),
             page_count: Some(3),
+            callback: None,
             state: DocState::Running,
             created_at: "2026-01-01T00:00:00Z".into(),
         };

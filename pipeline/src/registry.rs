@@ -115,6 +115,58 @@ impl ServedModel {
         w.dedup();
         w
     }
+
+    /// The weights the non-canary replicas agree on (`None`: they serve
+    /// different weights, or only canaries are live).
+    pub fn agreed_weights(&self) -> Option<&str> {
+        match self.weights()[..] {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+/// A document's model, decided once ([`resolve_model`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelChoice {
+    /// The model it asked for, else the deployment's default.
+    pub model: String,
+    /// Whether the document waits while no live replica serves the model:
+    /// it asked to (`wait_for_model`), or the model is the default (the
+    /// deployment's own promise: it waits while its fleet starts, say).
+    pub wait: bool,
+    /// Whether a live replica serves the model now.
+    pub live: bool,
+    /// sha256 of the weights its live non-canary replicas agree on.
+    pub sha256: Option<String>,
+}
+
+impl ModelChoice {
+    /// No live replica serves the model and the document does not wait:
+    /// it is refused (`model_unavailable`).
+    pub fn unavailable(&self) -> bool {
+        !self.live && !self.wait
+    }
+}
+
+/// The model a document gets, against the `live` models (by name): the
+/// ingress decides it when it accepts a document, the splitter for a
+/// document published on NATS without one; later turns carry it. What a
+/// refusal says is the caller's.
+pub fn resolve_model(
+    asked: Option<&str>,
+    wait_for_model: bool,
+    default: &str,
+    live: &BTreeMap<String, ServedModel>,
+) -> ModelChoice {
+    let model = asked.unwrap_or(default).to_string();
+    let fleet = live.get(&model);
+    ModelChoice {
+        wait: wait_for_model || asked.is_none(),
+        live: fleet.is_some(),
+        sha256: fleet.and_then(ServedModel::agreed_weights).map(str::to_string),
+        model,
+    }
 }
 
 #[derive(Default)]
@@ -217,6 +269,11 @@ impl LiveModels {
         out
     }
 
+    /// [`resolve_model`] against the live models now.
+    pub fn resolve(&self, asked: Option<&str>, wait_for_model: bool, default: &str) -> ModelChoice {
+        resolve_model(asked, wait_for_model, default, &self.models())
+    }
+
     /// `model`'s live replicas (`None`: no replica serves it now).
     pub fn get(&self, model: &str) -> Option<ServedModel> {
         self.models().remove(model)
@@ -295,5 +352,33 @@ mod tests {
         assert!(err.contains("aaa") && err.contains("bbb") && err.contains("canary"), "{err}");
         assert!(check_weights(&replica("b", "bbb", true), Some(&fleet)).is_ok());
         assert_eq!(fleet.weights(), vec!["aaa"]);
+    }
+
+    #[test]
+    fn a_document_gets_its_model_once_with_the_fleets_weights() {
+        let fleet =
+            |name: &str, replicas: Vec<ModelReplica>| (name.to_string(), ServedModel { name: name.into(), replicas });
+        let live: BTreeMap<String, ServedModel> = [
+            fleet("m", vec![replica("a", "aaa", false), replica("c", "ccc", true)]),
+            fleet("split", vec![replica("a", "aaa", false), replica("b", "bbb", false)]),
+            fleet("canaries", vec![replica("c", "ccc", true)]),
+        ]
+        .into();
+        // Asked for and live: its weights (the canary's are not the fleet's).
+        let got = resolve_model(Some("m"), false, "dflt", &live);
+        assert_eq!(got, ModelChoice { model: "m".into(), wait: false, live: true, sha256: Some("aaa".into()) });
+        assert!(!got.unavailable());
+        // Weights the fleet disagrees on, or only canaries: none recorded.
+        assert_eq!(resolve_model(Some("split"), false, "dflt", &live).sha256, None);
+        assert_eq!(resolve_model(Some("canaries"), false, "dflt", &live).sha256, None);
+        // Asked for, nobody serves it: refused unless it waits.
+        let gone = resolve_model(Some("gone"), false, "dflt", &live);
+        assert!(gone.unavailable() && !gone.live && gone.sha256.is_none(), "{gone:?}");
+        assert!(!resolve_model(Some("gone"), true, "dflt", &live).unavailable());
+        // Not asked: the default, which always waits.
+        let default = resolve_model(None, false, "dflt", &live);
+        assert_eq!(default, ModelChoice { model: "dflt".into(), wait: true, live: false, sha256: None });
+        assert!(!default.unavailable());
+        assert!(resolve_model(None, false, "m", &live).live);
     }
 }

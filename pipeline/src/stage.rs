@@ -13,7 +13,8 @@ use crate::counters::Counters;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nats::{self, Names};
-use crate::progress::{EventLookup, Progress};
+use crate::progress::{read_status_with_record, DocStatus, EventLookup, Progress, ProgressError};
+use crate::records::DocRecord;
 
 #[derive(Debug, Clone)]
 pub struct StageContext {
@@ -35,7 +36,7 @@ impl StageContext {
         health.register("nats");
         let js = nats::connect(&config.nats, name).await?;
         let names = Names::new(config.nats.prefix.clone());
-        nats::provision(&js, &names, &config.nats).await?;
+        crate::provision::provision(&js, &names, &config.nats).await?;
         health.set_ready("nats", true);
         let events = Arc::new(EventLookup::new(js.clone(), names.clone()));
         let counters = Counters::open(&js, &names, config.nats.replicas).await?;
@@ -54,8 +55,8 @@ impl StageContext {
     }
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.
-    pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool, crate::consumer::StageError> {
-        self.events.is_cancelled(doc_id).await.map_err(|e| crate::consumer::StageError::nats(e).doc(doc_id))
+    pub async fn is_cancelled(&self, doc_id: &str) -> Result<bool, crate::error::StageError> {
+        self.events.is_cancelled(doc_id).await.map_err(|e| crate::error::StageError::nats(e).doc(doc_id))
     }
 
     /// Whether page `page` of `doc_id` already reached `state`.
@@ -64,8 +65,8 @@ impl StageContext {
         doc_id: &str,
         page: u32,
         state: pagestream_schemas::EventState,
-    ) -> Result<bool, crate::consumer::StageError> {
-        let err = |e: &dyn std::fmt::Display| crate::consumer::StageError::nats(e).doc(doc_id);
+    ) -> Result<bool, crate::error::StageError> {
+        let err = |e: &dyn std::fmt::Display| crate::error::StageError::nats(e).doc(doc_id);
         let reached = self.events.page_reached(doc_id, page, state).await.map_err(|e| err(&e))?;
         if reached {
             // A crash between the event and its counter leaves the page
@@ -73,6 +74,23 @@ impl StageContext {
             self.counters.mark(doc_id, state, page, None).await.map_err(|e| err(&e))?;
         }
         Ok(reached)
+    }
+
+    /// `doc_id`'s status ([`read_status`](crate::progress::read_status));
+    /// `None` when neither an event nor a record exists for it. With
+    /// `page_details`, failed pages' reasons too.
+    pub async fn status(&self, doc_id: &str, page_details: bool) -> Result<Option<DocStatus>, ProgressError> {
+        Ok(self.status_with_record(doc_id, page_details).await?.map(|(status, _)| status))
+    }
+
+    /// [`StageContext::status`], with the document's durable record
+    /// ([`read_status_with_record`]).
+    pub async fn status_with_record(
+        &self,
+        doc_id: &str,
+        page_details: bool,
+    ) -> Result<Option<(DocStatus, Option<DocRecord>)>, ProgressError> {
+        read_status_with_record(&self.js, &self.names, &self.counters, doc_id, page_details).await
     }
 
     pub fn progress(&self, stage: &'static str) -> Progress {

@@ -59,12 +59,12 @@ pub struct TenantsConfig {
     /// reference. With API tokens configured, an `s3://` source must start
     /// with one of the tenant's prefixes; without tokens, any key of
     /// `splitter.source_s3_buckets` may be read.
-    #[serde(deserialize_with = "crate::config::list")]
+    #[serde(deserialize_with = "crate::util::list")]
     pub source_prefixes: Vec<String>,
     /// Per-tenant overrides, one string each: the owner id, then
     /// `key=value` pairs separated by spaces, e.g.
     /// `"3f2a9c0d1e4b5a67 weight=4 max_documents=500 source_prefixes=s3://in/a/|s3://in/b/"`.
-    #[serde(deserialize_with = "crate::config::list")]
+    #[serde(deserialize_with = "crate::util::list")]
     pub overrides: Vec<String>,
 }
 

@@ -8,6 +8,23 @@ pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc().format(&Rfc3339).expect("RFC 3339 formatting of now")
 }
 
+/// A list setting (`#[serde(deserialize_with = "…::util::list")]`): a
+/// TOML array of strings, or one comma-separated string (what an
+/// environment variable holds); blank entries are dropped.
+pub fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match <Raw as serde::Deserialize>::deserialize(d)? {
+        Raw::One(s) => s.split(',').map(str::to_string).collect(),
+        Raw::Many(v) => v,
+    };
+    Ok(items.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect())
+}
+
 /// Initialises logging: `PAGESTREAM_LOG` (or `RUST_LOG`) filter, default
 /// `info`; `PAGESTREAM_LOG_FORMAT=json` writes one JSON object per line (for
 /// log shippers), anything else plain text — coloured only on a terminal,

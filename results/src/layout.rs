@@ -186,7 +186,7 @@ impl Manifest {
         Manifest {
             schema: MANIFEST_SCHEMA.into(),
             doc_id: st.doc_id.clone(),
-            title: st.info.title.clone().or_else(|| st.info.filename.clone()),
+            title: st.info.title_or_filename(),
             source: SourceInfo {
                 filename: st.info.filename.clone(),
                 sha256: st.info.sha256.clone(),

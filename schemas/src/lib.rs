@@ -14,9 +14,11 @@
 
 mod ids;
 mod messages;
+mod submit;
 
 pub use ids::{validate_doc_id, DocIdError};
 pub use messages::*;
+pub use submit::{InvalidOption, OptionValue, SubmitRequest, MAX_FILENAME_CHARS, MAX_TITLE_CHARS};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 

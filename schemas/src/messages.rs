@@ -174,8 +174,14 @@ pub fn validate_callback_url(url: &str) -> Result<(), String> {
 
 /// How large a share of the pipeline a document gets while others run.
 /// Documents take turns; per turn a document renders pages in proportion to
-/// its weight, and keeps as many pages in flight (see the README's
+/// its weight, and keeps as many pages in flight (see ARCHITECTURE.md,
 /// "Scheduling"). No document starves.
+///
+/// That is its only effect ([`Priority::scale`], in the splitter): the
+/// `<priority>` token of the splitter's turn subjects
+/// (`<prefix>.turns.<tenant>.<priority>`) is informational — a tenant's
+/// consumer takes every priority, in arrival order — and pages carry it in
+/// their options without any stage reading it there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
@@ -210,10 +216,24 @@ impl Priority {
     }
 }
 
+impl DocumentSubmitted {
+    /// The submission's title, else its source's file name.
+    pub fn title_or_filename(&self) -> Option<String> {
+        self.title.clone().or_else(|| self.source.filename.clone())
+    }
+}
+
 impl SubmitOptions {
     /// These options without the password (for anything forwarded or stored).
     pub fn without_secrets(&self) -> SubmitOptions {
         SubmitOptions { password: None, ..self.clone() }
+    }
+
+    /// The webhook these options ask for (`callback_url`, with
+    /// `callback_events` or its default).
+    pub fn callback(&self) -> Option<Callback> {
+        let url = self.callback_url.clone()?;
+        Some(Callback { url, events: self.callback_events.unwrap_or_default() })
     }
 }
 
@@ -243,9 +263,10 @@ pub struct DocumentSubmitted {
     /// RFC 3339 time of submission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,
-    /// Set by the splitter only, on `<prefix>.docs.split.<priority>`: the
-    /// page this turn starts at (the document's previous turns rendered the
-    /// pages before it). Publishers leave it unset.
+    /// Set by the splitter only, on its turn queues
+    /// (`<prefix>.turns.<tenant>.<priority>`): the page this turn starts at
+    /// (the document's previous turns rendered the pages before it).
+    /// Publishers leave it unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_page: Option<u32>,
     /// Opaque id of the API token that submitted the document (16 hex
@@ -521,6 +542,13 @@ pub struct DocInfo {
     pub callback: Option<Callback>,
 }
 
+impl DocInfo {
+    /// The document's title, else its file name (what lists and manifests show).
+    pub fn title_or_filename(&self) -> Option<String> {
+        self.title.clone().or_else(|| self.filename.clone())
+    }
+}
+
 /// A progress event: subject `<prefix>.events.<doc_id>.doc.<state>` or
 /// `<prefix>.events.<doc_id>.page.<state>.<page>`. The events stream keeps
 /// one message per subject, so counting subjects counts pages exactly once.
@@ -667,22 +695,27 @@ impl ImageRef {
     }
 }
 
+/// `KIND` and `doc_id` of a message that always names its document.
+macro_rules! names_its_document {
+    ($kind:literal) => {
+        const KIND: &'static str = $kind;
+        fn doc_id(&self) -> Option<&str> {
+            Some(&self.doc_id)
+        }
+    };
+}
+
 impl Message for DocumentSubmitted {
-    const KIND: &'static str = "DocumentSubmitted";
-    fn doc_id(&self) -> Option<&str> {
-        Some(&self.doc_id)
-    }
+    names_its_document!("DocumentSubmitted");
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         let set = [self.source.inline.is_some(), self.source.blob.is_some(), self.source.url.is_some()];
         if set.iter().filter(|s| **s).count() != 1 {
             return Err("source: exactly one of `inline`, `blob` or `url` must be set".into());
         }
-        if let Some(dpi) = self.options.dpi {
-            if !(dpi.is_finite() && crate::DPI_RANGE.contains(&dpi)) {
-                return Err(format!("options.dpi {dpi} is outside {}", crate::dpi_range_text()));
-            }
-        }
+        // The submission rules on options (dpi, model name, webhook URL),
+        // as the HTTP API applies them.
+        self.options.validate().map_err(|e| e.in_options())?;
         if self.start_page == Some(0) {
             return Err("start_page is 1-based".into());
         }
@@ -691,14 +724,8 @@ impl Message for DocumentSubmitted {
                 return Err(format!("owner {owner:?} is not 16 lowercase hex characters"));
             }
         }
-        if let Some(model) = &self.options.model {
-            validate_model_name(model).map_err(|e| format!("options.model: {e}"))?;
-        }
         if let Some(url) = &self.source.url {
             SourceRef::parse(url).map_err(|e| format!("source.url: {e}"))?;
-        }
-        if let Some(url) = &self.options.callback_url {
-            validate_callback_url(url).map_err(|e| format!("options.callback_url {e}"))?;
         }
         // Page images are the pipeline's own; `uploads/` keys belong to one
         // document each (the pipeline deletes `uploads/<doc_id>` when the
@@ -716,10 +743,7 @@ impl Message for DocumentSubmitted {
 }
 
 impl Message for PageRendered {
-    const KIND: &'static str = "PageRendered";
-    fn doc_id(&self) -> Option<&str> {
-        Some(&self.doc_id)
-    }
+    names_its_document!("PageRendered");
     fn page(&self) -> Option<u32> {
         Some(self.page)
     }
@@ -731,10 +755,7 @@ impl Message for PageRendered {
 }
 
 impl Message for PageInferred {
-    const KIND: &'static str = "PageInferred";
-    fn doc_id(&self) -> Option<&str> {
-        Some(&self.doc_id)
-    }
+    names_its_document!("PageInferred");
     fn page(&self) -> Option<u32> {
         Some(self.page)
     }
@@ -750,30 +771,21 @@ impl Message for PageInferred {
 }
 
 impl Message for DocumentFailed {
-    const KIND: &'static str = "DocumentFailed";
-    fn doc_id(&self) -> Option<&str> {
-        Some(&self.doc_id)
-    }
+    names_its_document!("DocumentFailed");
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }
 }
 
 impl Message for DocumentCancelled {
-    const KIND: &'static str = "DocumentCancelled";
-    fn doc_id(&self) -> Option<&str> {
-        Some(&self.doc_id)
-    }
+    names_its_document!("DocumentCancelled");
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }
 }
 
 impl Message for Event {
-    const KIND: &'static str = "Event";
-    fn doc_id(&self) -> Option<&str> {
-        Some(&self.doc_id)
-    }
+    names_its_document!("Event");
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)
     }

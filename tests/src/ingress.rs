@@ -2,15 +2,14 @@
 //! the API with raw sockets or measure the process (hostile, rebinding,
 //! client_view). Runs the ingress binary: `cargo build --bins` first.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pagestream::client::ApiClient;
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_pipeline::embedded::NatsServer;
 use pagestream_pipeline::nats::Names;
 use tokio::net::TcpStream;
 
-use crate::init_logging;
-use crate::procs::Cluster;
+use crate::procs::{Cluster, Stages};
 
 /// An ingress process, its NATS server and its directories.
 pub struct IngressProc {
@@ -28,27 +27,17 @@ impl IngressProc {
     /// Starts the ingress with `prefix` and the extra `env` settings, and
     /// waits until it is ready.
     pub async fn start(prefix: &str, env: &[(&str, &str)]) -> IngressProc {
-        init_logging();
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut vars: Vec<(String, String)> = vec![
-            ("PAGESTREAM_NATS_URL".into(), nats.url()),
-            ("PAGESTREAM_NATS_PREFIX".into(), prefix.into()),
-            ("PAGESTREAM_UPLOADER_DIR".into(), out.path().display().to_string()),
-            ("PAGESTREAM_LOG".into(), "info,async_nats=error".into()),
-        ];
-        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut cluster = Cluster::new(vars, logs.path());
-        let port = free_port().unwrap();
-        cluster.procs.push(cluster.spawn("ingress", 0, Some(port)));
-        let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-            assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let s = Stages::start(prefix, &["ingress"], &env, Duration::from_secs(60)).await;
+        let js = s.js().await;
+        IngressProc {
+            nats: Some(s.nats),
+            cluster: s.cluster,
+            dirs: (s.out, s.logs),
+            port: s.port,
+            prefix: prefix.into(),
+            js,
         }
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        IngressProc { nats: Some(nats), cluster, dirs: (out, logs), port, prefix: prefix.into(), js }
     }
 
     pub fn client(&self) -> ApiClient {
@@ -74,11 +63,15 @@ impl IngressProc {
         self.stream_state(format!("OBJ_{}", Names::new(&self.prefix).blob_bucket())).await
     }
 
+    /// [`IngressProc::store`] once it equals `want`, or after `within`
+    /// whatever it is.
+    pub async fn store_settles_to(&self, want: (u64, u64), within: Duration) -> (u64, u64) {
+        crate::wait::settle(within, Duration::from_millis(200), async || self.store().await, |now| *now == want).await
+    }
+
     /// Messages and bytes in `stream`.
     pub async fn stream_state(&self, stream: String) -> (u64, u64) {
-        let mut stream = self.js.get_stream(stream).await.unwrap();
-        let state = stream.info().await.unwrap().state.clone();
-        (state.messages, state.bytes)
+        crate::stream_state(&self.js, stream).await
     }
 }
 

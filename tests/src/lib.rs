@@ -2,9 +2,12 @@
 //! free port), real moto S3 server, real pdfium and ONNX Runtime, real PDFs.
 //! Every server is started on free ports and killed on drop.
 
+pub mod api;
+pub mod http;
 pub mod ingress;
 pub mod nats_cluster;
 pub mod procs;
+pub mod wait;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +20,14 @@ use pagestream_pipeline::config::deps_dir;
 use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_pipeline::Config;
 use serde_json::Value;
+
+/// The deployment's default model (ONNX Runtime).
+pub const CDLA: &str = "layout_cdla";
+/// The other installed model (the tract backend in the process tests).
+pub const YOLO: &str = "yolov8n_doclaynet";
+/// The sha256 of each model's weights.
+pub const CDLA_SHA: &str = "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c";
+pub const YOLO_SHA: &str = "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957";
 
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
@@ -85,6 +96,19 @@ impl MotoServer {
 
     /// Points `config.uploader` at this server and creates `bucket`.
     pub async fn configure(&self, config: &mut Config, bucket: &str) -> Result<aws_sdk_s3::Client> {
+        self.results_to(config, bucket);
+        let client = pagestream_results::store::s3_client(&config.uploader).await;
+        client.create_bucket().bucket(bucket).send().await.context("creating bucket")?;
+        Ok(client)
+    }
+
+    /// Creates `bucket`; a client of this server.
+    pub async fn bucket(&self, bucket: &str) -> Result<aws_sdk_s3::Client> {
+        self.configure(&mut Config::default(), bucket).await
+    }
+
+    /// Points `config.uploader` at `bucket` on this server.
+    pub fn results_to(&self, config: &mut Config, bucket: &str) {
         let u = &mut config.uploader;
         u.target = pagestream_pipeline::config::Target::S3;
         u.s3_bucket = bucket.into();
@@ -93,9 +117,17 @@ impl MotoServer {
         u.s3_path_style = true;
         u.s3_access_key_id = "test".into();
         u.s3_secret_access_key = "test".into();
-        let client = pagestream_results::store::s3_client(u).await;
-        client.create_bucket().bucket(bucket).send().await.context("creating bucket")?;
-        Ok(client)
+    }
+
+    /// Lets the splitter read documents by reference from `bucket` on this
+    /// server (`splitter.source_s3_*`).
+    pub fn source_for(&self, config: &mut Config, bucket: &str) {
+        let s = &mut config.splitter;
+        s.source_s3_buckets = vec![bucket.into()];
+        s.source_s3_endpoint = self.endpoint();
+        s.source_s3_path_style = true;
+        s.source_s3_access_key_id = "test".into();
+        s.source_s3_secret_access_key = "test".into();
     }
 }
 
@@ -150,8 +182,82 @@ impl Harness {
         wait_terminal(&self.client, id, within).await
     }
 
+    /// `path` (`manifest.json`, `pages/3.json`) of document `id`'s results.
+    pub fn result(&self, id: &str, path: &str) -> Value {
+        read_json(&self.out.path().join(id).join(path))
+    }
+
+    /// Every record of the pipeline's dead-letter stream, oldest first.
+    pub async fn dead_letters(&self) -> Vec<pagestream_schemas::DeadLetter> {
+        dead_letters(&self.pipeline.ctx.js, &self.pipeline.ctx.names).await
+    }
+
+    /// [`Harness::dead_letters`] once there are at least `n`, or after
+    /// `within` whatever there are (the caller asserts on them).
+    pub async fn dead_letters_at_least(&self, n: usize, within: Duration) -> Vec<pagestream_schemas::DeadLetter> {
+        wait::settle(within, Duration::from_millis(200), async || self.dead_letters().await, |dl| dl.len() >= n).await
+    }
+
+    /// Messages in the pipeline's stream `stream`.
+    pub async fn stream_messages(&self, stream: String) -> u64 {
+        stream_state(&self.pipeline.ctx.js, stream).await.0
+    }
+
+    /// [`Harness::start`] with its results in `bucket` (created) on `moto`;
+    /// a client of that server too.
+    pub async fn start_s3(
+        moto: &MotoServer,
+        bucket: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<(Harness, aws_sdk_s3::Client)> {
+        let s3 = moto.bucket(bucket).await?;
+        let h = Harness::start(|c| {
+            moto.results_to(c, bucket);
+            tweak(c);
+        })
+        .await?;
+        Ok((h, s3))
+    }
+
     pub async fn stop(self) -> Result<()> {
         self.pipeline.stop().await
+    }
+}
+
+/// Messages and bytes in `stream`.
+pub async fn stream_state(js: &async_nats::jetstream::Context, stream: String) -> (u64, u64) {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    (state.messages, state.bytes)
+}
+
+/// Samples the messages in `stream` every 10 ms until every document of
+/// `ids` is terminal (their status read every `poll`, at most `within`);
+/// returns the largest number seen. A failure shows `context()`.
+pub async fn max_in_stream_until_done(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    (client, ids): (&ApiClient, &[String]),
+    (within, poll): (Duration, Duration),
+    context: impl Fn() -> String,
+) -> u64 {
+    let deadline = Instant::now() + within;
+    let mut max = 0;
+    let mut last_poll: Option<Instant> = None;
+    loop {
+        max = max.max(stream_state(js, stream.to_string()).await.0);
+        if last_poll.is_none_or(|t| t.elapsed() > poll) {
+            last_poll = Some(Instant::now());
+            let mut all = true;
+            for id in ids {
+                all &= api::is_terminal(&api::status_ok(client, id).await);
+            }
+            if all {
+                return max;
+            }
+        }
+        assert!(Instant::now() < deadline, "documents not finished within {within:?}\n{}", context());
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -172,6 +278,33 @@ pub async fn wait_terminal(client: &ApiClient, id: &str, within: Duration) -> Re
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     anyhow::bail!("document {id} not terminal after {within:?}; last status: {last}")
+}
+
+/// Publishes `payload` on `subject` and waits for JetStream's ack.
+pub async fn publish(js: &async_nats::jetstream::Context, subject: String, payload: impl Into<bytes::Bytes>) {
+    js.publish(subject, payload.into()).await.unwrap().await.unwrap();
+}
+
+/// Waits (at most `within`) until consumer `durable` of `stream` was
+/// delivered at least `delivered` messages and has none pending or
+/// unacknowledged.
+pub async fn wait_consumer_idle(
+    js: &async_nats::jetstream::Context,
+    stream: String,
+    durable: &str,
+    delivered: u64,
+    within: Duration,
+) {
+    wait::until(within, Duration::from_millis(50), async || {
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            js.get_stream(&stream).await.unwrap().get_consumer(durable).await.unwrap();
+        let info = c.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= delivered {
+            return Ok(());
+        }
+        Err(format!("{durable} did not finish: {info:?}"))
+    })
+    .await
 }
 
 /// Every record of the pipeline's dead-letter stream, oldest first.
@@ -261,6 +394,21 @@ pub async fn render_file(pdf: &Path, dpi: f32, n: usize) -> Vec<image::RgbImage>
         }
     }
     pages
+}
+
+/// A copy of the PDF `src` with the line `marker` appended (what the render
+/// worker's test-only faults look for), as `dir/name`.
+pub fn with_marker(src: &Path, marker: &str, dir: &Path, name: &str) -> PathBuf {
+    let mut bytes = std::fs::read(src).unwrap();
+    bytes.extend_from_slice(format!("\n{marker}\n").as_bytes());
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// A JSON file (a result, a manifest), its path named if it cannot be read.
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
 /// Every file below `dir`, recursively.

@@ -3,6 +3,12 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pagestream::client::ApiClient;
+use pagestream_pipeline::embedded::{free_port, NatsServer};
+
+use crate::init_logging;
 
 pub const STAGES: [&str; 4] = ["ingress", "splitter", "inferencer", "uploader"];
 
@@ -18,13 +24,12 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// The environment every stage process of a test shares: its NATS server
-/// and prefix, a local results directory, no admin ports, one inference
-/// thread, quiet logs. Tests add what they exercise.
-pub fn base_env(nats_url: &str, prefix: &str, out: &Path) -> Vec<(String, String)> {
+/// and prefix, no admin ports, one inference thread, quiet logs. Tests add
+/// what they exercise.
+pub fn stage_env(nats_url: &str, prefix: &str) -> Vec<(String, String)> {
     [
         ("PAGESTREAM_NATS_URL", nats_url.to_string()),
         ("PAGESTREAM_NATS_PREFIX", prefix.into()),
-        ("PAGESTREAM_UPLOADER_DIR", out.display().to_string()),
         ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
         ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
         ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
@@ -35,6 +40,23 @@ pub fn base_env(nats_url: &str, prefix: &str, out: &Path) -> Vec<(String, String
     .map(|(k, v)| (k.to_string(), v))
     .chain(small_store_env())
     .collect()
+}
+
+/// [`stage_env`] with a local results directory, `out`.
+pub fn base_env(nats_url: &str, prefix: &str, out: &Path) -> Vec<(String, String)> {
+    with_vars(stage_env(nats_url, prefix), &[("PAGESTREAM_UPLOADER_DIR", out.display().to_string())])
+}
+
+/// `env` with each of `extra` set: replacing a variable of the same name,
+/// else added.
+pub fn with_vars(mut env: Vec<(String, String)>, extra: &[(&str, String)]) -> Vec<(String, String)> {
+    for (k, v) in extra {
+        match env.iter_mut().find(|(key, _)| key == k) {
+            Some((_, value)) => *value = v.clone(),
+            None => env.push((k.to_string(), v.clone())),
+        }
+    }
+    env
 }
 
 /// Small JetStream reservations, as in [`crate::test_config`] (every
@@ -89,6 +111,35 @@ impl Cluster {
             cmd.env("PAGESTREAM_INGRESS_ADDR", format!("127.0.0.1:{p}"));
         }
         Proc { stage, port, child: cmd.spawn().unwrap() }
+    }
+
+    /// Sets `key` to `value` in the environment of the processes started
+    /// from now on.
+    pub fn set_var(&mut self, key: &str, value: String) {
+        self.env = with_vars(std::mem::take(&mut self.env), &[(key, value)]);
+    }
+
+    /// Starts process `idx` of each of `stages`, the ingress on `port`.
+    pub fn spawn_stages(&mut self, stages: &[&'static str], idx: usize, port: u16) {
+        for &stage in stages {
+            let p = self.spawn(stage, idx, (stage == "ingress").then_some(port));
+            self.procs.push(p);
+        }
+    }
+
+    /// An inferencer process serving `model` (ONNX Runtime for
+    /// layout_cdla, tract for yolov8n_doclaynet), with `extra` variables.
+    pub fn spawn_inferencer(&self, idx: usize, model: &str, extra: &[(&str, String)]) -> Proc {
+        let backend = if model == crate::YOLO { "tract" } else { "ort" };
+        let mut env =
+            vec![("PAGESTREAM_INFERENCER_MODEL", model.to_string()), ("PAGESTREAM_INFERENCER_BACKEND", backend.into())];
+        env.extend(extra.iter().cloned());
+        self.spawn_with("inferencer", idx, None, &env)
+    }
+
+    /// The process of `stage` started first.
+    pub fn proc(&mut self, stage: &str) -> &mut Proc {
+        self.procs.iter_mut().find(|p| p.stage == stage).unwrap_or_else(|| panic!("no {stage} process"))
     }
 
     /// SIGKILLs process `i` and starts a new one in its place.
@@ -149,6 +200,80 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("stage process logs of the failed test:\n{}", self.log_tails());
         }
+    }
+}
+
+/// Waits until `client` (an ingress) answers `GET /readyz` with 200, at
+/// most `within`; the processes' logs are in the failure.
+pub async fn wait_ready(client: &ApiClient, within: Duration, cluster: &Cluster) {
+    let deadline = Instant::now() + within;
+    while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
+        assert!(Instant::now() < deadline, "ingress not ready within {within:?}:\n{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `client` (an ingress) lists a model served by a live
+/// inferencer in `GET /v1/models`, at most `within`.
+pub async fn wait_model_served(client: &ApiClient, within: Duration, cluster: &Cluster) {
+    let deadline = Instant::now() + within;
+    loop {
+        let models = client.get("/v1/models").await.ok().filter(|m| m.status == 200);
+        if models.is_some_and(|m| m.json["models"].as_array().is_some_and(|l| !l.is_empty())) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pipeline not ready within {within:?}:\n{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A private NATS server and stage processes on it, the start of most
+/// process tests.
+pub struct Stages {
+    /// (Dropped first: the processes go before their server and logs.)
+    pub cluster: Cluster,
+    /// A client of the ingress (no token).
+    pub client: ApiClient,
+    /// The ingress's port (free, chosen at start).
+    pub port: u16,
+    pub nats: NatsServer,
+    /// The uploader's results directory.
+    pub out: tempfile::TempDir,
+    /// The processes' logs.
+    pub logs: tempfile::TempDir,
+}
+
+impl Stages {
+    /// NATS, the directories and the processes' environment: [`base_env`]
+    /// with `prefix`, then `extra`; no process yet.
+    pub async fn prepare(prefix: &str, extra: &[(&str, String)]) -> Stages {
+        init_logging();
+        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
+        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let env = with_vars(base_env(&nats.url(), prefix, out.path()), extra);
+        let cluster = Cluster::new(env, logs.path());
+        let port = free_port().unwrap();
+        let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
+        Stages { cluster, client, port, nats, out, logs }
+    }
+
+    /// [`Stages::prepare`], then process 0 of each of `stages`; waits (at
+    /// most `ready_within`) until the ingress is ready.
+    pub async fn start(
+        prefix: &str,
+        stages: &[&'static str],
+        extra: &[(&str, String)],
+        ready_within: Duration,
+    ) -> Stages {
+        let mut s = Stages::prepare(prefix, extra).await;
+        s.cluster.spawn_stages(stages, 0, s.port);
+        wait_ready(&s.client, ready_within, &s.cluster).await;
+        s
+    }
+
+    /// A JetStream context on the NATS server.
+    pub async fn js(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap())
     }
 }
 

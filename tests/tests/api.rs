@@ -10,15 +10,14 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use pagestream::client::{empty, full, ApiClient, SseEvent};
+use pagestream_e2e::api::{self, metrics_text};
 use pagestream_e2e::{corpus, repo_root, Harness};
 use serde_json::Value;
 
 const SMALL: &str = "scan_cardinal-rotated.pdf";
 
 async fn submit(client: &ApiClient, name: &str) -> String {
-    let ans = client.submit_file(&corpus(name), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    ans.json["id"].as_str().unwrap().to_string()
+    api::submit(client, &corpus(name), &[]).await
 }
 
 fn assert_error(json: &Value, code: &str) {
@@ -350,13 +349,6 @@ async fn a_stalled_upload_gets_408_and_loses_nothing() {
     let id = submit(&h.client, SMALL).await;
     assert_eq!(h.wait_terminal(&id, Duration::from_secs(120)).await.unwrap()["state"], "completed");
     h.stop().await.unwrap();
-}
-
-/// `/metrics` of the harness process as text.
-async fn metrics_text(client: &ApiClient) -> String {
-    let (status, body) = client.get_bytes("/metrics").await.unwrap();
-    assert_eq!(status, 200);
-    String::from_utf8(body.to_vec()).unwrap()
 }
 
 /// After one document, every metric of the catalog is exported with its

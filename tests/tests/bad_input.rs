@@ -5,16 +5,11 @@
 
 use std::time::Duration;
 
-use pagestream_e2e::{corpus, Harness};
-use pagestream_schemas::{decode, DeadLetter};
+use pagestream_e2e::{corpus, publish, read_json, Harness};
+use pagestream_schemas::decode;
 use serde_json::Value;
 
 const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x02\0\0\0\x90wS\xde";
-
-/// Every record of the dead-letter stream.
-async fn dead_letters(h: &Harness) -> Vec<DeadLetter> {
-    pagestream_e2e::dead_letters(&h.pipeline.ctx.js, &h.pipeline.ctx.names).await
-}
 
 fn assert_json_error(ans: &pagestream::client::Answer, status: u16, code: &str) {
     assert_eq!(ans.status.as_u16(), status, "{}", ans.json);
@@ -91,23 +86,13 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     // well-formed one from a future schema version.
     let ctx = &h.pipeline.ctx;
     for subject in [ctx.names.docs_submitted(), ctx.names.pages_rendered("layout_cdla"), ctx.names.pages_inferred()] {
-        ctx.js.publish(subject, bytes::Bytes::from_static(b"\x93not a map")).await.unwrap().await.unwrap();
+        publish(&ctx.js, subject, &b"\x93not a map"[..]).await;
     }
     // `start_page` belongs to the splitter's own continuations (docs.split.*).
     let resumed = serde_json::json!({"v": 1, "doc_id": "resumed", "source": {"blob": "x"}, "start_page": 9});
-    ctx.js
-        .publish(ctx.names.docs_submitted(), rmp_serde::to_vec_named(&resumed).unwrap().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish(&ctx.js, ctx.names.docs_submitted(), rmp_serde::to_vec_named(&resumed).unwrap()).await;
     let future = serde_json::json!({"v": 2, "doc_id": "from-the-future", "source": {"blob": "x"}});
-    ctx.js
-        .publish(ctx.names.docs_submitted(), rmp_serde::to_vec_named(&future).unwrap().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish(&ctx.js, ctx.names.docs_submitted(), rmp_serde::to_vec_named(&future).unwrap()).await;
 
     // The corrupt PDF fails as a document, with the reason in status and manifest.
     let id = corrupt.json["id"].as_str().unwrap();
@@ -115,7 +100,7 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     assert_eq!(status["state"], "failed", "{status}");
     assert_eq!(status["error"]["code"], "pdf_unreadable", "{status}");
     let manifest_path = h.out.path().join(id).join("manifest.json");
-    let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let manifest: Value = read_json(&manifest_path);
     assert_eq!(manifest["status"], "failed");
     assert_eq!(manifest["error"]["code"], "pdf_unreadable");
     assert!(manifest["error"]["message"].as_str().unwrap().contains("cannot open"), "{manifest}");
@@ -148,14 +133,7 @@ async fn bad_uploads_are_rejected_and_a_good_document_still_completes() {
     // submission with `start_page` and the future version, each with its
     // reason (and the truncated PDF if it failed).
     let expected = 6 + usize::from(truncated_failed);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let dl = loop {
-        let dl = dead_letters(&h).await;
-        if dl.len() >= expected || std::time::Instant::now() > deadline {
-            break dl;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let dl = h.dead_letters_at_least(expected, Duration::from_secs(30)).await;
     assert_eq!(dl.len(), expected, "{dl:#?}");
     let future = dl
         .iter()
@@ -194,14 +172,7 @@ async fn encrypted_pdf_opens_with_its_password_and_fails_clearly_without() {
         assert_eq!(st["error"]["code"], "pdf_password", "{st}");
     }
     // The password never reaches a dead letter or the results.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let dl = loop {
-        let dl = dead_letters(&h).await;
-        if dl.len() >= 2 || std::time::Instant::now() > deadline {
-            break dl;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let dl = h.dead_letters_at_least(2, Duration::from_secs(30)).await;
     assert_eq!(dl.len(), 2, "{dl:#?}");
     for d in &dl {
         let sub: pagestream_schemas::DocumentSubmitted = decode(&d.payload).unwrap();
@@ -231,8 +202,7 @@ async fn limits_fail_or_downscale_with_a_clear_record() {
     let id = huge.json["id"].as_str().unwrap();
     let st = h.wait_terminal(id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
-    let page: Value =
-        serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("pages/1.json")).unwrap()).unwrap();
+    let page: Value = h.result(id, "pages/1.json");
     let (w, hgt) = (page["width"].as_u64().unwrap(), page["height"].as_u64().unwrap());
     assert!(w * hgt <= 16_777_216 && w >= 4000, "{w}×{hgt}");
     let dpi = page["dpi"].as_f64().unwrap();
@@ -265,8 +235,7 @@ async fn failed_pages_reach_status_and_manifest_with_their_reason() {
     assert_eq!(reasons.len(), 1, "{st}");
     assert_eq!((reasons[0]["page"].as_u64(), reasons[0]["error"]["code"].as_str()), (Some(1), Some("render_crashed")));
     assert_eq!(reasons[0]["stage"], "splitter", "the stage that failed, not the uploader: {st}");
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(h.out.path().join(id).join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value = h.result(id, "manifest.json");
     assert_eq!(manifest["status"], "completed_with_errors");
     assert!(manifest.get("error").is_none(), "pages failed, not the document: {manifest}");
     let pages = manifest["pages"].as_array().unwrap();

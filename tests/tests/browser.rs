@@ -79,6 +79,15 @@ impl Driver {
         reference.and_then(|(_, v)| v.as_str()).unwrap_or_else(|| panic!("no element {css}: {found}")).to_string()
     }
 
+    /// Waits until the list's row of document `id` shows a state
+    /// (`state`: that one); returns it.
+    async fn wait_row(&self, id: &str, state: Option<&str>, within: Duration, what: &str) -> Value {
+        let test = state.map(|s| format!(" === '{s}'")).unwrap_or_default();
+        let js =
+            format!("const r = document.querySelector('[data-doc-id=\"{id}\"]'); return r && r.dataset.state{test}");
+        self.wait_for(&js, within, what).await
+    }
+
     /// Polls `js` until it returns something truthy.
     async fn wait_for(&self, js: &str, within: Duration, what: &str) -> Value {
         let deadline = Instant::now() + within;
@@ -144,21 +153,9 @@ async fn upload_through_the_page_and_see_it_complete_with_detections() {
         )
         .await;
     let id = id.as_str().unwrap().to_string();
-    let seen_running = driver
-        .wait_for(
-            &format!("const r = document.querySelector('[data-doc-id=\"{id}\"]'); return r && r.dataset.state"),
-            Duration::from_secs(30),
-            "a state",
-        )
-        .await;
+    let seen_running = driver.wait_row(&id, None, Duration::from_secs(30), "a state").await;
     assert!(["queued", "running", "completed"].contains(&seen_running.as_str().unwrap()), "{seen_running}");
-    driver
-        .wait_for(
-            &format!("const r = document.querySelector('[data-doc-id=\"{id}\"]'); return r && r.dataset.state === 'completed'"),
-            Duration::from_secs(240),
-            "the document to complete",
-        )
-        .await;
+    driver.wait_row(&id, Some("completed"), Duration::from_secs(240), "the document to complete").await;
     let bars = driver
         .script(&format!(
             "return [...document.querySelectorAll('[data-doc-id=\"{id}\"] progress')].map(p => p.value + '/' + p.max)"
@@ -166,13 +163,7 @@ async fn upload_through_the_page_and_see_it_complete_with_detections() {
         .await;
     assert_eq!(bars, json!(["28/28", "28/28", "28/28"]), "progress bars full");
     for other in &others {
-        driver
-            .wait_for(
-                &format!("const r = document.querySelector('[data-doc-id=\"{other}\"]'); return r && r.dataset.state === 'completed'"),
-                Duration::from_secs(240),
-                "every other document to complete",
-            )
-            .await;
+        driver.wait_row(other, Some("completed"), Duration::from_secs(240), "every other document to complete").await;
     }
     // The API agrees.
     let st = h.client.get(&format!("/v1/documents/{id}")).await.unwrap().json;

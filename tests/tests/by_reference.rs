@@ -5,13 +5,13 @@
 //! `splitter.source_max_bytes` and a non-PDF fail with their reasons; a
 //! bucket or host the deployment does not allow is refused at once.
 
-use std::convert::Infallible;
 use std::process::Command;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::Request;
+use pagestream_e2e::api;
+use pagestream_e2e::http::{answer, serve};
 use pagestream_e2e::procs::bin_dir;
 use pagestream_e2e::{corpus, Harness, MotoServer};
 use pagestream_pipeline::embedded::free_port;
@@ -21,41 +21,27 @@ const PDF: &str = "fig_dbscan-jss.pdf";
 
 /// Serves `/paper.pdf` (the PDF), `/notes.txt` (not a PDF); 404 otherwise.
 async fn http_server(port: u16, pdf: Vec<u8>) {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    loop {
-        let (stream, _) = listener.accept().await.unwrap();
+    serve(port, move |req: Request<Incoming>| {
         let pdf = pdf.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let pdf = pdf.clone();
-                async move {
-                    let (status, body) = match req.uri().path() {
-                        "/paper.pdf" => (200, pdf),
-                        "/notes.txt" => (200, b"just some text, certainly not a PDF".repeat(100)),
-                        _ => (404, b"not here".to_vec()),
-                    };
-                    let resp = Response::builder()
-                        .status(status)
-                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                        .unwrap();
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+        async move {
+            match req.uri().path() {
+                "/paper.pdf" => answer(200, pdf),
+                "/notes.txt" => answer(200, b"just some text, certainly not a PDF".repeat(100)),
+                _ => answer(404, "not here"),
+            }
+        }
+    })
+    .await
 }
 
 async fn by_url(h: &Harness, url: &str, options: Value) -> (u16, Value) {
-    let ans = h.client.post_json("/v1/documents", &json!({"url": url, "options": options}), None).await.unwrap();
-    (ans.status.as_u16(), ans.json)
+    api::by_url(&h.client, url, Some(options)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_by_reference_are_fetched_checked_and_refused_with_reasons() {
     let moto = MotoServer::start().unwrap();
-    let mut s3cfg = pagestream_pipeline::Config::default();
-    let s3 = moto.configure(&mut s3cfg, "docs").await.unwrap();
+    let s3 = moto.bucket("docs").await.unwrap();
     let pdf = std::fs::read(corpus(PDF)).unwrap();
     let put = |key: &str, body: Vec<u8>| {
         s3.put_object().bucket("docs").key(key).body(aws_sdk_s3::primitives::ByteStream::from(body)).send()
@@ -69,12 +55,7 @@ async fn documents_by_reference_are_fetched_checked_and_refused_with_reasons() {
     tokio::spawn(http_server(port, pdf.clone()));
 
     let h = Harness::start(|c| {
-        let u = &s3cfg.uploader;
-        c.splitter.source_s3_buckets = vec!["docs".into()];
-        c.splitter.source_s3_endpoint = u.s3_endpoint.clone();
-        c.splitter.source_s3_path_style = true;
-        c.splitter.source_s3_access_key_id = u.s3_access_key_id.clone();
-        c.splitter.source_s3_secret_access_key = u.s3_secret_access_key.clone();
+        moto.source_for(c, "docs");
         c.splitter.source_max_bytes = 2 << 20;
         c.splitter.source_allow_private_hosts = vec!["127.0.0.1".into()];
     })
@@ -128,11 +109,9 @@ async fn documents_by_reference_are_fetched_checked_and_refused_with_reasons() {
         assert_eq!(st["bytes"], pdf.len() as u64, "size of the fetched copy: {st}");
         assert_eq!(st["filename"], "paper.pdf", "{st}");
     }
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(h.out.path().join(&from_http).join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value = h.result(&from_http, "manifest.json");
     assert_eq!(manifest["pages"].as_array().unwrap().len(), 28);
-    let page: Value =
-        serde_json::from_slice(&std::fs::read(h.out.path().join(&from_http).join("pages/1.json")).unwrap()).unwrap();
+    let page: Value = h.result(&from_http, "pages/1.json");
     assert_eq!(page["dpi"], 100.0, "options travel with the reference");
     for (url, code, id) in &failing {
         let st = h.wait_terminal(id, Duration::from_secs(120)).await.unwrap();

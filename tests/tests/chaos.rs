@@ -10,11 +10,11 @@
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{signal, Cluster, STAGES};
+use pagestream_e2e::api::accepted;
+use pagestream_e2e::procs::{signal, stage_env, wait_ready, with_vars, Cluster, STAGES};
 use pagestream_e2e::{corpus, init_logging, repo_root, MotoServer};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_pipeline::nats::Names;
-use pagestream_pipeline::Config;
 use serde_json::Value;
 
 const PREFIX: &str = "chaos";
@@ -51,32 +51,21 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     init_logging();
     let mut nats = NatsServer::start().unwrap();
     let moto = MotoServer::start().unwrap();
-    let mut cfg = Config::default();
-    let s3 = moto.configure(&mut cfg, BUCKET).await.unwrap();
+    let s3 = moto.bucket(BUCKET).await.unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let u = &cfg.uploader;
-    let env: Vec<(String, String)> = [
-        ("PAGESTREAM_NATS_URL", nats.url()),
-        ("PAGESTREAM_NATS_PREFIX", PREFIX.into()),
+    let extra = [
         ("PAGESTREAM_NATS_ACK_WAIT_SECS", "6".into()),
         ("PAGESTREAM_NATS_MAX_DELIVER", "30".into()),
         ("PAGESTREAM_NATS_CONNECT_TIMEOUT_SECS", "60".into()),
         ("PAGESTREAM_UPLOADER_TARGET", "s3".into()),
         ("PAGESTREAM_UPLOADER_S3_BUCKET", BUCKET.into()),
-        ("PAGESTREAM_UPLOADER_S3_ENDPOINT", u.s3_endpoint.clone()),
+        ("PAGESTREAM_UPLOADER_S3_ENDPOINT", moto.endpoint()),
         ("PAGESTREAM_UPLOADER_S3_PATH_STYLE", "true".into()),
         ("PAGESTREAM_UPLOADER_S3_ACCESS_KEY_ID", "test".into()),
         ("PAGESTREAM_UPLOADER_S3_SECRET_ACCESS_KEY", "test".into()),
-        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
         ("PAGESTREAM_LOG", "info,async_nats=error,aws=error".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mut cluster = Cluster::new(env, logs.path());
+    ];
+    let mut cluster = Cluster::new(with_vars(stage_env(&nats.url(), PREFIX), &extra), logs.path());
     let ports = [free_port().unwrap(), free_port().unwrap()];
     for stage in STAGES {
         for (idx, &port) in ports.iter().enumerate() {
@@ -88,10 +77,7 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     let clients: Vec<ApiClient> = ports.iter().map(|p| ApiClient::new(format!("http://127.0.0.1:{p}"))).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     for c in &clients {
-        while !c.get("/readyz").await.map(|a| a.status.is_success()).unwrap_or(false) {
-            assert!(Instant::now() < deadline, "ingress not ready; logs in {}", logs.path().display());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(c, deadline.saturating_duration_since(Instant::now()), &cluster).await;
     }
 
     // 113 + 28 + 28 + 4 + 1 = 174 pages.
@@ -104,9 +90,7 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     ];
     let mut docs = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        let ans = clients[i % 2].submit_file(f, None).await.unwrap();
-        assert_eq!(ans.status, 202, "{}", ans.json);
-        docs.push(ans.json["id"].as_str().unwrap().to_string());
+        docs.push(accepted(&clients[i % 2].submit_file(f, None).await.unwrap()));
     }
 
     // Follow every document's event stream through the chaos (reconnecting

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagestream_e2e::procs::{bin_dir, signal};
-use pagestream_e2e::{corpus, repo_root};
+use pagestream_e2e::{corpus, read_json, repo_root};
 use pagestream_pipeline::embedded::free_port;
 
 fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
@@ -102,13 +102,11 @@ fn scripts_up_serves_the_cli_and_stops_on_ctrl_c() {
     let (code, out, err) = cli(&url, &["results", &id, "--download", dl.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let doc = dl.join(&id);
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(doc.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = read_json(&doc.join("manifest.json"));
     assert_eq!(manifest["page_count"], 28);
     for n in 1..=28 {
         assert!(std::fs::metadata(doc.join(format!("pages/{n}.png"))).unwrap().len() > 1000);
-        let page: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(doc.join(format!("pages/{n}.json"))).unwrap()).unwrap();
+        let page: serde_json::Value = read_json(&doc.join(format!("pages/{n}.json")));
         assert_eq!(page["page"], n);
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagestream_e2e::procs::bin_dir;
-use pagestream_e2e::{corpus, repo_root, Harness, MotoServer};
+use pagestream_e2e::{corpus, read_json, repo_root, Harness, MotoServer};
 use tokio_rustls::rustls;
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -117,14 +117,7 @@ async fn cli(env: &[(&str, &str)], args: &[&str], within: Duration) -> (Option<i
 async fn the_cli_speaks_https_and_follow_ends_with_the_reason_of_a_failure() {
     let moto = MotoServer::start().unwrap();
     let moto_port = moto.port;
-    let mut cfg = pagestream_pipeline::Config::default();
-    moto.configure(&mut cfg, "tls-results").await.unwrap();
-    let h = Harness::start(|c| {
-        c.uploader = cfg.uploader.clone();
-        c.nats.max_deliver = 3;
-    })
-    .await
-    .unwrap();
+    let (h, _) = Harness::start_s3(&moto, "tls-results", |c| c.nats.max_deliver = 3).await.unwrap();
     let certs = tempfile::tempdir().unwrap();
     let (ca, cert, key) = private_ca(certs.path());
     let api = h.pipeline.base_url().trim_start_matches("http://").to_string();
@@ -158,8 +151,7 @@ async fn the_cli_speaks_https_and_follow_ends_with_the_reason_of_a_failure() {
     let dl = tempfile::tempdir().unwrap();
     let (code, out, err, _) = cli(&with_ca, &["results", &id, "--download", dl.path().to_str().unwrap()], minute).await;
     assert_eq!(code, Some(0), "{out}{err}");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dl.path().join(&id).join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = read_json(&dl.path().join(&id).join("manifest.json"));
     assert_eq!(manifest["doc_id"], id.as_str());
     let (code, _, err, _) = cli(&with_ca, &["results", &id, "--follow"], minute).await;
     assert_eq!(code, Some(0), "{err}");
@@ -190,7 +182,7 @@ async fn the_cli_speaks_https_and_follow_ends_with_the_reason_of_a_failure() {
     // The store back (empty: the manifest was never written): the results
     // answer `complete: false` for a document that ended; the same.
     let moto = MotoServer::start_on(moto_port).unwrap();
-    moto.configure(&mut cfg, "tls-results").await.unwrap();
+    moto.bucket("tls-results").await.unwrap();
     let (code, out, err, secs) = cli(&with_ca, &["results", &lost_id, "--follow"], minute).await;
     println!("... with the store back: exit {code:?} after {secs:.1} s: {}", err.trim());
     assert_eq!(code, Some(1), "{out}{err}");

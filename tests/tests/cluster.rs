@@ -10,9 +10,10 @@
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
+use pagestream_e2e::api::accepted;
 use pagestream_e2e::nats_cluster::NatsCluster;
-use pagestream_e2e::procs::{base_env, Cluster, STAGES};
-use pagestream_e2e::{corpus, init_logging};
+use pagestream_e2e::procs::{base_env, wait_ready, Cluster, STAGES};
+use pagestream_e2e::{corpus, init_logging, read_json};
 use pagestream_pipeline::config::NatsConfig;
 use pagestream_pipeline::embedded::free_port;
 use pagestream_pipeline::nats::Names;
@@ -77,11 +78,7 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
     }
     let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
     let t0 = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !client.get("/readyz").await.map(|a| a.status.is_success()).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "ingress not ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_ready(&client, Duration::from_secs(90), &procs).await;
     println!("stages ready after {:.1} s", t0.elapsed().as_secs_f32());
     let check_cfg = NatsConfig { url: nats.urls(), prefix: PREFIX.into(), ..Default::default() };
     let js = pagestream_pipeline::nats::connect(&check_cfg, "cluster-check").await.unwrap();
@@ -96,12 +93,12 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
     let files = [corpus("text_R-intro.pdf"), corpus("fig_dbscan-jss.pdf"), corpus("fig_dbscan-jss.pdf")];
     let mut docs = Vec::new();
     for f in &files {
-        let ans = tokio::time::timeout(Duration::from_secs(60), client.submit_file(f, None))
-            .await
-            .expect("an upload took over 60 s")
-            .unwrap();
-        assert_eq!(ans.status, 202, "{}", ans.json);
-        docs.push(ans.json["id"].as_str().unwrap().to_string());
+        docs.push(accepted(
+            &tokio::time::timeout(Duration::from_secs(60), client.submit_file(f, None))
+                .await
+                .expect("an upload took over 60 s")
+                .unwrap(),
+        ));
     }
     let mut watchers = tokio::task::JoinSet::new();
     for id in &docs {
@@ -206,11 +203,10 @@ async fn a_three_node_cluster_loses_a_node_and_the_pages_leader_without_losing_a
         want.push("manifest.json".into());
         want.sort();
         assert_eq!(files, want, "result files of {id}");
-        let manifest: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let manifest: Value = read_json(&dir.join("manifest.json"));
         assert_eq!((manifest["status"].as_str(), manifest["page_count"].as_u64()), (Some("completed"), Some(n)));
         for p in 1..=n {
-            let page: Value =
-                serde_json::from_slice(&std::fs::read(dir.join(format!("pages/{p}.json"))).unwrap()).unwrap();
+            let page: Value = read_json(&dir.join(format!("pages/{p}.json")));
             assert_eq!(page["page"], p, "{id} page {p}");
         }
     }

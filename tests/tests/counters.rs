@@ -13,10 +13,10 @@
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{signal, Cluster, STAGES};
-use pagestream_e2e::{corpus, init_logging, Harness};
+use pagestream_e2e::api::{status_ok, submit};
+use pagestream_e2e::procs::{signal, Stages, STAGES};
+use pagestream_e2e::{corpus, read_json, stream_state, wait, wait_consumer_idle, Harness};
 use pagestream_pipeline::counters::Counters;
-use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_pipeline::nats::Names;
 use pagestream_pipeline::progress::publish_message;
 use pagestream_schemas::{EventState, ImageRef, ModelRef, PageInferred, Timings, VERSION};
@@ -24,66 +24,33 @@ use serde_json::Value;
 
 const PREFIX: &str = "counters";
 
-async fn status(client: &ApiClient, id: &str) -> Value {
-    let ans = client.get(&format!("/v1/documents/{id}")).await.unwrap();
-    assert!(ans.status.is_success(), "{}", ans.json);
-    ans.json
-}
-
 async fn wait_uploaded(client: &ApiClient, id: &str, at_least: u64) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let st = status(client, id).await;
+    wait::until(Duration::from_secs(180), Duration::from_millis(50), async || {
+        let st = status_ok(client, id).await;
         if st["pages"]["uploaded"].as_u64().unwrap_or(0) >= at_least {
-            return;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "no progress: {st}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(format!("no progress: {st}"))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploader_killed_mid_document_counts_every_page_exactly_once() {
-    init_logging();
-    let nats = NatsServer::start().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let env: Vec<(String, String)> = [
-        ("PAGESTREAM_NATS_URL", nats.url()),
-        ("PAGESTREAM_NATS_PREFIX", PREFIX.into()),
-        ("PAGESTREAM_NATS_ACK_WAIT_SECS", "3".into()),
+    let extra = [
+        ("PAGESTREAM_NATS_ACK_WAIT_SECS", "3".to_string()),
         ("PAGESTREAM_NATS_MAX_DELIVER", "20".into()),
-        ("PAGESTREAM_UPLOADER_DIR", out.path().display().to_string()),
         ("PAGESTREAM_UPLOADER_CONCURRENCY", "8".into()),
-        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
-        ("PAGESTREAM_LOG", "info,async_nats=error".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mut cluster = Cluster::new(env, logs.path());
-    let port = free_port().unwrap();
-    for stage in STAGES {
-        let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
-        cluster.procs.push(p);
-    }
-    let uploader = STAGES.iter().position(|s| *s == "uploader").unwrap();
-    let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client.get("/readyz").await.map(|a| a.status.is_success()).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "ingress not ready; logs in {}", logs.path().display());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let cfg = pagestream_pipeline::config::NatsConfig { url: nats.url(), prefix: PREFIX.into(), ..Default::default() };
+    ];
+    let mut s = Stages::start(PREFIX, &STAGES, &extra, Duration::from_secs(60)).await;
+    let (client, out) = (s.client.clone(), s.out.path().to_path_buf());
+    let uploader = STAGES.iter().position(|stage| *stage == "uploader").unwrap();
+    let cfg =
+        pagestream_pipeline::config::NatsConfig { url: s.nats.url(), prefix: PREFIX.into(), ..Default::default() };
     let js = pagestream_pipeline::nats::connect(&cfg, "counters-check").await.unwrap();
     let names = Names::new(PREFIX);
 
-    let ans = client.submit_file(&corpus("fig_dbscan-jss.pdf"), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = submit(&client, &corpus("fig_dbscan-jss.pdf"), &[]).await;
 
     // Freeze the uploader until pages were delivered to it, then kill it:
     // those deliveries are never acked and come back to its replacement.
@@ -95,7 +62,7 @@ async fn uploader_killed_mid_document_counts_every_page_exactly_once() {
     };
     // A frozen process cannot ask for more: pages reach it only while the
     // pull request it had open lasts (2 s). Freeze, look, thaw, retry.
-    let pid = cluster.procs[uploader].child.id();
+    let pid = s.cluster.procs[uploader].child.id();
     let mut caught = false;
     for _ in 0..40 {
         signal(pid, "-STOP");
@@ -111,10 +78,10 @@ async fn uploader_killed_mid_document_counts_every_page_exactly_once() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(caught, "no page was delivered to the frozen uploader");
-    cluster.kill_and_restart(uploader);
+    s.cluster.kill_and_restart(uploader);
     // And once more at an arbitrary moment.
     wait_uploaded(&client, &id, 16).await;
-    cluster.kill_and_restart(uploader);
+    s.cluster.kill_and_restart(uploader);
 
     let st = pagestream_e2e::wait_terminal(&client, &id, Duration::from_secs(240)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
@@ -130,15 +97,13 @@ async fn uploader_killed_mid_document_counts_every_page_exactly_once() {
         assert!(set.timed <= 28, "{state}: {} timed pages", set.timed);
     }
     assert!(c.failed.is_empty());
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join(&id).join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value = read_json(&out.join(&id).join("manifest.json"));
     assert_eq!(manifest["status"], "completed");
     assert_eq!(manifest["pages"].as_array().unwrap().len(), 28);
-    let files = std::fs::read_dir(out.path().join(&id).join("pages")).unwrap().count();
+    let files = std::fs::read_dir(out.join(&id).join("pages")).unwrap().count();
     assert_eq!(files, 56, "one PNG and one JSON per page");
-    let dlq = js.get_stream(names.dlq_stream()).await.unwrap().get_info().await.unwrap();
-    assert_eq!(dlq.state.messages, 0);
-    let redelivered = cluster.count_in_logs("handling a redelivered message");
+    assert_eq!(stream_state(&js, names.dlq_stream()).await.0, 0);
+    let redelivered = s.cluster.count_in_logs("handling a redelivered message");
     assert!(redelivered >= 1, "the frozen uploader's pages were redelivered ({redelivered})");
     println!("uploader killed twice; {redelivered} redeliveries; every counter exact at 28");
 }
@@ -175,17 +140,7 @@ async fn a_page_delivered_twice_counts_once() {
             .await
             .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut c: async_nats::jetstream::consumer::PullConsumer =
-            ctx.js.get_stream(ctx.names.inferred_stream()).await.unwrap().get_consumer("uploader").await.unwrap();
-        let info = c.info().await.unwrap();
-        if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "uploader did not finish: {info:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_consumer_idle(&ctx.js, ctx.names.inferred_stream(), "uploader", 2, Duration::from_secs(30)).await;
     let uploaded = ctx.counters.get(doc, EventState::Uploaded).await.unwrap();
     assert_eq!(uploaded.len(), 1);
     assert!(uploaded.timed <= 1, "its time is aggregated once: {uploaded:?}");

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use pagestream::client::ApiClient;
-use pagestream_e2e::{corpus, Harness, MotoServer};
+use pagestream_e2e::api::accepted;
+use pagestream_e2e::{corpus, Harness, MotoServer, CDLA_SHA};
 use pagestream_results::ResultStore;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -34,7 +35,7 @@ async fn check_results(store: &ResultStore, prefix: &str, id: &str, title: &str,
     assert_eq!(manifest["source"]["bytes"], pdf.len() as u64);
     assert_eq!(manifest["source"]["sha256"], hex::encode(Sha256::digest(pdf)));
     assert_eq!(manifest["model"]["name"], "layout_cdla");
-    assert_eq!(manifest["model"]["sha256"], "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c");
+    assert_eq!(manifest["model"]["sha256"], CDLA_SHA);
     for key in ["queued_at", "started_at", "finished_at"] {
         assert!(manifest[key].as_str().is_some_and(|t| t.starts_with("20")), "{key}: {manifest}");
     }
@@ -92,8 +93,7 @@ async fn multipart_upload_to_local_directory() {
     let h = Harness::start(|_| {}).await.unwrap();
     let pdf = std::fs::read(corpus(PDF)).unwrap();
     let ans = h.client.submit_multipart(PDF, pdf.clone(), &[("title", "DBSCAN in R")]).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = accepted(&ans);
     assert_eq!(ans.json["status_url"], format!("/v1/documents/{id}"));
 
     let status = h.wait_terminal(&id, Duration::from_secs(300)).await.unwrap();
@@ -106,19 +106,10 @@ async fn multipart_upload_to_local_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_pdf_upload_to_s3() {
     let moto = MotoServer::start().unwrap();
-    let mut cfg = pagestream_pipeline::Config::default();
-    let client = moto.configure(&mut cfg, "results").await.unwrap();
-    let h = Harness::start(|c| {
-        c.uploader = cfg.uploader.clone();
-        c.uploader.prefix = "runs/e2e".into();
-    })
-    .await
-    .unwrap();
+    let (h, client) = Harness::start_s3(&moto, "results", |c| c.uploader.prefix = "runs/e2e".into()).await.unwrap();
     let pdf = std::fs::read(corpus(PDF)).unwrap();
     // No title: it defaults to the file name.
-    let ans = h.client.submit_file(&corpus(PDF), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = accepted(&h.client.submit_file(&corpus(PDF), None).await.unwrap());
 
     let status = h.wait_terminal(&id, Duration::from_secs(300)).await.unwrap();
     check_status(&status, &id, PDF);

@@ -18,71 +18,52 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{base_env, Cluster, Proc};
-use pagestream_e2e::{corpus, dead_letters, init_logging};
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_e2e::api::{admin_metrics, metric_by_label, status, upload, upload_answer};
+use pagestream_e2e::procs::{Cluster, Proc, Stages};
+use pagestream_e2e::{corpus, dead_letters, publish, read_json, stream_state, wait, CDLA, CDLA_SHA, YOLO, YOLO_SHA};
+use pagestream_pipeline::embedded::free_port;
 use pagestream_pipeline::nats::Names;
 use pagestream_schemas::{encode, DocumentSubmitted, Source, SubmitOptions, VERSION};
 use serde_json::Value;
 
-const CDLA: &str = "layout_cdla";
-const YOLO: &str = "yolov8n_doclaynet";
-const CDLA_SHA: &str = "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c";
-const YOLO_SHA: &str = "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957";
-
+/// NATS, ingress, splitter and uploader processes; inferencers are the
+/// test's to start.
 struct Fleet {
-    nats: NatsServer,
-    cluster: Cluster,
-    client: ApiClient,
-    out: tempfile::TempDir,
-    _logs: tempfile::TempDir,
+    s: Stages,
     prefix: &'static str,
 }
 
-/// An inferencer process serving `model` (ORT for layout_cdla, tract for
-/// yolov8n), its metrics on `admin`.
+impl std::ops::Deref for Fleet {
+    type Target = Stages;
+    fn deref(&self) -> &Stages {
+        &self.s
+    }
+}
+
+impl std::ops::DerefMut for Fleet {
+    fn deref_mut(&mut self) -> &mut Stages {
+        &mut self.s
+    }
+}
+
+/// An inferencer process serving `model`, its metrics on `admin`.
 fn inferencer(cluster: &Cluster, idx: usize, model: &str, admin: u16, extra: &[(&str, String)]) -> Proc {
-    let backend = if model == YOLO { "tract" } else { "ort" };
-    let mut env = vec![
-        ("PAGESTREAM_INFERENCER_MODEL", model.to_string()),
-        ("PAGESTREAM_INFERENCER_BACKEND", backend.to_string()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
-    ];
+    let mut env = vec![("PAGESTREAM_INFERENCER_ADMIN_ADDR", format!("127.0.0.1:{admin}"))];
     env.extend(extra.iter().cloned());
-    cluster.spawn_with("inferencer", idx, None, &env)
+    cluster.spawn_inferencer(idx, model, &env)
 }
 
 impl Fleet {
-    /// NATS, ingress, splitter and uploader processes; inferencers are the
-    /// test's to start.
     async fn start(prefix: &'static str) -> Fleet {
-        init_logging();
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut env = base_env(&nats.url(), prefix, out.path());
         // A killed replica's pages come back after 5 s, not a minute.
-        env.push(("PAGESTREAM_NATS_ACK_WAIT_SECS".into(), "5".into()));
-        env.push(("PAGESTREAM_NATS_MAX_DELIVER".into(), "20".into()));
-        let mut cluster = Cluster::new(env, logs.path());
-        let port = free_port().unwrap();
-        for stage in ["ingress", "splitter", "uploader"] {
-            let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
-            cluster.procs.push(p);
-        }
-        let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-            assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Fleet { nats, cluster, client, out, _logs: logs, prefix }
+        let extra = [("PAGESTREAM_NATS_ACK_WAIT_SECS", "5".to_string()), ("PAGESTREAM_NATS_MAX_DELIVER", "20".into())];
+        let s = Stages::start(prefix, &["ingress", "splitter", "uploader"], &extra, Duration::from_secs(60)).await;
+        Fleet { s, prefix }
     }
 
     /// Waits until `GET /v1/models` lists exactly `want` (name, replicas).
     async fn wait_models(&self, want: &[(&str, u64)]) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
+        let listed = async || {
             let ans = self.client.get("/v1/models").await.unwrap();
             assert_eq!(ans.status, 200, "{}", ans.json);
             let got: Vec<(String, u64)> = ans.json["models"]
@@ -92,31 +73,26 @@ impl Fleet {
                 .map(|m| (m["name"].as_str().unwrap().to_string(), m["replicas"].as_u64().unwrap()))
                 .collect();
             if got.iter().map(|(n, r)| (n.as_str(), *r)).collect::<Vec<_>>() == want {
-                return ans.json;
+                return Ok(ans.json);
             }
-            assert!(
-                Instant::now() < deadline,
-                "models {got:?}, want {want:?}; logs: {}",
-                self.cluster.log("inferencer", 0)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Err(format!("models {got:?}, want {want:?}"))
+        };
+        wait::until_with(Duration::from_secs(90), Duration::from_millis(200), listed, || {
+            format!("logs: {}", self.cluster.log("inferencer", 0))
+        })
+        .await
     }
 
     async fn submit(&self, pdf: &str, fields: &[(&str, &str)]) -> (u16, Value) {
-        let bytes = std::fs::read(corpus(pdf)).unwrap();
-        let ans = self.client.submit_multipart(pdf, bytes, fields).await.unwrap();
-        (ans.status.as_u16(), ans.json)
+        upload_answer(&self.client, pdf, fields).await
     }
 
     async fn submit_ok(&self, pdf: &str, fields: &[(&str, &str)]) -> String {
-        let (status, json) = self.submit(pdf, fields).await;
-        assert_eq!(status, 202, "{json}");
-        json["id"].as_str().unwrap().to_string()
+        upload(&self.client, pdf, fields).await
     }
 
     async fn status(&self, id: &str) -> Value {
-        self.client.get(&format!("/v1/documents/{id}")).await.unwrap().json
+        status(&self.client, id).await
     }
 
     /// Every page JSON of a finished document: (model name, sha256).
@@ -124,35 +100,21 @@ impl Fleet {
         (1..=pages)
             .map(|n| {
                 let path = self.out.path().join(id).join(format!("pages/{n}.json"));
-                let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+                let v: Value = read_json(&path);
                 (v["model"]["name"].as_str().unwrap().to_string(), v["model"]["sha256"].as_str().unwrap().to_string())
             })
             .collect()
     }
 
     async fn blob_messages(&self) -> u64 {
-        let js = async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap());
-        let names = Names::new(self.prefix);
-        let mut s = js.get_stream(format!("OBJ_{}", names.blob_bucket())).await.unwrap();
-        s.info().await.unwrap().state.messages
+        stream_state(&self.js().await, format!("OBJ_{}", Names::new(self.prefix).blob_bucket())).await.0
     }
 }
 
 /// `pagestream_model_pages_total{model=…}` of the process whose admin port is `port`.
 async fn model_pages(port: u16) -> Vec<(String, u64)> {
-    let text = reqwest_text(port).await;
-    text.lines()
-        .filter_map(|l| l.strip_prefix("pagestream_model_pages_total{model=\""))
-        .filter_map(|rest| rest.split_once("\"} "))
-        .map(|(m, n)| (m.to_string(), n.trim().parse::<f64>().unwrap() as u64))
-        .collect()
-}
-
-async fn reqwest_text(port: u16) -> String {
-    let c = ApiClient::new(format!("http://127.0.0.1:{port}"));
-    let resp = c.raw(http::Method::GET, "/metrics", &[], pagestream::client::empty()).await.unwrap();
-    use http_body_util::BodyExt;
-    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    let text = admin_metrics(port).await;
+    metric_by_label(&text, "pagestream_model_pages_total", "model").into_iter().map(|(m, n)| (m, n as u64)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,8 +157,7 @@ async fn each_fleet_infers_only_its_models_pages_and_conflicting_weights_refuse_
         for (n, (name, weights)) in f.page_models(id, pages).into_iter().enumerate() {
             assert_eq!((name.as_str(), weights.as_str()), (model, sha), "document {id} page {}", n + 1);
         }
-        let manifest: Value =
-            serde_json::from_slice(&std::fs::read(f.out.path().join(id).join("manifest.json")).unwrap()).unwrap();
+        let manifest: Value = read_json(&f.out.path().join(id).join("manifest.json"));
         assert_eq!(manifest["model"]["name"], model, "{manifest}");
         expected.iter_mut().find(|(m, _)| *m == model).unwrap().1 += pages;
     }
@@ -242,7 +203,7 @@ async fn each_fleet_infers_only_its_models_pages_and_conflicting_weights_refuse_
     assert_eq!(cdla["canary_replicas"], 1, "{cdla}");
     assert_eq!(cdla["sha256"], serde_json::json!([CDLA_SHA]), "the fleet's weights, not the canary's: {cdla}");
 
-    let js = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap());
+    let js = f.js().await;
     assert!(dead_letters(&js, &Names::new(f.prefix)).await.is_empty());
 }
 
@@ -256,7 +217,7 @@ async fn pages_wait_for_their_model_and_survive_the_loss_of_its_only_replica() {
     // Refused without wait_for_model; over NATS the refusal is a failed document.
     let (status, json) = f.submit("scan_cardinal-rotated.pdf", &[("model", YOLO)]).await;
     assert_eq!((status, json["error"]["code"].as_str()), (422, Some("model_unavailable")), "{json}");
-    let js = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap());
+    let js = f.js().await;
     let names = Names::new(f.prefix);
     let direct = DocumentSubmitted {
         v: VERSION,
@@ -271,7 +232,7 @@ async fn pages_wait_for_their_model_and_survive_the_loss_of_its_only_replica() {
         start_page: None,
         owner: None,
     };
-    js.publish(names.docs_submitted(), encode(&direct).into()).await.unwrap().await.unwrap();
+    publish(&js, names.docs_submitted(), encode(&direct)).await;
     let st = pagestream_e2e::wait_terminal(&f.client, "direct-unserved", Duration::from_secs(60)).await.unwrap();
     assert_eq!(
         (st["state"].as_str(), st["error"]["code"].as_str()),
@@ -299,15 +260,14 @@ async fn pages_wait_for_their_model_and_survive_the_loss_of_its_only_replica() {
     assert!(f.page_models(&waiting, 4).iter().all(|(m, sha)| m == YOLO && sha == YOLO_SHA));
 
     // Kill the only yolov8n replica in the middle of the long document.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
+    wait::until(Duration::from_secs(240), Duration::from_millis(100), async || {
         let st = f.status(&long).await;
         if st["pages"]["uploaded"].as_u64().unwrap_or(0) >= 3 {
-            break;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "the long document never started: {st}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Err(format!("the long document never started: {st}"))
+    })
+    .await;
     let last = f.cluster.procs.len() - 1; // the yolov8n replica, started last
 
     let _ = f.cluster.procs[last].child.kill();

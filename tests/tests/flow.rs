@@ -13,56 +13,23 @@
 
 use std::time::{Duration, Instant};
 
-use pagestream_e2e::{corpus, Harness};
+use pagestream_e2e::api::{self, is_terminal, status_ok};
+use pagestream_e2e::{corpus, max_in_stream_until_done, wait, Harness};
 use serde_json::Value;
 
-async fn pages_waiting(h: &Harness) -> u64 {
-    let ctx = &h.pipeline.ctx;
-    ctx.js.get_stream(ctx.names.pages_stream()).await.unwrap().get_info().await.unwrap().state.messages
-}
-
-async fn dlq_count(h: &Harness) -> u64 {
-    let ctx = &h.pipeline.ctx;
-    ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap().get_info().await.unwrap().state.messages
-}
-
 async fn status(h: &Harness, id: &str) -> Value {
-    let ans = h.client.get(&format!("/v1/documents/{id}")).await.unwrap();
-    assert!(ans.status.is_success(), "{}", ans.json);
-    ans.json
-}
-
-fn terminal(st: &Value) -> bool {
-    pagestream::client::is_terminal(st["state"].as_str().unwrap_or(""))
+    status_ok(&h.client, id).await
 }
 
 async fn submit(h: &Harness, file: &std::path::Path, options: &[(&str, String)]) -> String {
-    let ans = h.client.submit_file_with(file, None, options, None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    ans.json["id"].as_str().unwrap().to_string()
+    api::submit(&h.client, file, options).await
 }
 
 /// Samples the pages stream every 10 ms until every document is terminal;
 /// returns the largest number of pages seen waiting in it.
 async fn max_waiting_until_done(h: &Harness, ids: &[String], within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    let mut max = 0;
-    let mut last_poll = Instant::now() - Duration::from_secs(1);
-    loop {
-        max = max.max(pages_waiting(h).await);
-        if last_poll.elapsed() > Duration::from_millis(300) {
-            last_poll = Instant::now();
-            let mut all = true;
-            for id in ids {
-                all &= terminal(&status(h, id).await);
-            }
-            if all {
-                return max;
-            }
-        }
-        assert!(Instant::now() < deadline, "documents not finished within {within:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (ctx, poll) = (&h.pipeline.ctx, Duration::from_millis(300));
+    max_in_stream_until_done(&ctx.js, &ctx.names.pages_stream(), (&h.client, ids), (within, poll), String::new).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +70,7 @@ async fn pages_in_flight_stay_within_the_document_and_pipeline_bounds() {
         assert_eq!(st["state"], "completed", "{st}");
         assert_eq!(st["pages"]["uploaded"], n, "{st}");
     }
-    assert_eq!(dlq_count(&h).await, 0);
+    assert_eq!(h.stream_messages(h.pipeline.ctx.names.dlq_stream()).await, 0);
     println!("pages waiting at most: one document {max_one} (bound 3), two documents {max_two} (bound 4)");
     h.stop().await.unwrap();
 }
@@ -117,11 +84,11 @@ async fn small_documents_and_high_priority_ones_do_not_wait_behind_a_big_one() {
     .unwrap();
     let big = submit(&h, &corpus("huge_R-fullrefman.pdf"), &[]).await;
     // Let the big one fill the pipeline first.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while status(&h, &big).await["pages"]["uploaded"].as_u64().unwrap_or(0) < 5 {
-        assert!(Instant::now() < deadline, "the big document did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait::until(Duration::from_secs(120), Duration::from_millis(200), async || {
+        let started = status(&h, &big).await["pages"]["uploaded"].as_u64().unwrap_or(0) >= 5;
+        started.then_some(()).ok_or("the big document did not start")
+    })
+    .await;
 
     // A 4-page document submitted now completes while the big one runs.
     let submitted = Instant::now();
@@ -130,7 +97,7 @@ async fn small_documents_and_high_priority_ones_do_not_wait_behind_a_big_one() {
     let small_took = submitted.elapsed();
     assert_eq!(st["state"], "completed", "{st}");
     let big_st = status(&h, &big).await;
-    assert!(!terminal(&big_st), "the big document finished first: {big_st}");
+    assert!(!is_terminal(&big_st), "the big document finished first: {big_st}");
     let big_done = big_st["pages"]["uploaded"].as_u64().unwrap();
     assert!(big_done < 2415, "{big_st}");
 
@@ -140,10 +107,10 @@ async fn small_documents_and_high_priority_ones_do_not_wait_behind_a_big_one() {
     let st_high = h.wait_terminal(&high, Duration::from_secs(300)).await.unwrap();
     assert_eq!(st_high["state"], "completed", "{st_high}");
     let st_low = status(&h, &low).await;
-    assert!(!terminal(&st_low), "the low-priority document finished before the high one: {st_low}");
+    assert!(!is_terminal(&st_low), "the low-priority document finished before the high one: {st_low}");
     let low_done = st_low["pages"]["uploaded"].as_u64().unwrap();
     assert!(low_done < 28, "{st_low}");
-    assert!(!terminal(&status(&h, &big).await), "the big document finished before the high one");
+    assert!(!is_terminal(&status(&h, &big).await), "the big document finished before the high one");
 
     for id in [&low, &big] {
         assert_eq!(h.client.delete(&format!("/v1/documents/{id}")).await.unwrap().status, 202);

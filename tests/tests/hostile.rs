@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use pagestream::client::{empty, full, ApiClient};
+use pagestream_e2e::api::{accepted, submit};
 use pagestream_e2e::ingress::IngressProc;
-use pagestream_e2e::procs::Cluster;
-use pagestream_e2e::{init_logging, Harness};
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_e2e::procs::Stages;
+use pagestream_e2e::{corpus, publish, read_json, stream_state, wait, with_marker, Harness};
 use pagestream_pipeline::nats::Names;
-use pagestream_schemas::{encode, DeadLetter, DocumentSubmitted, Source, SubmitOptions, VERSION};
+use pagestream_schemas::{encode, DocumentSubmitted, Source, SubmitOptions, VERSION};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -197,12 +197,7 @@ async fn rejected_and_interrupted_uploads_leave_nothing_in_the_store() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(s);
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut now = api.store().await;
-    while now != baseline && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        now = api.store().await;
-    }
+    let now = api.store_settles_to(baseline, Duration::from_secs(15)).await;
     println!("blob store (messages, bytes): baseline {baseline:?}, after 5 rejected uploads {now:?}");
     assert_eq!(now, baseline, "rejected uploads left data in the blob store");
     assert_eq!(api.client().get("/livez").await.unwrap().status, 200);
@@ -219,12 +214,7 @@ async fn a_full_blob_store_answers_507_and_keeps_what_it_accepted() {
     let second = api.client().post_bytes("/v1/documents", "application/pdf", pdf).await.unwrap();
     assert_eq!((second.status.as_u16(), second.json["error"]["code"].as_str()), (507, Some("storage_full")));
     // The refused upload's chunks are gone; the accepted one is whole.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut now = api.store().await;
-    while now != after_first && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        now = api.store().await;
-    }
+    let now = api.store_settles_to(after_first, Duration::from_secs(10)).await;
     println!("blob store after one accepted 2 MiB upload {after_first:?}, after a refused one {now:?}");
     assert_eq!(now, after_first);
     let id = first.json["id"].as_str().unwrap();
@@ -347,18 +337,11 @@ async fn idle_slow_and_excess_connections_are_cut_and_others_served() {
     assert_eq!(api.client().get("/livez").await.unwrap().status, 200);
 }
 
-/// Every record of the dead-letter stream.
-async fn dead_letters(h: &Harness) -> Vec<DeadLetter> {
-    pagestream_e2e::dead_letters(&h.pipeline.ctx.js, &h.pipeline.ctx.names).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_nats_submissions_fail_their_document_visibly() {
     let h = Harness::start(|_| {}).await.unwrap();
     let ctx = &h.pipeline.ctx;
-    let publish = |payload: Vec<u8>| async move {
-        ctx.js.publish(ctx.names.docs_submitted(), payload.into()).await.unwrap().await.unwrap()
-    };
+    let publish = |payload: Vec<u8>| async move { publish(&ctx.js, ctx.names.docs_submitted(), payload).await };
     // dpi 0, with a password; a future schema version; an inline PDF near
     // the payload limit that is invalid (its dead letter must still fit).
     let submission = |id: &str, dpi: f32| DocumentSubmitted {
@@ -387,21 +370,11 @@ async fn refused_nats_submissions_fail_their_document_visibly() {
         let message = st["error"]["message"].as_str().unwrap();
         assert!(message.starts_with("submission refused") && message.contains(needle), "{st}");
         let path = h.out.path().join(id).join("manifest.json");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !path.exists() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        wait::settle(Duration::from_secs(30), Duration::from_millis(100), async || path.exists(), |e| *e).await;
+        let manifest: Value = read_json(&path);
         assert_eq!(manifest["status"], "failed", "{manifest}");
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let dl = loop {
-        let dl = dead_letters(&h).await;
-        if dl.len() >= 3 || Instant::now() > deadline {
-            break dl;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let dl = h.dead_letters_at_least(3, Duration::from_secs(15)).await;
     assert_eq!(dl.len(), 3, "{:?}", dl.iter().map(|d| &d.doc_id).collect::<Vec<_>>());
     for d in &dl {
         let raw = d.payload.as_ref();
@@ -468,15 +441,14 @@ async fn browsers_cannot_write_cross_origin_and_the_contract_holds() {
     let third = c.send(Method::GET, &events, None, empty()).await.unwrap();
     assert_eq!((third.status.as_u16(), third.json["error"]["code"].as_str()), (503, Some("too_many_streams")));
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait::until(Duration::from_secs(20), Duration::from_millis(200), async || {
         let resp = c.raw(Method::GET, &events, &[], empty()).await.unwrap();
         if resp.status() == 200 {
-            break;
+            return Ok(resp);
         }
-        assert!(Instant::now() < deadline, "the slot of a closed stream never freed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err("the slot of a closed stream never freed")
+    })
+    .await;
     drop(second);
     h.stop().await.unwrap();
 }
@@ -484,18 +456,8 @@ async fn browsers_cannot_write_cross_origin_and_the_contract_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
     use pagestream_e2e::procs::STAGES;
-    init_logging();
-    let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-    let (out, logs, pdfs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let env: Vec<(String, String)> = [
-        ("PAGESTREAM_NATS_URL", nats.url()),
-        ("PAGESTREAM_NATS_PREFIX", "hostile-render".into()),
-        ("PAGESTREAM_UPLOADER_DIR", out.path().display().to_string()),
-        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
-        ("PAGESTREAM_SPLITTER_RENDER_TIMEOUT_SECS", "3".into()),
+    let extra = [
+        ("PAGESTREAM_SPLITTER_RENDER_TIMEOUT_SECS", "3".to_string()),
         // A worker limited to 256 MiB of address space, pages allowed up to
         // 100 Mpx (400 MB as a bitmap): a 1200 DPI render cannot fit.
         ("PAGESTREAM_SPLITTER_RENDER_MEMORY_MB", "256".into()),
@@ -503,40 +465,16 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
         // Test-only fault injection in the render worker (page 1 of a PDF
         // holding the marker): an abort, a hang.
         ("RENDER_WORKER_TEST_FAULT", "crash:%PAGESTREAM-CRASH,hang:%PAGESTREAM-HANG".into()),
-        ("PAGESTREAM_LOG", "info,async_nats=error".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mut cluster = Cluster::new(env, logs.path());
-    let port = free_port().unwrap();
-    for stage in STAGES {
-        let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
-        cluster.procs.push(p);
-    }
-    let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-        let logs: Vec<String> = STAGES.iter().map(|s| format!("{s}: {}", cluster.log(s, 0))).collect();
-        assert!(Instant::now() < deadline, "ingress not ready: {logs:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let with_marker = |src: &std::path::Path, marker: &str, name: &str| {
-        let mut bytes = std::fs::read(src).unwrap();
-        bytes.extend_from_slice(format!("\n{marker}\n").as_bytes());
-        let path = pdfs.path().join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    };
+    ];
+    let mut s = Stages::start("hostile-render", &STAGES, &extra, Duration::from_secs(60)).await;
+    let (client, pdfs) = (s.client.clone(), tempfile::tempdir().unwrap());
     let sample = pagestream_e2e::repo_root().join("samples/c03-29.pdf");
-    let crash = with_marker(&sample, "%PAGESTREAM-CRASH", "crash.pdf");
-    let hang = with_marker(&sample, "%PAGESTREAM-HANG", "hang.pdf");
-    let scan = with_marker(&pagestream_e2e::corpus("scan_cardinal-rotated.pdf"), "%PAGESTREAM-CRASH", "scan.pdf");
+    let crash = with_marker(&sample, "%PAGESTREAM-CRASH", pdfs.path(), "crash.pdf");
+    let hang = with_marker(&sample, "%PAGESTREAM-HANG", pdfs.path(), "hang.pdf");
+    let scan = with_marker(&corpus("scan_cardinal-rotated.pdf"), "%PAGESTREAM-CRASH", pdfs.path(), "scan.pdf");
     let mut ids = Vec::new();
     for path in [&crash, &hang, &scan, &sample] {
-        let ans = client.submit_file(path, None).await.unwrap();
-        assert_eq!(ans.status, 202, "{}", ans.json);
-        ids.push(ans.json["id"].as_str().unwrap().to_string());
+        ids.push(submit(&client, path, &[]).await);
     }
     let huge = client.submit_multipart("huge.pdf", std::fs::read(&sample).unwrap(), &[("dpi", "1200")]).await.unwrap();
     assert_eq!(huge.status, 202, "{}", huge.json);
@@ -561,12 +499,12 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
     println!("a 1200 DPI page in a 256 MiB worker: {code}: {}", st["failed_pages"][0]["error"]["message"]);
 
     // The splitter process survived every fault; each left a dead letter.
-    let splitter = cluster.procs.iter_mut().find(|p| p.stage == "splitter").unwrap();
-    assert!(splitter.child.try_wait().unwrap().is_none(), "the splitter died: {}", cluster.log("splitter", 0));
-    let restarts = cluster.count_in_logs("worker restarted");
+    let splitter = s.cluster.proc("splitter");
+    assert!(splitter.child.try_wait().unwrap().is_none(), "the splitter died: {}", s.cluster.log("splitter", 0));
+    let restarts = s.cluster.count_in_logs("worker restarted");
     let expected = 3 + usize::from(code == "render_crashed");
-    assert_eq!(restarts, expected, "{}", cluster.log("splitter", 0));
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    assert_eq!(restarts, expected, "{}", s.cluster.log("splitter", 0));
+    let js = s.js().await;
     let names = Names::new("hostile-render");
     let mut codes: Vec<String> =
         pagestream_e2e::dead_letters(&js, &names).await.into_iter().map(|d| d.error.code).collect();
@@ -577,14 +515,15 @@ async fn a_pdf_that_crashes_or_hangs_the_renderer_fails_alone() {
 
     // Every document finished: their sources and page images are gone from
     // the blob store (not merely expiring with the bucket).
-    let mut blobs = js.get_stream(format!("OBJ_{}", names.blob_bucket())).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut state = blobs.info().await.unwrap().state.clone();
-    while state.messages > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        state = blobs.info().await.unwrap().state.clone();
-    }
-    assert_eq!((state.messages, state.bytes), (0, 0), "blobs left behind by finished documents");
+    let blobs = format!("OBJ_{}", names.blob_bucket());
+    let state = wait::settle(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        async || stream_state(&js, blobs.clone()).await,
+        |(messages, _)| *messages == 0,
+    )
+    .await;
+    assert_eq!(state, (0, 0), "blobs left behind by finished documents");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,9 +537,7 @@ async fn each_token_sees_only_its_documents_and_admins_see_all() {
     let as_ = |t: &str| ApiClient::new(h.client.base()).with_token(Some(t.to_string()));
     let (alice, bob, root) = (as_("alice-token"), as_("bob-token"), as_("root-token"));
     let sample = pagestream_e2e::repo_root().join("samples/c03-29.pdf");
-    let ans = alice.submit_file(&sample, Some("alice's")).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = accepted(&alice.submit_file(&sample, Some("alice's")).await.unwrap());
     let st = pagestream_e2e::wait_terminal(&alice, &id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
 
@@ -642,7 +579,7 @@ async fn each_token_sees_only_its_documents_and_admins_see_all() {
         start_page: None,
         owner: None,
     };
-    ctx.js.publish(ctx.names.docs_submitted(), encode(&nats_doc).into()).await.unwrap().await.unwrap();
+    publish(&ctx.js, ctx.names.docs_submitted(), encode(&nats_doc)).await;
     let st = pagestream_e2e::wait_terminal(&bob, "from-nats", Duration::from_secs(120)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
     h.stop().await.unwrap();
@@ -663,9 +600,7 @@ async fn one_token_cannot_take_every_event_stream() {
     let waiting = [("model", "nobody_serves_this"), ("wait_for_model", "true")];
     let mut ids = Vec::new();
     for who in [&alice, &bob] {
-        let ans = who.submit_multipart("waits.pdf", sample.clone(), &waiting).await.unwrap();
-        assert_eq!(ans.status, 202, "{}", ans.json);
-        ids.push(ans.json["id"].as_str().unwrap().to_string());
+        ids.push(accepted(&who.submit_multipart("waits.pdf", sample.clone(), &waiting).await.unwrap()));
     }
     let events = |i: usize| format!("/v1/documents/{}/events", ids[i]);
     let a1 = alice.raw(Method::GET, &events(0), &[], empty()).await.unwrap();
@@ -679,16 +614,15 @@ async fn one_token_cannot_take_every_event_stream() {
     assert_eq!(b1.status(), 200);
     // A stream closed by its client gives its slot back.
     drop(a1);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait::until(Duration::from_secs(20), Duration::from_millis(200), async || {
         let resp = alice.raw(Method::GET, &events(0), &[], empty()).await.unwrap();
         if resp.status() == 200 {
-            break;
+            return Ok(resp);
         }
         assert_eq!(resp.status(), 429);
-        assert!(Instant::now() < deadline, "the slot of a closed stream never came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err("the slot of a closed stream never came back")
+    })
+    .await;
     drop((a2, b1));
     h.stop().await.unwrap();
 }
@@ -713,24 +647,21 @@ async fn the_events_and_dead_letter_streams_stay_within_their_bytes() {
     // Malformed messages: each a dead letter carrying its payload.
     for _ in 0..40 {
         let junk = vec![0xc1u8; 8 * 1024];
-        ctx.js.publish(ctx.names.docs_submitted(), junk.into()).await.unwrap().await.unwrap();
+        publish(&ctx.js, ctx.names.docs_submitted(), junk).await;
     }
     let ans = h.client.submit_file(&pagestream_e2e::repo_root().join("samples/c03-29.pdf"), None).await.unwrap();
     let id = ans.json["id"].as_str().unwrap().to_string();
     let st = h.wait_terminal(&id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let dlq = loop {
+    let dlq = wait::until(Duration::from_secs(30), Duration::from_millis(200), async || {
         let mut s = ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap();
         let info = s.info().await.unwrap().clone();
-        if info.state.messages > 0
-            && ctx.js.get_stream(ctx.names.docs_stream()).await.unwrap().info().await.unwrap().state.messages == 0
-        {
-            break info;
+        if info.state.messages > 0 && h.stream_messages(ctx.names.docs_stream()).await == 0 {
+            return Ok(info);
         }
-        assert!(Instant::now() < deadline, "the malformed messages were never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        Err("the malformed messages were never dead-lettered")
+    })
+    .await;
     let mut events = ctx.js.get_stream(ctx.names.events_stream()).await.unwrap();
     let ev = events.info().await.unwrap().clone();
     assert!(ev.state.bytes <= 256 * 1024, "events stream holds {} bytes", ev.state.bytes);
@@ -774,17 +705,16 @@ async fn a_page_message_cannot_claim_another_page_count() {
             timings: Default::default(),
             error: Some(pagestream_schemas::ErrorInfo::new("forged", "not a real failure")),
         };
-        ctx.js.publish(ctx.names.pages_inferred(), encode(&forged).into()).await.unwrap().await.unwrap();
+        publish(&ctx.js, ctx.names.pages_inferred(), encode(&forged)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let letters = loop {
-        let letters = pagestream_e2e::dead_letters(&ctx.js, &ctx.names).await;
+    let letters = wait::until(Duration::from_secs(30), Duration::from_millis(100), async || {
+        let letters = h.dead_letters().await;
         if letters.len() >= 2 {
-            break letters;
+            return Ok(letters);
         }
-        assert!(Instant::now() < deadline, "the forged pages were not dead-lettered: {letters:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        Err(format!("the forged pages were not dead-lettered: {letters:?}"))
+    })
+    .await;
     assert!(
         letters.iter().all(|d| d.error.code == "bad_message" && d.error.message.contains("4 pages")),
         "{letters:?}"

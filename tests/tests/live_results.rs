@@ -10,22 +10,20 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pagestream_e2e::api::accepted;
 use pagestream_e2e::procs::bin_dir;
-use pagestream_e2e::{corpus, repo_root, Harness};
+use pagestream_e2e::{corpus, read_json, repo_root, Harness};
 use serde_json::Value;
 
 /// `pages/<n>.json` as the uploader wrote it.
 fn page_json(h: &Harness, id: &str, page: u64) -> Value {
-    let path = h.out.path().join(id).join(format!("pages/{page}.json"));
-    serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    h.result(id, &format!("pages/{page}.json"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_served_page_by_page_while_the_document_runs() {
     let h = Harness::start(|_| {}).await.unwrap();
-    let ans = h.client.submit_file(&corpus("text_R-intro.pdf"), Some("live")).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = accepted(&h.client.submit_file(&corpus("text_R-intro.pdf"), Some("live")).await.unwrap());
 
     // The CLI follows the results from the start, as a user piping JSONL.
     let follow = Command::new(bin_dir().join("pagestream"))
@@ -188,8 +186,7 @@ async fn results_are_served_page_by_page_while_the_document_runs() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let written: Value =
-        serde_json::from_slice(&std::fs::read(dl.path().join(&id).join("coco.json")).unwrap()).unwrap();
+    let written: Value = read_json(&dl.path().join(&id).join("coco.json"));
     assert_eq!(written, coco.json);
 
     // An unknown format is a clear error.

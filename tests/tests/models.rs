@@ -2,31 +2,24 @@
 //! the served models with its `model` option, and the tract backend gives
 //! the same detections as ONNX Runtime on a real article.
 
-use std::path::Path;
 use std::time::Duration;
 
-use pagestream_e2e::{boxes, corpus, matched, Harness};
+use pagestream_e2e::api::upload;
+use pagestream_e2e::{boxes, matched, Harness, YOLO_SHA};
 use serde_json::Value;
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
-}
 
 /// Submits `pdf` with `fields`, waits until it completes, returns
 /// (id, manifest).
 async fn run_one(h: &Harness, pdf: &str, fields: &[(&str, &str)]) -> (String, Value) {
-    let bytes = std::fs::read(corpus(pdf)).unwrap();
-    let ans = h.client.submit_multipart(pdf, bytes, fields).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = upload(&h.client, pdf, fields).await;
     let st = h.wait_terminal(&id, Duration::from_secs(240)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
-    let manifest = read_json(&h.out.path().join(&id).join("manifest.json"));
+    let manifest = h.result(&id, "manifest.json");
     (id, manifest)
 }
 
 fn page_detections(h: &Harness, id: &str, n: u64) -> Value {
-    read_json(&h.out.path().join(id).join(format!("pages/{n}.json")))["detections"].clone()
+    h.result(id, &format!("pages/{n}.json"))["detections"].clone()
 }
 
 /// One inferencer serves both installed models; each document gets the
@@ -37,7 +30,7 @@ async fn each_document_gets_the_model_it_asks_for() {
     let (yolo_id, yolo) = run_one(&h, "scan_cardinal-rotated.pdf", &[("model", "yolov8n_doclaynet")]).await;
     let (cdla_id, cdla) = run_one(&h, "scan_cardinal-rotated.pdf", &[]).await;
     assert_eq!(yolo["model"]["name"], "yolov8n_doclaynet", "{yolo}");
-    assert_eq!(yolo["model"]["sha256"], "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957");
+    assert_eq!(yolo["model"]["sha256"], YOLO_SHA);
     assert_eq!(cdla["model"]["name"], "layout_cdla", "{cdla}");
     let doclaynet = [
         "Caption",

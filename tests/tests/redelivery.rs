@@ -6,31 +6,11 @@
 //! failed). A page whose image is missing and that was *not* done still is
 //! dead-lettered, so the check discriminates.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pagestream_e2e::Harness;
+use pagestream_e2e::{wait_consumer_idle, Harness};
 use pagestream_pipeline::progress::publish_message;
 use pagestream_schemas::{EventState, ImageRef, ModelRef, PageInferred, PageRendered, Timings, VERSION};
-
-async fn dlq_count(h: &Harness) -> u64 {
-    let ctx = &h.pipeline.ctx;
-    ctx.js.get_stream(ctx.names.dlq_stream()).await.unwrap().get_info().await.unwrap().state.messages
-}
-
-async fn wait_idle(h: &Harness, stream: String, durable: &str) {
-    let ctx = &h.pipeline.ctx;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut c: async_nats::jetstream::consumer::PullConsumer =
-            ctx.js.get_stream(&stream).await.unwrap().get_consumer(durable).await.unwrap();
-        let info = c.info().await.unwrap();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{durable} did not finish: {info:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn missing(doc: &str, page: u32) -> ImageRef {
     ImageRef { format: "png".into(), inline: None, blob: Some(format!("pages/{doc}/{page}.png")) }
@@ -46,22 +26,6 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
     ctx.progress("uploader").page(doc, 1, EventState::Uploaded, None, None).await.unwrap();
 
     for page in [1, 2] {
-        let inferred = PageInferred {
-            v: VERSION,
-            doc_id: doc.into(),
-            page,
-            page_count: 3,
-            width: 10,
-            height: 10,
-            dpi: 150.0,
-            model: ModelRef::default(),
-            detections: Vec::new(),
-            image: Some(missing(doc, page)),
-            timings: Timings::default(),
-            error: None,
-        };
-        let id = format!("{doc}:{page}:inferred");
-        publish_message(&ctx.js, ctx.names.pages_inferred(), &id, &inferred).await.unwrap();
         let rendered = PageRendered {
             v: VERSION,
             doc_id: doc.into(),
@@ -74,14 +38,36 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
             options: Default::default(),
             render_ms: None,
         };
+        // Its inference, as the inferencer would have published it.
+        let inferred = PageInferred {
+            v: VERSION,
+            doc_id: rendered.doc_id.clone(),
+            page,
+            page_count: rendered.page_count,
+            width: rendered.width,
+            height: rendered.height,
+            dpi: rendered.dpi,
+            model: ModelRef::default(),
+            detections: Vec::new(),
+            image: Some(rendered.image.clone()),
+            timings: Timings::default(),
+            error: None,
+        };
+        let id = format!("{doc}:{page}:inferred");
+        publish_message(&ctx.js, ctx.names.pages_inferred(), &id, &inferred).await.unwrap();
         let id = format!("{doc}:{page}:rendered");
         publish_message(&ctx.js, ctx.names.pages_rendered("layout_cdla"), &id, &rendered).await.unwrap();
     }
-    wait_idle(&h, ctx.names.inferred_stream(), "uploader").await;
-    wait_idle(&h, ctx.names.pages_stream(), "inferencer_layout_cdla").await;
+    let within = Duration::from_secs(30);
+    wait_consumer_idle(&ctx.js, ctx.names.inferred_stream(), "uploader", 0, within).await;
+    wait_consumer_idle(&ctx.js, ctx.names.pages_stream(), "inferencer_layout_cdla", 0, within).await;
 
     // Only page 2's messages are dead letters: one from each stage.
-    assert_eq!(dlq_count(&h).await, 2, "page 1's redeliveries were acknowledged, page 2's dead-lettered");
+    assert_eq!(
+        h.stream_messages(ctx.names.dlq_stream()).await,
+        2,
+        "page 1's redeliveries were acknowledged, page 2's dead-lettered"
+    );
     // This synthetic document has no document-level event; its counters are
     // what status and completion read.
     let c = ctx.counters.doc(doc).await.unwrap();

@@ -14,14 +14,7 @@ use pagestream_schemas::{decode, DeadLetter, PageInferred};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_are_dead_lettered_and_reported() {
     let moto = MotoServer::start().unwrap();
-    let mut cfg = pagestream_pipeline::Config::default();
-    let s3 = moto.configure(&mut cfg, "flaky").await.unwrap();
-    let h = Harness::start(|c| {
-        c.uploader = cfg.uploader.clone();
-        c.nats.max_deliver = 3;
-    })
-    .await
-    .unwrap();
+    let (h, s3) = Harness::start_s3(&moto, "flaky", |c| c.nats.max_deliver = 3).await.unwrap();
     // The S3 server goes away after start-up: every PUT fails (connection
     // refused, a transient error).
     let port = moto.port;

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
+use pagestream_e2e::api::{accepted, admin_metrics, metric};
 use pagestream_e2e::procs::{base_env, Cluster};
 use pagestream_e2e::{corpus, init_logging};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
@@ -15,12 +16,8 @@ use serde_json::Value;
 
 /// `pagestream_pages_total{stage=…}` of the process whose admin port is `port`.
 async fn pages_total(port: u16, stage: &str) -> u64 {
-    let c = ApiClient::new(format!("http://127.0.0.1:{port}"));
-    let resp = c.raw(http::Method::GET, "/metrics", &[], pagestream::client::empty()).await.unwrap();
-    use http_body_util::BodyExt;
-    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
-    let prefix = format!("pagestream_pages_total{{stage=\"{stage}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    let text = admin_metrics(port).await;
+    metric(&text, &format!("pagestream_pages_total{{stage=\"{stage}\"}}")).map_or(0, |v| v as u64)
 }
 
 /// Runs the documents through `replicas` splitters and inferencers; returns
@@ -66,9 +63,7 @@ async fn run(replicas: usize, prefix: &str) -> (Vec<Vec<Value>>, f32, Vec<u64>, 
     let files = [corpus("fig_dbscan-jss.pdf"), corpus("fig_dbscan-jss.pdf"), corpus("scan_cardinal-rotated.pdf")];
     let mut ids = Vec::new();
     for f in &files {
-        let ans = client.submit_file(f, None).await.unwrap();
-        assert_eq!(ans.status, 202, "{}", ans.json);
-        ids.push(ans.json["id"].as_str().unwrap().to_string());
+        ids.push(accepted(&client.submit_file(f, None).await.unwrap()));
     }
     let mut results = Vec::new();
     for id in &ids {

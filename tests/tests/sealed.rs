@@ -12,15 +12,14 @@
 //! - a NATS URL's password never reaches a stage's output.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{bin_dir, Cluster};
-use pagestream_e2e::{corpus, init_logging, repo_root};
+use pagestream_e2e::api::submit;
+use pagestream_e2e::procs::{bin_dir, wait_ready, Stages, STAGES};
+use pagestream_e2e::{corpus, init_logging, repo_root, with_marker};
 use pagestream_pipeline::config::Config;
-use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 use pagestream_splitter::worker::{WorkerOptions, FAULT_ENV};
 
@@ -55,23 +54,8 @@ fn proc_line(pid: u32, file: &str, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_render_worker_holds_no_secret_and_dies_with_the_splitter() {
-    use pagestream_e2e::procs::STAGES;
-    init_logging();
-    let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-    // nats-server without authorization accepts any user and password: the
-    // stages really connect with this URL.
-    let url = nats.url().replacen("nats://", "nats://svc:NATS-SECRETPW@", 1);
-    let logs = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let pdfs = tempfile::tempdir().unwrap();
-    let env: Vec<(String, String)> = [
-        ("PAGESTREAM_NATS_URL", url),
-        ("PAGESTREAM_NATS_PREFIX", "sealed".to_string()),
-        ("PAGESTREAM_UPLOADER_DIR", out.path().display().to_string()),
-        ("PAGESTREAM_SPLITTER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
-        ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let extra = [
         ("PAGESTREAM_INGRESS_API_TOKENS", "API-SECRET-TOKEN".to_string()),
         ("PAGESTREAM_NOTIFIER_SECRET", "whsec_V0VCSE9PSy1TRUNSRVQtS0VZ".to_string()),
         ("PAGESTREAM_SPLITTER_SOURCE_S3_ACCESS_KEY_ID", "S3-KEY-ID".to_string()),
@@ -81,29 +65,21 @@ async fn the_render_worker_holds_no_secret_and_dies_with_the_splitter() {
         // replaced during the test.
         (FAULT_ENV, "hang:%PAGESTREAM-HANG".to_string()),
         ("PAGESTREAM_SPLITTER_RENDER_TIMEOUT_SECS", "600".to_string()),
-        ("PAGESTREAM_LOG", "info,async_nats=error".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mut cluster = Cluster::new(env, logs.path());
-    let port = free_port().unwrap();
-    for stage in STAGES {
-        let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
-        cluster.procs.push(p);
-    }
-    let pid = cluster.procs.iter().find(|p| p.stage == "splitter").unwrap().child.id();
-    let client = ApiClient::new(format!("http://127.0.0.1:{port}")).with_token(Some("API-SECRET-TOKEN".into()));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !client.get("/readyz").await.is_ok_and(|a| a.status == 200) {
-        assert!(Instant::now() < deadline, "not ready: {}", cluster.log_tails());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ];
+    let mut s = Stages::prepare("sealed", &extra).await;
+    // nats-server without authorization accepts any user and password: the
+    // stages really connect with this URL.
+    s.cluster.set_var("PAGESTREAM_NATS_URL", s.nats.url().replacen("nats://", "nats://svc:NATS-SECRETPW@", 1));
+    s.cluster.spawn_stages(&STAGES, 0, s.port);
+    let pid = s.cluster.proc("splitter").child.id();
+    let client = s.client.clone().with_token(Some("API-SECRET-TOKEN".into()));
+    wait_ready(&client, Duration::from_secs(120), &s.cluster).await;
+    let pdfs = tempfile::tempdir().unwrap();
     let worker = loop {
         if let Some(w) = render_workers(pid).first() {
             break *w;
         }
-        assert!(Instant::now() < deadline, "no render worker under the splitter: {}", cluster.log("splitter", 0));
+        assert!(Instant::now() < deadline, "no render worker under the splitter: {}", s.cluster.log("splitter", 0));
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
@@ -136,17 +112,12 @@ async fn the_render_worker_holds_no_secret_and_dies_with_the_splitter() {
     assert_eq!(limits("Max core file size"), ["0", "0"]);
     assert_eq!(proc_line(worker, "status", "NoNewPrivs:"), "1");
     assert_eq!(proc_line(worker, "status", "Seccomp:"), "2", "a seccomp filter is on");
-    let log = cluster.log("splitter", 0);
+    let log = s.cluster.log("splitter", 0);
     assert!(log.contains("landlock: fully enforced") && log.contains("seccomp: on"), "{log}");
 
     // The worker stuck in pdfium on a page (a PDF that hangs it)...
-    let mut bytes = std::fs::read(repo_root().join("samples/c03-29.pdf")).unwrap();
-    bytes.extend_from_slice(b"\n%PAGESTREAM-HANG\n");
-    let hang = pdfs.path().join("hang.pdf");
-    std::fs::write(&hang, bytes).unwrap();
-    let ans = client.submit_file(&hang, None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let hang = with_marker(&repo_root().join("samples/c03-29.pdf"), "%PAGESTREAM-HANG", pdfs.path(), "hang.pdf");
+    let id = submit(&client, &hang, &[]).await;
     let stuck = |w: u32| std::fs::read_to_string(format!("/proc/{w}/wchan")).unwrap_or_default().contains("nanosleep");
     let mut running_since = None;
     loop {
@@ -165,7 +136,7 @@ async fn the_render_worker_holds_no_secret_and_dies_with_the_splitter() {
 
     // ... and the splitter SIGKILLed: the worker ends with it.
     let killed = Instant::now();
-    let p = cluster.procs.iter_mut().find(|p| p.stage == "splitter").unwrap();
+    let p = s.cluster.proc("splitter");
     p.child.kill().unwrap();
     p.child.wait().unwrap();
     while alive(worker) && killed.elapsed() < Duration::from_secs(10) {
@@ -177,16 +148,6 @@ async fn the_render_worker_holds_no_secret_and_dies_with_the_splitter() {
     }
     assert!(!survived, "the render worker {worker} outlived the splitter by 10 s");
     println!("the render worker (stuck in a page) ended {:?} after SIGKILL of the splitter", killed.elapsed());
-}
-
-/// `sample` with `marker` appended, in a new file under the temporary
-/// directory (where the splitter keeps the PDFs it renders).
-fn with_marker(dir: &Path, sample: &Path, marker: &str) -> PathBuf {
-    let mut bytes = std::fs::read(sample).unwrap();
-    bytes.extend_from_slice(format!("\n{marker}\n").as_bytes());
-    let path = dir.join("marked.pdf");
-    std::fs::write(&path, bytes).unwrap();
-    path
 }
 
 fn isolated() -> Renderer {
@@ -241,7 +202,7 @@ async fn a_pdf_that_takes_over_pdfium_reaches_nothing_and_rendering_is_unchanged
     let renderer = isolated();
 
     let sample = repo_root().join("samples/c03-29.pdf");
-    let marked = with_marker(pdfs.path(), &sample, "%PAGESTREAM-ESCAPE");
+    let marked = with_marker(&sample, "%PAGESTREAM-ESCAPE", pdfs.path(), "marked.pdf");
     let (pages, failures) = render_all(&renderer, request(&marked, None, 1..=1)).await;
     let connected = listener.accept().is_ok();
     let written = drop.path().join("written").exists();

@@ -19,18 +19,18 @@
 //!
 //! The second test runs stage processes: `cargo build --bins` first.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{base_env, Cluster};
-use pagestream_e2e::{corpus, init_logging, wait_terminal, Harness, MotoServer};
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_e2e::api::{self, status, submit};
+use pagestream_e2e::procs::Stages;
+use pagestream_e2e::{corpus, stream_state, wait, wait_terminal, Harness, MotoServer};
 use pagestream_pipeline::nats::Names;
 use pagestream_pipeline::progress::subject_counts;
 use pagestream_pipeline::tenants::owner_id;
 use pagestream_pipeline::Config;
 use pagestream_schemas::{decode, Event, EventState};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const A: &str = "token-of-tenant-a";
 const B: &str = "token-of-tenant-b";
@@ -105,9 +105,7 @@ async fn a_document_whose_queued_event_is_gone_stays_private() {
     let h = Harness::start(tokens).await.unwrap();
     let base = h.client.base().to_string();
     let (a, b, admin) = (client(&base, A), client(&base, B), client(&base, ADMIN));
-    let ans = a.submit_file(&corpus(SMALL), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
+    let id = submit(&a, &corpus(SMALL), &[]).await;
     let done = wait_terminal(&a, &id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(done["state"], "completed", "{done}");
     let whole = answers(&b, &id).await;
@@ -135,40 +133,22 @@ async fn a_document_whose_queued_event_is_gone_stays_private() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_whose_whole_history_is_gone_mid_run_completes_for_its_owner_only() {
-    init_logging();
-    let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-    let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let prefix = "tenantsgone";
-    let mut env = base_env(&nats.url(), prefix, out.path());
-    env.push(("PAGESTREAM_INGRESS_API_TOKENS".into(), format!("{A},{B}")));
-    let mut cluster = Cluster::new(env, logs.path());
-    let port = free_port().unwrap();
+    let tokens = [("PAGESTREAM_INGRESS_API_TOKENS", format!("{A},{B}"))];
     // No uploader yet: the pages wait, inferred, in their stream.
-    for stage in ["ingress", "splitter", "inferencer"] {
-        let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
-        cluster.procs.push(p);
-    }
-    let base = format!("http://127.0.0.1:{port}");
-    let (a, b) = (client(&base, A), client(&base, B));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !a.get("/readyz").await.is_ok_and(|r| r.status == 200) {
-        assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log("ingress", 0));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let ans = a.submit_file(&corpus(SMALL), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let pages = loop {
-        let st = a.get(&format!("/v1/documents/{id}")).await.unwrap().json;
+    let mut s = Stages::start(prefix, &["ingress", "splitter", "inferencer"], &tokens, Duration::from_secs(60)).await;
+    let (a, b) = (client(s.client.base(), A), client(s.client.base(), B));
+    let id = submit(&a, &corpus(SMALL), &[]).await;
+    let pages = wait::until(Duration::from_secs(180), Duration::from_millis(200), async || {
+        let st = status(&a, &id).await;
         if let Some(n) = st["page_count"].as_u64().filter(|n| st["pages"]["inferred"].as_u64() == Some(*n)) {
-            break n;
+            return Ok(n);
         }
-        assert!(Instant::now() < deadline, "pages not inferred: {st}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        Err(format!("pages not inferred: {st}"))
+    })
+    .await;
 
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let js = s.js().await;
     let names = Names::new(prefix);
     let gone = evict(&js, &names, &id, &[EventState::Queued, EventState::Split]).await;
     assert_eq!(gone, 2);
@@ -179,7 +159,7 @@ async fn a_document_whose_whole_history_is_gone_mid_run_completes_for_its_owner_
     let other = answers(&b, &id).await;
     assert!(other.iter().all(|(_, s)| *s == 404), "B reads A's document without history: {other:?}");
 
-    cluster.procs.push(cluster.spawn("uploader", 0, None));
+    s.cluster.procs.push(s.cluster.spawn("uploader", 0, None));
     let done = wait_terminal(&a, &id, Duration::from_secs(120)).await.unwrap();
     println!("after the uploader started: {done}");
     assert_eq!(done["state"], "completed", "{done}");
@@ -191,10 +171,7 @@ async fn a_document_whose_whole_history_is_gone_mid_run_completes_for_its_owner_
 
 /// Messages and bytes in the blob store's stream.
 async fn blob_store(h: &Harness) -> (u64, u64) {
-    let bucket = h.pipeline.ctx.names.blob_bucket();
-    let mut stream = h.pipeline.ctx.js.get_stream(format!("OBJ_{bucket}")).await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    (state.messages, state.bytes)
+    stream_state(&h.pipeline.ctx.js, format!("OBJ_{}", h.pipeline.ctx.names.blob_bucket())).await
 }
 
 /// Submits SMALL waiting for a model nobody serves: it stays queued.
@@ -337,8 +314,7 @@ async fn quotas_refuse_with_429_store_nothing_and_capacity_shows_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_sources_are_granted_per_token_by_prefix() {
     let moto = MotoServer::start().unwrap();
-    let mut s3cfg = Config::default();
-    let s3 = moto.configure(&mut s3cfg, "docs").await.unwrap();
+    let s3 = moto.bucket("docs").await.unwrap();
     let pdf = std::fs::read(corpus(SMALL)).unwrap();
     for key in ["a/paper.pdf", "b/paper.pdf"] {
         s3.put_object()
@@ -352,24 +328,13 @@ async fn s3_sources_are_granted_per_token_by_prefix() {
     let ta = owner_id(A);
     let h = Harness::start(|c| {
         tokens(c);
-        let u = &s3cfg.uploader;
-        c.splitter.source_s3_buckets = vec!["docs".into()];
-        c.splitter.source_s3_endpoint = u.s3_endpoint.clone();
-        c.splitter.source_s3_path_style = true;
-        c.splitter.source_s3_access_key_id = u.s3_access_key_id.clone();
-        c.splitter.source_s3_secret_access_key = u.s3_secret_access_key.clone();
+        moto.source_for(c, "docs");
         c.tenants.overrides = vec![format!("{ta} source_prefixes=s3://docs/a/")];
     })
     .await
     .unwrap();
     let base = h.client.base().to_string();
-    let by_url = |token: &'static str, url: &'static str| {
-        let c = client(&base, token);
-        async move {
-            let ans = c.post_json("/v1/documents", &json!({"url": url}), None).await.unwrap();
-            (ans.status.as_u16(), ans.json)
-        }
-    };
+    let by_url = async |token: &str, url: &str| api::by_url(&client(&base, token), url, None).await;
     let (status, body) = by_url(A, "s3://docs/a/paper.pdf").await;
     assert_eq!(status, 202, "A reads below its prefix: {body}");
     let id = body["id"].as_str().unwrap().to_string();

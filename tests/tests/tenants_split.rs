@@ -18,90 +18,49 @@
 use std::time::{Duration, Instant};
 
 use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{base_env, Cluster, Proc};
-use pagestream_e2e::{corpus, init_logging, wait_terminal};
-use pagestream_pipeline::embedded::{free_port, NatsServer};
-use serde_json::{json, Value};
+use pagestream_e2e::api::{self, is_terminal, status, upload};
+use pagestream_e2e::procs::{wait_model_served, Stages};
+use pagestream_e2e::{corpus, max_in_stream_until_done, wait_terminal, CDLA, YOLO};
+use pagestream_pipeline::embedded::free_port;
 use tokio::io::AsyncWriteExt as _;
 
-const CDLA: &str = "layout_cdla";
-const YOLO: &str = "yolov8n_doclaynet";
 const TOKEN_A: &str = "tenant-a-token";
 const TOKEN_B: &str = "tenant-b-token";
 /// A one-page corpus PDF.
 const ONE_PAGE: &str = "stress_blank-no-content.pdf";
 
+/// NATS, ingress (tokens A and B), splitter, uploader and a layout_cdla
+/// inferencer, each a process.
 struct Pipeline {
-    nats: NatsServer,
-    cluster: Cluster,
+    s: Stages,
     a: ApiClient,
     b: ApiClient,
-    _out: tempfile::TempDir,
-    _logs: tempfile::TempDir,
-}
-
-/// An inferencer process serving `model` (ORT for layout_cdla, tract for yolov8n).
-fn inferencer(cluster: &Cluster, idx: usize, model: &str) -> Proc {
-    let backend = if model == YOLO { "tract" } else { "ort" };
-    let env =
-        [("PAGESTREAM_INFERENCER_MODEL", model.to_string()), ("PAGESTREAM_INFERENCER_BACKEND", backend.to_string())];
-    cluster.spawn_with("inferencer", idx, None, &env)
 }
 
 impl Pipeline {
-    /// NATS, ingress (tokens A and B), splitter, uploader and a layout_cdla
-    /// inferencer, each a process; `extra` adds to their environment.
+    /// `extra` adds to the processes' environment.
     async fn start(prefix: &str, extra: &[(&str, &str)]) -> Pipeline {
-        init_logging();
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap().unwrap();
-        let (out, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut env = base_env(&nats.url(), prefix, out.path());
-        env.push(("PAGESTREAM_INGRESS_API_TOKENS".into(), format!("{TOKEN_A},{TOKEN_B}")));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut cluster = Cluster::new(env, logs.path());
+        let mut env = vec![("PAGESTREAM_INGRESS_API_TOKENS", format!("{TOKEN_A},{TOKEN_B}"))];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        let mut s = Stages::prepare(prefix, &env).await;
         if let Some(dir) = std::env::var_os("TENANTS_SPLIT_BINS") {
             // Measuring "before": binaries of another build.
-            cluster.bins = dir.into();
+            s.cluster.bins = dir.into();
         }
-        let port = free_port().unwrap();
-        for stage in ["ingress", "splitter", "uploader"] {
-            let p = cluster.spawn(stage, 0, (stage == "ingress").then_some(port));
-            cluster.procs.push(p);
-        }
-        let p = inferencer(&cluster, 0, CDLA);
-        cluster.procs.push(p);
-        let base = format!("http://127.0.0.1:{port}");
-        let a = ApiClient::new(&base).with_token(Some(TOKEN_A.into()));
-        let b = ApiClient::new(&base).with_token(Some(TOKEN_B.into()));
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let models = a.get("/v1/models").await.ok().filter(|m| m.status == 200);
-            let served = models.is_some_and(|m| m.json["models"].as_array().is_some_and(|l| !l.is_empty()));
-            if served {
-                break;
-            }
-            assert!(Instant::now() < deadline, "pipeline not ready:\n{}", cluster.log_tails());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Pipeline { nats, cluster, a, b, _out: out, _logs: logs }
+        s.cluster.spawn_stages(&["ingress", "splitter", "uploader"], 0, s.port);
+        let p = s.cluster.spawn_inferencer(0, CDLA, &[]);
+        s.cluster.procs.push(p);
+        let a = s.client.clone().with_token(Some(TOKEN_A.into()));
+        let b = s.client.clone().with_token(Some(TOKEN_B.into()));
+        wait_model_served(&a, Duration::from_secs(90), &s.cluster).await;
+        Pipeline { s, a, b }
     }
 }
 
-async fn upload(client: &ApiClient, pdf: &str, fields: &[(&str, &str)]) -> String {
-    let bytes = std::fs::read(corpus(pdf)).unwrap();
-    let ans = client.submit_multipart(pdf, bytes, fields).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    ans.json["id"].as_str().unwrap().to_string()
-}
-
 async fn by_url(client: &ApiClient, url: &str) -> String {
-    let ans = client.post_json("/v1/documents", &json!({ "url": url }), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    ans.json["id"].as_str().unwrap().to_string()
-}
-
-async fn status(client: &ApiClient, id: &str) -> Value {
-    client.get(&format!("/v1/documents/{id}")).await.unwrap().json
+    let (status, json) = api::by_url(client, url, None).await;
+    assert_eq!(status, 202, "{json}");
+    json["id"].as_str().unwrap().to_string()
 }
 
 /// Serves `/slow.pdf` one byte every 10 s (a PDF that never arrives) and
@@ -183,7 +142,7 @@ async fn waiting_documents_and_trickled_fetches_do_not_hold_the_splitter() {
     let victim = upload(&p.b, ONE_PAGE, &[]).await;
     let st = wait_terminal(&p.b, &victim, Duration::from_secs(120)).await;
     let took = started.elapsed();
-    let st = st.unwrap_or_else(|e| panic!("the victim's document did not finish: {e}\n{}", p.cluster.log_tails()));
+    let st = st.unwrap_or_else(|e| panic!("the victim's document did not finish: {e}\n{}", p.s.cluster.log_tails()));
     assert_eq!(st["state"], "completed", "{st}");
     println!("victim (upload, 1 page) completed in {:.1} s during the attack", took.as_secs_f64());
     assert!(took < Duration::from_secs(10), "the victim's document took {took:?}");
@@ -219,8 +178,8 @@ async fn waiting_documents_and_trickled_fetches_do_not_hold_the_splitter() {
     assert!(fetch_failed < Duration::from_secs(100), "trickled fetches took {fetch_failed:?} to fail");
 
     // An inferencer of their model starts: every waiting document completes.
-    let mut cluster = p.cluster;
-    let yolo = inferencer(&cluster, 1, YOLO);
+    let mut cluster = p.s.cluster;
+    let yolo = cluster.spawn_inferencer(1, YOLO, &[]);
     cluster.procs.push(yolo);
     for id in &waiting {
         let st = wait_terminal(&p.a, id, Duration::from_secs(300)).await.unwrap();
@@ -251,7 +210,7 @@ async fn a_tenants_backlog_does_not_starve_another_and_is_not_starved() {
                 continue;
             }
             let st = status(client, id).await;
-            if pagestream::client::is_terminal(st["state"].as_str().unwrap_or("")) {
+            if is_terminal(&st) {
                 assert_eq!(st["state"], "completed", "{st}");
                 done_at.insert(id.clone(), Instant::now());
             }
@@ -260,7 +219,7 @@ async fn a_tenants_backlog_does_not_starve_another_and_is_not_starved() {
             Instant::now() < deadline,
             "{} of 51 documents finished in 900 s\n{}",
             done_at.len(),
-            p.cluster.log_tails()
+            p.s.cluster.log_tails()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -278,32 +237,15 @@ async fn a_tenants_backlog_does_not_starve_another_and_is_not_starved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_pages_in_flight_stay_within_its_limit() {
     let p = Pipeline::start("tenants-pages", &[("PAGESTREAM_TENANTS_MAX_PAGES_IN_FLIGHT", "3")]).await;
-    let js = async_nats::jetstream::new(async_nats::connect(p.nats.url()).await.unwrap());
+    let js = p.s.js().await;
     let pages = pagestream_pipeline::nats::Names::new("tenants-pages").pages_stream();
     // Six 4-page documents: 16 per document and 64 in all would let 24 wait.
     let mut ids = Vec::new();
     for _ in 0..6 {
         ids.push(upload(&p.a, "scan_cardinal-rotated.pdf", &[]).await);
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut max = 0;
-    let mut last_poll = Instant::now();
-    'wait: loop {
-        let waiting = js.get_stream(&pages).await.unwrap().get_info().await.unwrap().state.messages;
-        max = max.max(waiting);
-        if last_poll.elapsed() > Duration::from_millis(500) {
-            last_poll = Instant::now();
-            let mut all = true;
-            for id in &ids {
-                all &= pagestream::client::is_terminal(status(&p.a, id).await["state"].as_str().unwrap_or(""));
-            }
-            if all {
-                break 'wait;
-            }
-        }
-        assert!(Instant::now() < deadline, "documents not finished\n{}", p.cluster.log_tails());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let within = (Duration::from_secs(300), Duration::from_millis(500));
+    let max = max_in_stream_until_done(&js, &pages, (&p.a, &ids), within, || p.s.cluster.log_tails()).await;
     for id in &ids {
         let st = status(&p.a, id).await;
         assert_eq!((st["state"].as_str(), st["pages"]["uploaded"].as_u64()), (Some("completed"), Some(4)), "{st}");

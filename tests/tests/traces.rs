@@ -6,21 +6,20 @@
 //! client's span.
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::Request;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use pagestream::client::ApiClient;
-use pagestream_e2e::procs::{base_env, Cluster};
-use pagestream_e2e::{corpus, init_logging};
-use pagestream_pipeline::embedded::{free_port, NatsServer};
+use pagestream_e2e::api::submit;
+use pagestream_e2e::http::{answer, serve};
+use pagestream_e2e::procs::{Stages, STAGES};
+use pagestream_e2e::{corpus, init_logging, wait};
+use pagestream_pipeline::embedded::free_port;
 use prost::Message as _;
 
 #[derive(Debug, Clone)]
@@ -50,45 +49,38 @@ fn text(kvs: &[KeyValue]) -> HashMap<String, String> {
 
 /// An OTLP/HTTP receiver: decodes each export request and keeps its spans.
 async fn receiver(port: u16, spans: Arc<Mutex<Vec<Span>>>, requests: Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    loop {
-        let (stream, _) = listener.accept().await.unwrap();
+    serve(port, move |req: Request<Incoming>| {
         let (spans, requests) = (spans.clone(), requests.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (spans, requests) = (spans.clone(), requests.clone());
-                async move {
-                    let what = format!(
-                        "{} {} {:?}",
-                        req.method(),
-                        req.uri().path(),
-                        req.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_string())
-                    );
-                    requests.lock().unwrap().push(what);
-                    let body = req.into_body().collect().await.unwrap().to_bytes();
-                    let export = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export request");
-                    for rs in export.resource_spans {
-                        let res = text(&rs.resource.map(|r| r.attributes).unwrap_or_default());
-                        let service = res.get("service.name").cloned().unwrap_or_default();
-                        for ss in rs.scope_spans {
-                            for s in ss.spans {
-                                spans.lock().unwrap().push(Span {
-                                    service: service.clone(),
-                                    name: s.name.clone(),
-                                    trace: s.trace_id.clone(),
-                                    id: s.span_id.clone(),
-                                    parent: s.parent_span_id.clone(),
-                                    attrs: text(&s.attributes),
-                                });
-                            }
-                        }
+        async move {
+            let what = format!(
+                "{} {} {:?}",
+                req.method(),
+                req.uri().path(),
+                req.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_string())
+            );
+            requests.lock().unwrap().push(what);
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let export = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export request");
+            for rs in export.resource_spans {
+                let res = text(&rs.resource.map(|r| r.attributes).unwrap_or_default());
+                let service = res.get("service.name").cloned().unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        spans.lock().unwrap().push(Span {
+                            service: service.clone(),
+                            name: s.name.clone(),
+                            trace: s.trace_id.clone(),
+                            id: s.span_id.clone(),
+                            parent: s.parent_span_id.clone(),
+                            attrs: text(&s.attributes),
+                        });
                     }
-                    Ok::<_, Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::new())))
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+            }
+            answer(200, "")
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,29 +91,15 @@ async fn a_document_is_one_trace_from_ingress_to_uploader() {
     tokio::spawn(receiver(otlp, spans.clone(), requests.clone()));
     let span_log = spans.clone();
 
-    let nats = NatsServer::start().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let mut env = base_env(&nats.url(), "traces", out.path());
-    env.push(("PAGESTREAM_OTLP_ENDPOINT".into(), format!("http://127.0.0.1:{otlp}")));
-    // Export every 200 ms instead of every 5 s.
-    env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()));
-    let mut cluster = Cluster::new(env, logs.path());
-    let port = free_port().unwrap();
-    for (stage, p) in [("ingress", Some(port)), ("splitter", None), ("inferencer", None), ("uploader", None)] {
-        let proc = cluster.spawn(stage, 0, p);
-        cluster.procs.push(proc);
-    }
-    let client = ApiClient::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !client.get("/readyz").await.map(|a| a.status.is_success()).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "ingress not ready: {}", cluster.log_tails());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let ans = client.submit_file(&corpus("scan_cardinal-rotated.pdf"), None).await.unwrap();
-    assert_eq!(ans.status, 202, "{}", ans.json);
-    let id = ans.json["id"].as_str().unwrap().to_string();
-    let st = pagestream_e2e::wait_terminal(&client, &id, Duration::from_secs(180)).await.unwrap();
+    let extra = [
+        ("PAGESTREAM_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp}")),
+        // Export every 200 ms instead of every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
+    ];
+    let s = Stages::start("traces", &STAGES, &extra, Duration::from_secs(90)).await;
+    let (client, cluster) = (&s.client, &s.cluster);
+    let id = submit(client, &corpus("scan_cardinal-rotated.pdf"), &[]).await;
+    let st = pagestream_e2e::wait_terminal(client, &id, Duration::from_secs(180)).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
     let pages = st["page_count"].as_u64().unwrap();
 
@@ -129,22 +107,17 @@ async fn a_document_is_one_trace_from_ingress_to_uploader() {
     let of_doc = |spans: &[Span]| -> Vec<Span> {
         spans.iter().filter(|s| s.attrs.get("doc_id") == Some(&id)).cloned().collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let spans = loop {
+    let received = async || {
         let all = spans.lock().unwrap().clone();
         let uploaded =
             of_doc(&all).iter().filter(|s| s.service == "pagestream-uploader" && s.attrs.contains_key("page")).count();
         if uploaded as u64 >= pages {
-            break all;
+            return Ok(all);
         }
-        assert!(
-            Instant::now() < deadline,
-            "{uploaded} of {pages} uploader page spans received; requests {:?}; logs {}",
-            requests.lock().unwrap(),
-            cluster.log_tails()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(format!("{uploaded} of {pages} uploader page spans received; requests {:?}", requests.lock().unwrap()))
     };
+    let spans =
+        wait::until_with(Duration::from_secs(30), Duration::from_millis(200), received, || cluster.log_tails()).await;
     assert!(requests
         .lock()
         .unwrap()
@@ -211,10 +184,9 @@ async fn a_document_is_one_trace_from_ingress_to_uploader() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let traced: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let traced = traced["id"].as_str().unwrap().to_string();
-    pagestream_e2e::wait_terminal(&client, &traced, Duration::from_secs(180)).await.unwrap();
+    pagestream_e2e::wait_terminal(client, &traced, Duration::from_secs(180)).await.unwrap();
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let joined = async || {
         let all = span_log.lock().unwrap().clone();
         let submit = all.iter().find(|s| s.name == "submit" && s.attrs.get("doc_id") == Some(&traced));
         let uploaded = all
@@ -224,9 +196,9 @@ async fn a_document_is_one_trace_from_ingress_to_uploader() {
         if let (Some(submit), false) = (submit, uploaded.is_empty()) {
             assert_eq!((hex(&submit.trace), hex(&submit.parent)), (client_trace.into(), client_span.into()));
             assert!(uploaded.iter().all(|s| hex(&s.trace) == client_trace), "uploader spans in the client's trace");
-            break;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "no submit and uploader spans of {traced}: {}", cluster.log_tails());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err(format!("no submit and uploader spans of {traced}"))
+    };
+    wait::until_with(Duration::from_secs(30), Duration::from_millis(200), joined, || cluster.log_tails()).await;
 }

@@ -1,14 +1,13 @@
 //! Webhooks through the notifier stage, to a real HTTP receiver in the test
 //! that answers 503 to the first attempt of every webhook: each event is
 //! retried and delivered exactly once per `webhook-id`, signed (checked in
-//! Python with the README's verification code), a page-mode document's
+//! Python with docs/webhooks.md's verification code), a page-mode document's
 //! pages all come before its terminal event, a document-mode one gets only
 //! its terminal event, a failed document says why, a receiver that never
 //! answers ends in a dead letter and `callback.state: failed`, and bad
 //! callback URLs are refused at upload.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,9 +15,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use pagestream_e2e::{corpus, dead_letters, repo_root, Harness};
+use hyper::Request;
+use pagestream_e2e::api::{accepted, metric, metrics_text, status};
+use pagestream_e2e::http::{answer, serve};
+use pagestream_e2e::{corpus, repo_root, wait, Harness};
 use pagestream_pipeline::embedded::free_port;
 use serde_json::{json, Value};
 
@@ -37,42 +37,30 @@ struct Received {
 
 /// A webhook receiver on `port`: 503 to the first attempt of each id, 204 after.
 async fn receiver(port: u16, log: Arc<Mutex<Vec<Received>>>) {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    loop {
-        let (stream, _) = listener.accept().await.unwrap();
+    serve(port, move |req: Request<Incoming>| {
         let (log, attempts) = (log.clone(), attempts.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (log, attempts) = (log.clone(), attempts.clone());
-                async move {
-                    let header = |name: &str| {
-                        req.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
-                    };
-                    let (id, timestamp, signature) =
-                        (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
-                    let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                    let n = {
-                        let mut a = attempts.lock().unwrap();
-                        let n = a.entry(id.clone()).or_default();
-                        *n += 1;
-                        *n
-                    };
-                    let status = if n == 1 { 503 } else { 204 };
-                    log.lock().unwrap().push(Received { id, timestamp, signature, body, status, at: Instant::now() });
-                    let resp = Response::builder()
-                        .status(status)
-                        .body(http_body_util::Full::new(bytes::Bytes::new()))
-                        .unwrap();
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+        async move {
+            let header =
+                |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            let (id, timestamp, signature) =
+                (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+            let n = {
+                let mut a = attempts.lock().unwrap();
+                let n = a.entry(id.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            let status = if n == 1 { 503 } else { 204 };
+            log.lock().unwrap().push(Received { id, timestamp, signature, body, status, at: Instant::now() });
+            answer(status, "")
+        }
+    })
+    .await
 }
 
-/// The README's Python verification, run on every received request.
+/// docs/webhooks.md's Python verification, run on every received request.
 const VERIFY_PY: &str = r#"
 import base64, hashlib, hmac, json, sys, time
 
@@ -96,21 +84,16 @@ for r in json.load(open(path)):
 print("verified", good)
 "#;
 
-async fn status(h: &Harness, id: &str) -> Value {
-    h.client.get(&format!("/v1/documents/{id}")).await.unwrap().json
-}
-
 /// Waits until the document's webhook is finished (delivered or failed).
 async fn callback_finished(h: &Harness, id: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(h, id).await;
+    wait::until(within, Duration::from_millis(200), async || {
+        let st = status(&h.client, id).await;
         if st["callback"]["state"] != "pending" && st["callback"]["state"].is_string() {
-            return st;
+            return Ok(st);
         }
-        assert!(Instant::now() < deadline, "webhook of {id} still pending: {st}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err(format!("webhook of {id} still pending: {st}"))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,13 +133,12 @@ async fn webhooks_are_signed_retried_ordered_and_delivered_once_per_id() {
 
     // A: every page, then the document. B: the document only. C: fails.
     let url_a = hook("a");
-    let a = h
-        .client
-        .submit_multipart("a.pdf", pdf.clone(), &[("callback_url", &url_a), ("callback_events", "page")])
-        .await
-        .unwrap();
-    assert_eq!(a.status, 202, "{}", a.json);
-    let a = a.json["id"].as_str().unwrap().to_string();
+    let a = accepted(
+        &h.client
+            .submit_multipart("a.pdf", pdf.clone(), &[("callback_url", &url_a), ("callback_events", "page")])
+            .await
+            .unwrap(),
+    );
     let url_b = hook("b");
     let b = h.client.submit_multipart("b.pdf", pdf.clone(), &[("callback_url", &url_b)]).await.unwrap();
     let b = b.json["id"].as_str().unwrap().to_string();
@@ -211,14 +193,8 @@ async fn webhooks_are_signed_retried_ordered_and_delivered_once_per_id() {
 
     // The notifier's metrics count each delivery and attempt (the harness
     // runs every stage in this process, so the ingress serves them).
-    let (status, body) = h.client.get_bytes("/metrics").await.unwrap();
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body.to_vec()).unwrap();
-    let sample = |series: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-    };
+    let text = metrics_text(&h.client).await;
+    let sample = |series: &str| metric(&text, series).map_or(0, |v| v as u64);
     let pages_delivered = by_id.keys().filter(|id| id.contains("_p")).count() as u64;
     let docs_delivered = by_id.len() as u64 - pages_delivered;
     assert_eq!((pages_delivered, docs_delivered), (28, 3), "{:?}", by_id.keys());
@@ -272,7 +248,7 @@ async fn webhooks_are_signed_retried_ordered_and_delivered_once_per_id() {
     );
 
     // D: a dead letter of the notifier names the webhook and why.
-    let dlq = dead_letters(&h.pipeline.ctx.js, &h.pipeline.ctx.names).await;
+    let dlq = h.dead_letters().await;
     let d_letter = dlq
         .iter()
         .find(|l| l.stage == "notifier" && l.doc_id.as_deref() == Some(d.as_str()))
@@ -281,7 +257,7 @@ async fn webhooks_are_signed_retried_ordered_and_delivered_once_per_id() {
     assert!(d_letter.error.message.contains(&format!("msg_{d}_completed")), "{}", d_letter.error.message);
     assert_eq!(dlq.iter().filter(|l| l.stage == "notifier").count(), 1, "only D's webhook failed: {dlq:?}");
 
-    // Signatures, checked independently with Python's hmac (the README's code).
+    // Signatures, checked independently with Python's hmac (docs/webhooks.md's code).
     let dump: Vec<Value> = received
         .iter()
         .map(|r| {

@@ -17,6 +17,9 @@
 //! them (deleted from the stream while no notifier runs) are not lost
 //! silently: when the document's terminal event is due, those pages are
 //! recorded as lost (`callback.lost_pages`, a dead letter `callback_lost`).
+//! A terminal event evicted unread — with every other document-level event,
+//! so that only the durable record still names the callback — is delivered
+//! all the same (the notifier's sweep).
 //!
 //! `cargo build --bins` first (scripts/test does it). Measuring "before":
 //! `WEBHOOKS_TENANTS_NOTIFIER=<path of an older notifier binary>`.
@@ -36,6 +39,7 @@ use pagestream_e2e::procs::{base_env, Cluster};
 use pagestream_e2e::{corpus, dead_letters, init_logging, wait_terminal};
 use pagestream_pipeline::embedded::{free_port, NatsServer};
 use pagestream_pipeline::nats::Names;
+use pagestream_pipeline::records::DocRecords;
 use serde_json::Value;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -300,4 +304,40 @@ async fn page_events_evicted_before_the_notifier_read_them_are_recorded_lost() {
     assert_eq!(lost[0].doc_id.as_deref(), Some(id.as_str()));
     assert!(lost[0].error.message.contains("[3, 7]"), "{}", lost[0].error.message);
     assert_eq!(metric(&p.admin, "pagestream_webhook_events_lost_total").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_event_evicted_before_the_notifier_read_it_is_still_delivered() {
+    // No notifier yet: the events wait in the stream for it.
+    let mut p = Pipeline::start(false).await;
+    let port = free_port().unwrap();
+    let log: Log = Default::default();
+    tokio::spawn(receiver(port, 204, log.clone()));
+    let url = format!("http://127.0.0.1:{port}/hooks");
+    let id = upload(&p.b, "stress_blank-no-content.pdf", &[("callback_url", url.as_str())]).await;
+    let st = wait_terminal(&p.b, &id, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(st["state"], "completed", "{st}");
+
+    // Every document-level event (queued: it named the callback; split;
+    // completed) leaves the events stream unread.
+    let js = p.js().await;
+    let names = Names::new(p.prefix.as_str());
+    let events = js.get_stream(names.events_stream()).await.unwrap();
+    let purged = events.purge().filter(format!("{}.events.{id}.doc.>", p.prefix)).await.unwrap();
+    assert!(purged.purged >= 3, "queued, split and completed events purged: {purged:?}");
+    let st = status(&p.b, &id).await;
+    assert_eq!(st["state"], "completed", "the durable record still knows the document: {st}");
+
+    p.start_notifier();
+    let st = callback_record(&p.b, &id, Duration::from_secs(120), &p.cluster).await;
+    assert_eq!(st["callback"]["state"], "delivered", "{st}");
+    assert_eq!(st["callback"]["event"], "document.completed", "{st}");
+    let got: Vec<String> = log.lock().unwrap().iter().map(|r| r.0.clone()).collect();
+    assert_eq!(got, [format!("msg_{id}_completed")], "the terminal webhook, once");
+    assert_eq!(metric(&p.admin, "pagestream_webhook_events_recovered_total").await, 1.0);
+    // Its marker is gone: no later sweep schedules it again.
+    let kv = js.get_key_value(names.progress_bucket()).await.unwrap();
+    let ended = DocRecords::from_store(kv).ended().await.unwrap();
+    assert!(ended.iter().all(|e| e.doc_id != id), "{ended:?}");
+    assert_eq!(log.lock().unwrap().len(), 1, "delivered once");
 }

@@ -11,19 +11,20 @@
 //! never counts twice.
 //!
 //! By concern: [`publish`] (durable publishing, the [`Progress`] events a
-//! stage emits), [`state`] (the document state machine), [`subject`] (event
-//! subjects parsed back), [`status`] (status, listing and timings read from
-//! the events stream) and [`lookup`] (the per-page questions stages ask).
+//! stage emits), [`subject`] (event subjects parsed back), [`status`]
+//! (status, listing and timings read from the events stream) and
+//! [`lookup`] (the per-page questions stages ask). The document state
+//! machine they fold events with is [`crate::doc_state`] (one layer down:
+//! the document records keep the state too).
 
 pub mod lookup;
 pub mod publish;
-pub mod state;
 pub mod status;
 pub mod subject;
 
+pub use crate::doc_state::{DocState, ALL_STATES};
 pub use lookup::EventLookup;
 pub use publish::{publish_durable, publish_message, Progress, OUTAGE_RIDE};
-pub use state::{DocState, ALL_STATES};
 pub use status::{
     count_events_since, list_documents, read_events, read_status, read_status_with_record, subject_counts, DocStatus,
     DocTimings, FailedPage, PageCounts, StageTiming,

@@ -7,6 +7,7 @@ use pagestream_schemas::{decode, encode, DocInfo, ErrorInfo, Event, EventState, 
 
 use crate::counters::Counters;
 use crate::nats::Names;
+pub use crate::nats::OUTAGE_RIDE;
 use crate::records::DocRecords;
 use crate::util::now_rfc3339;
 
@@ -50,9 +51,6 @@ pub async fn publish_durable(
     }
 }
 
-/// How long [`publish_durable`] keeps trying through a JetStream outage
-/// (a leader election takes a few seconds) before the caller sees the error.
-pub const OUTAGE_RIDE: std::time::Duration = std::time::Duration::from_secs(20);
 const OUTAGE_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 const OUTAGE_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 

@@ -238,6 +238,9 @@ pub async fn read_status_with_record(
         if status.info.page_count.is_none() {
             status.info.page_count = r.page_count;
         }
+        if status.info.callback.is_none() {
+            status.info.callback = r.callback.clone();
+        }
     }
     status.page_count = status.info.page_count;
     if page_details {
@@ -305,10 +308,12 @@ pub async fn read_events(
     Ok(out)
 }
 
-/// Subject → message count for every subject matching `filter`.
+/// Subject → message count for every subject matching `filter`
+/// ([`crate::nats::subject_counts`]).
 pub async fn subject_counts(stream: &Stream, filter: &str) -> Result<BTreeMap<String, usize>, ProgressError> {
-    let info = stream.info_with_subjects(filter).await.map_err(ProgressError::at("stream info with subjects"))?;
-    info.try_collect::<BTreeMap<_, _>>().await.map_err(ProgressError::at("listing event subjects"))
+    crate::nats::subject_counts(stream, filter)
+        .await
+        .map_err(|e| ProgressError::new("listing event subjects", format!("{e:#}")))
 }
 
 /// Events on `filter` recorded within the last `window` (e.g. pages

@@ -119,7 +119,7 @@ pub struct OrtBackend {
 /// What `device = "cuda"` needs, for error messages.
 const CUDA_HINT: &str = "it needs the onnxruntime-gpu build of libonnxruntime (with libonnxruntime_providers_cuda.so \
     and libonnxruntime_providers_shared.so beside it), the CUDA 13 runtime, cuBLAS, cuFFT, cuRAND and cuDNN 9 \
-    libraries on the loader path, and a visible NVIDIA GPU: see the README section \"Running on a GPU\"";
+    libraries on the loader path, and a visible NVIDIA GPU: see docs/models.md, \"Running on a GPU\"";
 
 impl OrtBackend {
     fn load(opts: &EngineOptions, model: &str, weights: &[u8]) -> Result<OrtBackend, String> {

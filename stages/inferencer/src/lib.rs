@@ -146,30 +146,18 @@ impl Inferencer {
         Ok(())
     }
 
-    /// The model of a page: the one whose queue it came from. A page whose
-    /// own `options.model` disagrees was misrouted and fails, never
-    /// inferred by another model than its document's.
+    /// The model that infers `page`, checked once per page ([`page_model`]).
     fn model_for(&self, page: &PageRendered, queue: &str) -> Result<&Batcher, StageError> {
-        if let Some(asked) = page.options.model.as_deref().filter(|m| *m != queue) {
-            return Err(StageError::permanent(
-                "model_mismatch",
-                format!("page of model {asked:?} arrived on the queue of model {queue:?}"),
-            ));
-        }
-        self.models.iter().find(|b| b.detector.model.name == queue).ok_or_else(|| {
-            let served: Vec<&str> = self.models.iter().map(|b| b.detector.model.name.as_str()).collect();
-            StageError::permanent(
-                "model_unknown",
-                format!("model {queue:?} is not served by this inferencer (it serves {served:?})"),
-            )
-        })
+        let served: Vec<&str> = self.models.iter().map(|b| b.detector.model.name.as_str()).collect();
+        page_model(page.options.model.as_deref(), queue, &served).map(|i| &self.models[i])
     }
 
-    /// The output message for `page`, before detection.
-    fn output(&self, page: &PageRendered, queue: &str) -> PageInferred {
-        let model = match self.model_for(page, queue) {
-            Ok(b) => b.detector.model.clone(),
-            Err(_) => pagestream_schemas::ModelRef {
+    /// The output message for `page`, before detection, naming the model
+    /// that infers it (`model`), else the one the page asked for.
+    fn output(&self, page: &PageRendered, queue: &str, model: Option<&Batcher>) -> PageInferred {
+        let model = match model {
+            Some(b) => b.detector.model.clone(),
+            None => pagestream_schemas::ModelRef {
                 name: page.options.model.clone().unwrap_or_else(|| queue.to_string()),
                 sha256: String::new(),
             },
@@ -202,8 +190,13 @@ impl Inferencer {
 
     async fn infer(&self, page: PageRendered, queue: &str) -> Result<(), StageError> {
         let doc_id = page.doc_id.clone();
-        let mut out = self.output(&page, queue);
-        let permanent = match self.detect(&page, queue).await {
+        let model = self.model_for(&page, queue);
+        let mut out = self.output(&page, queue, model.as_ref().ok().copied());
+        let detected = match model {
+            Ok(batcher) => self.detect(&page, batcher).await,
+            Err(e) => Err(e),
+        };
+        let permanent = match detected {
             Ok((detections, infer_ms)) => {
                 out.detections = detections;
                 out.timings.infer_ms = Some(infer_ms);
@@ -245,9 +238,8 @@ impl Inferencer {
     async fn detect(
         &self,
         page: &PageRendered,
-        queue: &str,
+        batcher: &Batcher,
     ) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
-        let batcher = self.model_for(page, queue)?;
         let bytes = read_image(&self.blobs, &page.image).await?;
         let started = std::time::Instant::now();
         let img = tokio::task::spawn_blocking(move || decode_image(&bytes))
@@ -267,6 +259,27 @@ impl Inferencer {
         // not the time it waited for the inference thread behind another page.
         Ok((detections, decode_ms + t.preprocess_ms + t.model_ms + t.decode_ms))
     }
+}
+
+/// Which of the `served` models (its index) infers a page pulled from the
+/// queue of model `queue`, given the model the page itself names
+/// (`options.model`). A page naming another model was misrouted and fails
+/// (`model_mismatch`), never inferred by another model than its
+/// document's; a queue this replica does not serve is `model_unknown`.
+/// Both are permanent.
+pub fn page_model(page_model: Option<&str>, queue: &str, served: &[&str]) -> Result<usize, StageError> {
+    if let Some(asked) = page_model.filter(|m| *m != queue) {
+        return Err(StageError::permanent(
+            "model_mismatch",
+            format!("page of model {asked:?} arrived on the queue of model {queue:?}"),
+        ));
+    }
+    served.iter().position(|m| *m == queue).ok_or_else(|| {
+        StageError::permanent(
+            "model_unknown",
+            format!("model {queue:?} is not served by this inferencer (it serves {served:?})"),
+        )
+    })
 }
 
 /// The model whose queue a message came from: the last token of
@@ -295,7 +308,8 @@ impl Handler for Inferencer {
     /// Retries exhausted: the page goes downstream as failed, so its
     /// document still finishes (`completed_with_errors`).
     async fn give_up(&self, page: PageRendered, delivery: &Delivery, err: &StageError) -> Result<(), StageError> {
-        let mut out = self.output(&page, queue_of(delivery));
+        let queue = queue_of(delivery);
+        let mut out = self.output(&page, queue, self.model_for(&page, queue).ok());
         out.image = None;
         out.error = Some(err.info().at_stage(STAGE));
         self.forward(&out).await?;
@@ -360,4 +374,27 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         done??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagestream_pipeline::ErrorKind;
+
+    #[test]
+    fn a_page_is_inferred_only_by_its_own_model() {
+        let served = ["layout_cdla", "yolo_v8"];
+        // From its model's queue, naming it or (an older page) not.
+        assert_eq!(page_model(Some("yolo_v8"), "yolo_v8", &served).unwrap(), 1);
+        assert_eq!(page_model(None, "layout_cdla", &served).unwrap(), 0);
+        // Misrouted: never inferred by the queue's model.
+        let err = page_model(Some("yolo_v8"), "layout_cdla", &served).unwrap_err();
+        assert_eq!((err.code, err.kind), ("model_mismatch", ErrorKind::Permanent));
+        assert!(err.message.contains("\"yolo_v8\"") && err.message.contains("\"layout_cdla\""), "{err}");
+        // A queue this replica does not serve (the mismatch is said first).
+        let err = page_model(None, "other", &served).unwrap_err();
+        assert_eq!((err.code, err.kind), ("model_unknown", ErrorKind::Permanent));
+        assert!(err.message.contains("layout_cdla"), "{err}");
+        assert_eq!(page_model(Some("x"), "other", &served).unwrap_err().code, "model_mismatch");
+    }
 }

@@ -10,16 +10,15 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pagestream_pipeline::blob::upload_key;
-use pagestream_pipeline::progress::{
-    list_documents, publish_message, read_status, read_status_with_record, DocState, DocStatus,
-};
+use pagestream_pipeline::progress::{list_documents, publish_message, DocState, DocStatus};
 use pagestream_pipeline::records::DocRecords;
+use pagestream_pipeline::registry::ModelChoice;
 use pagestream_pipeline::tenants::ANONYMOUS;
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_results::layout::Keys;
 use pagestream_schemas::{
-    validate_doc_id, Callback, CallbackEvents, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, FinalStatus,
-    Priority, Source, SourceRef, SubmitOptions, VERSION,
+    validate_doc_id, DocInfo, DocumentCancelled, DocumentSubmitted, EventState, FinalStatus, InvalidOption,
+    OptionValue, Source, SourceRef, SubmitOptions, SubmitRequest, VERSION,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -38,81 +37,14 @@ pub const MAX_LIMIT: usize = 100;
 /// state or owner cost one each); past it the page ends with a cursor.
 pub const MAX_LIST_READS: usize = 1000;
 
-/// Longest `title`, in characters.
-pub const MAX_TITLE_CHARS: usize = 500;
-/// Longest `filename`, in characters.
-pub const MAX_FILENAME_CHARS: usize = 255;
+/// Longest `title` and `filename`, in characters (the submission's rules,
+/// `pagestream_schemas::SubmitRequest`).
+pub use pagestream_schemas::{MAX_FILENAME_CHARS, MAX_TITLE_CHARS};
 
-/// Submission options from the query string or multipart text fields.
-#[derive(Default)]
-struct Options {
-    title: Option<String>,
-    filename: Option<String>,
-    password: Option<String>,
-    dpi: Option<f32>,
-    model: Option<String>,
-    priority: Option<Priority>,
-    wait_for_model: bool,
-    callback_url: Option<String>,
-    callback_events: Option<CallbackEvents>,
-}
-
-impl Options {
-    fn set(&mut self, key: &str, value: String) -> Result<(), ApiError> {
-        let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", m);
-        match key {
-            "title" | "filename" => {
-                let max = if key == "title" { MAX_TITLE_CHARS } else { MAX_FILENAME_CHARS };
-                if value.chars().count() > max {
-                    return Err(invalid(format!("{key} is longer than {max} characters")));
-                }
-                if value.chars().any(char::is_control) {
-                    return Err(invalid(format!("{key} contains control characters")));
-                }
-                let value = Some(value).filter(|t| !t.trim().is_empty());
-                if key == "title" {
-                    self.title = value;
-                } else {
-                    self.filename = value;
-                }
-            }
-            "dpi" => {
-                let dpi: f32 = value.parse().map_err(|_| invalid(format!("dpi {value:?} is not a number")))?;
-                if !pagestream_schemas::DPI_RANGE.contains(&dpi) {
-                    return Err(invalid(format!("dpi {dpi} is outside {}", pagestream_schemas::dpi_range_text())));
-                }
-                self.dpi = Some(dpi);
-            }
-            "model" => {
-                if !value.is_empty() {
-                    pagestream_schemas::validate_model_name(&value).map_err(invalid)?;
-                }
-                self.model = Some(value).filter(|m| !m.is_empty())
-            }
-            "wait_for_model" => {
-                self.wait_for_model = match value.as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" | "" => false,
-                    _ => return Err(invalid(format!("wait_for_model {value:?} is not true or false"))),
-                }
-            }
-            "callback_url" if !value.is_empty() => self.callback_url = Some(value),
-            "callback_events" if !value.is_empty() => {
-                self.callback_events = Some(
-                    CallbackEvents::parse(&value)
-                        .ok_or_else(|| invalid(format!("callback_events {value:?} is not one of document, page")))?,
-                )
-            }
-            "password" => self.password = Some(value).filter(|p| !p.is_empty()),
-            "priority" if !value.is_empty() => {
-                self.priority = Some(
-                    Priority::parse(&value)
-                        .ok_or_else(|| invalid(format!("priority {value:?} is not one of high, normal, low")))?,
-                )
-            }
-            _ => {}
-        }
-        Ok(())
+/// An option refused by the submission's rules: 422 `invalid_option`.
+impl From<InvalidOption> for ApiError {
+    fn from(e: InvalidOption) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_option", e.message)
     }
 }
 
@@ -188,7 +120,7 @@ fn unavailable<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> ApiError + '_ 
 impl Ingress {
     /// A `callback_url` needs webhooks on (`notifier.secret`) and a URL the
     /// notifier may call: 422 `invalid_callback` otherwise.
-    fn check_callback(&self, opts: &Options) -> Result<(), ApiError> {
+    fn check_callback(&self, opts: &SubmitOptions) -> Result<(), ApiError> {
         let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_callback", m);
         let Some(url) = &opts.callback_url else {
             if opts.callback_events.is_some() {
@@ -224,7 +156,8 @@ impl Ingress {
     /// whose `queued` event the events stream discarded stays private.
     pub(crate) async fn read_status(&self, caller: &Caller, id: &str, details: bool) -> Result<DocStatus, ApiError> {
         check_id(id)?;
-        read_status_with_record(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, details)
+        self.ctx
+            .status_with_record(id, details)
             .await
             .map_err(unavailable("reading progress"))?
             .filter(|(st, record)| caller.sees(st, record.as_ref()))
@@ -316,9 +249,7 @@ impl Ingress {
             budget -= 1;
             examined = Some(id);
             let Some((st, record)) =
-                read_status_with_record(&self.ctx.js, &self.ctx.names, &self.ctx.counters, id, false)
-                    .await
-                    .map_err(unavailable("reading progress"))?
+                self.ctx.status_with_record(id, false).await.map_err(unavailable("reading progress"))?
             else {
                 continue; // expired between the listing and the read
             };
@@ -390,11 +321,7 @@ impl Ingress {
             };
         };
         let previous: IdempotencyRecord = serde_json::from_slice(&entry.value).map_err(|e| kv_err(&e))?;
-        if read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, &previous.doc_id, false)
-            .await
-            .map_err(unavailable("reading progress"))?
-            .is_some()
-        {
+        if self.ctx.status(&previous.doc_id, false).await.map_err(unavailable("reading progress"))?.is_some() {
             return Ok(Claim::Replay(previous.doc_id));
         }
         let age = time::OffsetDateTime::now_utc() - entry.created;
@@ -543,21 +470,19 @@ impl Ingress {
                 ));
             }
         }
-        let mut opts = Options::default();
-        for (k, v) in url_query(req.uri().query().unwrap_or("")) {
-            opts.set(&k, v)?;
-        }
+        let mut request = SubmitRequest::default();
+        request.set_all(url_query(req.uri().query().unwrap_or("")))?;
         let ctype =
             req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let key = upload_key(&doc_id);
         let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if mime != "multipart/form-data" {
             // Every option is known before the body: refuse before reading it.
-            self.resolve_model(opts.model.as_deref(), opts.wait_for_model)?;
-            self.check_callback(&opts)?;
+            self.resolve_model(&request.options)?;
+            self.check_callback(&request.options)?;
         }
         if mime == "application/json" {
-            return self.accept_reference(req, doc_id, caller, opts).await;
+            return self.accept_reference(req, doc_id, caller, request).await;
         }
         let pace = self.pace();
         let (stored, filename) = match mime.as_str() {
@@ -600,7 +525,7 @@ impl Ingress {
                         name => {
                             let name = name.to_string();
                             let text = field.text().await.map_err(multipart_error)?;
-                            opts.set(&name, text)?;
+                            request.set(&name, OptionValue::Text(&text))?;
                         }
                     }
                 }
@@ -620,7 +545,7 @@ impl Ingress {
             }
             "application/pdf" | "application/x-pdf" => {
                 let body = paced(req.into_body().into_data_stream(), pace).map_err(ApiError::from);
-                let filename = opts.filename.clone().or_else(|| opts.title.clone());
+                let filename = request.filename.clone().or_else(|| request.title.clone());
                 (upload::store_stream(&self.blobs, &key, body, limit, None).await?, filename)
             }
             other => {
@@ -634,10 +559,7 @@ impl Ingress {
                 ))
             }
         };
-        let (model, model_sha256, wait) = match self
-            .check_callback(&opts)
-            .and_then(|()| self.resolve_model(opts.model.as_deref(), opts.wait_for_model))
-        {
+        let model = match self.check_callback(&request.options).and_then(|()| self.resolve_model(&request.options)) {
             Ok(m) => m,
             Err(e) => {
                 if let Err(err) = self.blobs.delete(&key).await {
@@ -654,7 +576,7 @@ impl Ingress {
             sha256: Some(stored.sha256.clone()),
             ..Source::default()
         };
-        self.queue(doc_id, opts, source, (model, model_sha256, wait), caller).await
+        self.queue(doc_id, request, source, model, caller).await
     }
 
     /// `POST /v1/documents` with `application/json`: a document by
@@ -666,7 +588,7 @@ impl Ingress {
         req: Request<Incoming>,
         doc_id: String,
         caller: &Caller,
-        mut opts: Options,
+        mut request: SubmitRequest,
     ) -> Result<Resp, ApiError> {
         const MAX_JSON: u64 = 64 * 1024;
         let body = upload::read_small(req.into_body(), MAX_JSON, self.pace()).await?;
@@ -709,57 +631,41 @@ impl Ingress {
                 }
             }
         }
-        if let Some(title) = json.get("title").filter(|t| !t.is_null()) {
-            let title = title.as_str().ok_or_else(|| invalid("title must be a string".into()))?;
-            opts.set("title", title.to_string())?;
-        }
-        if let Some(options) = json.get("options").filter(|o| !o.is_null()) {
-            let options = options.as_object().ok_or_else(|| invalid("options must be an object".into()))?;
-            for (k, v) in options {
-                let text = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Number(n) => n.to_string(),
-                    serde_json::Value::Bool(b) => b.to_string(),
-                    _ => return Err(invalid(format!("options.{k} must be a string, number or boolean"))),
-                };
-                opts.set(k, text)?;
-            }
-        }
-        self.check_callback(&opts)?;
-        let model = self.resolve_model(opts.model.as_deref(), opts.wait_for_model)?;
-        let filename = opts.filename.clone().or_else(|| source.file_name());
+        set_json_options(&mut request, &json)?;
+        self.check_callback(&request.options)?;
+        let model = self.resolve_model(&request.options)?;
+        let filename = request.filename.clone().or_else(|| source.file_name());
         let source = Source { url: Some(url.to_string()), filename, ..Source::default() };
-        self.queue(doc_id, opts, source, model, caller).await
+        self.queue(doc_id, request, source, model, caller).await
     }
 
     /// Records the document (its `queued` event) and publishes its submission.
     async fn queue(
         &self,
         doc_id: String,
-        mut opts: Options,
+        request: SubmitRequest,
         source: Source,
-        (model, model_sha256, wait): (String, Option<String>, bool),
+        model: ModelChoice,
         caller: &Caller,
     ) -> Result<Resp, ApiError> {
-        let callback =
-            opts.callback_url.clone().map(|url| Callback { url, events: opts.callback_events.unwrap_or_default() });
+        let callback = request.options.callback();
         let filename = source.filename.clone();
-        let title = opts.title.clone().or_else(|| filename.clone());
+        let title = request.title.or_else(|| filename.clone());
         let (sha256, bytes) = (source.sha256.clone(), source.bytes);
+        // The request's options, with the decision carried: the model, and
+        // whether the document waits for it.
+        let options = SubmitOptions {
+            model: Some(model.model.clone()),
+            wait_for_model: model.wait.then_some(true),
+            callback_events: callback.as_ref().map(|c| c.events),
+            ..request.options
+        };
         let msg = DocumentSubmitted {
             v: VERSION,
             doc_id: doc_id.clone(),
             title: title.clone(),
             source,
-            options: SubmitOptions {
-                dpi: opts.dpi,
-                model: Some(model.clone()),
-                password: opts.password.take(),
-                priority: opts.priority,
-                wait_for_model: wait.then_some(true),
-                callback_url: callback.as_ref().map(|c| c.url.clone()),
-                callback_events: callback.as_ref().map(|c| c.events),
-            },
+            options,
             submitted_at: Some(now_rfc3339()),
             start_page: None,
             owner: caller.owner.clone(),
@@ -769,8 +675,8 @@ impl Ingress {
             filename,
             sha256,
             bytes,
-            model: Some(model),
-            model_sha256,
+            model: Some(model.model),
+            model_sha256: model.sha256,
             owner: caller.owner.clone(),
             callback,
             ..DocInfo::default()
@@ -780,7 +686,7 @@ impl Ingress {
         // endpoint answers as soon as we reply.
         let records = DocRecords::new(&self.ctx.counters);
         records
-            .create(&doc_id, caller.owner.as_deref(), DocState::Queued)
+            .create(&doc_id, caller.owner.as_deref(), info.callback.clone(), DocState::Queued)
             .await
             .map_err(|e| ApiError::unavailable(format!("recording the document failed: {e:#}")))?;
         let queued = async {
@@ -846,4 +752,80 @@ fn accepted(id: &str, status: &str) -> Resp {
         obj.extend(urls);
     }
     json_response(StatusCode::ACCEPTED, &body)
+}
+
+/// Sets a JSON body's `title` and `options` on `request`, each value as
+/// JSON typed it (a number, a boolean, text); a body of the wrong shape is
+/// 422 `invalid_reference`, a bad value 422 `invalid_option`.
+fn set_json_options(request: &mut SubmitRequest, json: &serde_json::Value) -> Result<(), ApiError> {
+    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_reference", m);
+    if let Some(title) = json.get("title").filter(|t| !t.is_null()) {
+        let title = title.as_str().ok_or_else(|| invalid("title must be a string".into()))?;
+        request.set("title", OptionValue::Text(title))?;
+    }
+    if let Some(options) = json.get("options").filter(|o| !o.is_null()) {
+        let options = options.as_object().ok_or_else(|| invalid("options must be an object".into()))?;
+        for (k, v) in options {
+            let number; // a number's JSON text, for options that are text
+            let value = match v {
+                serde_json::Value::String(s) => OptionValue::Text(s),
+                serde_json::Value::Number(n) => {
+                    number = n.to_string();
+                    OptionValue::Number { value: n.as_f64().unwrap_or(f64::NAN), text: &number }
+                }
+                serde_json::Value::Bool(b) => OptionValue::Bool(*b),
+                _ => return Err(invalid(format!("options.{k} must be a string, number or boolean"))),
+            };
+            request.set(k, value)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagestream_schemas::{CallbackEvents, Priority};
+
+    fn code(e: ApiError) -> (u16, String) {
+        (e.status.as_u16(), e.code.to_string())
+    }
+
+    #[test]
+    fn a_json_body_and_a_query_string_give_the_same_request() {
+        let mut query = SubmitRequest::default();
+        query
+            .set_all(crate::url_query(
+                "title=Report&dpi=150&model=yolo_v8&priority=high&wait_for_model=true&callback_url=https%3A%2F%2Fexample.com%2Fh&callback_events=page",
+            ))
+            .unwrap();
+        let mut body = SubmitRequest::default();
+        let json = serde_json::json!({
+            "url": "https://example.com/a.pdf",
+            "title": "Report",
+            "options": {"dpi": 150, "model": "yolo_v8", "priority": "high", "wait_for_model": true,
+                        "callback_url": "https://example.com/h", "callback_events": "page"},
+        });
+        set_json_options(&mut body, &json).unwrap();
+        assert_eq!(query, body);
+        assert_eq!(body.options.priority, Some(Priority::High));
+        assert_eq!(body.options.callback_events, Some(CallbackEvents::Page));
+        assert_eq!(body.options.dpi, Some(150.0));
+    }
+
+    #[test]
+    fn a_json_body_of_the_wrong_shape_or_with_a_bad_value_is_refused() {
+        let refused =
+            |json: serde_json::Value| code(set_json_options(&mut SubmitRequest::default(), &json).unwrap_err());
+        let reference = (422, "invalid_reference".to_string());
+        let option = (422, "invalid_option".to_string());
+        assert_eq!(refused(serde_json::json!({"title": 5})), reference);
+        assert_eq!(refused(serde_json::json!({"options": []})), reference);
+        assert_eq!(refused(serde_json::json!({"options": {"whatever": null}})), reference);
+        assert_eq!(refused(serde_json::json!({"options": {"dpi": 5000}})), option);
+        assert_eq!(refused(serde_json::json!({"options": {"priority": "urgent"}})), option);
+        let mut r = SubmitRequest::default();
+        set_json_options(&mut r, &serde_json::json!({"title": null, "options": null})).unwrap();
+        assert_eq!(r, SubmitRequest::default());
+    }
 }

@@ -2,7 +2,8 @@
 //! the check that refuses a document whose model no live replica serves.
 
 use http::StatusCode;
-use pagestream_pipeline::registry::ServedModel;
+use pagestream_pipeline::registry::{ModelChoice, ServedModel};
+use pagestream_schemas::SubmitOptions;
 
 use crate::error::{json_response, ApiError, Resp};
 use crate::Ingress;
@@ -47,42 +48,31 @@ impl Ingress {
         ))
     }
 
-    /// The model a new document gets: `asked`, else the default. A model
-    /// asked for by name that no live replica serves is refused with 422
-    /// `model_unavailable` (a typo, a fleet that is down) unless the
-    /// submitter asked to wait; the default model is the deployment's own
-    /// promise, so a document for it waits (while its fleet starts, say).
-    /// Returns the model, its fleet's weights when they agree on one, and
-    /// whether the document waits for a replica if none is live.
-    pub(crate) fn resolve_model(
-        &self,
-        asked: Option<&str>,
-        wait: bool,
-    ) -> Result<(String, Option<String>, bool), ApiError> {
-        let model = asked.unwrap_or(self.ctx.config.default_model()).to_string();
-        let wait = wait || asked.is_none();
-        match self.live.get(&model) {
-            Some(fleet) => {
-                let sha = match fleet.weights()[..] {
-                    [one] => Some(one.to_string()),
-                    _ => None,
-                };
-                Ok((model, sha, wait))
-            }
-            None if wait => Ok((model, None, wait)),
-            None => {
-                let served: Vec<String> = self.live.models().into_keys().collect();
-                let list = if served.is_empty() { "none right now".to_string() } else { served.join(", ") };
-                Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "model_unavailable",
-                    format!(
-                        "no live inferencer serves model {model:?} (served: {list}); \
-                         pick one of GET /v1/models, or send wait_for_model=true to wait for a replica"
-                    ),
-                ))
-            }
+    /// The model a new document gets ([`resolve_model`](pagestream_pipeline::registry::resolve_model):
+    /// its `model` option, else the default). A model asked for by name
+    /// that no live replica serves is refused with 422 `model_unavailable`
+    /// (a typo, a fleet that is down) unless the submitter asked to wait;
+    /// a document for the default model waits (while its fleet starts, say).
+    pub(crate) fn resolve_model(&self, opts: &SubmitOptions) -> Result<ModelChoice, ApiError> {
+        let choice = self.live.resolve(
+            opts.model.as_deref(),
+            opts.wait_for_model.unwrap_or(false),
+            self.ctx.config.default_model(),
+        );
+        if !choice.unavailable() {
+            return Ok(choice);
         }
+        let served: Vec<String> = self.live.models().into_keys().collect();
+        let list = if served.is_empty() { "none right now".to_string() } else { served.join(", ") };
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "model_unavailable",
+            format!(
+                "no live inferencer serves model {:?} (served: {list}); \
+                 pick one of GET /v1/models, or send wait_for_model=true to wait for a replica",
+                choice.model
+            ),
+        ))
     }
 }
 

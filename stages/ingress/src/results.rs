@@ -103,7 +103,7 @@ impl Ingress {
             None => serde_json::json!({
                 "schema": MANIFEST_SCHEMA,
                 "doc_id": id,
-                "title": status.info.title.clone().or_else(|| status.info.filename.clone()),
+                "title": status.info.title_or_filename(),
                 "page_count": status.page_count,
                 "status": null,
                 "model": status.info.model.as_ref().map(|name| serde_json::json!({

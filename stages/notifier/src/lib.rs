@@ -25,10 +25,15 @@
 //!   60 s, `Retry-After` honoured) for `notifier.retry_for_secs` from its
 //!   first attempt. Given up: a dead letter with the reason, and the
 //!   document's status says `callback.state: failed`.
+//!
+//! A terminal event evicted from the events stream before it was read is
+//! found by the [`sweep`] (from the durable records) and delivered all the
+//! same; page events evicted unread are recorded lost ([`jobs`]).
 
 pub mod breaker;
 pub mod deliver;
 pub mod jobs;
+pub mod sweep;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,7 +43,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use pagestream_pipeline::callbacks::CallbackStore;
 use pagestream_pipeline::consumer::{ConsumerSpec, Delivery, Handler, StageError};
-use pagestream_pipeline::progress::status::read_status;
+use pagestream_pipeline::records::DocRecords;
 use pagestream_pipeline::stage::StageContext;
 use pagestream_schemas::{Callback, CallbackEvents, Event, EventState, FinalStatus};
 use tokio_util::sync::CancellationToken;
@@ -52,8 +57,8 @@ pub const STAGE: &str = "notifier";
 /// Documents whose callback is remembered (it never changes).
 const KNOWN_MAX: usize = 4096;
 
-/// A document's webhook and its owner.
-type Known = Option<(Callback, Option<String>)>;
+/// A document's webhook (its own, else the default) and its owner.
+type Known = (Option<Callback>, Option<String>);
 
 pub(crate) struct Notifier {
     ctx: StageContext,
@@ -84,11 +89,21 @@ impl Notifier {
         if let Some(known) = self.known.lock().expect("known callbacks").get(doc_id) {
             return Ok(known.clone());
         }
-        let st = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc_id, false)
-            .await
-            .map_err(StageError::nats)?;
-        let owner = st.as_ref().and_then(|s| s.info.owner.clone());
-        let callback = st.and_then(|s| s.info.callback).or_else(|| self.default.clone()).map(|c| (c, owner));
+        // The durable record first (the events naming the callback may be
+        // gone); the events for documents older than records.
+        let record = DocRecords::new(&self.ctx.counters).get(doc_id).await.map_err(StageError::nats)?;
+        let (own, owner) = match record {
+            Some(r) if r.callback.is_some() => (r.callback, r.owner),
+            record => {
+                let st = self.ctx.status(doc_id, false).await.map_err(StageError::nats)?;
+                let owner = match record {
+                    Some(r) => r.owner,
+                    None => st.as_ref().and_then(|s| s.info.owner.clone()),
+                };
+                (st.and_then(|s| s.info.callback), owner)
+            }
+        };
+        let callback = (own.or_else(|| self.default.clone()), owner);
         let mut known = self.known.lock().expect("known callbacks");
         if known.len() >= KNOWN_MAX {
             known.clear();
@@ -127,9 +142,7 @@ impl Notifier {
     /// (its page counts are final then).
     async fn document_hook(&self, ev: &Event, status: FinalStatus) -> Result<Webhook, StageError> {
         let doc = &ev.doc_id;
-        let st = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc, false)
-            .await
-            .map_err(StageError::nats)?;
+        let st = self.ctx.status(doc, false).await.map_err(StageError::nats)?;
         let mut data = serde_json::json!({
             "doc_id": doc,
             "state": status.as_str(),
@@ -168,13 +181,16 @@ impl Handler for Notifier {
             (None, Some(_)) => None,
             _ => return Ok(()),
         };
-        let Some((callback, owner)) = self.callback_of(&doc_id).await? else { return Ok(()) };
+        let (callback, owner) = self.callback_of(&doc_id).await?;
+        let Some(callback) = callback else {
+            return self.settled(&doc_id, owner.as_deref(), terminal).await;
+        };
         if page.is_some() && callback.events != CallbackEvents::Page {
             return Ok(());
         }
         // The document's event went out: nothing is delivered after it.
         if self.store.record(&doc_id).await.map_err(StageError::nats)?.is_some() {
-            return Ok(());
+            return self.settled(&doc_id, owner.as_deref(), terminal).await;
         }
         let (webhook_id, body) = match (page, terminal) {
             (Some(page), _) => {
@@ -187,12 +203,32 @@ impl Handler for Notifier {
             (None, Some(status)) => (document_webhook_id(&doc_id, status), None),
             (None, None) => return Ok(()),
         };
-        let job = Job::new(ev, callback, owner, webhook_id, body, delivery.stream_sequence);
+        let job = Job::new(ev, callback, owner.clone(), webhook_id, body, delivery.stream_sequence);
         jobs::publish(&self.ctx, &job).await.map_err(StageError::publish)?;
-        if let Some(page) = page {
-            self.store.page_seen(&doc_id, page).await.map_err(StageError::nats)?;
+        match page {
+            Some(page) => self.store.page_seen(&doc_id, page).await.map_err(StageError::nats),
+            None => {
+                self.store.document_scheduled(&doc_id).await.map_err(StageError::nats)?;
+                self.settled(&doc_id, owner.as_deref(), terminal).await
+            }
         }
-        Ok(())
+    }
+}
+
+impl Notifier {
+    /// A terminal event was handled (its webhook scheduled, or none due):
+    /// the sweep's marker goes ([`sweep`]).
+    async fn settled(
+        &self,
+        doc_id: &str,
+        owner: Option<&str>,
+        terminal: Option<FinalStatus>,
+    ) -> Result<(), StageError> {
+        if terminal.is_none() {
+            return Ok(());
+        }
+        let tenant = pagestream_pipeline::tenants::tenant_of(owner);
+        DocRecords::new(&self.ctx.counters).clear_ended(tenant, doc_id).await.map_err(StageError::nats)
     }
 }
 
@@ -236,6 +272,7 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
     // Either loop ending ends the stage: the other is told to stop.
     let stop = shutdown.child_token();
     let mut deliveries = tokio::spawn(jobs::run(notifier.clone(), stop.clone()));
+    let sweeper = tokio::spawn(sweep::run(notifier.clone(), stop.clone()));
     let events = spec.run(&ctx, notifier, stop.clone());
     tokio::pin!(events);
     let (events, deliveries) = tokio::select! {
@@ -248,5 +285,6 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
             (events.await, d)
         }
     };
-    events.and(deliveries.context("the delivery loop panicked")?)
+    let swept = sweeper.await.context("the sweep panicked")?;
+    events.and(deliveries.context("the delivery loop panicked")?).and(swept)
 }

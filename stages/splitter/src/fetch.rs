@@ -16,6 +16,7 @@ use pagestream_pipeline::consumer::StageError;
 use pagestream_pipeline::outbound::{error_chain, Https};
 use pagestream_results::store::SourceError;
 use pagestream_schemas::SourceRef;
+use tokio::fs::File;
 use tokio::io::AsyncWriteExt as _;
 
 /// The HTTP client for `http(s)://` sources.
@@ -35,12 +36,7 @@ fn too_large(max: u64, got: Option<u64>) -> StageError {
 }
 
 /// Streams `url` into `file`; returns the bytes written.
-pub async fn fetch_url(
-    cfg: &SplitterConfig,
-    http: &HttpClient,
-    url: &str,
-    file: &mut tokio::fs::File,
-) -> Result<u64, StageError> {
+pub async fn fetch_url(cfg: &SplitterConfig, http: &HttpClient, url: &str, file: &mut File) -> Result<u64, StageError> {
     let source =
         SourceRef::parse(url).map_err(|e| StageError::permanent("source_refused", format!("source.url: {e}")))?;
     let timeout = Duration::from_secs(cfg.source_timeout_secs);
@@ -61,18 +57,20 @@ pub async fn fetch_url(
     Ok(fetched)
 }
 
-async fn fetch_s3(
-    cfg: &SplitterConfig,
-    bucket: &str,
-    key: &str,
-    file: &mut tokio::fs::File,
-) -> Result<u64, StageError> {
-    if !cfg.source_s3_buckets.iter().any(|b| b == bucket) {
-        return Err(StageError::permanent(
-            "source_refused",
-            format!("bucket {bucket:?} is not one this deployment reads documents from (splitter.source_s3_buckets)"),
-        ));
+/// Refuses a bucket this deployment does not read documents from
+/// (`splitter.source_s3_buckets`).
+fn check_bucket(allowed: &[String], bucket: &str) -> Result<(), StageError> {
+    if allowed.iter().any(|b| b == bucket) {
+        return Ok(());
     }
+    Err(StageError::permanent(
+        "source_refused",
+        format!("bucket {bucket:?} is not one this deployment reads documents from (splitter.source_s3_buckets)"),
+    ))
+}
+
+async fn fetch_s3(cfg: &SplitterConfig, bucket: &str, key: &str, file: &mut File) -> Result<u64, StageError> {
+    check_bucket(&cfg.source_s3_buckets, bucket)?;
     let s3 = UploaderConfig {
         target: Target::S3,
         s3_bucket: bucket.into(),
@@ -99,12 +97,7 @@ async fn fetch_s3(
     })
 }
 
-async fn fetch_http(
-    cfg: &SplitterConfig,
-    http: &HttpClient,
-    url: &str,
-    file: &mut tokio::fs::File,
-) -> Result<u64, StageError> {
+async fn fetch_http(cfg: &SplitterConfig, http: &HttpClient, url: &str, file: &mut File) -> Result<u64, StageError> {
     pagestream_pipeline::callbacks::check_callback_url(url, &cfg.source_allow_private_hosts).map_err(|e| {
         StageError::permanent(
             "source_refused",
@@ -132,13 +125,7 @@ async fn fetch_http(
     })?;
     let status = resp.status();
     if !status.is_success() {
-        let what = format!("GET {url} answered HTTP {status}");
-        return Err(match status.as_u16() {
-            404 | 410 => StageError::permanent("source_missing", what),
-            408 | 429 | 500..=599 => StageError::transient("source_fetch", what),
-            300..=399 => StageError::permanent("source_unavailable", format!("{what} (redirects are not followed)")),
-            _ => StageError::permanent("source_unavailable", what),
-        });
+        return Err(http_failure(status, url));
     }
     let declared = resp
         .headers()
@@ -161,6 +148,18 @@ async fn fetch_http(
         file.write_all(&data).await.map_err(pagestream_pipeline::consumer::transient("tempfile"))?;
     }
     Ok(written)
+}
+
+/// Why a source server's answer `status` (not a success) fails the fetch:
+/// gone for good (permanent) or worth retrying (transient).
+fn http_failure(status: http::StatusCode, url: &str) -> StageError {
+    let what = format!("GET {url} answered HTTP {status}");
+    match status.as_u16() {
+        404 | 410 => StageError::permanent("source_missing", what),
+        408 | 429 | 500..=599 => StageError::transient("source_fetch", what),
+        300..=399 => StageError::permanent("source_unavailable", format!("{what} (redirects are not followed)")),
+        _ => StageError::permanent("source_unavailable", what),
+    }
 }
 
 /// The local copy must start like a PDF (`%PDF-` in its first 1024 bytes),
@@ -298,5 +297,41 @@ impl crate::Splitter {
             }
         })?;
         Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagestream_pipeline::ErrorKind;
+
+    #[test]
+    fn a_source_servers_refusal_is_final_or_retried_by_its_status() {
+        let kind = |status: u16| {
+            let e = http_failure(http::StatusCode::from_u16(status).unwrap(), "http://h/a.pdf");
+            (e.kind, e.code.to_string())
+        };
+        assert_eq!(kind(404), (ErrorKind::Permanent, "source_missing".into()));
+        assert_eq!(kind(410), (ErrorKind::Permanent, "source_missing".into()));
+        for status in [408, 429, 500, 503] {
+            assert_eq!(kind(status), (ErrorKind::Transient, "source_fetch".into()), "{status}");
+        }
+        for status in [301, 403] {
+            assert_eq!(kind(status), (ErrorKind::Permanent, "source_unavailable".into()), "{status}");
+        }
+        let redirect = http_failure(http::StatusCode::FOUND, "http://h/a.pdf");
+        assert!(redirect.message.contains("redirects are not followed"), "{}", redirect.message);
+    }
+
+    #[test]
+    fn only_listed_buckets_are_read_and_only_pdfs_kept() {
+        let allowed = vec!["docs".to_string()];
+        assert!(check_bucket(&allowed, "docs").is_ok());
+        let refused = check_bucket(&allowed, "other").unwrap_err();
+        assert_eq!((refused.kind, refused.code.to_string()), (ErrorKind::Permanent, "source_refused".into()));
+        assert!(refused.message.contains("splitter.source_s3_buckets"), "{}", refused.message);
+        assert!(check_pdf_head(b"\n\n%PDF-1.7\n", "u").is_ok());
+        let not_pdf = check_pdf_head(b"<html>", "u").unwrap_err();
+        assert_eq!(not_pdf.code.to_string(), "source_not_pdf");
     }
 }

@@ -22,8 +22,18 @@
 //! (scaled) pages rendered and not yet uploaded or failed, and while the
 //! pages stream is full (`nats.max_pages_in_flight`).
 //!
-//! Models: the document's model is decided once, in its first turn (its
-//! `model` option, else `pipeline.default_model`), written into the
+//! The priority acts through those two scaled numbers only (turn size and
+//! pages in flight). The `<priority>` token of the turn subjects is
+//! informational — for operators reading the stream, and kept because
+//! subjects are a public contract: each tenant's consumer filters on
+//! `<p>.turns.<tenant>.*` and takes every priority in arrival order, and
+//! nothing downstream reads the priority (pages go to
+//! `<p>.pages.rendered.<model>`, whatever their priority).
+//!
+//! Models: the document's model is decided once, by the ingress when it
+//! accepts the document, else in its first turn (its `model` option, else
+//! `pipeline.default_model`), both with
+//! `pagestream_pipeline::registry::resolve_model`; it is written into the
 //! continuation and into every page, which goes to that model's queue
 //! `<p>.pages.rendered.<model>`. When no live inferencer serves the model
 //! (the registry, `pagestream_pipeline::registry`), a new document that
@@ -53,7 +63,7 @@ use anyhow::Result;
 use pagestream_pipeline::blob::{page_image_key, BlobStore};
 use pagestream_pipeline::consumer::{self, transient, ConsumerSpec, Delivery, Handler, StageError};
 use pagestream_pipeline::progress::{publish_message, DocState};
-use pagestream_pipeline::registry::LiveModels;
+use pagestream_pipeline::registry::{LiveModels, ModelChoice};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::{progress::Progress, StageContext};
 use pagestream_schemas::{
@@ -183,12 +193,13 @@ impl Splitter {
                 counters.get(doc_id, EventState::Failed),
             )
             .map_err(StageError::nats)?;
-            let done = uploaded.union_len(&failed);
-            let mut room = rendered.len().saturating_sub(done) < limit;
-            if let (true, Some((tenant, max))) = (room, tenant) {
-                room = self.tenant_pages_in_flight(tenant).await? < max;
-            }
-            if room {
+            let in_flight = tenant_pages::in_flight(rendered.len(), uploaded.union_len(&failed));
+            // The tenant's pages are read only when the document has room.
+            let tenant = match tenant {
+                Some((tenant, max)) if in_flight < limit => Some((self.tenant_pages_in_flight(tenant).await?, max)),
+                _ => None,
+            };
+            if turns::has_room(in_flight, limit, tenant) {
                 if waited {
                     self.ctx.metrics.message(STAGE, "flow_control_wait");
                 }
@@ -269,7 +280,7 @@ impl Splitter {
             .map_err(StageError::publish)?;
         // A document published on NATS may fail here first: its webhook
         // must still be known.
-        let info = callback_of(sub).map(|c| DocInfo { callback: Some(c), ..DocInfo::default() });
+        let info = sub.options.callback().map(|c| DocInfo { callback: Some(c), ..DocInfo::default() });
         self.progress.doc(&sub.doc_id, EventState::Failed, info, Some(error)).await.map_err(StageError::publish)?;
         self.ctx.metrics.document(STAGE, "failed");
         Ok(())
@@ -316,9 +327,7 @@ impl Splitter {
     /// The document's state (`None`: no event yet).
     async fn doc_state(&self, doc_id: &str) -> Result<Option<DocState>, StageError> {
         let ctx = &self.ctx;
-        let status = pagestream_pipeline::progress::read_status(&ctx.js, &ctx.names, &ctx.counters, doc_id, false)
-            .await
-            .map_err(StageError::nats)?;
+        let status = ctx.status(doc_id, false).await.map_err(StageError::nats)?;
         Ok(status.map(|s| s.state))
     }
 
@@ -460,18 +469,11 @@ impl Splitter {
     }
 
     /// One turn of a document: pages `[start, start + chunk)`, then the rest
-    /// goes to the back of the queue.
-    async fn split(&self, mut sub: DocumentSubmitted) -> Result<(), StageError> {
+    /// goes to the back of the queue. `sub` carries `choice`, its model
+    /// ([`Splitter::handle`]).
+    async fn split(&self, sub: DocumentSubmitted, choice: &ModelChoice) -> Result<(), StageError> {
         let doc_id = sub.doc_id.clone();
-        // Decided once: the first turn resolves the default, later turns
-        // carry it.
-        if sub.options.model.is_none() {
-            // The deployment's default: a document for it waits for its
-            // fleet rather than failing (see `defer`).
-            sub.options.model = Some(self.ctx.config.default_model().to_string());
-            sub.options.wait_for_model = Some(true);
-        }
-        let model = model_of(&sub).to_string();
+        let model = &choice.model;
         if self.finished(&doc_id).await? {
             tracing::info!(doc_id, "document already finished; turn skipped");
             self.forget(&doc_id);
@@ -485,23 +487,23 @@ impl Splitter {
         }
         let cfg = &self.ctx.config.splitter;
         let priority = sub.options.priority.unwrap_or_default();
-        let start = sub.start_page.unwrap_or(1).max(1);
-        let end = start.saturating_add(priority.scale(cfg.chunk_pages) - 1);
-        let in_flight_limit = priority.scale(cfg.doc_pages_in_flight);
-        let fleet = self.live.get(&model);
-        if fleet.is_none() {
-            let fresh = start == 1 && self.doc_state(&doc_id).await?.is_none_or(|s| s == DocState::Queued);
-            if fresh && !sub.options.wait_for_model.unwrap_or(false) {
-                self.forget(&doc_id);
-                let err = StageError::permanent(
+        let plan = turns::TurnPlan::new(sub.start_page, priority, cfg.chunk_pages, cfg.doc_pages_in_flight);
+        if !choice.live {
+            let state = if plan.start == 1 { self.doc_state(&doc_id).await? } else { None };
+            let announce = match turns::without_model(plan.start, state, choice.wait) {
+                turns::NoModel::Park { announce } => announce,
+                turns::NoModel::Fail => {
+                    self.forget(&doc_id);
+                    let err = StageError::permanent(
                     "model_unavailable",
                     format!("no live inferencer serves model {model:?} ({}); submit with wait_for_model=true to wait for one", self.served()),
                 )
                 .doc(&doc_id);
-                self.fail_document(&sub, err.info()).await?;
-                return Err(err);
-            }
-            if fresh {
+                    self.fail_document(&sub, err.info()).await?;
+                    return Err(err);
+                }
+            };
+            if announce {
                 self.announce_waiting(&sub).await?;
             }
             // Waits without a worker or an ack-pending slot (`park`).
@@ -530,13 +532,13 @@ impl Splitter {
             }
             Err(e) => return Err(e.doc(&doc_id)),
         };
-        let skip = self.rendered_pages(&doc_id, start..=end).await?;
+        let skip = self.rendered_pages(&doc_id, plan.pages()).await?;
         let mut events = self.renderer.render(RenderRequest {
             pdf: source.path.to_path_buf(),
             password: sub.options.password.clone(),
             dpi: sub.options.dpi.unwrap_or(cfg.dpi),
             max_pixels: cfg.max_pixels,
-            pages: start..=end,
+            pages: plan.pages(),
             skip,
         });
         let page_count = match events.recv().await {
@@ -573,20 +575,17 @@ impl Splitter {
                 Some((tenant, max))
             }
         };
-        if start == 1 {
+        if plan.start == 1 {
             let filename = sub.source.filename.clone();
             let info = DocInfo {
-                title: sub.title.clone().or_else(|| filename.clone()),
+                title: sub.title_or_filename(),
                 filename,
                 sha256: Some(source.sha256.clone()),
                 bytes: Some(source.bytes),
                 page_count: Some(page_count),
                 model: Some(model.clone()),
-                model_sha256: fleet.as_ref().and_then(|f| match f.weights()[..] {
-                    [one] => Some(one.to_string()),
-                    _ => None,
-                }),
-                callback: callback_of(&sub),
+                model_sha256: choice.sha256.clone(),
+                callback: sub.options.callback(),
                 ..DocInfo::default()
             };
             self.progress.doc(&doc_id, EventState::Split, Some(info), None).await.map_err(StageError::publish)?;
@@ -599,7 +598,7 @@ impl Splitter {
                 self.ctx.metrics.document(STAGE, "cancelled");
                 return Ok(());
             }
-            self.wait_for_room(&doc_id, &model, in_flight_limit, tenant_limit).await?;
+            self.wait_for_room(&doc_id, model, plan.in_flight_limit, tenant_limit).await?;
             match event {
                 RenderEvent::Page(page) => {
                     // A span per page: the page's later stages descend from it.
@@ -626,12 +625,12 @@ impl Splitter {
                 other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
             }
         }
-        if end < page_count {
-            let next = DocumentSubmitted { start_page: Some(end + 1), ..sub.clone() };
-            let id = format!("{doc_id}:split:{}", end + 1);
+        if let Some(next_start) = plan.next_start(page_count) {
+            let next = DocumentSubmitted { start_page: Some(next_start), ..sub.clone() };
+            let id = turns::turn_id(&doc_id, next.start_page);
             self.queue_turn(&next, &id).await?;
             self.ctx.metrics.message(STAGE, "turn");
-            tracing::debug!(doc_id, next = end + 1, page_count, "turn done; the rest is queued");
+            tracing::debug!(doc_id, next = next_start, page_count, "turn done; the rest is queued");
             return Ok(());
         }
         self.forget(&doc_id);
@@ -641,7 +640,16 @@ impl Splitter {
     }
 }
 
-/// The document's model (resolved by [`Splitter::split`] before any page).
+/// `sub` carrying its model decision: the model, and whether it waits for it.
+fn carrying(mut sub: DocumentSubmitted, choice: &ModelChoice) -> DocumentSubmitted {
+    sub.options.model = Some(choice.model.clone());
+    if choice.wait {
+        sub.options.wait_for_model = Some(true);
+    }
+    sub
+}
+
+/// The document's model (decided by [`Splitter::handle`] before any page).
 fn model_of(sub: &DocumentSubmitted) -> &str {
     sub.options.model.as_deref().unwrap_or_default()
 }
@@ -678,7 +686,8 @@ impl Splitter {
     }
 
     /// Queues a turn of `sub` on its tenant's queue
-    /// (`<p>.turns.<tenant>.<priority>`), deduplicated by `id`.
+    /// (`<p>.turns.<tenant>.<priority>`; the priority token is informational,
+    /// see the crate docs), deduplicated by `id`.
     async fn queue_turn(&self, sub: &DocumentSubmitted, id: &str) -> Result<(), StageError> {
         let priority = sub.options.priority.unwrap_or_default();
         let subject = self.ctx.names.turns(turns::tenant_key(sub.owner.as_deref()), priority.as_str());
@@ -694,37 +703,37 @@ impl Splitter {
             return Ok(());
         }
         let info = DocInfo {
-            title: sub.title.clone().or_else(|| sub.source.filename.clone()),
+            title: sub.title_or_filename(),
             filename: sub.source.filename.clone(),
             model: sub.options.model.clone(),
-            callback: callback_of(sub),
+            callback: sub.options.callback(),
             ..DocInfo::default()
         };
         self.progress.doc(&sub.doc_id, EventState::Queued, Some(info), None).await.map_err(StageError::publish)
     }
 }
 
-/// The webhook a submission asks for (recorded in the document's events,
-/// where the notifier reads it).
-fn callback_of(sub: &DocumentSubmitted) -> Option<pagestream_schemas::Callback> {
-    let url = sub.options.callback_url.clone()?;
-    Some(pagestream_schemas::Callback { url, events: sub.options.callback_events.unwrap_or_default() })
-}
-
 impl Handler for Splitter {
     type Input = DocumentSubmitted;
 
     /// One turn, pulled from its tenant's queue (see [`turns`]).
+    ///
+    /// The document's model is decided once: the ingress decided it for a
+    /// document it accepted, the first turn decides it for one published on
+    /// NATS without one (the default, which it waits for), both with
+    /// [`pagestream_pipeline::registry::resolve_model`]. The turn then
+    /// carries it — into its pages, its continuation, the parking place.
     async fn handle(&self, sub: DocumentSubmitted, delivery: &Delivery) -> Result<(), StageError> {
-        match self.split(sub.clone()).await {
+        let choice = self.live.resolve(
+            sub.options.model.as_deref(),
+            sub.options.wait_for_model.unwrap_or(false),
+            self.ctx.config.default_model(),
+        );
+        let sub = carrying(sub, &choice);
+        match self.split(sub.clone(), &choice).await {
             // The model's last replica went away mid-turn: park what is
             // left (pages already rendered are skipped when it comes back).
             Err(e) if e.kind == pagestream_pipeline::ErrorKind::Deferred && e.code == "waiting_for_model" => {
-                let model = sub.options.model.clone().unwrap_or_else(|| self.ctx.config.default_model().to_string());
-                let sub = DocumentSubmitted {
-                    options: pagestream_schemas::SubmitOptions { model: Some(model), ..sub.options },
-                    ..sub
-                };
                 self.forget(&sub.doc_id);
                 self.park(&sub).await
             }
@@ -809,4 +818,32 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
     );
     unpark.abort();
     result.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_turn_carries_its_model_decision() {
+        let sub = DocumentSubmitted {
+            v: VERSION,
+            doc_id: "d1".into(),
+            title: None,
+            source: pagestream_schemas::Source { blob: Some("uploads/d1".into()), ..Default::default() },
+            options: pagestream_schemas::SubmitOptions::default(),
+            submitted_at: None,
+            start_page: None,
+            owner: None,
+        };
+        let choice = |model: &str, wait| ModelChoice { model: model.into(), wait, live: false, sha256: None };
+        // The default, decided in the first turn: it waits for its fleet.
+        let first = carrying(sub.clone(), &choice("dflt", true));
+        assert_eq!((model_of(&first), first.options.wait_for_model), ("dflt", Some(true)));
+        // A later turn carries it unchanged.
+        assert_eq!(carrying(first.clone(), &choice("dflt", true)), first);
+        // A model named without waiting stays so.
+        let named = carrying(sub, &choice("m", false));
+        assert_eq!((model_of(&named), named.options.wait_for_model), ("m", None));
+    }
 }

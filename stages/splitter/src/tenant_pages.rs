@@ -16,6 +16,37 @@ use pagestream_schemas::EventState;
 
 use crate::Splitter;
 
+/// Pages rendered and not yet finished (`done`: uploaded or failed), of a
+/// document or a tenant.
+pub(crate) fn in_flight(rendered: u32, done: u32) -> u32 {
+    rendered.saturating_sub(done)
+}
+
+/// The document and page count of an active subject
+/// (`<p>.active.<tenant>.<doc>.<page_count>`).
+fn active_subject(subject: &str) -> Option<(&str, u32)> {
+    let mut rest = subject.rsplitn(3, '.');
+    let (Some(count), Some(doc)) = (rest.next(), rest.next()) else { return None };
+    Some((doc, count.parse().ok()?))
+}
+
+/// What one active document of a tenant counts, from its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Active {
+    /// Every page finished: it leaves the tenant's list.
+    Finished,
+    /// Its pages in flight.
+    InFlight(u32),
+}
+
+fn active(page_count: u32, rendered: u32, done: u32) -> Active {
+    if done >= page_count {
+        Active::Finished
+    } else {
+        Active::InFlight(in_flight(rendered, done))
+    }
+}
+
 impl Splitter {
     /// The limit of `owner`'s tenant (0: none).
     pub(crate) fn tenant_page_limit(&self, owner: Option<&str>) -> u32 {
@@ -37,10 +68,7 @@ impl Splitter {
         let mut info = stream.info_with_subjects(names.tenant_active(tenant)).await.map_err(StageError::nats)?;
         let mut docs = Vec::new();
         while let Some((subject, _)) = info.try_next().await.map_err(StageError::nats)? {
-            // <p>.active.<tenant>.<doc>.<page_count>
-            let mut rest = subject.rsplitn(3, '.');
-            let (Some(count), Some(doc)) = (rest.next(), rest.next()) else { continue };
-            let Ok(count) = count.parse::<u32>() else { continue };
+            let Some((doc, count)) = active_subject(&subject) else { continue };
             docs.push((subject.clone(), doc.to_string(), count));
         }
         let counters = &self.ctx.counters;
@@ -52,14 +80,36 @@ impl Splitter {
                 counters.get(&doc, EventState::Failed),
             )
             .map_err(StageError::nats)?;
-            let done = uploaded.union_len(&failed);
-            if done >= page_count {
-                // Every page finished: the document leaves the list.
-                let _ = stream.purge().filter(subject).await;
-                continue;
+            match active(page_count, rendered.len(), uploaded.union_len(&failed)) {
+                Active::Finished => {
+                    let _ = stream.purge().filter(subject).await;
+                }
+                Active::InFlight(n) => total += n,
             }
-            total += rendered.len().saturating_sub(done);
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_subjects_name_the_document_and_its_page_count() {
+        assert_eq!(active_subject("p.active.0123456789abcdef.doc-1.28"), Some(("doc-1", 28)));
+        assert_eq!(active_subject("p.active.t.d.x"), None, "no page count");
+        assert_eq!(active_subject("28"), None);
+    }
+
+    #[test]
+    fn a_document_counts_its_unfinished_pages_until_all_are_done() {
+        assert_eq!(active(28, 10, 4), Active::InFlight(6));
+        assert_eq!(active(28, 4, 4), Active::InFlight(0));
+        // Counters read at different moments: done ahead of rendered is 0.
+        assert_eq!(active(28, 3, 4), Active::InFlight(0));
+        assert_eq!(active(28, 28, 28), Active::Finished);
+        assert_eq!(active(4, 4, 5), Active::Finished);
+        assert_eq!(in_flight(7, 2), 5);
     }
 }

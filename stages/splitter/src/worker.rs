@@ -43,15 +43,20 @@ use crate::render::{Job, RenderEvent, RenderRequest, RenderedPage};
 /// untried.
 pub const MAX_FAULTS: u32 = 3;
 
-/// Test-only fault injection: `RENDER_WORKER_TEST_FAULT=crash:MARKER`
-/// (or `hang:MARKER`; several, comma-separated) makes the worker abort (or
-/// hang) on page 1 of any PDF whose bytes contain `MARKER`.
-/// `escape@HOST:PORT@DIR:MARKER` plays a PDF that took over pdfium: it
-/// connects to `HOST:PORT`, writes `DIR/written`, runs
-/// `/bin/sh -c 'echo > DIR/executed'`, then aborts if it can read the
-/// splitter's `/proc/<pid>/environ` (each attempt the seal must stop), and
-/// otherwise renders the page.
+/// Test-only fault injection, compiled in only with the crate's
+/// `test-faults` feature (off by default; the tests' dev-dependency turns it
+/// on): `RENDER_WORKER_TEST_FAULT=crash:MARKER` (or `hang:MARKER`; several,
+/// comma-separated) makes the worker abort (or hang) on page 1 of any PDF
+/// whose bytes contain `MARKER`. `escape@HOST:PORT@DIR:MARKER` plays a PDF
+/// that took over pdfium: it connects to `HOST:PORT`, writes
+/// `DIR/written`, runs `/bin/sh -c 'echo > DIR/executed'`, then aborts if
+/// it can read the splitter's `/proc/<pid>/environ` (each attempt the seal
+/// must stop), and otherwise renders the page. A worker built without the
+/// feature never reads the variable.
 pub const FAULT_ENV: &str = "RENDER_WORKER_TEST_FAULT";
+
+/// Whether this build has the test-only faults of [`FAULT_ENV`].
+pub const TEST_FAULTS: bool = cfg!(feature = "test-faults");
 
 /// Longest frame the splitter sends a worker (a request: a path, a password
 /// and the pages to skip).
@@ -187,8 +192,9 @@ fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R, max: u64) -> Res
     rmp_serde::from_slice(&buf).map_err(|_| FrameError::Broken)
 }
 
-/// Applies [`FAULT_ENV`] (tests only; without the variable this is one
-/// environment lookup per page).
+/// Applies [`FAULT_ENV`] (a build with the `test-faults` feature only;
+/// without the variable this is one environment lookup per page).
+#[cfg(feature = "test-faults")]
 pub fn test_fault(pdf: &Path, page: u32) {
     let Ok(specs) = std::env::var(FAULT_ENV) else { return };
     if page != 1 {
@@ -213,6 +219,7 @@ pub fn test_fault(pdf: &Path, page: u32) {
 }
 
 /// The `escape` test fault (see [`FAULT_ENV`]).
+#[cfg(feature = "test-faults")]
 fn try_escape(addr: &str, dir: &Path) {
     if let Ok(addr) = addr.parse() {
         if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
@@ -229,6 +236,12 @@ fn try_escape(addr: &str, dir: &Path) {
         std::process::abort();
     }
 }
+
+/// Without the `test-faults` feature (every production build): nothing,
+/// and no environment lookup.
+#[cfg(not(feature = "test-faults"))]
+#[inline(always)]
+pub fn test_fault(_pdf: &Path, _page: u32) {}
 
 /// The `render-worker` process:
 /// `render-worker LIBPDFIUM [MEMORY_BYTES [PARENT_PID [READABLE_DIR...]]]`

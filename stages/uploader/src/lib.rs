@@ -17,7 +17,7 @@ use anyhow::Result;
 use pagestream_pipeline::blob::{read_image, upload_key, BlobStore};
 use pagestream_pipeline::consumer::{self, ConsumerSpec, Delivery, Handler, StageError};
 use pagestream_pipeline::nats::Names;
-use pagestream_pipeline::progress::{read_status, DocState, DocStatus, Progress, ProgressError};
+use pagestream_pipeline::progress::{DocState, Progress, ProgressError};
 use pagestream_pipeline::util::now_rfc3339;
 use pagestream_pipeline::StageContext;
 use pagestream_schemas::{
@@ -158,35 +158,17 @@ impl Uploader {
         if uploaded.union_len(&failed) < page_count {
             return Ok(());
         }
-        let status = read_status(&self.ctx.js, &self.ctx.names, counters, doc_id, true)
+        let status = self
+            .ctx
+            .status(doc_id, true)
             .await
             .map_err(StageError::nats)?
             .ok_or_else(|| StageError::transient("status_missing", format!("no events for {doc_id} yet")))?;
         if !status.all_pages_done() || status.state == DocState::Cancelled {
             return Ok(());
         }
-        let model = match model {
-            Some(m) => Some(m),
-            None => self.model_from_pages(&status).await?,
-        };
-        let manifest = Manifest::from_status(&status, model, now_rfc3339());
+        let manifest = Manifest::from_status(&status, manifest_model(model, &status.info), now_rfc3339());
         self.write_manifest(doc_id, &manifest).await
-    }
-
-    /// The model of a failed page's document, from any successful page's JSON.
-    async fn model_from_pages(&self, status: &DocStatus) -> Result<Option<ModelRef>, StageError> {
-        let keys = self.keys(&status.doc_id);
-        for n in 1..=status.page_count.unwrap_or(0) {
-            if status.failed_pages.iter().any(|f| f.page == n) {
-                continue;
-            }
-            if let Some(bytes) = self.store.get(&keys.page_json(n)).await.map_err(store_err)? {
-                if let Ok(page) = serde_json::from_slice::<PageResult>(&bytes) {
-                    return Ok(Some(page.model));
-                }
-            }
-        }
-        Ok(None)
     }
 
     async fn write_manifest(&self, doc_id: &str, manifest: &Manifest) -> Result<(), StageError> {
@@ -225,9 +207,7 @@ impl Uploader {
             ..DocInfo::default()
         };
         self.progress.doc(doc_id, EventState::Cancelled, Some(info), None).await.map_err(StageError::publish)?;
-        let Some(status) =
-            read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, doc_id, true).await.map_err(nats)?
-        else {
+        let Some(status) = self.ctx.status(doc_id, true).await.map_err(nats)? else {
             return Ok(());
         };
         if status.state != DocState::Cancelled {
@@ -235,12 +215,7 @@ impl Uploader {
             return Ok(());
         }
         let uploaded: Vec<u32> = status.counters.uploaded.pages().collect();
-        let mut model = None;
-        if let Some(first) = uploaded.iter().min() {
-            if let Some(bytes) = self.store.get(&self.keys(doc_id).page_json(*first)).await.map_err(store_err)? {
-                model = serde_json::from_slice::<PageResult>(&bytes).ok().map(|p| p.model);
-            }
-        }
+        let model = manifest_model(None, &status.info);
         let manifest = Manifest::cancelled(&status, &uploaded, model, msg.at.clone());
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         self.put("manifest", &key, json, "application/json").await?;
@@ -250,9 +225,7 @@ impl Uploader {
     }
 
     async fn document_failed(&self, msg: DocumentFailed) -> Result<(), StageError> {
-        let status = read_status(&self.ctx.js, &self.ctx.names, &self.ctx.counters, &msg.doc_id, false)
-            .await
-            .map_err(StageError::nats)?;
+        let status = self.ctx.status(&msg.doc_id, false).await.map_err(StageError::nats)?;
         if status.as_ref().is_some_and(|s| s.info.manifest.is_some()) {
             // Already finished (completed, cancelled, or this message
             // redelivered): a late failure never overwrites a manifest.
@@ -367,4 +340,41 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         ConsumerSpec::new(&ctx, STAGE, ctx.names.inferred_stream(), "uploader".into(), ctx.config.uploader.concurrency);
     let uploader = Arc::new(Uploader::new(ctx.clone()).await?);
     spec.run(&ctx, uploader, shutdown).await
+}
+
+/// The model a manifest names: the weights the page message that finished
+/// the document names (they really processed it), else the model the
+/// splitter decided for the document (name and weights, on its split event,
+/// read back with the status) — never the page results read back from the
+/// store. `None` when the splitter recorded no agreed weights (live
+/// replicas disagreed, e.g. mid rolling update) and no page message names any.
+pub(crate) fn manifest_model(from_page: Option<ModelRef>, info: &DocInfo) -> Option<ModelRef> {
+    from_page
+        .filter(|m| !m.name.is_empty())
+        .or_else(|| Some(ModelRef { name: info.model.clone()?, sha256: info.model_sha256.clone()? }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, sha: &str) -> ModelRef {
+        ModelRef { name: name.into(), sha256: sha.into() }
+    }
+
+    #[test]
+    fn the_manifest_names_the_pages_weights_else_the_splitters_decision() {
+        let decided =
+            DocInfo { model: Some("layout_cdla".into()), model_sha256: Some("aa".into()), ..DocInfo::default() };
+        // A page that was inferred names the weights that processed it
+        // (a canary's may differ from the decision).
+        assert_eq!(manifest_model(Some(model("layout_cdla", "bb")), &decided), Some(model("layout_cdla", "bb")));
+        // The last page failed before inference (no model): the decision.
+        assert_eq!(manifest_model(None, &decided), Some(model("layout_cdla", "aa")));
+        assert_eq!(manifest_model(Some(model("", "")), &decided), Some(model("layout_cdla", "aa")));
+        // No agreed weights recorded and no page names any: none.
+        let unagreed = DocInfo { model_sha256: None, ..decided };
+        assert_eq!(manifest_model(None, &unagreed), None);
+        assert_eq!(manifest_model(None, &DocInfo::default()), None);
+    }
 }

@@ -1,5 +1,5 @@
-//! The README's configuration table lists exactly the settings the code has,
-//! with the code's defaults.
+//! The configuration table (docs/configuration.md) lists exactly the
+//! settings the code has, with the code's defaults.
 
 use std::collections::BTreeMap;
 
@@ -16,10 +16,9 @@ fn code_settings() -> BTreeMap<String, toml::Value> {
     out
 }
 
-fn readme_settings() -> BTreeMap<String, String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    readme
-        .lines()
+fn documented_settings() -> BTreeMap<String, String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
+    doc.lines()
         .filter_map(|l| {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
             let name = cells.get(1)?.strip_prefix("`PAGESTREAM_")?.strip_suffix('`')?;
@@ -29,15 +28,15 @@ fn readme_settings() -> BTreeMap<String, String> {
 }
 
 #[test]
-fn readme_config_table_matches_the_code() {
+fn docs_config_table_matches_the_code() {
     let code = code_settings();
-    let readme = readme_settings();
-    let missing: Vec<_> = code.keys().filter(|k| !readme.contains_key(*k)).collect();
-    let extra: Vec<_> = readme.keys().filter(|k| !code.contains_key(*k)).collect();
-    assert!(missing.is_empty(), "settings missing from the README table: {missing:?}");
-    assert!(extra.is_empty(), "README lists settings the code does not have: {extra:?}");
+    let documented = documented_settings();
+    let missing: Vec<_> = code.keys().filter(|k| !documented.contains_key(*k)).collect();
+    let extra: Vec<_> = documented.keys().filter(|k| !code.contains_key(*k)).collect();
+    assert!(missing.is_empty(), "settings missing from the table in docs/configuration.md: {missing:?}");
+    assert!(extra.is_empty(), "docs/configuration.md lists settings the code does not have: {extra:?}");
     for (name, default) in &code {
-        let doc = &readme[name];
+        let doc = &documented[name];
         // Literal defaults are shown in backticks; computed ones (paths) in words.
         let Some(lit) = doc.strip_prefix('`').and_then(|d| d.strip_suffix('`')) else { continue };
         if lit.contains('<') {
@@ -48,6 +47,6 @@ fn readme_config_table_matches_the_code() {
             toml::Value::Float(f) if f.fract() == 0.0 => format!("{f:.0}"),
             other => other.to_string(),
         };
-        assert_eq!(lit, shown, "{name}: README says `{lit}`, the code's default is {shown}");
+        assert_eq!(lit, shown, "{name}: docs/configuration.md says `{lit}`, the code's default is {shown}");
     }
 }
