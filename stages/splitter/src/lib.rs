@@ -259,6 +259,16 @@ impl Splitter {
         Ok(())
     }
 
+    /// The document cannot be split: it fails with `err`'s reason (its
+    /// events and record), and `err` goes back to the consumer (a dead
+    /// letter for a permanent error). The one way `split` gives up.
+    async fn give_up(&self, sub: &DocumentSubmitted, err: StageError) -> Result<(), StageError> {
+        let err = err.doc(&sub.doc_id);
+        self.forget(&sub.doc_id);
+        self.fail_document(sub, err.info()).await?;
+        Err(err)
+    }
+
     /// Tells the uploader and the events stream that the document failed.
     async fn fail_document(&self, sub: &DocumentSubmitted, error: ErrorInfo) -> Result<(), StageError> {
         if self.finished(&sub.doc_id).await? {
@@ -493,14 +503,14 @@ impl Splitter {
             let announce = match turns::without_model(plan.start, state, choice.wait) {
                 turns::NoModel::Park { announce } => announce,
                 turns::NoModel::Fail => {
-                    self.forget(&doc_id);
                     let err = StageError::permanent(
-                    "model_unavailable",
-                    format!("no live inferencer serves model {model:?} ({}); submit with wait_for_model=true to wait for one", self.served()),
-                )
-                .doc(&doc_id);
-                    self.fail_document(&sub, err.info()).await?;
-                    return Err(err);
+                        "model_unavailable",
+                        format!(
+                            "no live inferencer serves model {model:?} ({}); submit with wait_for_model=true to wait for one",
+                            self.served()
+                        ),
+                    );
+                    return self.give_up(&sub, err).await;
                 }
             };
             if announce {
@@ -526,10 +536,7 @@ impl Splitter {
             Ok(source) => source,
             // The document cannot be read (missing, too large, not a PDF,
             // not allowed): it fails with the reason.
-            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => {
-                self.fail_document(&sub, e.info()).await?;
-                return Err(e.doc(&doc_id));
-            }
+            Err(e) if e.kind == pagestream_pipeline::ErrorKind::Permanent => return self.give_up(&sub, e).await,
             Err(e) => return Err(e.doc(&doc_id)),
         };
         let skip = self.rendered_pages(&doc_id, plan.pages()).await?;
@@ -544,28 +551,12 @@ impl Splitter {
         let page_count = match events.recv().await {
             Some(RenderEvent::Opened { page_count }) => page_count,
             Some(RenderEvent::OpenFailed { code, message }) => {
-                self.forget(&doc_id);
-                let err = StageError::permanent(code, message).doc(&doc_id);
-                self.fail_document(&sub, err.info()).await?;
-                return Err(err);
+                return self.give_up(&sub, StageError::permanent(code, message)).await
             }
             other => return Err(StageError::transient("renderer", format!("unexpected render event {other:?}"))),
         };
-        if page_count > cfg.max_pages {
-            self.forget(&doc_id);
-            let err = StageError::permanent(
-                "too_many_pages",
-                format!("the document has {page_count} pages; the limit is {} (splitter.max_pages)", cfg.max_pages),
-            )
-            .doc(&doc_id);
-            self.fail_document(&sub, err.info()).await?;
-            return Err(err);
-        }
-        if page_count == 0 {
-            self.forget(&doc_id);
-            let err = StageError::permanent("pdf_empty", "the document has no pages").doc(&doc_id);
-            self.fail_document(&sub, err.info()).await?;
-            return Err(err);
+        if let Err(err) = check_page_count(page_count, cfg.max_pages) {
+            return self.give_up(&sub, err).await;
         }
         let tenant = turns::tenant_key(sub.owner.as_deref());
         let tenant_limit = match self.tenant_page_limit(sub.owner.as_deref()) {
@@ -647,6 +638,21 @@ fn carrying(mut sub: DocumentSubmitted, choice: &ModelChoice) -> DocumentSubmitt
         sub.options.wait_for_model = Some(true);
     }
     sub
+}
+
+/// A page count the splitter refuses before rendering any page: none, or
+/// more than `splitter.max_pages`.
+fn check_page_count(page_count: u32, max_pages: u32) -> Result<(), StageError> {
+    if page_count == 0 {
+        return Err(StageError::permanent("pdf_empty", "the document has no pages"));
+    }
+    if page_count > max_pages {
+        return Err(StageError::permanent(
+            "too_many_pages",
+            format!("the document has {page_count} pages; the limit is {max_pages} (splitter.max_pages)"),
+        ));
+    }
+    Ok(())
 }
 
 /// The document's model (decided by [`Splitter::handle`] before any page).
@@ -823,6 +829,17 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_and_oversized_documents_are_refused_before_any_page() {
+        let code = |n| check_page_count(n, 2000).err().map(|e| (e.code, e.kind, e.message));
+        let (empty, kind, _) = code(0).unwrap();
+        assert_eq!((empty, kind), ("pdf_empty", pagestream_pipeline::ErrorKind::Permanent));
+        let (too_many, _, why) = code(2001).unwrap();
+        assert_eq!(too_many, "too_many_pages");
+        assert!(why.contains("2001 pages; the limit is 2000 (splitter.max_pages)"), "{why}");
+        assert!(code(1).is_none() && code(2000).is_none());
+    }
 
     #[test]
     fn a_turn_carries_its_model_decision() {
