@@ -393,6 +393,61 @@ impl InferencerConfig {
     }
 }
 
+/// How to reach an S3-compatible service: what the uploader writes results
+/// with (`uploader.s3_*`) and what the splitter reads `s3://` sources with
+/// (`splitter.source_s3_*`). Not a config section of its own: each stage's
+/// section keeps its flat keys (their environment variables are a
+/// contract), and hands this out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Connection {
+    /// Custom endpoint (MinIO, moto, …); empty for AWS.
+    pub endpoint: String,
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`).
+    pub path_style: bool,
+    /// Static credentials; empty: the standard AWS chain.
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Connection")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl UploaderConfig {
+    /// The connection results are written with.
+    pub fn s3_connection(&self) -> S3Connection {
+        S3Connection {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+        }
+    }
+}
+
+impl SplitterConfig {
+    /// The connection `s3://` sources are read with.
+    pub fn source_s3_connection(&self) -> S3Connection {
+        S3Connection {
+            endpoint: self.source_s3_endpoint.clone(),
+            region: self.source_s3_region.clone(),
+            path_style: self.source_s3_path_style,
+            access_key_id: self.source_s3_access_key_id.clone(),
+            secret_access_key: self.source_s3_secret_access_key.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UploaderConfig {
@@ -871,6 +926,23 @@ fn parse_like(default: &Value, raw: &str) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_stage_hands_out_its_own_s3_connection_and_never_prints_the_secret() {
+        let mut c = Config::default();
+        c.uploader.s3_endpoint = "http://results:9000".into();
+        c.uploader.s3_secret_access_key = "results-secret".into();
+        c.splitter.source_s3_endpoint = "http://sources:9000".into();
+        c.splitter.source_s3_path_style = true;
+        c.splitter.source_s3_secret_access_key = "sources-secret".into();
+        let (results, sources) = (c.uploader.s3_connection(), c.splitter.source_s3_connection());
+        assert_eq!((results.endpoint.as_str(), results.path_style), ("http://results:9000", false));
+        assert_eq!((sources.endpoint.as_str(), sources.path_style), ("http://sources:9000", true));
+        assert_eq!(sources.secret_access_key, "sources-secret");
+        for conn in [results, sources] {
+            assert!(!format!("{conn:?}").contains("-secret"), "{conn:?}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 #[cfg(feature = "s3")]
 use aws_sdk_s3::primitives::ByteStream;
-use pagestream_pipeline::config::{Target, UploaderConfig};
+use pagestream_pipeline::config::{S3Connection, Target, UploaderConfig};
 
 #[derive(Debug, Clone)]
 pub enum ResultStore {
@@ -46,7 +46,7 @@ impl ResultStore {
             Target::S3 => Err(no_s3()),
             #[cfg(feature = "s3")]
             Target::S3 => {
-                let client = s3_client(cfg).await;
+                let client = s3_client(&cfg.s3_connection()).await;
                 client
                     .head_bucket()
                     .bucket(&cfg.s3_bucket)
@@ -80,7 +80,9 @@ impl ResultStore {
             #[cfg(not(feature = "s3"))]
             Target::S3 => Err(no_s3()),
             #[cfg(feature = "s3")]
-            Target::S3 => Ok(ResultStore::S3 { client: s3_client(cfg).await, bucket: cfg.s3_bucket.clone() }),
+            Target::S3 => {
+                Ok(ResultStore::S3 { client: s3_client(&cfg.s3_connection()).await, bucket: cfg.s3_bucket.clone() })
+            }
             Target::Local => {
                 Ok(ResultStore::Local { root: std::fs::canonicalize(&cfg.dir).unwrap_or_else(|_| cfg.dir.clone()) })
             }
@@ -162,22 +164,22 @@ impl ResultStore {
     }
 }
 
-/// The S3 client for the uploader settings (also used by tests and tools).
+/// An S3 client for `conn` (the uploader's, a source's; tests and tools too).
 #[cfg(feature = "s3")]
-pub async fn s3_client(cfg: &UploaderConfig) -> aws_sdk_s3::Client {
+pub async fn s3_client(conn: &S3Connection) -> aws_sdk_s3::Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(cfg.s3_region.clone()));
-    if !cfg.s3_access_key_id.is_empty() {
+        .region(aws_config::Region::new(conn.region.clone()));
+    if !conn.access_key_id.is_empty() {
         loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
-            cfg.s3_access_key_id.clone(),
-            cfg.s3_secret_access_key.clone(),
+            conn.access_key_id.clone(),
+            conn.secret_access_key.clone(),
             None,
             None,
             "pagestream-config",
         ));
     }
-    if !cfg.s3_endpoint.is_empty() {
-        loader = loader.endpoint_url(cfg.s3_endpoint.clone());
+    if !conn.endpoint.is_empty() {
+        loader = loader.endpoint_url(conn.endpoint.clone());
     }
     // A hung connection must become a (retried) error, never a stuck worker.
     loader = loader.timeout_config(
@@ -188,7 +190,7 @@ pub async fn s3_client(cfg: &UploaderConfig) -> aws_sdk_s3::Client {
             .build(),
     );
     let shared = loader.load().await;
-    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.s3_path_style).build();
+    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(conn.path_style).build();
     aws_sdk_s3::Client::from_conf(conf)
 }
 
@@ -249,18 +251,18 @@ pub enum SourceError {
 }
 
 /// Streams `s3://bucket/key` into `to`, at most `max` bytes, with a client
-/// built from `cfg` (endpoint, region, path style, credentials); returns
+/// for `conn` (endpoint, region, path style, credentials); returns
 /// the bytes written. Never holds the object in memory.
 #[cfg(feature = "s3")]
 pub async fn s3_fetch(
-    cfg: &UploaderConfig,
+    conn: &S3Connection,
     bucket: &str,
     key: &str,
     max: u64,
     to: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
 ) -> Result<u64, SourceError> {
     use tokio::io::AsyncWriteExt as _;
-    let client = s3_client(cfg).await;
+    let client = s3_client(conn).await;
     let resp = match client.get_object().bucket(bucket).key(key).send().await {
         Ok(r) => r,
         Err(e) => {
@@ -293,7 +295,7 @@ pub async fn s3_fetch(
 /// Without the `s3` feature: `s3://` sources are refused.
 #[cfg(not(feature = "s3"))]
 pub async fn s3_fetch(
-    _: &UploaderConfig,
+    _: &S3Connection,
     _: &str,
     _: &str,
     _: u64,

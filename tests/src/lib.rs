@@ -97,7 +97,7 @@ impl MotoServer {
     /// Points `config.uploader` at this server and creates `bucket`.
     pub async fn configure(&self, config: &mut Config, bucket: &str) -> Result<aws_sdk_s3::Client> {
         self.results_to(config, bucket);
-        let client = pagestream_results::store::s3_client(&config.uploader).await;
+        let client = pagestream_results::store::s3_client(&config.uploader.s3_connection()).await;
         client.create_bucket().bucket(bucket).send().await.context("creating bucket")?;
         Ok(client)
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
-use pagestream_pipeline::config::{SplitterConfig, Target, UploaderConfig};
+use pagestream_pipeline::config::SplitterConfig;
 use pagestream_pipeline::consumer::StageError;
 use pagestream_pipeline::outbound::{error_chain, Https};
 use pagestream_results::store::SourceError;
@@ -71,30 +71,22 @@ fn check_bucket(allowed: &[String], bucket: &str) -> Result<(), StageError> {
 
 async fn fetch_s3(cfg: &SplitterConfig, bucket: &str, key: &str, file: &mut File) -> Result<u64, StageError> {
     check_bucket(&cfg.source_s3_buckets, bucket)?;
-    let s3 = UploaderConfig {
-        target: Target::S3,
-        s3_bucket: bucket.into(),
-        s3_endpoint: cfg.source_s3_endpoint.clone(),
-        s3_region: cfg.source_s3_region.clone(),
-        s3_path_style: cfg.source_s3_path_style,
-        s3_access_key_id: cfg.source_s3_access_key_id.clone(),
-        s3_secret_access_key: cfg.source_s3_secret_access_key.clone(),
-        ..UploaderConfig::default()
-    };
-    pagestream_results::store::s3_fetch(&s3, bucket, key, cfg.source_max_bytes, file).await.map_err(|e| match e {
-        SourceError::Missing(m) => StageError::permanent("source_missing", m),
-        SourceError::TooLarge(n) => too_large(cfg.source_max_bytes, Some(n)),
-        SourceError::Unsupported(m) => StageError::permanent("source_unsupported", m),
-        SourceError::Other(detail) => {
-            // The SDK's chain names the service's endpoint: logged, not shown.
-            let reference = pagestream_pipeline::consumer::error_reference();
-            tracing::warn!(reference, %detail, "reading an s3:// source failed");
-            StageError::transient(
-                "source_fetch",
-                format!("reading s3://{bucket}/{key} failed (reference {reference} in the pipeline's logs)"),
-            )
-        }
-    })
+    pagestream_results::store::s3_fetch(&cfg.source_s3_connection(), bucket, key, cfg.source_max_bytes, file)
+        .await
+        .map_err(|e| match e {
+            SourceError::Missing(m) => StageError::permanent("source_missing", m),
+            SourceError::TooLarge(n) => too_large(cfg.source_max_bytes, Some(n)),
+            SourceError::Unsupported(m) => StageError::permanent("source_unsupported", m),
+            SourceError::Other(detail) => {
+                // The SDK's chain names the service's endpoint: logged, not shown.
+                let reference = pagestream_pipeline::consumer::error_reference();
+                tracing::warn!(reference, %detail, "reading an s3:// source failed");
+                StageError::transient(
+                    "source_fetch",
+                    format!("reading s3://{bucket}/{key} failed (reference {reference} in the pipeline's logs)"),
+                )
+            }
+        })
 }
 
 async fn fetch_http(cfg: &SplitterConfig, http: &HttpClient, url: &str, file: &mut File) -> Result<u64, StageError> {
