@@ -78,6 +78,10 @@ struct Scanned {
     published: time::OffsetDateTime,
 }
 
+/// How long a scan waits for a message it was told is pending before it
+/// looks again (the message may have been purged meanwhile).
+const SCAN_SILENCE: Duration = Duration::from_millis(500);
+
 /// Compare-and-set attempts before an update gives up.
 const MAX_ATTEMPTS: u32 = 32;
 
@@ -411,33 +415,59 @@ impl DocRecords {
     /// with one ordered consumer until nothing is pending; delete and purge
     /// markers are left out.
     async fn scan(&self, filter: &str, policy: jetstream::consumer::DeliverPolicy) -> Result<Vec<Scanned>> {
-        let consumer = self
-            .kv
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: format!("{}{filter}", self.kv.prefix),
-                deliver_policy: policy,
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("reading {filter}"))?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer.messages().await.with_context(|| format!("reading {filter}"))?;
-        while let Some(msg) = messages.try_next().await.with_context(|| format!("reading {filter}"))? {
-            let info = msg.info().map_err(|e| anyhow::anyhow!("reading {filter}: {e}"))?;
-            let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
-            let marker = msg.headers.as_ref().is_some_and(|h| h.get("KV-Operation").is_some());
-            if !marker {
-                let key = msg.subject.strip_prefix(self.kv.prefix.as_str()).unwrap_or(&msg.subject).to_string();
-                out.push(Scanned { key, payload: msg.payload.clone(), sequence, published });
-            }
-            if pending == 0 {
+        use jetstream::consumer::DeliverPolicy;
+        let mut out: BTreeMap<String, Scanned> = BTreeMap::new();
+        let mut policy = policy;
+        loop {
+            let consumer = self
+                .kv
+                .stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: format!("{}{filter}", self.kv.prefix),
+                    deliver_policy: policy,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("reading {filter}"))?;
+            if consumer.cached_info().num_pending == 0 {
                 break;
             }
+            let mut messages = consumer.messages().await.with_context(|| format!("reading {filter}"))?;
+            let mut last = None;
+            let mut finished = false;
+            // A key purged after the consumer counted it (a reservation
+            // withdrawn, a marker cleared) is never delivered: silence, then
+            // a new consumer from the last message read says what is left.
+            while let Ok(next) = tokio::time::timeout(SCAN_SILENCE, messages.try_next()).await {
+                let Some(msg) = next.with_context(|| format!("reading {filter}"))? else {
+                    finished = true;
+                    break;
+                };
+                let info = msg.info().map_err(|e| anyhow::anyhow!("reading {filter}: {e}"))?;
+                let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+                last = Some(sequence);
+                let marker = msg.headers.as_ref().is_some_and(|h| h.get("KV-Operation").is_some());
+                let key = msg.subject.strip_prefix(self.kv.prefix.as_str()).unwrap_or(&msg.subject).to_string();
+                // The newest message of a key read again replaces the older.
+                if marker {
+                    out.remove(&key);
+                } else {
+                    out.insert(key.clone(), Scanned { key, payload: msg.payload.clone(), sequence, published });
+                }
+                if pending == 0 {
+                    finished = true;
+                    break;
+                }
+            }
+            if finished {
+                break;
+            }
+            if let Some(seq) = last {
+                policy = DeliverPolicy::ByStartSequence { start_sequence: seq + 1 };
+            }
         }
+        let mut out: Vec<Scanned> = out.into_values().collect();
+        out.sort_by_key(|s| s.sequence);
         Ok(out)
     }
 }

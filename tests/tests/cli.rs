@@ -47,6 +47,10 @@ fn scripts_up_serves_the_cli_and_stops_on_ctrl_c() {
             up.env_remove(k);
         }
     }
+    // Built as scripts/test builds the binaries the other tests run (with
+    // the render worker's test faults): otherwise this build would swap them
+    // for ones without, under the tests running beside it.
+    up.env("UP_CARGO_FEATURES", "pagestream-splitter/test-faults");
     let mut up = up
         .args(["--nats-store", tmp.path().join("nats").to_str().unwrap()])
         .env("PAGESTREAM_INGRESS_ADDR", format!("127.0.0.1:{port}"))
