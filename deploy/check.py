@@ -54,7 +54,7 @@ METRIC_DOCS = ["README.md", "ARCHITECTURE.md", "SECURITY.md"]
 def known_settings():
     """PAGESTREAM_* names the configuration accepts: the table of
     docs/configuration.md (kept equal to the code by
-    pipeline/tests/docs_config.rs) and the reserved names of
+    cli/tests/docs_config.rs) and the reserved names of
     pipeline/src/config.rs."""
     names = set(re.findall(r"^\| `(PAGESTREAM_[A-Z0-9_]+)` \|", (ROOT / CONFIG_DOC).read_text(), re.M))
     src = (ROOT / "pipeline/src/config.rs").read_text()

@@ -5,6 +5,7 @@
 //! functions the binaries run.
 
 pub mod client;
+pub mod config;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,10 +17,12 @@ use anyhow::{Context as _, Result};
 use pagestream_pipeline::embedded::NatsServer;
 use pagestream_pipeline::health::Health;
 use pagestream_pipeline::metrics::Metrics;
-use pagestream_pipeline::{Config, StageContext};
+use pagestream_pipeline::StageContext;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::config::Config;
 
 /// One stage of the all-in-one mode.
 struct Stage {
@@ -30,10 +33,11 @@ struct Stage {
     /// counts from the start, not only once it has begun loading: a stage
     /// still connecting to S3 is not ready).
     readiness: bool,
-    /// Its `run`: the shared context, the API listener (bound before any
-    /// stage starts, so that its address is known; taken by the ingress)
-    /// and the shutdown token.
-    run: fn(StageContext, &mut Option<TcpListener>, CancellationToken) -> StageFuture,
+    /// Its `run`: the shared context, its settings (taken from the whole
+    /// configuration as its binary takes them from the sources), the API
+    /// listener (bound before any stage starts, so that its address is
+    /// known; taken by the ingress) and the shutdown token.
+    run: fn(StageContext, &Config, &mut Option<TcpListener>, CancellationToken) -> StageFuture,
 }
 
 type StageFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -50,34 +54,34 @@ const STAGES: [Stage; 5] = [
         name: pagestream_splitter::STAGE,
         enabled: always,
         readiness: true,
-        run: |c, _, s| Box::pin(pagestream_splitter::run(c, s)),
+        run: |ctx, c, _, s| Box::pin(pagestream_splitter::run(ctx, c.splitter.clone(), s)),
     },
     Stage {
         name: pagestream_inferencer::STAGE,
         enabled: always,
         readiness: true,
-        run: |c, _, s| Box::pin(pagestream_inferencer::run(c, s)),
+        run: |ctx, c, _, s| Box::pin(pagestream_inferencer::run(ctx, c.inferencer.clone(), s)),
     },
     Stage {
         name: pagestream_uploader::STAGE,
         enabled: always,
         readiness: true,
-        run: |c, _, s| Box::pin(pagestream_uploader::run(c, s)),
+        run: |ctx, c, _, s| Box::pin(pagestream_uploader::run(ctx, c.uploader.clone(), s)),
     },
     Stage {
         name: pagestream_ingress::STAGE,
         enabled: always,
         readiness: true,
-        run: |c, listener, s| {
+        run: |ctx, c, listener, s| {
             let listener = listener.take().expect("the API listener is bound once, for the ingress");
-            Box::pin(pagestream_ingress::serve(c, listener, s))
+            Box::pin(pagestream_ingress::serve(ctx, c.ingress_settings(), listener, s))
         },
     },
     Stage {
         name: pagestream_notifier::STAGE,
         enabled: |c| !c.notifier.secret.is_empty(),
         readiness: false,
-        run: |c, _, s| Box::pin(pagestream_notifier::run(c, s)),
+        run: |ctx, c, _, s| Box::pin(pagestream_notifier::run(ctx, c.notifier.clone(), s)),
     },
 ];
 
@@ -85,6 +89,8 @@ const STAGES: [Stage; 5] = [
 #[derive(Debug)]
 pub struct LocalPipeline {
     pub ingress_addr: SocketAddr,
+    /// The configuration the stages run with.
+    pub config: Config,
     pub ctx: StageContext,
     pub shutdown: CancellationToken,
     /// The private NATS server, when this pipeline started one.
@@ -131,22 +137,22 @@ impl LocalPipeline {
         for stage in stages.iter().filter(|stage| stage.readiness) {
             health.register(stage.name);
         }
-        let ctx = StageContext::connect(config, "pagestream-local", metrics, health).await?;
+        let ctx = StageContext::connect(config.shared(), "pagestream-local", metrics, health).await?;
         let shutdown = CancellationToken::new();
-        let listener = TcpListener::bind(&ctx.config.ingress.addr).await.with_context(|| {
-            format!("ingress: cannot listen on {} (set PAGESTREAM_INGRESS_ADDR)", ctx.config.ingress.addr)
+        let listener = TcpListener::bind(&config.ingress.addr).await.with_context(|| {
+            format!("ingress: cannot listen on {} (set PAGESTREAM_INGRESS_ADDR)", config.ingress.addr)
         })?;
         let ingress_addr = listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
         let mut listener = Some(listener);
         for stage in stages {
-            let run = (stage.run)(ctx.clone(), &mut listener, shutdown.clone());
+            let run = (stage.run)(ctx.clone(), &config, &mut listener, shutdown.clone());
             let name = stage.name;
             tasks.spawn(async move { (name, run.await) });
         }
 
-        let mut pipeline = LocalPipeline { ingress_addr, ctx, shutdown, nats, tasks };
+        let mut pipeline = LocalPipeline { ingress_addr, config, ctx, shutdown, nats, tasks };
         // Start-up errors (missing library, bad model, unreachable bucket)
         // surface here, before any upload is accepted.
         if let Err(e) = pipeline.wait_ready().await {

@@ -19,8 +19,9 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use pagestream::client::ApiClient;
+use pagestream::Config;
 use pagestream::LocalPipeline;
-use pagestream_pipeline::config::{Config, EXIT_BAD_CONFIG};
+use pagestream_pipeline::config::EXIT_BAD_CONFIG;
 use pagestream_pipeline::progress::DocState;
 use pagestream_pipeline::util::init_tracing;
 
@@ -184,8 +185,8 @@ async fn demo(out: PathBuf, mut files: Vec<PathBuf>) -> Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    config.uploader.target = pagestream_pipeline::config::Target::Local;
-    config.uploader.dir = out.clone();
+    config.uploader.results.target = pagestream_results::Target::Local;
+    config.uploader.results.dir = out.clone();
     config.ingress.addr = "127.0.0.1:0".into();
     if std::env::var_os("PAGESTREAM_LOG").is_none() {
         std::env::set_var("PAGESTREAM_LOG", "error");

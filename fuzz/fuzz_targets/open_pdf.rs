@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 
 fuzz_target!(|data: &[u8]| {
-    let lib = pagestream_pipeline::Config::default().splitter.pdfium_library;
+    let lib = pagestream_splitter::SplitterConfig::default().pdfium_library;
     let renderer = Renderer::in_process(&lib).expect("libpdfium (run scripts/setup)");
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(data).unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EXIT_BAD_CONFIG};
+use crate::config::{Config, Sources, EXIT_BAD_CONFIG};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown;
@@ -34,11 +34,15 @@ pub fn config_path_from_args(usage: &str) -> Option<PathBuf> {
     path
 }
 
-/// Loads the config or exits 64 listing every problem.
-pub fn load_config_or_exit(usage: &str) -> Config {
+/// Reads the configuration with `read` (the shared sections, then the
+/// stage's own), or exits 64 listing every problem.
+pub fn load_config_or_exit<S>(usage: &str, read: impl FnOnce(&mut Sources) -> S) -> (Config, S) {
     let path = config_path_from_args(usage);
-    match Config::load(path.as_deref()) {
-        Ok(c) => c,
+    let mut sources = Sources::load(path.as_deref());
+    let shared = Config::read(&mut sources);
+    let own = read(&mut sources);
+    match sources.finish() {
+        Ok(()) => (shared, own),
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(EXIT_BAD_CONFIG);
@@ -46,25 +50,28 @@ pub fn load_config_or_exit(usage: &str) -> Config {
     }
 }
 
-/// Runs one stage as a process: `admin_addr` (may be empty) serves the admin
-/// endpoints; `body` gets the connected context and the shutdown token.
-pub async fn run_stage<F, Fut>(
+/// Runs one stage as a process: `read` takes the stage's settings from the
+/// configuration sources, `admin_addr` (may be empty) serves the admin
+/// endpoints; `body` gets the connected context, the settings and the
+/// shutdown token.
+pub async fn run_stage<S, F, Fut>(
     name: &'static str,
     usage: &str,
-    admin_addr: impl Fn(&Config) -> String,
+    read: impl FnOnce(&mut Sources) -> S,
+    admin_addr: impl Fn(&S) -> String,
     body: F,
 ) -> Result<()>
 where
-    F: FnOnce(StageContext, CancellationToken) -> Fut,
+    F: FnOnce(StageContext, S, CancellationToken) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    let config = load_config_or_exit(usage);
+    let (config, settings) = load_config_or_exit(usage, read);
     crate::util::init_tracing_for(&format!("pagestream-{name}"));
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(metrics.clone());
     health.register(name);
     let shutdown = shutdown::on_signals(shutdown::DEFAULT_GRACE);
-    let addr = admin_addr(&config);
+    let addr = admin_addr(&settings);
     if !addr.is_empty() {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -73,7 +80,7 @@ where
         tokio::spawn(crate::admin::serve(listener, health.clone(), metrics.clone(), shutdown.clone()));
     }
     let ctx = StageContext::connect(config, name, metrics, health).await?;
-    let outcome = body(ctx, shutdown).await;
+    let outcome = body(ctx, settings, shutdown).await;
     crate::telemetry::shutdown();
     outcome
 }

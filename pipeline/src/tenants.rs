@@ -109,8 +109,8 @@ impl TenantsConfig {
         limits
     }
 
-    /// Every problem with the section, for `Config::validate`.
-    pub fn check(&self) -> Vec<String> {
+    /// Every problem with the section ([`crate::config::Section::check`]).
+    pub fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if !(1..=1000).contains(&self.weight) {
             errors.push("tenants.weight must be within 1..=1000".into());
@@ -219,7 +219,7 @@ mod tests {
             ],
             ..TenantsConfig::default()
         };
-        assert!(c.check().is_empty(), "{:?}", c.check());
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
         let a = c.limits_for(Some("2bb80d537b1da3e3"));
         assert_eq!((a.weight, a.max_documents, a.pages_per_hour), (4, 7, 0));
         assert_eq!(a.source_prefixes, ["s3://in/a/", "s3://in/b/"]);
@@ -241,7 +241,7 @@ mod tests {
             ],
             ..TenantsConfig::default()
         };
-        let errors = c.check();
+        let errors = c.problems();
         assert_eq!(errors.len(), 6, "{errors:#?}");
     }
 }

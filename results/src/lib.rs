@@ -4,6 +4,7 @@
 //! - [`layout`]: where each file of a document goes ([`layout::Keys`]) and
 //!   what `manifest.json` and `pages/<n>.json` contain;
 //! - [`coco`]: the COCO export of a document's detections;
+//! - [`config`]: the store's settings (keys of `[uploader]`);
 //! - [`store`]: the local directory or S3 bucket they are written to, with
 //!   atomic writes, reads and presigned links.
 //!
@@ -12,8 +13,10 @@
 //! `tests/tests/layering.rs`).
 
 pub mod coco;
+pub mod config;
 pub mod layout;
 pub mod store;
 
+pub use config::{ResultsConfig, Target};
 pub use layout::{Keys, Manifest, ManifestPage, PageResult, SourceInfo, MANIFEST_SCHEMA};
 pub use store::ResultStore;

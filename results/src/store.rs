@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 #[cfg(feature = "s3")]
 use aws_sdk_s3::primitives::ByteStream;
-use pagestream_pipeline::config::{S3Connection, Target, UploaderConfig};
+use pagestream_pipeline::config::S3Connection;
+
+use crate::config::{ResultsConfig, Target};
 
 #[derive(Debug, Clone)]
 pub enum ResultStore {
@@ -40,7 +42,7 @@ fn no_s3() -> anyhow::Error {
 impl ResultStore {
     /// Builds the store from config and checks it is usable (directory
     /// writable, bucket reachable), failing with a precise message.
-    pub async fn from_config(cfg: &UploaderConfig) -> Result<ResultStore> {
+    pub async fn from_config(cfg: &ResultsConfig) -> Result<ResultStore> {
         match cfg.target {
             #[cfg(not(feature = "s3"))]
             Target::S3 => Err(no_s3()),
@@ -75,7 +77,7 @@ impl ResultStore {
     /// The store for reading results (the ingress): no reachability check,
     /// so a result store that is down does not keep the API from starting
     /// (a build without S3 support refuses `target = "s3"`).
-    pub async fn open(cfg: &UploaderConfig) -> Result<ResultStore> {
+    pub async fn open(cfg: &ResultsConfig) -> Result<ResultStore> {
         match cfg.target {
             #[cfg(not(feature = "s3"))]
             Target::S3 => Err(no_s3()),

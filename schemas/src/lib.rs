@@ -25,6 +25,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// The schema major version every message carries in `v`.
 pub const VERSION: u32 = 1;
 
+/// The model served and chosen when no setting names one
+/// (`inferencer.model`'s default, hence `pipeline.default_model`'s).
+pub const DEFAULT_MODEL: &str = "layout_cdla";
+
 /// Rendering resolutions accepted anywhere (`options.dpi`, the upload's
 /// `dpi` field, `splitter.dpi`), in dots per inch.
 pub const DPI_RANGE: std::ops::RangeInclusive<f32> = 10.0..=1200.0;

@@ -216,19 +216,7 @@ impl Priority {
     }
 }
 
-impl DocumentSubmitted {
-    /// The submission's title, else its source's file name.
-    pub fn title_or_filename(&self) -> Option<String> {
-        self.title.clone().or_else(|| self.source.filename.clone())
-    }
-}
-
 impl SubmitOptions {
-    /// These options without the password (for anything forwarded or stored).
-    pub fn without_secrets(&self) -> SubmitOptions {
-        SubmitOptions { password: None, ..self.clone() }
-    }
-
     /// The webhook these options ask for (`callback_url`, with
     /// `callback_events` or its default).
     pub fn callback(&self) -> Option<Callback> {
@@ -278,6 +266,13 @@ pub struct DocumentSubmitted {
     pub owner: Option<String>,
 }
 
+impl DocumentSubmitted {
+    /// The submission's title, else its source's file name.
+    pub fn title_or_filename(&self) -> Option<String> {
+        self.title.clone().or_else(|| self.source.filename.clone())
+    }
+}
+
 /// An image carried by a message: inline bytes or a blob-store key (claim
 /// check, for images above the inline limit). Exactly one is set.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -290,7 +285,10 @@ pub struct ImageRef {
     pub blob: Option<String>,
 }
 
-/// One rendered page: subject `<prefix>.pages.rendered`.
+/// One rendered page: subject `<prefix>.pages.rendered.<model>`; the
+/// subject's model is the document's (decided by the splitter), the only
+/// option a later stage needs. (Pages once carried the whole submission's
+/// options; such pages still decode, the field ignored.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PageRendered {
     pub v: u32,
@@ -304,8 +302,6 @@ pub struct PageRendered {
     /// Effective resolution (lower than requested when the pixel cap applied).
     pub dpi: f32,
     pub image: ImageRef,
-    #[serde(default)]
-    pub options: SubmitOptions,
     /// Milliseconds spent rendering and encoding this page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub render_ms: Option<f32>,

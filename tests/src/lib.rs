@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use pagestream::client::ApiClient;
+use pagestream::Config;
 use pagestream::LocalPipeline;
 use pagestream_pipeline::config::deps_dir;
 use pagestream_pipeline::embedded::{free_port, NatsServer};
-use pagestream_pipeline::Config;
 use serde_json::Value;
 
 /// The deployment's default model (ONNX Runtime).
@@ -97,7 +97,7 @@ impl MotoServer {
     /// Points `config.uploader` at this server and creates `bucket`.
     pub async fn configure(&self, config: &mut Config, bucket: &str) -> Result<aws_sdk_s3::Client> {
         self.results_to(config, bucket);
-        let client = pagestream_results::store::s3_client(&config.uploader.s3_connection()).await;
+        let client = pagestream_results::store::s3_client(&config.uploader.results.s3_connection()).await;
         client.create_bucket().bucket(bucket).send().await.context("creating bucket")?;
         Ok(client)
     }
@@ -109,8 +109,8 @@ impl MotoServer {
 
     /// Points `config.uploader` at `bucket` on this server.
     pub fn results_to(&self, config: &mut Config, bucket: &str) {
-        let u = &mut config.uploader;
-        u.target = pagestream_pipeline::config::Target::S3;
+        let u = &mut config.uploader.results;
+        u.target = pagestream_results::Target::S3;
         u.s3_bucket = bucket.into();
         u.s3_endpoint = self.endpoint();
         u.s3_region = "us-east-1".into();
@@ -144,7 +144,7 @@ pub fn test_config(nats: &NatsServer, out: &Path) -> Config {
     c.nats.url = nats.url();
     c.nats.prefix = format!("t{}", std::process::id());
     c.ingress.addr = "127.0.0.1:0".into();
-    c.uploader.dir = out.to_path_buf();
+    c.uploader.results.dir = out.to_path_buf();
     c.splitter.admin_addr = String::new();
     c.inferencer.admin_addr = String::new();
     c.uploader.admin_addr = String::new();

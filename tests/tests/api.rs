@@ -303,7 +303,7 @@ async fn cancel_skips_the_remaining_pages_and_keeps_finished_ones() {
     assert_eq!(st["state"], "cancelled");
     let uploaded = st["pages"]["uploaded"].as_u64().unwrap();
     // Pages in flight at the cancel may finish (uploader concurrency); no more.
-    let in_flight = h.pipeline.ctx.config.uploader.concurrency as u64 + 1;
+    let in_flight = h.pipeline.config.uploader.concurrency as u64 + 1;
     assert!(uploaded <= uploaded_at_cancel + in_flight, "{uploaded} uploaded, {uploaded_at_cancel} at the cancel");
     assert!(uploaded < page_count, "pages were skipped");
     assert_eq!(results["status"], "cancelled");

@@ -50,7 +50,7 @@ async fn a_coco_export_of_thousands_of_pages_streams_in_bounded_memory() {
     for state in [EventState::Queued, EventState::Split, EventState::Completed] {
         progress.doc(id, state, Some(info.clone()), None).await.unwrap();
     }
-    let keys = Keys::new(&pagestream_pipeline::Config::default().uploader.prefix, id);
+    let keys = Keys::new(&pagestream::Config::default().uploader.results.prefix, id);
     let model = ModelRef { name: "layout_cdla".into(), sha256: "ab".repeat(32) };
     for n in 1..=PAGES {
         let detections = (0..DETECTIONS)

@@ -106,7 +106,8 @@ async fn multipart_upload_to_local_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_pdf_upload_to_s3() {
     let moto = MotoServer::start().unwrap();
-    let (h, client) = Harness::start_s3(&moto, "results", |c| c.uploader.prefix = "runs/e2e".into()).await.unwrap();
+    let (h, client) =
+        Harness::start_s3(&moto, "results", |c| c.uploader.results.prefix = "runs/e2e".into()).await.unwrap();
     let pdf = std::fs::read(corpus(PDF)).unwrap();
     // No title: it defaults to the file name.
     let id = accepted(&h.client.submit_file(&corpus(PDF), None).await.unwrap());

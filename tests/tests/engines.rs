@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
+use pagestream::Config;
 use pagestream_e2e::{iou, render_pages, repo_root};
 use pagestream_inferencer::backend::{BackendKind, Device, EngineOptions, OutTensor};
 use pagestream_inferencer::engine::LoadError;
 use pagestream_inferencer::Detector;
-use pagestream_pipeline::config::InferencerConfig;
-use pagestream_pipeline::Config;
+use pagestream_inferencer::InferencerConfig;
 use pagestream_schemas::Detection;
 
 fn opts(backend: BackendKind, threads: usize) -> EngineOptions {

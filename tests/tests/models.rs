@@ -79,7 +79,7 @@ async fn tract_pipeline_matches_ort() {
     let pdf = "fig_dbscan-jss.pdf";
     let ort = Harness::start(|_| {}).await.unwrap();
     let (ort_id, ort_manifest) = run_one(&ort, pdf, &[]).await;
-    let tract = Harness::start(|c| c.inferencer.backend = pagestream_pipeline::config::Backend::Tract).await.unwrap();
+    let tract = Harness::start(|c| c.inferencer.backend = pagestream_inferencer::Backend::Tract).await.unwrap();
     let (tract_id, tract_manifest) = run_one(&tract, pdf, &[]).await;
     assert_eq!(ort_manifest["model"], tract_manifest["model"]);
     let pages = ort_manifest["page_count"].as_u64().unwrap();

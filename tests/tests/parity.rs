@@ -4,9 +4,9 @@
 
 use std::collections::HashSet;
 
+use pagestream::Config;
 use pagestream_e2e::{boxes, corpus, matched, repo_root};
 use pagestream_inferencer::Detector;
-use pagestream_pipeline::Config;
 use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 use serde_json::Value;
 

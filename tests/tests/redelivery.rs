@@ -35,7 +35,6 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
             height: 10,
             dpi: 150.0,
             image: missing(doc, page),
-            options: Default::default(),
             render_ms: None,
         };
         // Its inference, as the inferencer would have published it.

@@ -16,10 +16,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use pagestream::Config;
 use pagestream_e2e::api::submit;
 use pagestream_e2e::procs::{bin_dir, wait_ready, Stages, STAGES};
 use pagestream_e2e::{corpus, init_logging, repo_root, with_marker};
-use pagestream_pipeline::config::Config;
 use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 use pagestream_splitter::worker::{WorkerOptions, FAULT_ENV};
 

@@ -22,13 +22,13 @@
 use std::time::Duration;
 
 use pagestream::client::ApiClient;
+use pagestream::Config;
 use pagestream_e2e::api::{self, status, submit};
 use pagestream_e2e::procs::Stages;
 use pagestream_e2e::{corpus, stream_state, wait, wait_terminal, Harness, MotoServer};
 use pagestream_pipeline::nats::Names;
 use pagestream_pipeline::progress::subject_counts;
 use pagestream_pipeline::tenants::owner_id;
-use pagestream_pipeline::Config;
 use pagestream_schemas::{decode, Event, EventState};
 use serde_json::Value;
 

@@ -11,7 +11,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 /// Which engine runs the model, and where (the configuration's choices).
-pub use pagestream_pipeline::config::{Backend as BackendKind, Device};
+pub use crate::config::{Backend as BackendKind, Device};
 
 /// How to run a model.
 #[derive(Debug, Clone)]

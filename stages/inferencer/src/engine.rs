@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
+use crate::InferencerConfig;
 use image::RgbImage;
-use pagestream_pipeline::config::InferencerConfig;
 use pagestream_schemas::{Detection, ModelRef};
 use sha2::{Digest, Sha256};
 

@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod batch;
 pub mod boxes;
+mod config;
 pub mod engine;
 pub mod manifest;
 pub mod nms;
@@ -42,6 +43,8 @@ use pagestream_pipeline::StageContext;
 use pagestream_schemas::{EventState, ModelReplica, PageInferred, PageRendered, Timings, VERSION};
 use tokio_util::sync::CancellationToken;
 
+pub use config::{Backend, Device, InferencerConfig};
+
 pub use batch::Batcher;
 pub use engine::Detector;
 
@@ -49,6 +52,8 @@ pub const STAGE: &str = "inferencer";
 
 pub struct Inferencer {
     ctx: StageContext,
+    /// `[inferencer]`.
+    cfg: InferencerConfig,
     blobs: BlobStore,
     /// Served models, `inferencer.model` first.
     models: Vec<Batcher>,
@@ -67,9 +72,8 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, String> {
 impl Inferencer {
     /// Loads and warms up every served model; fails with a precise message
     /// when one cannot be loaded (the stage then never turns ready).
-    pub async fn new(ctx: StageContext) -> Result<Self> {
+    pub async fn new(ctx: StageContext, cfg: InferencerConfig) -> Result<Self> {
         ctx.health.register(STAGE);
-        let cfg = ctx.config.inferencer.clone();
         let wait = std::time::Duration::from_millis(cfg.batch_wait_ms);
         let mut models = Vec::new();
         for name in cfg.served_models() {
@@ -102,12 +106,12 @@ impl Inferencer {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         let replica = registry::replica_id();
-        Ok(Inferencer { ctx, blobs, models, progress, replica })
+        Ok(Inferencer { ctx, cfg, blobs, models, progress, replica })
     }
 
     /// This replica's registry entries, one per served model.
     fn advertisements(&self) -> Vec<ModelReplica> {
-        let cfg = &self.ctx.config.inferencer;
+        let cfg = &self.cfg;
         let started_at = pagestream_pipeline::util::now_rfc3339();
         self.models
             .iter()
@@ -146,10 +150,10 @@ impl Inferencer {
         Ok(())
     }
 
-    /// The model that infers `page`, checked once per page ([`page_model`]).
-    fn model_for(&self, page: &PageRendered, queue: &str) -> Result<&Batcher, StageError> {
+    /// The model that infers pages of `queue` ([`page_model`]).
+    fn model_for(&self, queue: &str) -> Result<&Batcher, StageError> {
         let served: Vec<&str> = self.models.iter().map(|b| b.detector.model.name.as_str()).collect();
-        page_model(page.options.model.as_deref(), queue, &served).map(|i| &self.models[i])
+        page_model(queue, &served).map(|i| &self.models[i])
     }
 
     /// The output message for `page`, before detection, naming the model
@@ -157,10 +161,7 @@ impl Inferencer {
     fn output(&self, page: &PageRendered, queue: &str, model: Option<&Batcher>) -> PageInferred {
         let model = match model {
             Some(b) => b.detector.model.clone(),
-            None => pagestream_schemas::ModelRef {
-                name: page.options.model.clone().unwrap_or_else(|| queue.to_string()),
-                sha256: String::new(),
-            },
+            None => pagestream_schemas::ModelRef { name: queue.to_string(), sha256: String::new() },
         };
         PageInferred {
             v: VERSION,
@@ -190,7 +191,7 @@ impl Inferencer {
 
     async fn infer(&self, page: PageRendered, queue: &str) -> Result<(), StageError> {
         let doc_id = page.doc_id.clone();
-        let model = self.model_for(&page, queue);
+        let model = self.model_for(queue);
         let mut out = self.output(&page, queue, model.as_ref().ok().copied());
         let detected = match model {
             Ok(batcher) => self.detect(&page, batcher).await,
@@ -249,7 +250,7 @@ impl Inferencer {
         let decode_ms = started.elapsed().as_secs_f32() * 1000.0;
         let (mut detections, t) =
             batcher.detect(img).await.map_err(|m| StageError::permanent("inference_failed", m))?;
-        let max = self.ctx.config.inferencer.max_detections;
+        let max = self.cfg.max_detections;
         if detections.len() > max {
             tracing::warn!(doc_id = %page.doc_id, page = page.page, found = detections.len(), kept = max, "too many detections; keeping the highest scores (inferencer.max_detections)");
             detections.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -262,18 +263,10 @@ impl Inferencer {
 }
 
 /// Which of the `served` models (its index) infers a page pulled from the
-/// queue of model `queue`, given the model the page itself names
-/// (`options.model`). A page naming another model was misrouted and fails
-/// (`model_mismatch`), never inferred by another model than its
-/// document's; a queue this replica does not serve is `model_unknown`.
+/// queue of model `queue` (the page's subject names its document's model);
+/// a queue this replica does not serve is `model_unknown`.
 /// Both are permanent.
-pub fn page_model(page_model: Option<&str>, queue: &str, served: &[&str]) -> Result<usize, StageError> {
-    if let Some(asked) = page_model.filter(|m| *m != queue) {
-        return Err(StageError::permanent(
-            "model_mismatch",
-            format!("page of model {asked:?} arrived on the queue of model {queue:?}"),
-        ));
-    }
+pub fn page_model(queue: &str, served: &[&str]) -> Result<usize, StageError> {
     served.iter().position(|m| *m == queue).ok_or_else(|| {
         StageError::permanent(
             "model_unknown",
@@ -309,7 +302,7 @@ impl Handler for Inferencer {
     /// document still finishes (`completed_with_errors`).
     async fn give_up(&self, page: PageRendered, delivery: &Delivery, err: &StageError) -> Result<(), StageError> {
         let queue = queue_of(delivery);
-        let mut out = self.output(&page, queue, self.model_for(&page, queue).ok());
+        let mut out = self.output(&page, queue, self.model_for(queue).ok());
         out.image = None;
         out.error = Some(err.info().at_stage(STAGE));
         self.forward(&out).await?;
@@ -348,10 +341,10 @@ async fn report_lag(ctx: StageContext, models: Vec<String>, shutdown: Cancellati
 }
 
 /// Runs the inferencer until `shutdown`: one consumer loop per served model.
-pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let inferencer = Arc::new(Inferencer::new(ctx.clone()).await?);
+pub async fn run(ctx: StageContext, cfg: InferencerConfig, shutdown: CancellationToken) -> Result<()> {
+    let inferencer = Arc::new(Inferencer::new(ctx.clone(), cfg).await?);
     inferencer.join_fleet(shutdown.clone()).await?;
-    let batch = ctx.config.inferencer.batch_size.max(1);
+    let batch = inferencer.cfg.batch_size.max(1);
     let names: Vec<String> = inferencer.models.iter().map(|b| b.detector.model.name.clone()).collect();
     tokio::spawn(report_lag(ctx.clone(), names, shutdown.clone()));
     let mut loops = tokio::task::JoinSet::new();
@@ -384,17 +377,11 @@ mod tests {
     #[test]
     fn a_page_is_inferred_only_by_its_own_model() {
         let served = ["layout_cdla", "yolo_v8"];
-        // From its model's queue, naming it or (an older page) not.
-        assert_eq!(page_model(Some("yolo_v8"), "yolo_v8", &served).unwrap(), 1);
-        assert_eq!(page_model(None, "layout_cdla", &served).unwrap(), 0);
-        // Misrouted: never inferred by the queue's model.
-        let err = page_model(Some("yolo_v8"), "layout_cdla", &served).unwrap_err();
-        assert_eq!((err.code, err.kind), ("model_mismatch", ErrorKind::Permanent));
-        assert!(err.message.contains("\"yolo_v8\"") && err.message.contains("\"layout_cdla\""), "{err}");
-        // A queue this replica does not serve (the mismatch is said first).
-        let err = page_model(None, "other", &served).unwrap_err();
+        assert_eq!(page_model("yolo_v8", &served).unwrap(), 1);
+        assert_eq!(page_model("layout_cdla", &served).unwrap(), 0);
+        // A queue this replica does not serve: permanent, naming what it serves.
+        let err = page_model("other", &served).unwrap_err();
         assert_eq!((err.code, err.kind), ("model_unknown", ErrorKind::Permanent));
         assert!(err.message.contains("layout_cdla"), "{err}");
-        assert_eq!(page_model(Some("x"), "other", &served).unwrap_err().code, "model_mismatch");
     }
 }

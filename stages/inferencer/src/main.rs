@@ -5,7 +5,8 @@ async fn main() -> anyhow::Result<()> {
     pagestream_pipeline::bin::run_stage(
         pagestream_inferencer::STAGE,
         "inferencer — runs the ONNX detection model on each rendered page",
-        |c| c.inferencer.admin_addr.clone(),
+        |sources| sources.section::<pagestream_inferencer::InferencerConfig>(),
+        |c| c.admin_addr.clone(),
         pagestream_inferencer::run,
     )
     .await

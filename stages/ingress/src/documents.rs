@@ -128,14 +128,14 @@ impl Ingress {
             }
             return Ok(());
         };
-        let cfg = &self.ctx.config.notifier;
-        if cfg.secret.is_empty() {
+        let cfg = &self.cfg.webhooks;
+        if !cfg.on() {
             return Err(invalid(
                 "webhooks are off on this server (no notifier.secret): submit without callback_url, or ask its operator"
                     .into(),
             ));
         }
-        pagestream_pipeline::callbacks::check_callback_url(url, &cfg.allow_private_hosts).map_err(invalid)
+        cfg.policy().check_url(url).map_err(invalid)
     }
 
     /// [`status_json`], plus `waiting_for_model` (the model's name) while an
@@ -270,7 +270,7 @@ impl Ingress {
                 format!("document {id} already finished ({}); nothing to cancel", status.state.as_str()),
             ));
         }
-        let key = Keys::new(&self.ctx.config.uploader.prefix, id).manifest();
+        let key = Keys::new(&self.cfg.results.prefix, id).manifest();
         let info = DocInfo {
             status: Some(FinalStatus::Cancelled),
             manifest: Some(self.results.location(&key)),
@@ -342,7 +342,7 @@ impl Ingress {
         let reserved = match self.reserve(&req, caller, &doc_id).await {
             Ok(reserved) => reserved,
             Err(refusal) => {
-                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.pace()).await;
+                upload::drain(req.into_body(), self.cfg.ingress.max_upload_bytes, self.pace()).await;
                 return Ok(refusal);
             }
         };
@@ -423,13 +423,13 @@ impl Ingress {
         let claim = match self.claim(&req, token, &doc_id).await {
             Ok(c) => c,
             Err(e) => {
-                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.pace()).await;
+                upload::drain(req.into_body(), self.cfg.ingress.max_upload_bytes, self.pace()).await;
                 return Err(e);
             }
         };
         match claim {
             Claim::Replay(existing) => {
-                upload::drain(req.into_body(), self.ctx.config.ingress.max_upload_bytes, self.pace()).await;
+                upload::drain(req.into_body(), self.cfg.ingress.max_upload_bytes, self.pace()).await;
                 let mut resp = accepted(&existing, "replayed");
                 resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
                 Ok(resp)
@@ -457,7 +457,7 @@ impl Ingress {
     }
 
     async fn accept_in_span(&self, req: Request<Incoming>, doc_id: String, caller: &Caller) -> Result<Resp, ApiError> {
-        let limit = self.ctx.config.ingress.max_upload_bytes;
+        let limit = self.cfg.ingress.max_upload_bytes;
         if let Some(len) =
             req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         {
@@ -489,7 +489,7 @@ impl Ingress {
             "multipart/form-data" => {
                 let boundary = multer::parse_boundary(&ctype)
                     .map_err(|e| ApiError::bad_request("bad_multipart", format!("invalid multipart content type: {e}")))?;
-                let field_limit = self.ctx.config.ingress.max_field_bytes;
+                let field_limit = self.cfg.ingress.max_field_bytes;
                 let file_bytes = Arc::new(AtomicU64::new(0));
                 let body = paced(req.into_body().into_data_stream(), pace);
                 let body = form_budget(body, file_bytes.clone(), 16 * field_limit);
@@ -599,21 +599,14 @@ impl Ingress {
             .as_str()
             .ok_or_else(|| invalid("the JSON body needs \"url\": \"s3://bucket/key\" or \"https://…\"".into()))?;
         let source = SourceRef::parse(url).map_err(|e| invalid(format!("url: {e}")))?;
-        let cfg = &self.ctx.config.splitter;
+        let cfg = &self.cfg.sources;
         match &source {
             SourceRef::S3 { bucket, .. } if !cfg.source_s3_buckets.iter().any(|b| b == bucket) => {
                 return Err(invalid(format!(
                     "bucket {bucket:?} is not one this deployment reads documents from (splitter.source_s3_buckets)"
                 )))
             }
-            SourceRef::Http(u) => {
-                pagestream_pipeline::callbacks::check_callback_url(u, &cfg.source_allow_private_hosts).map_err(|e| {
-                    invalid(
-                        e.replace("callback_url", "url")
-                            .replace("notifier.allow_private_hosts", "splitter.source_allow_private_hosts"),
-                    )
-                })?
-            }
+            SourceRef::Http(u) => cfg.policy().check_url(u).map_err(invalid)?,
             _ => {}
         }
         if let SourceRef::S3 { bucket, key } = &source {

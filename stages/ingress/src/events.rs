@@ -132,7 +132,7 @@ impl Ingress {
                 "too_many_streams",
                 format!(
                     "{} live event streams are open (ingress.max_event_streams); poll GET /v1/documents/{id} or retry later",
-                    self.ctx.config.ingress.max_event_streams
+                    self.cfg.ingress.max_event_streams
                 ),
             )
         })?;

@@ -17,6 +17,7 @@
 //!
 //! Never loads a model or opens a PDF: it only checks the signature.
 
+mod config;
 pub mod documents;
 pub mod error;
 pub mod events;
@@ -46,6 +47,7 @@ use sha2::Digest as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use config::{IngressConfig, Settings, SourceView, WebhookView};
 pub use error::{ApiError, Body, Resp};
 
 pub const STAGE: &str = "ingress";
@@ -58,6 +60,8 @@ pub const INDEX_HTML: &str = include_str!("../web/index.html");
 /// Shared state of the API.
 pub struct Ingress {
     ctx: StageContext,
+    /// `[ingress]` and the views it needs.
+    cfg: Settings,
     blobs: BlobStore,
     progress: Progress,
     results: ResultStore,
@@ -79,18 +83,23 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    pub async fn new(ctx: StageContext, shutdown: CancellationToken, hosts: hosts::AllowedHosts) -> Result<Self> {
+    pub async fn new(
+        ctx: StageContext,
+        cfg: Settings,
+        shutdown: CancellationToken,
+        hosts: hosts::AllowedHosts,
+    ) -> Result<Self> {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
-        let results = ResultStore::open(&ctx.config.uploader).await?;
+        let results = ResultStore::open(&cfg.results).await?;
         let idempotency =
             pagestream_pipeline::nats::idempotency_store(&ctx.js, &ctx.names, ctx.config.nats.replicas).await?;
-        let tokens = ctx.config.ingress.api_tokens.clone();
-        let admin_tokens = ctx.config.ingress.admin_tokens.clone();
-        let event_streams = Arc::new(tokio::sync::Semaphore::new(ctx.config.ingress.max_event_streams));
+        let tokens = cfg.ingress.api_tokens.clone();
+        let admin_tokens = cfg.ingress.admin_tokens.clone();
+        let event_streams = Arc::new(tokio::sync::Semaphore::new(cfg.ingress.max_event_streams));
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
-        let token_streams = TokenSlots::new(ctx.config.ingress.max_event_streams_per_token);
-        let callbacks = if ctx.config.notifier.secret.is_empty() {
+        let token_streams = TokenSlots::new(cfg.ingress.max_event_streams_per_token);
+        let callbacks = if !cfg.webhooks.on() {
             None
         } else {
             Some(
@@ -99,6 +108,7 @@ impl Ingress {
             )
         };
         Ok(Ingress {
+            cfg,
             hosts,
             callbacks,
             ctx,
@@ -116,12 +126,12 @@ impl Ingress {
     }
 
     fn read_timeout(&self) -> Duration {
-        Duration::from_secs(self.ctx.config.ingress.read_timeout_secs)
+        Duration::from_secs(self.cfg.ingress.read_timeout_secs)
     }
 
     /// How fast a request that starts now must send its body.
     fn pace(&self) -> upload::Pace {
-        let c = &self.ctx.config.ingress;
+        let c = &self.cfg.ingress;
         upload::Pace {
             idle: self.read_timeout(),
             min_bytes_per_sec: c.min_upload_bytes_per_sec,
@@ -399,12 +409,12 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
 
 /// Serves the API on `listener` until `shutdown`, then lets in-flight
 /// requests finish (live event streams are ended).
-pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(ctx: StageContext, cfg: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     ctx.health.register(STAGE);
-    let hosts = hosts::AllowedHosts::new(&ctx.config.ingress.allowed_hosts, listener.local_addr()?)
-        .map_err(anyhow::Error::msg)?;
+    let hosts =
+        hosts::AllowedHosts::new(&cfg.ingress.allowed_hosts, listener.local_addr()?).map_err(anyhow::Error::msg)?;
     tracing::info!(allowed_hosts = %hosts.describe(), "ingress answers these host names");
-    let ingress = Arc::new(Ingress::new(ctx.clone(), shutdown.clone(), hosts).await?);
+    let ingress = Arc::new(Ingress::new(ctx.clone(), cfg, shutdown.clone(), hosts).await?);
     ctx.health.set_ready(STAGE, true);
     tracing::info!(addr = %listener.local_addr()?, auth = !(ingress.tokens.is_empty() && ingress.admin_tokens.is_empty()), "ingress listening");
     let graceful = GracefulShutdown::new();
@@ -413,7 +423,7 @@ pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: Cancellat
     // connection is accepted: a client that sends nothing is dropped after
     // `read_timeout_secs`; slow bodies are cut by `upload::paced`.
     builder.timer(TokioTimer::new()).header_read_timeout(ingress.read_timeout()).max_buf_size(64 * 1024);
-    let max_connections = ingress.ctx.config.ingress.max_connections;
+    let max_connections = ingress.cfg.ingress.max_connections;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -462,13 +472,13 @@ pub async fn serve(ctx: StageContext, listener: TcpListener, shutdown: Cancellat
     Ok(())
 }
 
-/// Binds `ctx.config.ingress.addr` and serves.
-pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let addr = ctx.config.ingress.addr.clone();
+/// Binds `ingress.addr` and serves.
+pub async fn run(ctx: StageContext, cfg: Settings, shutdown: CancellationToken) -> Result<()> {
+    let addr = cfg.ingress.addr.clone();
     let listener = TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("ingress: cannot listen on {addr}: {e} (set PAGESTREAM_INGRESS_ADDR)"))?;
-    serve(ctx, listener, shutdown).await
+    serve(ctx, cfg, listener, shutdown).await
 }
 
 /// `key=value` pairs of a query string, percent-decoded.

@@ -5,6 +5,7 @@ async fn main() -> anyhow::Result<()> {
     pagestream_pipeline::bin::run_stage(
         pagestream_ingress::STAGE,
         "ingress — HTTP API: upload PDFs, follow their progress",
+        pagestream_ingress::Settings::read,
         // The API listener serves /livez, /readyz and /metrics itself.
         |_| String::new(),
         pagestream_ingress::run,

@@ -51,11 +51,11 @@ async fn read_page(store: &ResultStore, key: &str, rel: &str) -> Result<PageResu
 
 impl Ingress {
     pub(crate) fn keys(&self, id: &str) -> Keys {
-        Keys::new(&self.ctx.config.uploader.prefix, id)
+        Keys::new(&self.cfg.results.prefix, id)
     }
 
     fn url_ttl(&self) -> Duration {
-        Duration::from_secs(self.ctx.config.ingress.results_url_ttl_secs)
+        Duration::from_secs(self.cfg.ingress.results_url_ttl_secs)
     }
 
     /// A URL for a result key: presigned on S3, else the ingress's own route.

@@ -5,17 +5,16 @@
 //! by the caller, see `crate::jobs`, never waited for here), or failed for
 //! good.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::NotifierConfig;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{KeyInit as _, Mac as _};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
-use pagestream_pipeline::callbacks::check_callback_url;
-use pagestream_pipeline::config::NotifierConfig;
+use pagestream_pipeline::outbound::AddressPolicy;
 use pagestream_pipeline::outbound::Https;
 use pagestream_schemas::ErrorInfo;
 
@@ -82,9 +81,8 @@ pub fn sign(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
 /// Parses and checks a webhook URL before any connection: the syntax and,
 /// for a literal IP address, that it is public or allowed. Names are
 /// checked when they are resolved ([`GuardedResolver`]).
-pub fn check_url(url: &str, allow: &HashSet<String>) -> Result<http::Uri, String> {
-    let allow: Vec<String> = allow.iter().cloned().collect();
-    check_callback_url(url, &allow)?;
+pub fn check_url(url: &str, policy: &AddressPolicy) -> Result<http::Uri, String> {
+    policy.check_url(url)?;
     url.parse().map_err(|e| format!("callback_url is not a valid URL: {e}"))
 }
 
@@ -93,7 +91,7 @@ pub fn check_url(url: &str, allow: &HashSet<String>) -> Result<http::Uri, String
 pub struct Sender {
     client: Client<Https, Full<Bytes>>,
     key: Arc<Vec<u8>>,
-    allow: Arc<HashSet<String>>,
+    policy: AddressPolicy,
     attempt_timeout: Duration,
 }
 
@@ -101,20 +99,19 @@ impl Sender {
     /// `None` when webhooks are off (no `notifier.secret`).
     pub fn new(cfg: &NotifierConfig) -> Option<Sender> {
         let key = cfg.signing_key()?;
-        let allow = pagestream_pipeline::outbound::allow_set(&cfg.allow_private_hosts);
-        let client =
-            pagestream_pipeline::outbound::guarded_client(allow.clone(), Duration::from_secs(cfg.attempt_timeout_secs));
+        let policy = cfg.policy();
+        let client = policy.client(Duration::from_secs(cfg.attempt_timeout_secs));
         Some(Sender {
             client,
             key: Arc::new(key),
-            allow,
+            policy,
             attempt_timeout: Duration::from_secs(cfg.attempt_timeout_secs),
         })
     }
 
     /// Checks `url` (syntax, literal addresses) without sending anything.
     pub fn check(&self, url: &str) -> Result<http::Uri, String> {
-        check_url(url, &self.allow)
+        check_url(url, &self.policy)
     }
 
     /// One attempt to deliver `hook` to `url`, at most
@@ -194,9 +191,9 @@ mod tests {
 
     #[test]
     fn literal_private_addresses_are_refused_before_connecting() {
-        let none = HashSet::new();
-        assert!(check_url("http://10.0.0.1/hook", &none).unwrap_err().contains("allow_private_hosts"));
-        let allowed: HashSet<String> = ["127.0.0.1".to_string()].into();
+        let none = AddressPolicy::webhooks(&[]);
+        assert!(check_url("http://10.0.0.1/hook", &none).unwrap_err().contains("notifier.allow_private_hosts"));
+        let allowed = AddressPolicy::webhooks(&["127.0.0.1".to_string()]);
         assert_eq!(check_url("http://127.0.0.1:9000/hook", &allowed).unwrap().port_u16(), Some(9000));
     }
 

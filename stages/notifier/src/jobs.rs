@@ -185,7 +185,7 @@ pub(crate) async fn run(n: Arc<Notifier>, shutdown: CancellationToken) -> Result
         .await
         .map_err(|e| anyhow::anyhow!("consumer {CONSUMER} on {stream_name}: {e}"))?;
     let ack_wait = consumer.cached_info().config.ack_wait;
-    let permits = Arc::new(Semaphore::new(n.ctx.config.notifier.concurrency.max(1)));
+    let permits = Arc::new(Semaphore::new(n.cfg.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let mut failures: u32 = 0;
     tracing::info!(stream = %stream_name, consumer = CONSUMER, "delivering webhooks");
@@ -338,7 +338,7 @@ impl Notifier {
         if permit.finish(verdict, job.attempts > 1, Instant::now()) {
             tracing::warn!(
                 endpoint,
-                cooldown_secs = self.ctx.config.notifier.breaker_cooldown_secs,
+                cooldown_secs = self.cfg.breaker_cooldown_secs,
                 "webhook endpoint failing: circuit open, its deliveries wait for the cool-down"
             );
         }

@@ -31,6 +31,7 @@
 //! same; page events evicted unread are recorded lost ([`jobs`]).
 
 pub mod breaker;
+mod config;
 pub mod deliver;
 pub mod jobs;
 pub mod sweep;
@@ -48,6 +49,8 @@ use pagestream_pipeline::stage::StageContext;
 use pagestream_schemas::{Callback, CallbackEvents, Event, EventState, FinalStatus};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::NotifierConfig;
+
 use crate::breaker::{Limits, Settings};
 use crate::deliver::{Sender, Webhook};
 use crate::jobs::Job;
@@ -62,6 +65,8 @@ type Known = (Option<Callback>, Option<String>);
 
 pub(crate) struct Notifier {
     ctx: StageContext,
+    /// `[notifier]`.
+    cfg: NotifierConfig,
     sender: Sender,
     store: CallbackStore,
     limits: Limits,
@@ -241,8 +246,7 @@ async fn provision(ctx: &StageContext) -> Result<()> {
 
 /// Runs the notifier until `shutdown`. Without `notifier.secret` webhooks
 /// are off: it exits with an error saying so.
-pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let cfg = ctx.config.notifier.clone();
+pub async fn run(ctx: StageContext, cfg: NotifierConfig, shutdown: CancellationToken) -> Result<()> {
     let Some(sender) = Sender::new(&cfg) else {
         anyhow::bail!("notifier.secret is not set (PAGESTREAM_NOTIFIER_SECRET=whsec_<base64>): webhooks are off");
     };
@@ -258,6 +262,7 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         cooldown: Duration::from_secs(cfg.breaker_cooldown_secs),
         probe_wait: Duration::from_secs(cfg.attempt_timeout_secs),
     });
+    let concurrency = cfg.concurrency;
     let notifier = Arc::new(Notifier {
         ctx: ctx.clone(),
         sender,
@@ -267,8 +272,9 @@ pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
         public_url: cfg.public_url.clone(),
         retry_for: Duration::from_secs(cfg.retry_for_secs),
         known: Mutex::default(),
+        cfg,
     });
-    let spec = ConsumerSpec::new(&ctx, STAGE, ctx.names.events_stream(), "notifier".into(), cfg.concurrency);
+    let spec = ConsumerSpec::new(&ctx, STAGE, ctx.names.events_stream(), "notifier".into(), concurrency);
     // Either loop ending ends the stage: the other is told to stop.
     let stop = shutdown.child_token();
     let mut deliveries = tokio::spawn(jobs::run(notifier.clone(), stop.clone()));

@@ -5,7 +5,8 @@ async fn main() -> anyhow::Result<()> {
     pagestream_pipeline::bin::run_stage(
         pagestream_notifier::STAGE,
         "notifier — delivers signed webhooks (Standard Webhooks) for document and page events",
-        |c| c.notifier.admin_addr.clone(),
+        |sources| sources.section::<pagestream_notifier::NotifierConfig>(),
+        |c| c.admin_addr.clone(),
         pagestream_notifier::run,
     )
     .await

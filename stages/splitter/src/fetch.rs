@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
+use crate::SplitterConfig;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
-use pagestream_pipeline::config::SplitterConfig;
 use pagestream_pipeline::consumer::StageError;
 use pagestream_pipeline::outbound::{error_chain, Https};
 use pagestream_results::store::SourceError;
@@ -21,11 +21,6 @@ use tokio::io::AsyncWriteExt as _;
 
 /// The HTTP client for `http(s)://` sources.
 pub type HttpClient = Client<Https, Empty<Bytes>>;
-
-pub fn http_client(cfg: &SplitterConfig) -> HttpClient {
-    let allow = pagestream_pipeline::outbound::allow_set(&cfg.source_allow_private_hosts);
-    pagestream_pipeline::outbound::guarded_client(allow, Duration::from_secs(30))
-}
 
 fn too_large(max: u64, got: Option<u64>) -> StageError {
     let size = got.map(|n| format!(" ({n} bytes)")).unwrap_or_default();
@@ -90,13 +85,7 @@ async fn fetch_s3(cfg: &SplitterConfig, bucket: &str, key: &str, file: &mut File
 }
 
 async fn fetch_http(cfg: &SplitterConfig, http: &HttpClient, url: &str, file: &mut File) -> Result<u64, StageError> {
-    pagestream_pipeline::callbacks::check_callback_url(url, &cfg.source_allow_private_hosts).map_err(|e| {
-        StageError::permanent(
-            "source_refused",
-            e.replace("callback_url", "source.url")
-                .replace("notifier.allow_private_hosts", "splitter.source_allow_private_hosts"),
-        )
-    })?;
+    cfg.source_policy().check_url(url).map_err(|e| StageError::permanent("source_refused", e))?;
     let uri: http::Uri =
         url.parse().map_err(|e| StageError::permanent("source_refused", format!("source.url is not a URL: {e}")))?;
     let req = http::Request::get(uri)
@@ -107,10 +96,7 @@ async fn fetch_http(cfg: &SplitterConfig, http: &HttpClient, url: &str, file: &m
     let resp = http.request(req).await.map_err(|e| {
         let message = error_chain(&e);
         if message.contains("private, loopback or link-local") {
-            StageError::permanent(
-                "source_refused",
-                message.replace("notifier.allow_private_hosts", "splitter.source_allow_private_hosts"),
-            )
+            StageError::permanent("source_refused", message)
         } else {
             StageError::transient("source_fetch", format!("GET {url}: {message}"))
         }
@@ -226,7 +212,7 @@ impl crate::Splitter {
     /// `uploads/<doc_id>`; returns the key.
     async fn fetch_to_blob(&self, url: &str, doc_id: &str) -> Result<String, StageError> {
         use pagestream_pipeline::consumer::transient;
-        let cfg = &self.ctx.config.splitter;
+        let cfg = &self.cfg;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.source_timeout_secs);
         let mut delay = Duration::from_secs(1);
         let tmp = loop {

@@ -47,6 +47,7 @@
 //!
 //! Knows nothing about how models run, or result storage.
 
+mod config;
 pub mod fetch;
 mod park;
 pub mod render;
@@ -75,6 +76,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+pub use config::SplitterConfig;
 use render::{RenderEvent, RenderRequest, Renderer};
 use worker::WorkerOptions;
 
@@ -98,6 +100,8 @@ const FETCH_CACHE: usize = 4;
 /// The splitter's message handler.
 pub struct Splitter {
     ctx: StageContext,
+    /// `[splitter]`.
+    cfg: SplitterConfig,
     blobs: BlobStore,
     renderer: Renderer,
     progress: Progress,
@@ -117,9 +121,9 @@ pub struct Splitter {
 impl Splitter {
     /// Starts the render worker (failing with a clear message when pdfium
     /// or the worker binary is missing).
-    pub async fn new(ctx: StageContext, shutdown: CancellationToken) -> Result<Self> {
+    pub async fn new(ctx: StageContext, cfg: SplitterConfig, shutdown: CancellationToken) -> Result<Self> {
         ctx.health.register(STAGE);
-        let c = &ctx.config.splitter;
+        let c = &cfg;
         let options = WorkerOptions {
             program: WorkerOptions::locate(&c.render_worker).map_err(anyhow::Error::msg)?,
             library: c.pdfium_library.clone(),
@@ -132,9 +136,10 @@ impl Splitter {
         let progress = ctx.progress(STAGE);
         let live = LiveModels::watch(&ctx.js, &ctx.names, shutdown.child_token()).await?;
         ctx.health.set_ready(STAGE, true);
-        let http = fetch::http_client(&ctx.config.splitter);
+        let http = cfg.source_policy().client(Duration::from_secs(30));
         Ok(Splitter {
             ctx,
+            cfg,
             blobs,
             renderer,
             progress,
@@ -386,7 +391,7 @@ impl Splitter {
         page_count: u32,
         page: render::RenderedPage,
     ) -> Result<(), StageError> {
-        let cfg = &self.ctx.config.splitter;
+        let cfg = &self.cfg;
         let image = if page.png.len() <= cfg.inline_image_max_bytes {
             ImageRef { format: "png".into(), inline: Some(ByteBuf::from(page.png)), blob: None }
         } else {
@@ -403,7 +408,6 @@ impl Splitter {
             height: page.height,
             dpi: page.dpi,
             image,
-            options: sub.options.without_secrets(),
             render_ms: Some(page.render_ms),
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page.page);
@@ -495,7 +499,7 @@ impl Splitter {
             self.ctx.metrics.document(STAGE, "cancelled");
             return Ok(());
         }
-        let cfg = &self.ctx.config.splitter;
+        let cfg = &self.cfg;
         let priority = sub.options.priority.unwrap_or_default();
         let plan = turns::TurnPlan::new(sub.start_page, priority, cfg.chunk_pages, cfg.doc_pages_in_flight);
         if !choice.live {
@@ -795,10 +799,10 @@ const ADMISSION_CONCURRENCY: usize = 8;
 /// Runs the splitter until `shutdown`: admission of submissions, the
 /// tenants' turns (`splitter.concurrency` at once), the fetch pool
 /// (`splitter.fetch_concurrency`) and the parking place's watch.
-pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(ctx: StageContext, cfg: SplitterConfig, shutdown: CancellationToken) -> Result<()> {
     turns::provision(&ctx).await?;
-    let splitter = Arc::new(Splitter::new(ctx.clone(), shutdown.clone()).await?);
-    let cfg = &ctx.config.splitter;
+    let splitter = Arc::new(Splitter::new(ctx.clone(), cfg, shutdown.clone()).await?);
+    let cfg = &splitter.cfg;
     let admission = ConsumerSpec::new(&ctx, STAGE, ctx.names.docs_stream(), "splitter".into(), ADMISSION_CONCURRENCY);
     let turns = turns::Scheduler {
         kind: "turns",

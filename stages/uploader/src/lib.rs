@@ -29,10 +29,15 @@ use tokio_util::sync::CancellationToken;
 use pagestream_results::layout::{Keys, Manifest, PageResult, SourceInfo, MANIFEST_SCHEMA};
 use pagestream_results::ResultStore;
 
+mod config;
+pub use config::UploaderConfig;
+
 pub const STAGE: &str = "uploader";
 
 pub struct Uploader {
     ctx: StageContext,
+    /// `[uploader]`.
+    cfg: UploaderConfig,
     blobs: BlobStore,
     store: ResultStore,
     progress: Progress,
@@ -43,17 +48,17 @@ fn store_err(e: anyhow::Error) -> StageError {
 }
 
 impl Uploader {
-    pub async fn new(ctx: StageContext) -> Result<Self> {
+    pub async fn new(ctx: StageContext, cfg: UploaderConfig) -> Result<Self> {
         ctx.health.register(STAGE);
-        let store = ResultStore::from_config(&ctx.config.uploader).await?;
+        let store = ResultStore::from_config(&cfg.results).await?;
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Uploader { ctx, blobs, store, progress })
+        Ok(Uploader { ctx, cfg, blobs, store, progress })
     }
 
     fn keys(&self, doc_id: &str) -> Keys {
-        Keys::new(&self.ctx.config.uploader.prefix, doc_id)
+        Keys::new(&self.cfg.results.prefix, doc_id)
     }
 
     /// Writes one result object (`kind`: image, json or manifest), counted
@@ -335,10 +340,9 @@ impl Handler for Uploader {
 }
 
 /// Runs the uploader until `shutdown`.
-pub async fn run(ctx: StageContext, shutdown: CancellationToken) -> Result<()> {
-    let spec =
-        ConsumerSpec::new(&ctx, STAGE, ctx.names.inferred_stream(), "uploader".into(), ctx.config.uploader.concurrency);
-    let uploader = Arc::new(Uploader::new(ctx.clone()).await?);
+pub async fn run(ctx: StageContext, cfg: UploaderConfig, shutdown: CancellationToken) -> Result<()> {
+    let spec = ConsumerSpec::new(&ctx, STAGE, ctx.names.inferred_stream(), "uploader".into(), cfg.concurrency);
+    let uploader = Arc::new(Uploader::new(ctx.clone(), cfg).await?);
     spec.run(&ctx, uploader, shutdown).await
 }
 

@@ -5,7 +5,8 @@ async fn main() -> anyhow::Result<()> {
     pagestream_pipeline::bin::run_stage(
         pagestream_uploader::STAGE,
         "uploader — writes page images, detections and manifests (local directory or S3)",
-        |c| c.uploader.admin_addr.clone(),
+        |sources| sources.section::<pagestream_uploader::UploaderConfig>(),
+        |c| c.admin_addr.clone(),
         pagestream_uploader::run,
     )
     .await

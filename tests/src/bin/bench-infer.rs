@@ -15,12 +15,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use image::RgbImage;
+use pagestream::Config;
 use pagestream_e2e::{render_file, render_pages, repo_root};
 use pagestream_inferencer::backend::{BackendKind, Device, EngineOptions};
 use pagestream_inferencer::preprocess::{resize, resize_scalar};
 use pagestream_inferencer::{Batcher, Detector};
 use pagestream_pipeline::config::deps_dir;
-use pagestream_pipeline::Config;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use pagestream_pipeline::Config;
+use pagestream::Config;
 
 fn code_settings() -> BTreeMap<String, toml::Value> {
     let table = toml::Value::try_from(Config::default()).unwrap();

@@ -1,0 +1,37 @@
+//! `[uploader]`: the uploader's settings, owned and checked here. The
+//! result store's keys are [`ResultsConfig`] (the results crate's, as the
+//! ingress reads them too), embedded flat.
+
+use pagestream_pipeline::config::Section;
+use pagestream_results::ResultsConfig;
+use serde::{Deserialize, Serialize};
+
+/// `[uploader]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct UploaderConfig {
+    /// Where results go (`target`, `dir`, `prefix`, `s3_*`).
+    #[serde(flatten)]
+    pub results: ResultsConfig,
+    /// Pages written at the same time by one process.
+    pub concurrency: usize,
+    /// Address of /metrics, /livez, /readyz (empty: disabled).
+    pub admin_addr: String,
+}
+
+impl Default for UploaderConfig {
+    fn default() -> Self {
+        UploaderConfig { results: ResultsConfig::default(), concurrency: 4, admin_addr: "127.0.0.1:9103".into() }
+    }
+}
+
+impl Section for UploaderConfig {
+    const NAME: &'static str = "uploader";
+
+    fn check(&self, errors: &mut Vec<String>) {
+        errors.extend(self.results.problems());
+        if self.concurrency == 0 {
+            errors.push("uploader.concurrency must be at least 1".into());
+        }
+    }
+}
