@@ -305,6 +305,10 @@ pub struct PageRendered {
     /// Milliseconds spent rendering and encoding this page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub render_ms: Option<f32>,
+    /// The page's words from the PDF's text layer (absent: none read, e.g.
+    /// a scan, or a splitter from before text was read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<crate::PageText>,
 }
 
 /// A detected region, in pixels of the page image.
@@ -354,6 +358,9 @@ pub struct PageInferred {
     /// inference): the uploader records it as a failed page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+    /// The page's words, passed through from [`PageRendered::text`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<crate::PageText>,
 }
 
 /// A machine-readable error code and a message for people.
@@ -746,6 +753,7 @@ impl Message for PageRendered {
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
+        self.text.as_ref().map_or(Ok(()), crate::PageText::validate)?;
         self.image.validate(&self.doc_id, self.page)
     }
 }
@@ -758,6 +766,7 @@ impl Message for PageInferred {
     fn validate(&self) -> Result<(), String> {
         check_doc_id(&self.doc_id)?;
         check_page(self.page, self.page_count)?;
+        self.text.as_ref().map_or(Ok(()), crate::PageText::validate)?;
         match (&self.image, &self.error) {
             (Some(image), None) => image.validate(&self.doc_id, self.page),
             (_, Some(_)) => Ok(()),

@@ -40,6 +40,7 @@ fn rendered() -> PageRendered {
         dpi: 150.0,
         image: ImageRef { format: "png".into(), inline: Some(ByteBuf::from(vec![0x89, b'P', b'N', b'G'])), blob: None },
         render_ms: Some(9.5),
+        text: None,
     }
 }
 
@@ -57,6 +58,7 @@ fn inferred() -> PageInferred {
         image: Some(ImageRef { format: "png".into(), inline: None, blob: Some("pages/doc-1/2.png".into()) }),
         timings: Timings { render_ms: Some(9.5), infer_ms: Some(150.0) },
         error: None,
+        text: None,
     }
 }
 

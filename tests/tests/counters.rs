@@ -132,6 +132,7 @@ async fn a_page_delivered_twice_counts_once() {
         image: Some(ImageRef { format: "png".into(), inline: Some(png.into()), blob: None }),
         timings: Timings::default(),
         error: None,
+        text: None,
     };
     // Two deliveries of the same page (distinct message ids, as after the
     // deduplication window).

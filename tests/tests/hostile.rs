@@ -707,6 +707,7 @@ async fn a_page_message_cannot_claim_another_page_count() {
             image: None,
             timings: Default::default(),
             error: Some(pagestream_schemas::ErrorInfo::new("forged", "not a real failure")),
+            text: None,
         };
         publish(&ctx.js, ctx.names.pages_inferred(), encode(&forged)).await;
     }

@@ -36,6 +36,7 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
             dpi: 150.0,
             image: missing(doc, page),
             render_ms: None,
+            text: None,
         };
         // Its inference, as the inferencer would have published it.
         let inferred = PageInferred {
@@ -51,6 +52,7 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
             image: Some(rendered.image.clone()),
             timings: Timings::default(),
             error: None,
+            text: None,
         };
         let id = format!("{doc}:{page}:inferred");
         publish_message(&ctx.js, ctx.names.pages_inferred(), &id, &inferred).await.unwrap();

@@ -176,6 +176,7 @@ impl Inferencer {
             image: Some(page.image.clone()),
             timings: Timings { render_ms: page.render_ms, infer_ms: None },
             error: None,
+            text: page.text.clone(),
         }
     }
 

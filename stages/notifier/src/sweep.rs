@@ -105,7 +105,10 @@ async fn sweep(n: &Notifier, records: &DocRecords) -> Result<usize> {
             records.clear_ended(&e.tenant, &e.doc_id).await?;
             continue;
         };
-        let settled = n.store.record(&e.doc_id).await?.is_some() || n.store.is_document_scheduled(&e.doc_id).await?;
+        // `.scheduled` is written before any delivery: one read settles
+        // almost every marker; the record is read only for a document whose
+        // webhook an older notifier scheduled (before the marker existed).
+        let settled = n.store.is_document_scheduled(&e.doc_id).await? || n.store.record(&e.doc_id).await?.is_some();
         let subject = n.ctx.names.doc_event(&e.doc_id, event_state);
         let event_seq = if settled {
             None

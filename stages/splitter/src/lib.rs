@@ -52,6 +52,7 @@ pub mod fetch;
 mod park;
 pub mod render;
 mod tenant_pages;
+pub mod text;
 pub mod turns;
 pub mod worker;
 
@@ -392,7 +393,11 @@ impl Splitter {
         page: render::RenderedPage,
     ) -> Result<(), StageError> {
         let cfg = &self.cfg;
-        let image = if page.png.len() <= cfg.inline_image_max_bytes {
+        // The words travel in the same message: the image goes inline only
+        // if both fit the inline budget (a word's box and keys encode in
+        // under 48 bytes), so a page message stays far below NATS's limit.
+        let text_size = page.text.as_ref().map_or(0, |t| t.text_bytes() + t.words.len() * 48);
+        let image = if page.png.len() + text_size <= cfg.inline_image_max_bytes {
             ImageRef { format: "png".into(), inline: Some(ByteBuf::from(page.png)), blob: None }
         } else {
             let key = page_image_key(&sub.doc_id, page.page, "png");
@@ -409,6 +414,7 @@ impl Splitter {
             dpi: page.dpi,
             image,
             render_ms: Some(page.render_ms),
+            text: page.text,
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page.page);
         self.publish_when_room(&id, &msg, model_of(sub)).await?;
@@ -474,6 +480,7 @@ impl Splitter {
             image: None,
             timings: Timings::default(),
             error: Some(error.at_stage(STAGE)),
+            text: None,
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page);
         publish_message(&self.ctx.js, self.ctx.names.pages_inferred(), &id, &msg).await.map_err(StageError::publish)?;

@@ -45,6 +45,8 @@ pub struct RenderedPage {
     pub dpi: f32,
     pub png: Vec<u8>,
     pub render_ms: f32,
+    /// The words of its text layer (`None`: the page has none).
+    pub text: Option<pagestream_schemas::PageText>,
 }
 
 /// Messages from the render thread, in order: `Opened` (or `OpenFailed`),
@@ -193,7 +195,7 @@ pub fn render_document(pdfium: &Pdfium, req: &RenderRequest, emit: &mut dyn FnMu
         let started = Instant::now();
         let failed = |message| RenderEvent::PageFailed { page: number, code: "page_render_failed", message };
         let event = match render_page(pages, index, req) {
-            Ok((img, dpi)) => match encode_png(&img) {
+            Ok((img, dpi, text)) => match encode_png(&img) {
                 Ok(png) => RenderEvent::Page(RenderedPage {
                     page: number,
                     width: img.width(),
@@ -201,6 +203,7 @@ pub fn render_document(pdfium: &Pdfium, req: &RenderRequest, emit: &mut dyn FnMu
                     dpi,
                     png,
                     render_ms: started.elapsed().as_secs_f32() * 1000.0,
+                    text,
                 }),
                 Err(message) => failed(message),
             },
@@ -234,7 +237,14 @@ fn open_error(e: PdfiumError) -> (&'static str, String) {
     }
 }
 
-fn render_page(pages: &PdfPages, index: u32, req: &RenderRequest) -> Result<(RgbImage, f32), String> {
+/// Renders one page, and reads its text layer with the same transform (a
+/// text layer that cannot be read leaves the page without text; it does
+/// not fail it).
+fn render_page(
+    pages: &PdfPages,
+    index: u32,
+    req: &RenderRequest,
+) -> Result<(RgbImage, f32, Option<pagestream_schemas::PageText>), String> {
     let page = pages.get(index as PdfPageIndex).map_err(|e| format!("cannot load page: {e:?}"))?;
     let (w, h, dpi) = fit_size(page.width().value, page.height().value, req.dpi, req.max_pixels);
     let config =
@@ -245,7 +255,8 @@ fn render_page(pages: &PdfPages, index: u32, req: &RenderRequest) -> Result<(Rgb
         DynamicImage::ImageRgb8(i) => i,
         other => other.to_rgb8(),
     };
-    Ok((rgb, dpi))
+    let text = crate::text::page_text(&page, rgb.width(), rgb.height()).unwrap_or(None);
+    Ok((rgb, dpi, text))
 }
 
 /// PNG with fast compression: pages are large and mostly flat, the default

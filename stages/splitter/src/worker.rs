@@ -69,10 +69,11 @@ const START_FRAME_BYTES: u64 = 64 << 10;
 /// PNG of the largest page, stored uncompressed (the encoder falls back to
 /// stored blocks when compression does not pay: 3 bytes a pixel and a
 /// filter byte a row, rows ≤ pixels), deflate and chunk framing
-/// (< 1/1024), and 1 MiB for the other fields and error messages.
+/// (< 1/1024), and 2 MiB for the other fields, the page's words (at most
+/// `MAX_PAGE_WORDS` with their boxes, under 1 MiB) and error messages.
 pub fn max_frame_bytes(max_pixels: u64) -> u64 {
     let raw = max_pixels.saturating_mul(4);
-    raw.saturating_add(raw / 1024).saturating_add(1 << 20).min(u32::MAX as u64)
+    raw.saturating_add(raw / 1024).saturating_add(2 << 20).min(u32::MAX as u64)
 }
 
 /// How the supervisor runs its worker.
@@ -141,6 +142,8 @@ enum WireEvent {
         dpi: f32,
         png: ByteBuf,
         render_ms: f32,
+        #[serde(default)]
+        text: Option<pagestream_schemas::PageText>,
     },
     PageFailed {
         page: u32,
@@ -301,6 +304,7 @@ pub fn worker_main() -> i32 {
                     dpi: p.dpi,
                     png: ByteBuf::from(p.png),
                     render_ms: p.render_ms,
+                    text: p.text,
                 },
                 RenderEvent::PageFailed { page, code, message } => {
                     WireEvent::PageFailed { page, code: code.into(), message }
@@ -517,9 +521,27 @@ fn supervise(
                     WireEvent::OpenFailed { code, message } => {
                         RenderEvent::OpenFailed { code: static_code(&code), message }
                     }
-                    WireEvent::Page { page, width, height, dpi, png, render_ms } => {
+                    WireEvent::Page { page, width, height, dpi, png, render_ms, text } => {
                         next = page + 1;
-                        RenderEvent::Page(RenderedPage { page, width, height, dpi, png: png.into_vec(), render_ms })
+                        // Words past the message bounds (or with broken
+                        // boxes) are a worker gone wrong: the page keeps its
+                        // image, not the text.
+                        let text = text.filter(|t| match t.validate() {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::warn!(page, error = %e, "render worker sent text out of bounds; dropped");
+                                false
+                            }
+                        });
+                        RenderEvent::Page(RenderedPage {
+                            page,
+                            width,
+                            height,
+                            dpi,
+                            png: png.into_vec(),
+                            render_ms,
+                            text,
+                        })
                     }
                     WireEvent::PageFailed { page, code, message } => {
                         next = page + 1;
@@ -641,11 +663,18 @@ mod tests {
         let max_pixels = 600 * 400;
         for (w, h) in [(600, 400), (1, max_pixels as u32)] {
             let png = crate::render::encode_png(&noise(w, h)).unwrap();
-            // The PNG alone fits the bound without the 1 MiB of slack.
-            let png_bound = max_frame_bytes(max_pixels) - (1 << 20);
+            // The PNG alone fits the bound without the 2 MiB of slack.
+            let png_bound = max_frame_bytes(max_pixels) - (2 << 20);
             assert!(png.len() as u64 <= png_bound, "{w}×{h}: PNG {} > {png_bound}", png.len());
-            let wire =
-                WireEvent::Page { page: 1, width: w, height: h, dpi: 150.0, png: ByteBuf::from(png), render_ms: 1.0 };
+            let wire = WireEvent::Page {
+                page: 1,
+                width: w,
+                height: h,
+                dpi: 150.0,
+                png: ByteBuf::from(png),
+                render_ms: 1.0,
+                text: None,
+            };
             let mut frame = Vec::new();
             write_frame(&mut frame, &wire).unwrap();
             let len = frame.len() as u64 - 4;
@@ -653,7 +682,31 @@ mod tests {
             assert!(len > max_pixels * 3, "{w}×{h}: noise should not compress ({len})");
             assert!(read_frame::<_, WireEvent>(&mut frame.as_slice(), max_frame_bytes(max_pixels)).is_ok());
         }
-        // The default max_pixels (16.7 Mpx): about 65 MiB, not 4 GiB.
-        assert_eq!(max_frame_bytes(4096 * 4096) >> 20, 65);
+        // The most text a page may carry fits the slack beside its PNG, and
+        // a page message beside a claim-checked image stays under NATS's 1 MiB.
+        let words = (0..pagestream_schemas::MAX_PAGE_WORDS)
+            .map(|i| pagestream_schemas::Word {
+                text: "x".repeat(pagestream_schemas::MAX_PAGE_TEXT_BYTES / pagestream_schemas::MAX_PAGE_WORDS),
+                bbox: [1234.567, 2345.678, 3456.789, 4567.891],
+                line: i as u32 * 1000,
+            })
+            .collect();
+        let text = pagestream_schemas::PageText { words, ..Default::default() };
+        text.validate().unwrap();
+        let bare = |text| WireEvent::Page {
+            page: 1,
+            width: 1,
+            height: 1,
+            dpi: 150.0,
+            png: ByteBuf::new(),
+            render_ms: 1.0,
+            text,
+        };
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        write_frame(&mut with, &bare(Some(text))).unwrap();
+        write_frame(&mut without, &bare(None)).unwrap();
+        assert!(with.len() - without.len() < 900 << 10, "the most text takes {} bytes", with.len() - without.len());
+        // The default max_pixels (16.7 Mpx): about 66 MiB, not 4 GiB.
+        assert_eq!(max_frame_bytes(4096 * 4096) >> 20, 66);
     }
 }
