@@ -180,8 +180,7 @@ pub fn validate_callback_url(url: &str) -> Result<(), String> {
 /// That is its only effect ([`Priority::scale`], in the splitter): the
 /// `<priority>` token of the splitter's turn subjects
 /// (`<prefix>.turns.<tenant>.<priority>`) is informational — a tenant's
-/// consumer takes every priority, in arrival order — and pages carry it in
-/// their options without any stage reading it there.
+/// consumer takes every priority, in arrival order. Pages do not carry it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
