@@ -127,21 +127,19 @@ impl Names {
     pub fn blob_bucket(&self) -> String {
         format!("{}_blobs", self.prefix)
     }
-    /// `<P>_TURNS`: splitter turns, one subject per tenant and priority.
+    /// `<P>_TURNS`: splitter turns, one subject per tenant.
     pub fn turns_stream(&self) -> String {
         format!("{}_TURNS", self.upper())
     }
-    /// `<p>.turns.<tenant>.<priority>`: a turn of a document of `tenant`.
-    pub fn turns(&self, tenant: &str, priority: &str) -> String {
-        format!("{}.turns.{tenant}.{priority}", self.prefix)
+    /// `<p>.turns.<tenant>`: a turn of a document of `tenant` (turns queued
+    /// by an older splitter are on `<p>.turns.<tenant>.<priority>`; the
+    /// tenant's consumer takes both).
+    pub fn turns(&self, tenant: &str) -> String {
+        format!("{}.turns.{tenant}", self.prefix)
     }
     /// Every turn: `<p>.turns.>`.
     pub fn all_turns(&self) -> String {
         format!("{}.turns.>", self.prefix)
-    }
-    /// One tenant's turns, every priority: `<p>.turns.<tenant>.*`.
-    pub fn tenant_turns(&self, tenant: &str) -> String {
-        format!("{}.turns.{tenant}.*", self.prefix)
     }
     /// The durable consumer of one tenant's turns (shared by splitter replicas).
     pub fn tenant_consumer(&self, tenant: &str) -> String {

@@ -177,10 +177,9 @@ pub fn validate_callback_url(url: &str) -> Result<(), String> {
 /// its weight, and keeps as many pages in flight (see ARCHITECTURE.md,
 /// "Scheduling"). No document starves.
 ///
-/// That is its only effect ([`Priority::scale`], in the splitter): the
-/// `<priority>` token of the splitter's turn subjects
-/// (`<prefix>.turns.<tenant>.<priority>`) is informational — a tenant's
-/// consumer takes every priority, in arrival order. Pages do not carry it.
+/// That is its only effect ([`Priority::scale`], in the splitter): a
+/// tenant's turns come in arrival order whatever their priority, and no
+/// subject or page carries it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
@@ -251,7 +250,7 @@ pub struct DocumentSubmitted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,
     /// Set by the splitter only, on its turn queues
-    /// (`<prefix>.turns.<tenant>.<priority>`): the page this turn starts at
+    /// (`<prefix>.turns.<tenant>`): the page this turn starts at
     /// (the document's previous turns rendered the pages before it).
     /// Publishers leave it unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -126,3 +126,35 @@ async fn small_documents_and_high_priority_ones_do_not_wait_behind_a_big_one() {
     );
     h.stop().await.unwrap();
 }
+
+/// Turns an older splitter queued with the priority token in their subject
+/// (`<p>.turns.<tenant>.<priority>`) are still taken after an upgrade: the
+/// tenant's consumer reads both subjects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_queued_by_an_older_splitter_still_run() {
+    use pagestream_schemas::{encode, DocumentSubmitted, Source, VERSION};
+    let h = Harness::start(|_| {}).await.unwrap();
+    let ctx = &h.pipeline.ctx;
+    let sub = DocumentSubmitted {
+        v: VERSION,
+        doc_id: "older-turn".into(),
+        title: None,
+        source: Source {
+            inline: Some(std::fs::read(corpus("scan_cardinal-rotated.pdf")).unwrap().into()),
+            ..Default::default()
+        },
+        options: Default::default(),
+        submitted_at: None,
+        start_page: None,
+        owner: None,
+    };
+    // What the older splitter's admission did: the record, then the turn.
+    pagestream_pipeline::records::DocRecords::new(&ctx.counters).adopt(&sub).await.unwrap();
+    let legacy = format!("{}.turns.anonymous.normal", ctx.names.prefix);
+    pagestream_e2e::publish(&ctx.js, legacy, encode(&sub)).await;
+    let st = pagestream_e2e::wait_terminal(&h.client, "older-turn", Duration::from_secs(120)).await.unwrap();
+    assert_eq!((st["state"].as_str(), st["pages"]["uploaded"].as_u64()), (Some("completed"), Some(4)), "{st}");
+    // New turns go on the tenant's subject without the token.
+    assert_eq!(ctx.names.turns("anonymous"), format!("{}.turns.anonymous", ctx.names.prefix));
+    h.stop().await.unwrap();
+}

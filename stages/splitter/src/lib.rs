@@ -13,7 +13,7 @@
 //! Scheduling and flow control: a document is split in turns. One turn
 //! renders the pages `[start, start + chunk)` (chunk = `splitter.chunk_pages`
 //! scaled by the document's priority), then publishes the rest of the
-//! document on its tenant's queue `<p>.turns.<tenant>.<priority>` — behind
+//! document on its tenant's queue `<p>.turns.<tenant>` — behind
 //! the tenant's documents submitted meanwhile — and acks; the next turn to
 //! run is chosen fairly between tenants ([`turns`]). Turn boundaries depend only on
 //! the priority, so a redelivered turn re-publishes the same continuation
@@ -702,12 +702,10 @@ impl Splitter {
         Ok(())
     }
 
-    /// Queues a turn of `sub` on its tenant's queue
-    /// (`<p>.turns.<tenant>.<priority>`; the priority token is informational,
-    /// see the crate docs), deduplicated by `id`.
+    /// Queues a turn of `sub` on its tenant's queue (`<p>.turns.<tenant>`),
+    /// deduplicated by `id`.
     async fn queue_turn(&self, sub: &DocumentSubmitted, id: &str) -> Result<(), StageError> {
-        let priority = sub.options.priority.unwrap_or_default();
-        let subject = self.ctx.names.turns(turns::tenant_key(sub.owner.as_deref()), priority.as_str());
+        let subject = self.ctx.names.turns(turns::tenant_key(sub.owner.as_deref()));
         publish_message(&self.ctx.js, subject, id, sub).await.map_err(StageError::publish)?;
         self.turn_queued.notify_one();
         Ok(())

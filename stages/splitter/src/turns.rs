@@ -1,7 +1,7 @@
 //! Fair share between tenants: the splitter's work queues per tenant and
 //! the loop that picks whose work runs next.
 //!
-//! Turns travel on `<p>.turns.<tenant>.<priority>` (stream `<P>_TURNS`),
+//! Turns travel on `<p>.turns.<tenant>` (stream `<P>_TURNS`),
 //! documents to fetch on `<p>.fetch.<tenant>` (`<P>_FETCH`); each tenant has
 //! a durable consumer per queue, created when it first has work and removed
 //! by the server after an hour unused, shared by every splitter replica.
@@ -10,9 +10,11 @@
 //! each pick advances the tenant's pass by `1 / weight`; a tenant that was
 //! idle starts level with the last one served, so nobody banks credit) and
 //! pulls one message from the first tenant that has one ready. Within a
-//! tenant its consumer is one queue in arrival order, whatever the priority:
-//! documents and priorities share the tenant's turns as they shared the
-//! whole splitter before. Everything lives in JetStream, so a crash or a
+//! tenant its consumer is one queue in arrival order, whatever the priority
+//! (which sets how much a turn renders, not when it comes): documents share
+//! the tenant's turns as they shared the whole splitter before. (Turns
+//! queued by a splitter from before this subject lost its priority token,
+//! `<p>.turns.<tenant>.<priority>`, are taken by the same consumer.) Everything lives in JetStream, so a crash or a
 //! second replica changes nothing but who handles the next message.
 //!
 //! `docs.submitted` stays the public subject: [`Admission`] moves each
@@ -586,6 +588,9 @@ mod tests {
     #[test]
     fn the_tenants_waiting_come_from_the_subject_counts() {
         let counts: Vec<(String, u64)> = [
+            // A turn queued by this splitter, and two by an older one (with
+            // the priority token): one tenant.
+            ("p.turns.aaaa", 2),
             ("p.turns.aaaa.high", 2),
             ("p.turns.aaaa.low", 1),
             ("p.turns.bbbb.normal", 0),
@@ -602,7 +607,7 @@ mod tests {
         // bbbb has nothing waiting, dddd is at its cap, eeee is another queue.
         assert_eq!(w, waiting(&[("aaaa", 1), ("cccc", 3)]));
         // Every message counts toward the queue's size.
-        assert_eq!(total, 15);
+        assert_eq!(total, 17);
     }
 
     #[test]
