@@ -131,7 +131,10 @@ pub struct ResultsArgs {
     #[arg(long)]
     pub follow: bool,
     /// `json`: the results listing; `coco`: one COCO detection file (with
-    /// --download, written as DIR/<id>/coco.json)
+    /// --download, written as DIR/<id>/coco.json); `markdown`: the text in
+    /// reading order; `chunks`: JSON Lines for retrieval, one chunk per
+    /// region (with --follow, both print each page as soon as the pages
+    /// before it are done)
     #[arg(long, value_enum, default_value_t = ResultsFormat::Json)]
     pub format: ResultsFormat,
     #[command(flatten)]
@@ -142,6 +145,24 @@ pub struct ResultsArgs {
 pub enum ResultsFormat {
     Json,
     Coco,
+    Markdown,
+    Chunks,
+}
+
+impl ResultsFormat {
+    /// The text exports (printed as they come, in page order).
+    fn is_text(self) -> bool {
+        matches!(self, ResultsFormat::Markdown | ResultsFormat::Chunks)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ResultsFormat::Json => "json",
+            ResultsFormat::Coco => "coco",
+            ResultsFormat::Markdown => "markdown",
+            ResultsFormat::Chunks => "chunks",
+        }
+    }
 }
 
 /// Runs `f` and says which service it was talking to when it fails.
@@ -336,6 +357,9 @@ async fn document_results(a: &ResultsArgs) -> Result<i32> {
         }
         return write_coco(a, &ans.json).await;
     }
+    if a.format.is_text() {
+        return write_export(a, &client, &path).await;
+    }
     let ans = client.get(&path).await?;
     if report_error(&ans) {
         return Ok(1);
@@ -377,6 +401,74 @@ async fn document_results(a: &ResultsArgs) -> Result<i32> {
     download(&client, &format!("{path}/manifest.json"), &dir.join("manifest.json")).await?;
     println!("{id}: {} files and manifest.json written to {}", files, dir.display());
     Ok(0)
+}
+
+/// Prints the Markdown or chunks export of the pages so far, or writes it
+/// as DIR/<id>/<id>.md / <id>.chunks.jsonl.
+async fn write_export(a: &ResultsArgs, client: &ApiClient, path: &str) -> Result<i32> {
+    let (status, body) = client.get_bytes(&format!("{path}?format={}", a.format.name())).await?;
+    if !status.is_success() {
+        let json: Value = serde_json::from_slice(&body).unwrap_or_default();
+        report_error(&pagestream::client::Answer { status, json });
+        return Ok(1);
+    }
+    let Some(dir) = &a.download else {
+        use std::io::Write as _;
+        std::io::stdout().lock().write_all(&body)?;
+        return Ok(0);
+    };
+    let dir = dir.join(&a.id);
+    tokio::fs::create_dir_all(&dir).await.with_context(|| format!("creating {}", dir.display()))?;
+    let ext = if a.format == ResultsFormat::Markdown { "md" } else { "chunks.jsonl" };
+    let to = dir.join(format!("{}.{ext}", a.id));
+    tokio::fs::write(&to, &body).await.with_context(|| format!("writing {}", to.display()))?;
+    println!("{}: {} written to {}", a.id, a.format.name(), to.display());
+    Ok(0)
+}
+
+/// `results --follow --format markdown|chunks`: pages are printed in page
+/// order, each as soon as every page before it is done (a failed page is
+/// a Markdown comment, no chunk).
+#[derive(Default)]
+struct InOrder {
+    /// Finished pages not printed yet: `None` for a page without results.
+    waiting: std::collections::BTreeMap<u64, Option<pagestream_results::PageResult>>,
+    next: u64,
+    started: bool,
+}
+
+impl InOrder {
+    /// Prints what can be printed; with `all`, every page still waiting.
+    fn flush(&mut self, format: ResultsFormat, doc_id: &str, title: Option<&str>, all: bool) -> Result<()> {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if !self.started && format == ResultsFormat::Markdown {
+            out.write_all(pagestream_results::export::markdown_document_header(title).as_bytes())?;
+        }
+        self.started = true;
+        self.next = self.next.max(1);
+        while let Some(entry) = self.waiting.first_entry() {
+            if *entry.key() != self.next && !all {
+                break;
+            }
+            let (n, page) = entry.remove_entry();
+            self.next = n + 1;
+            match (format, page) {
+                (ResultsFormat::Markdown, Some(p)) => {
+                    out.write_all(pagestream_results::export::markdown_page(&p).as_bytes())?
+                }
+                (ResultsFormat::Markdown, None) => writeln!(out, "<!-- page {n}: no results -->\n")?,
+                (_, Some(p)) => {
+                    for chunk in pagestream_results::export::chunks_page(doc_id, &p) {
+                        writeln!(out, "{}", serde_json::to_string(&chunk)?)?;
+                    }
+                }
+                (_, None) => {}
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
 }
 
 /// Prints the COCO file, or writes it as DIR/<id>/coco.json.
@@ -434,6 +526,7 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
         tokio::fs::create_dir_all(dir.join("pages")).await.with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut seen = std::collections::HashSet::new();
+    let mut in_order = InOrder::default();
     let (mut files, mut failures, mut ended_polls, mut server_errors) = (0, 0, 0, 0);
     loop {
         let ans = client.get(path).await?;
@@ -465,6 +558,17 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
             if a.format == ResultsFormat::Coco {
                 continue;
             }
+            if a.format.is_text() && dir.is_none() {
+                let page = match p["detections_url"].as_str() {
+                    Some(url) => Some(
+                        serde_json::from_value::<pagestream_results::PageResult>(fetch_json(client, url).await?)
+                            .context("a page result")?,
+                    ),
+                    None => None,
+                };
+                in_order.waiting.insert(n, page);
+                continue;
+            }
             match &dir {
                 Some(dir) => files += download_page(client, p, dir).await?,
                 None => {
@@ -481,6 +585,9 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
                     out.flush()?;
                 }
             }
+        }
+        if a.format.is_text() && dir.is_none() {
+            in_order.flush(a.format, id, m["title"].as_str(), m["complete"] == true)?;
         }
         let state = m["state"].as_str().unwrap_or("");
         if m["complete"] != true && is_terminal(state) {

@@ -272,7 +272,11 @@ mod tests {
             height: 200,
             dpi: 72.0,
             model: ModelRef { name: "m".into(), sha256: "abcdef0123456789".into() },
-            detections: dets.iter().map(|(l, b)| Detection { label: l.to_string(), score: 0.5, bbox: *b }).collect(),
+            detections: dets
+                .iter()
+                .map(|(l, b)| Detection { label: l.to_string(), score: 0.5, bbox: *b }.into())
+                .collect(),
+            unassigned_text: Vec::new(),
             timings: Default::default(),
         }
     }

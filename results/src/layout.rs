@@ -2,12 +2,24 @@
 //!
 //! ```text
 //! <prefix>/<doc_id>/manifest.json
-//! <prefix>/<doc_id>/pages/<n>.json   {page, width, height, dpi, model, detections: [{label, score, bbox}], timings}
+//! <prefix>/<doc_id>/pages/<n>.json   {page, width, height, dpi, model,
+//!                                      detections: [{label, score, bbox, text?, order?, text_source?}],
+//!                                      unassigned_text?: [{text, bbox, order, text_source}], timings}
 //! <prefix>/<doc_id>/pages/<n>.png    the page image the boxes refer to
 //! ```
+//!
+//! Boxes are `[x0, y0, x1, y1]` in pixels of the page image, top-left
+//! origin. What each box says ([`crate::content`]): a detection's `text`
+//! (its words; `""` when it has none), its `order` in the page's reading
+//! order and its `text_source` (`text_layer`, `ocr` or `none`);
+//! `unassigned_text` holds the text outside every region, in blocks
+//! ordered with the detections (one `order` sequence 0, 1, … over both).
+//! Fields marked `?` are absent from results written before pages carried
+//! text (and `unassigned_text` when it is empty): readers treat them as
+//! optional, and such files still read.
 
 use pagestream_pipeline::progress::{DocStatus, FailedPage};
-use pagestream_schemas::{Detection, ErrorInfo, FinalStatus, ModelRef, Timings};
+use pagestream_schemas::{Detection, ErrorInfo, FinalStatus, ModelRef, TextSource, Timings};
 use serde::{Deserialize, Serialize};
 
 /// Identifies the manifest format.
@@ -56,10 +68,48 @@ pub struct PageResult {
     pub height: u32,
     pub dpi: f32,
     pub model: ModelRef,
-    pub detections: Vec<Detection>,
+    pub detections: Vec<DetectionResult>,
+    /// Text outside every detected region, in blocks of lines, ordered
+    /// with the detections (see [`crate::content`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unassigned_text: Vec<TextBlock>,
     /// Milliseconds spent rendering and inferring this page.
     #[serde(default)]
     pub timings: Timings,
+}
+
+/// A detected region and what it says. `text`, `order` and `text_source`
+/// are absent from results written before pages carried text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectionResult {
+    pub label: String,
+    pub score: f32,
+    /// `[x0, y0, x1, y1]` in pixels of the page image, top-left origin.
+    pub bbox: [f32; 4],
+    /// Its words in the text layer's order: words of a line joined by a
+    /// space, lines by a newline; empty when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Its place in the page's reading order (shared with `unassigned_text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_source: Option<TextSource>,
+}
+
+impl From<Detection> for DetectionResult {
+    fn from(d: Detection) -> Self {
+        DetectionResult { label: d.label, score: d.score, bbox: d.bbox, text: None, order: None, text_source: None }
+    }
+}
+
+/// Text outside every detected region: a block of consecutive lines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextBlock {
+    pub text: String,
+    pub bbox: [f32; 4],
+    pub order: u32,
+    pub text_source: TextSource,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +282,37 @@ mod tests {
     use pagestream_schemas::DocInfo;
 
     use super::*;
+
+    /// A page JSON written before pages carried text still reads (no
+    /// `text`, `order`, `text_source`, `unassigned_text`) and writes back
+    /// as it was; the new fields serialise as documented.
+    #[test]
+    fn page_json_old_and_new() {
+        let old = r#"{"page":2,"width":10,"height":20,"dpi":72.0,"model":{"name":"m","sha256":"s"},"detections":[{"label":"text","score":0.5,"bbox":[1.0,2.0,3.0,4.0]}],"timings":{"render_ms":1,"infer_ms":2}}"#;
+        let p: PageResult = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            p.detections[0],
+            DetectionResult::from(Detection { label: "text".into(), score: 0.5, bbox: [1.0, 2.0, 3.0, 4.0] })
+        );
+        assert!(p.unassigned_text.is_empty());
+        let back: serde_json::Value = serde_json::to_value(&p).unwrap();
+        assert_eq!(back["detections"][0].as_object().unwrap().len(), 3, "{back}");
+        assert!(back.get("unassigned_text").is_none(), "{back}");
+
+        let mut p = p;
+        p.detections[0].text = Some("a b\nc".into());
+        p.detections[0].order = Some(1);
+        p.detections[0].text_source = Some(TextSource::TextLayer);
+        p.unassigned_text.push(TextBlock { text: "x".into(), bbox: [0.0; 4], order: 0, text_source: TextSource::Ocr });
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["detections"][0]["text_source"], "text_layer");
+        assert_eq!(
+            (json["detections"][0]["order"].as_u64(), json["detections"][0]["text"].as_str()),
+            (Some(1), Some("a b\nc"))
+        );
+        assert_eq!(json["unassigned_text"][0]["text_source"], "ocr");
+        assert_eq!(serde_json::from_value::<PageResult>(json).unwrap(), p);
+    }
 
     fn status(page_count: u32, failed: &[u32]) -> DocStatus {
         DocStatus {

@@ -4,6 +4,8 @@
 //! - [`layout`]: where each file of a document goes ([`layout::Keys`]) and
 //!   what `manifest.json` and `pages/<n>.json` contain;
 //! - [`coco`]: the COCO export of a document's detections;
+//! - [`content`]: what each box says — words into regions, reading order;
+//! - [`export`]: the Markdown and retrieval-chunk exports;
 //! - [`config`]: the store's settings (keys of `[uploader]`);
 //! - [`store`]: the local directory or S3 bucket they are written to, with
 //!   atomic writes, reads and presigned links.
@@ -14,9 +16,11 @@
 
 pub mod coco;
 pub mod config;
+pub mod content;
+pub mod export;
 pub mod layout;
 pub mod store;
 
 pub use config::{ResultsConfig, Target};
-pub use layout::{Keys, Manifest, ManifestPage, PageResult, SourceInfo, MANIFEST_SCHEMA};
+pub use layout::{DetectionResult, Keys, Manifest, ManifestPage, PageResult, SourceInfo, TextBlock, MANIFEST_SCHEMA};
 pub use store::ResultStore;

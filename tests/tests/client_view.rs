@@ -61,6 +61,7 @@ async fn a_coco_export_of_thousands_of_pages_streams_in_bounded_memory() {
                     score: 0.31 + i as f32 / 100.0,
                     bbox: [x, x * 1.5, x + 40.7, x * 1.5 + 20.1],
                 }
+                .into()
             })
             .collect();
         let page = PageResult {
@@ -70,6 +71,7 @@ async fn a_coco_export_of_thousands_of_pages_streams_in_bounded_memory() {
             dpi: 150.0,
             model: model.clone(),
             detections,
+            unassigned_text: Vec::new(),
             timings: Default::default(),
         };
         let path = out.path().join(keys.page_json(n));

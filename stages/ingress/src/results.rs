@@ -1,6 +1,8 @@
 //! `GET /v1/documents/{id}/results` (at any time: the pages finished so
-//! far while the document runs, the manifest once it finished; or the COCO
-//! file with `?format=coco`) and the page files.
+//! far while the document runs, the manifest once it finished; or an
+//! export of the pages so far: `?format=coco` (COCO detections),
+//! `markdown` (the text in reading order), `chunks` (JSON Lines for
+//! retrieval)) and the page files.
 //!
 //! The manifest is read from the result store the uploader writes to (the
 //! `[uploader]` settings). Each page gets `image_url` and `detections_url`:
@@ -68,23 +70,22 @@ impl Ingress {
         Ok(presigned.unwrap_or_else(|| format!("/v1/documents/{id}/results/{rel}")))
     }
 
-    /// `GET /v1/documents/{id}/results[?format=json|coco]`, at any time:
-    /// the manifest once the document finished (`complete: true`), before
-    /// that the pages with an outcome so far (`complete: false`, the
-    /// document's `state`), each with its links.
+    /// `GET /v1/documents/{id}/results[?format=json|coco|markdown|chunks]`,
+    /// at any time: the manifest once the document finished (`complete:
+    /// true`), before that the pages with an outcome so far (`complete:
+    /// false`, the document's `state`), each with its links; or one of the
+    /// exports of the pages so far ([`Export`]), streamed.
     pub(crate) async fn results(&self, caller: &Caller, id: &str, query: &str) -> Result<Resp, ApiError> {
-        let mut coco = false;
+        let mut format = "json".to_string();
         for (k, v) in crate::url_query(query) {
-            match (k.as_str(), v.as_str()) {
-                ("format", "json") => coco = false,
-                ("format", "coco") => coco = true,
-                ("format", other) => {
+            if k == "format" {
+                if !["json", "coco", "markdown", "chunks"].contains(&v.as_str()) {
                     return Err(ApiError::bad_request(
                         "invalid_format",
-                        format!("format {other:?} is not one of json, coco"),
-                    ))
+                        format!("format {v:?} is not one of json, coco, markdown, chunks"),
+                    ));
                 }
-                _ => {}
+                format = v;
             }
         }
         let status = self.read_status(caller, id, true).await?;
@@ -115,8 +116,8 @@ impl Ingress {
                 "started_at": status.started_at,
             }),
         };
-        if coco {
-            return self.coco(id, &status, &manifest).await;
+        if format != "json" {
+            return self.export(id, &status, &manifest, &format).await;
         }
         let mut urls = Vec::new();
         if let Some(pages) = manifest["pages"].as_array() {
@@ -138,20 +139,28 @@ impl Ingress {
             serde_json::Value::Null
         };
         manifest["coco_url"] = format!("/v1/documents/{id}/results?format=coco").into();
+        manifest["markdown_url"] = format!("/v1/documents/{id}/results?format=markdown").into();
+        manifest["chunks_url"] = format!("/v1/documents/{id}/results?format=chunks").into();
         manifest["state"] = status.state.as_str().into();
         manifest["complete"] = complete.into();
         manifest["pages_done"] = manifest["pages"].as_array().map_or(0, Vec::len).into();
         Ok(json_response(StatusCode::OK, &manifest))
     }
 
-    /// The COCO file of the pages with results so far (all of them once
+    /// An export of the pages with results so far (all of them once
     /// complete), streamed: each page's JSON is read from the result store
-    /// (8 at a time, in page order) and its annotations written at once, so
-    /// the ingress holds a few pages and 12 bytes per page whatever the
-    /// document's size (see [`CocoWriter`]). The first page is read before
+    /// (8 at a time, in page order) and written at once, so the ingress
+    /// holds a few pages whatever the document's size (COCO: 12 bytes a
+    /// page more, see [`CocoWriter`]). The first page is read before
     /// answering, so a store that is down gets a 503; a failure later cuts
     /// the body (the client sees an incomplete transfer) and is logged.
-    async fn coco(&self, id: &str, status: &DocStatus, manifest: &serde_json::Value) -> Result<Resp, ApiError> {
+    async fn export(
+        &self,
+        id: &str,
+        status: &DocStatus,
+        manifest: &serde_json::Value,
+        format: &str,
+    ) -> Result<Resp, ApiError> {
         use futures::StreamExt as _;
         let keys = self.keys(id);
         let mut rels: Vec<(u64, String)> = manifest["pages"]
@@ -170,18 +179,26 @@ impl Ingress {
             })
             .buffered(8);
         let first = pages.next().await.transpose().map_err(ApiError::unavailable)?;
-        // Category ids follow the model's label order when a live replica
-        // serves it (stable across documents); else first seen.
-        let model = first.as_ref().map(|p| p.model.name.clone()).or_else(|| status.info.model.clone());
-        let labels = model
-            .and_then(|m| self.live.get(&m))
-            .and_then(|fleet| {
-                fleet.replicas.iter().find(|r| !r.canary).or(fleet.replicas.first()).map(|r| r.labels.clone())
-            })
-            .unwrap_or_default();
-        let mut writer = CocoWriter::new(id, &labels, manifest["finished_at"].as_str());
+        let mut writer = match format {
+            "coco" => {
+                // Category ids follow the model's label order when a live
+                // replica serves it (stable across documents); else first seen.
+                let model = first.as_ref().map(|p| p.model.name.clone()).or_else(|| status.info.model.clone());
+                let labels = model
+                    .and_then(|m| self.live.get(&m))
+                    .and_then(|fleet| {
+                        fleet.replicas.iter().find(|r| !r.canary).or(fleet.replicas.first()).map(|r| r.labels.clone())
+                    })
+                    .unwrap_or_default();
+                Export::Coco(CocoWriter::new(id, &labels, manifest["finished_at"].as_str()))
+            }
+            "markdown" => Export::Markdown { title: status.info.title_or_filename() },
+            _ => Export::Chunks { doc_id: id.to_string() },
+        };
+        let (content_type, file_name) = writer.file(id);
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
         let doc_id = id.to_string();
+        let what = format.to_string();
         tokio::spawn(async move {
             const CHUNK: usize = 64 * 1024;
             let mut buf = Vec::with_capacity(2 * CHUNK);
@@ -193,7 +210,7 @@ impl Ingress {
                 match next {
                     Ok(p) => writer.page(&p, &mut buf),
                     Err(detail) => {
-                        tracing::warn!(doc_id, %detail, "COCO export cut: a page result could not be read");
+                        tracing::warn!(doc_id, %detail, format = what, "export cut: a page result could not be read");
                         let _ = tx.send(Err(std::io::Error::other("a page result could not be read"))).await;
                         return;
                     }
@@ -213,10 +230,10 @@ impl Ingress {
         }));
         let mut resp = http::Response::builder()
             .status(StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, content_type)
             .body(BodyExt::boxed(body))
             .expect("valid response");
-        let disposition = format!("attachment; filename=\"{id}.coco.json\"");
+        let disposition = format!("attachment; filename=\"{file_name}\"");
         if let Ok(v) = http::HeaderValue::from_str(&disposition) {
             resp.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);
         }
@@ -256,6 +273,61 @@ impl Ingress {
         // Results never change once written.
         resp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("private, max-age=3600"));
         Ok(resp)
+    }
+}
+
+/// A streamed export of a document's pages, in page order: a start, each
+/// page, an end.
+enum Export {
+    Coco(CocoWriter),
+    /// Markdown ([`pagestream_results::export::markdown_page`]).
+    Markdown {
+        title: Option<String>,
+    },
+    /// JSON Lines, one retrieval chunk per region
+    /// ([`pagestream_results::export::chunks_page`]).
+    Chunks {
+        doc_id: String,
+    },
+}
+
+impl Export {
+    /// Content type and download file name.
+    fn file(&self, id: &str) -> (&'static str, String) {
+        match self {
+            Export::Coco(_) => ("application/json", format!("{id}.coco.json")),
+            Export::Markdown { .. } => ("text/markdown; charset=utf-8", format!("{id}.md")),
+            Export::Chunks { .. } => ("application/jsonl", format!("{id}.chunks.jsonl")),
+        }
+    }
+
+    fn start(&mut self, out: &mut Vec<u8>) {
+        match self {
+            Export::Coco(w) => w.start(out),
+            Export::Markdown { title } => {
+                out.extend_from_slice(pagestream_results::export::markdown_document_header(title.as_deref()).as_bytes())
+            }
+            Export::Chunks { .. } => {}
+        }
+    }
+
+    fn page(&mut self, p: &PageResult, out: &mut Vec<u8>) {
+        match self {
+            Export::Coco(w) => w.page(p, out),
+            Export::Markdown { .. } => out.extend_from_slice(pagestream_results::export::markdown_page(p).as_bytes()),
+            Export::Chunks { doc_id } => {
+                for chunk in pagestream_results::export::chunks_page(doc_id, p) {
+                    serde_json::to_writer(&mut *out, &chunk).expect("a chunk serialises");
+                    out.push(b'\n');
+                }
+            }
+        }
+    }
+
+    fn finish(self, out: &mut Vec<u8>) {
+        if let Export::Coco(w) = self {
+            w.finish(out);
+        }
     }
 }
 

@@ -120,13 +120,18 @@ impl Uploader {
                     Err(e) => return Err(e),
                 };
                 self.put("image", &keys.page_image(msg.page), png, "image/png").await?;
+                // What each box says, in reading order (pure; the rules are
+                // pagestream_results::content's).
+                let (detections, unassigned_text) =
+                    pagestream_results::content::assign(&msg.detections, msg.text.as_ref());
                 let result = PageResult {
                     page: msg.page,
                     width: msg.width,
                     height: msg.height,
                     dpi: msg.dpi,
                     model: msg.model.clone(),
-                    detections: msg.detections.clone(),
+                    detections,
+                    unassigned_text,
                     timings: msg.timings.clone(),
                 };
                 let json = serde_json::to_vec_pretty(&result).expect("page result serialises");
