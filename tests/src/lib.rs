@@ -366,6 +366,23 @@ pub async fn render_pages(pdf: &str, dpi: f32, n: usize) -> Vec<image::RgbImage>
 
 /// The first `n` pages of any PDF, rendered and decoded like [`render_pages`].
 pub async fn render_file(pdf: &Path, dpi: f32, n: usize) -> Vec<image::RgbImage> {
+    if n == 0 {
+        return Vec::new();
+    }
+    rendered(pdf, dpi, 1..=n as u32)
+        .await
+        .iter()
+        .map(|p| pagestream_inferencer::decode_image(&p.png).expect("the splitter's PNG decodes"))
+        .collect()
+}
+
+/// `pages` of `pdf` as the splitter's pdfium path renders them (image,
+/// text layer, sizes), in page order; a page that fails panics.
+pub async fn rendered(
+    pdf: &Path,
+    dpi: f32,
+    pages: std::ops::RangeInclusive<u32>,
+) -> Vec<pagestream_splitter::render::RenderedPage> {
     use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
     let config = Config::default();
     let renderer = Renderer::in_process(&config.splitter.pdfium_library).expect("libpdfium loads (scripts/setup)");
@@ -374,26 +391,18 @@ pub async fn render_file(pdf: &Path, dpi: f32, n: usize) -> Vec<image::RgbImage>
         password: None,
         dpi,
         max_pixels: config.splitter.max_pixels,
-        pages: 1..=u32::MAX,
+        pages,
         skip: std::collections::HashSet::new(),
     });
-    let mut pages = Vec::new();
-    if n == 0 {
-        return pages;
-    }
+    let mut out = Vec::new();
     while let Some(ev) = events.recv().await {
         match ev {
-            RenderEvent::Page(p) => {
-                pages.push(pagestream_inferencer::decode_image(&p.png).expect("the splitter's PNG decodes"));
-                if pages.len() == n {
-                    break;
-                }
-            }
+            RenderEvent::Page(p) => out.push(p),
             RenderEvent::Opened { .. } => {}
             other => panic!("rendering {} failed: {other:?}", pdf.display()),
         }
     }
-    pages
+    out
 }
 
 /// A copy of the PDF `src` with the line `marker` appended (what the render

@@ -31,26 +31,13 @@ fn words_of(page: &Value) -> HashMap<String, usize> {
 
 /// The words of the text layer of `pdf`'s pages (the splitter's own).
 async fn text_layer(pdf: &str, dpi: f32) -> Vec<HashMap<String, usize>> {
-    use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
-    let config = pagestream::Config::default();
-    let renderer = Renderer::in_process(&config.splitter.pdfium_library).unwrap();
-    let mut events = renderer.render(RenderRequest {
-        pdf: corpus(pdf),
-        password: None,
-        dpi,
-        max_pixels: config.splitter.max_pixels,
-        pages: 1..=u32::MAX,
-        skip: Default::default(),
-    });
     let mut pages = Vec::new();
-    while let Some(ev) = events.recv().await {
-        if let RenderEvent::Page(p) = ev {
-            let mut words = HashMap::new();
-            for w in p.text.map(|t| t.words).unwrap_or_default() {
-                *words.entry(w.text).or_default() += 1;
-            }
-            pages.push(words);
+    for p in pagestream_e2e::rendered(&corpus(pdf), dpi, 1..=u32::MAX).await {
+        let mut words = HashMap::new();
+        for w in p.text.map(|t| t.words).unwrap_or_default() {
+            *words.entry(w.text).or_default() += 1;
         }
+        pages.push(words);
     }
     pages
 }

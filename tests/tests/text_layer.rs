@@ -10,36 +10,18 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use pagestream::Config;
 use pagestream_e2e::{corpus, iou, repo_root};
 use pagestream_schemas::PageText;
-use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 use pagestream_splitter::text::PageToImage;
 use serde_json::Value;
 
 /// Our pages: `(width, height, text)` by page number.
 async fn ours(pdf: &Path, pages: std::ops::RangeInclusive<u32>) -> HashMap<u32, (u32, u32, Option<PageText>)> {
-    let config = Config::default();
-    let renderer = Renderer::in_process(&config.splitter.pdfium_library).expect("libpdfium loads (scripts/setup)");
-    let mut events = renderer.render(RenderRequest {
-        pdf: pdf.to_path_buf(),
-        password: None,
-        dpi: 100.0,
-        max_pixels: config.splitter.max_pixels,
-        pages,
-        skip: Default::default(),
-    });
-    let mut out = HashMap::new();
-    while let Some(ev) = events.recv().await {
-        match ev {
-            RenderEvent::Page(p) => {
-                out.insert(p.page, (p.width, p.height, p.text));
-            }
-            RenderEvent::Opened { .. } => {}
-            other => panic!("rendering {} failed: {other:?}", pdf.display()),
-        }
-    }
-    out
+    pagestream_e2e::rendered(pdf, 100.0, pages)
+        .await
+        .into_iter()
+        .map(|p| (p.page, (p.width, p.height, p.text)))
+        .collect()
 }
 
 /// The reference's pages (JSON of words_ref.py).
