@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use pagestream::client::{is_terminal, Answer, ApiClient};
 use pagestream_pipeline::progress::DocState;
-use pagestream_schemas::{Priority, SubmitOptions, SubmitRequest};
+use pagestream_schemas::{OcrMode, Priority, SubmitOptions, SubmitRequest};
 use serde_json::Value;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -54,6 +54,13 @@ fn priority_parser() -> impl clap::builder::TypedValueParser<Value = Priority> {
         .map(|s| Priority::parse(&s).expect("one of Priority::ALL"))
 }
 
+/// `--ocr`: the modes `schemas::OcrMode` defines.
+fn ocr_parser() -> impl clap::builder::TypedValueParser<Value = OcrMode> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["auto", "always", "never"])
+        .map(|s| OcrMode::parse(&s).expect("one of OcrMode's names"))
+}
+
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
     /// PDF files to upload, or documents by reference for the service to
@@ -80,6 +87,10 @@ pub struct SubmitArgs {
     /// Scheduling priority
     #[arg(long, value_parser = priority_parser())]
     pub priority: Option<Priority>,
+    /// Which pages OCR reads: auto (those without a text layer), always,
+    /// never (default: the service's, auto unless configured)
+    #[arg(long, value_parser = ocr_parser())]
+    pub ocr: Option<OcrMode>,
     /// Idempotency-Key: a retried submission with the same key returns the
     /// same document
     #[arg(long, value_name = "KEY")]
@@ -100,6 +111,7 @@ impl SubmitArgs {
                 model: self.model.clone(),
                 priority: self.priority,
                 wait_for_model: self.wait_for_model.then_some(true),
+                ocr: self.ocr,
                 ..SubmitOptions::default()
             },
         }
@@ -898,8 +910,20 @@ mod tests {
             submit: SubmitArgs,
         }
         let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from(args).map(|c| c.submit);
-        let a = parse(&["x", "--dpi", "150", "--model", "yolo_v8", "--priority", "low", "--wait-for-model", "a.pdf"])
-            .unwrap();
+        let a = parse(&[
+            "x",
+            "--dpi",
+            "150",
+            "--model",
+            "yolo_v8",
+            "--priority",
+            "low",
+            "--wait-for-model",
+            "--ocr",
+            "never",
+            "a.pdf",
+        ])
+        .unwrap();
         let request = a.request();
         assert_eq!(request.options.priority, Some(Priority::Low));
         assert_eq!(request.options.dpi, Some(150.0));
@@ -910,11 +934,12 @@ mod tests {
         let json = serde_json::to_value(&request.options).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"dpi": 150.0, "model": "yolo_v8", "priority": "low", "wait_for_model": true})
+            serde_json::json!({"dpi": 150.0, "model": "yolo_v8", "priority": "low", "wait_for_model": true, "ocr": "never"})
         );
         // No flags: no options.
         assert_eq!(parse(&["x", "a.pdf"]).unwrap().request(), SubmitRequest::default());
         assert!(parse(&["x", "--priority", "urgent", "a.pdf"]).is_err());
+        assert!(parse(&["x", "--ocr", "sometimes", "a.pdf"]).is_err());
     }
 }
 

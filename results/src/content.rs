@@ -84,6 +84,12 @@ pub enum Role {
 /// `Footnote`, `Formula`, `List-item`, `Page-footer`, `Page-header`,
 /// `Picture`, `Section-header`, `Table`, `Text`, `Title`) all have one; a
 /// few common synonyms (PubLayNet's `list`, `paragraph`, …) too.
+impl Role {
+    /// The roles `uploader.crops` may name.
+    pub const CROPPABLE: [(&'static str, Role); 3] =
+        [("figure", Role::Figure), ("table", Role::Table), ("equation", Role::Equation)];
+}
+
 pub fn role(label: &str) -> Role {
     match normalise(label).as_str() {
         "title" | "doc_title" | "document_title" => Role::Title,
@@ -252,6 +258,7 @@ pub fn assign(detections: &[Detection], text: Option<&PageText>) -> (Vec<Detecti
             text: Some(join(words)),
             order: Some(order),
             text_source: Some(if words.is_empty() { TextSource::None } else { source }),
+            crop: None,
         })
         .collect();
     let blocks = blocks

@@ -216,6 +216,7 @@ mod tests {
             text: Some(text.into()),
             order: Some(order),
             text_source: Some(if text.is_empty() { TextSource::None } else { TextSource::TextLayer }),
+            crop: None,
         }
     }
 

@@ -3,9 +3,10 @@
 //! ```text
 //! <prefix>/<doc_id>/manifest.json
 //! <prefix>/<doc_id>/pages/<n>.json   {page, width, height, dpi, model,
-//!                                      detections: [{label, score, bbox, text?, order?, text_source?}],
+//!                                      detections: [{label, score, bbox, text?, order?, text_source?, crop?}],
 //!                                      unassigned_text?: [{text, bbox, order, text_source}], timings}
 //! <prefix>/<doc_id>/pages/<n>.png    the page image the boxes refer to
+//! <prefix>/<doc_id>/pages/<n>-<order>.png  a region's crop (`uploader.crops`)
 //! ```
 //!
 //! Boxes are `[x0, y0, x1, y1]` in pixels of the page image, top-left
@@ -50,6 +51,9 @@ impl Keys {
     pub fn page_image(&self, page: u32) -> String {
         format!("{}/{}", self.base, rel_page_image(page))
     }
+    pub fn crop(&self, page: u32, order: u32) -> String {
+        format!("{}/{}", self.base, rel_crop(page, order))
+    }
 }
 
 pub fn rel_page_json(page: u32) -> String {
@@ -58,6 +62,12 @@ pub fn rel_page_json(page: u32) -> String {
 
 pub fn rel_page_image(page: u32) -> String {
     format!("pages/{page}.png")
+}
+
+/// The crop of the region at `order` in page `page`'s reading order
+/// (`uploader.crops`).
+pub fn rel_crop(page: u32, order: u32) -> String {
+    format!("pages/{page}-{order}.png")
 }
 
 /// `pages/<n>.json`
@@ -95,11 +105,23 @@ pub struct DetectionResult {
     pub order: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_source: Option<TextSource>,
+    /// The region's image, cut from the page image (`pages/<n>-<order>.png`,
+    /// relative to the document), when `uploader.crops` names its role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<String>,
 }
 
 impl From<Detection> for DetectionResult {
     fn from(d: Detection) -> Self {
-        DetectionResult { label: d.label, score: d.score, bbox: d.bbox, text: None, order: None, text_source: None }
+        DetectionResult {
+            label: d.label,
+            score: d.score,
+            bbox: d.bbox,
+            text: None,
+            order: None,
+            text_source: None,
+            crop: None,
+        }
     }
 }
 

@@ -39,6 +39,47 @@ impl TextSource {
     }
 }
 
+/// When the inferencer reads a page's text by OCR (the `ocr` option).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OcrMode {
+    /// Pages without a text layer (scans, images of text) only.
+    #[default]
+    Auto,
+    /// Every page, its text layer (if any) replaced by what OCR reads.
+    Always,
+    /// No page: pages without a text layer have no text.
+    Never,
+}
+
+impl OcrMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OcrMode::Auto => "auto",
+            OcrMode::Always => "always",
+            OcrMode::Never => "never",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OcrMode> {
+        match s {
+            "auto" => Some(OcrMode::Auto),
+            "always" => Some(OcrMode::Always),
+            "never" => Some(OcrMode::Never),
+            _ => None,
+        }
+    }
+
+    /// Whether a page with `text` (its text layer, if read) is OCR'd.
+    pub fn wants_ocr(self, text: Option<&PageText>) -> bool {
+        match self {
+            OcrMode::Always => true,
+            OcrMode::Never => false,
+            OcrMode::Auto => text.is_none_or(|t| t.words.is_empty()),
+        }
+    }
+}
+
 /// One word: its text and its box `[x0, y0, x1, y1]` in pixels of the page
 /// image, top-left origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

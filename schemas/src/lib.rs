@@ -17,7 +17,7 @@ mod ids;
 mod messages;
 mod submit;
 
-pub use content::{PageText, TextSource, Word, MAX_PAGE_TEXT_BYTES, MAX_PAGE_WORDS};
+pub use content::{OcrMode, PageText, TextSource, Word, MAX_PAGE_TEXT_BYTES, MAX_PAGE_WORDS};
 pub use ids::{validate_doc_id, DocIdError};
 pub use messages::*;
 pub use submit::{InvalidOption, OptionValue, SubmitRequest, MAX_FILENAME_CHARS, MAX_TITLE_CHARS};

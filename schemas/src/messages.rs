@@ -61,6 +61,10 @@ pub struct SubmitOptions {
     /// the default) or `page` (each page's outcome too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_events: Option<CallbackEvents>,
+    /// Which pages are read by OCR: `auto` (those without a text layer),
+    /// `always` or `never`. Absent: the inferencer's `inferencer.ocr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocr: Option<crate::OcrMode>,
 }
 
 /// Which events a document's webhook receives.
@@ -307,6 +311,9 @@ pub struct PageRendered {
     /// a scan, or a splitter from before text was read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<crate::PageText>,
+    /// The document's `ocr` option (absent: the inferencer's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocr: Option<crate::OcrMode>,
 }
 
 /// A detected region, in pixels of the page image.
@@ -333,6 +340,9 @@ pub struct Timings {
     pub render_ms: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub infer_ms: Option<f32>,
+    /// Milliseconds OCR took on this page (absent: not OCR'd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocr_ms: Option<f32>,
 }
 
 /// Detections for one page: subject `<prefix>.pages.inferred`.

@@ -134,7 +134,7 @@ impl SubmitRequest {
     /// refusing a value that does not parse or breaks its rule. A later
     /// value replaces an earlier one; an empty `model`, `title`,
     /// `filename` or `password` clears it, an empty `priority`,
-    /// `callback_url` or `callback_events` is ignored, and so is an
+    /// `callback_url`, `callback_events` or `ocr` is ignored, and so is an
     /// unknown key.
     ///
     /// `callback_url` is kept as given: its syntax is checked with the
@@ -194,6 +194,12 @@ impl SubmitRequest {
                 opts.callback_events = Some(events);
             }
             "password" => opts.password = Some(text.into_owned()).filter(|p| !p.is_empty()),
+            "ocr" if !text.is_empty() => {
+                let mode = crate::OcrMode::parse(&text).ok_or_else(|| {
+                    InvalidOption::new("ocr", format!("ocr {text:?} is not one of auto, always, never"))
+                })?;
+                opts.ocr = Some(mode);
+            }
             "priority" if !text.is_empty() => {
                 let priority = Priority::parse(&text).ok_or_else(|| {
                     InvalidOption::new("priority", format!("priority {text:?} is not one of high, normal, low"))
@@ -257,6 +263,9 @@ impl SubmitRequest {
         if let Some(events) = o.callback_events {
             fields.push(("callback_events", events.as_str().to_string()));
         }
+        if let Some(ocr) = o.ocr {
+            fields.push(("ocr", ocr.as_str().to_string()));
+        }
         fields
     }
 }
@@ -316,8 +325,10 @@ mod tests {
             ("wait_for_model", "1"),
             ("callback_url", "https://example.com/hook"),
             ("callback_events", "page"),
+            ("ocr", "always"),
         ])
         .unwrap();
+        assert_eq!(r.options.ocr, Some(crate::OcrMode::Always));
         assert_eq!(r.title.as_deref(), Some("Annual report"));
         assert_eq!(r.filename.as_deref(), Some("report.pdf"));
         let o = &r.options;
@@ -371,6 +382,7 @@ mod tests {
             ("wait_for_model", "yes", "wait_for_model \"yes\" is not true or false"),
             ("priority", "urgent", "priority \"urgent\" is not one of high, normal, low"),
             ("callback_events", "all", "callback_events \"all\" is not one of document, page"),
+            ("ocr", "sometimes", "ocr \"sometimes\" is not one of auto, always, never"),
             ("filename", "a\u{7}b", "filename contains control characters"),
         ];
         for (key, value, message) in cases {
@@ -426,13 +438,14 @@ mod tests {
             ("wait_for_model", "true"),
             ("callback_url", "https://example.com/h"),
             ("callback_events", "page"),
+            ("ocr", "never"),
         ];
         // Query string and form fields are text: the same pairs.
         let query = parsed(&fields).unwrap();
         // A JSON body's options, typed as a client writes them.
         let body = from_json(serde_json::json!({
             "dpi": 200, "model": "yolo_v8", "priority": "high", "wait_for_model": true,
-            "callback_url": "https://example.com/h", "callback_events": "page",
+            "callback_url": "https://example.com/h", "callback_events": "page", "ocr": "never",
         }))
         .unwrap();
         assert_eq!(query, body);

@@ -41,6 +41,7 @@ fn rendered() -> PageRendered {
         image: ImageRef { format: "png".into(), inline: Some(ByteBuf::from(vec![0x89, b'P', b'N', b'G'])), blob: None },
         render_ms: Some(9.5),
         text: None,
+        ocr: None,
     }
 }
 
@@ -56,7 +57,7 @@ fn inferred() -> PageInferred {
         model: ModelRef { name: "layout_cdla".into(), sha256: "25b1f27e".into() },
         detections: vec![Detection { label: "text".into(), score: 0.875, bbox: [10.0, 20.5, 300.0, 400.25] }],
         image: Some(ImageRef { format: "png".into(), inline: None, blob: Some("pages/doc-1/2.png".into()) }),
-        timings: Timings { render_ms: Some(9.5), infer_ms: Some(150.0) },
+        timings: Timings { render_ms: Some(9.5), infer_ms: Some(150.0), ocr_ms: None },
         error: None,
         text: None,
     }

@@ -3,6 +3,7 @@
 //! Every server is started on free ports and killed on drop.
 
 pub mod api;
+pub mod cer;
 pub mod http;
 pub mod ingress;
 pub mod nats_cluster;
@@ -148,6 +149,9 @@ pub fn test_config(nats: &NatsServer, out: &Path) -> Config {
     c.splitter.admin_addr = String::new();
     c.inferencer.admin_addr = String::new();
     c.uploader.admin_addr = String::new();
+    // OCR takes seconds a page on these 2 cores, and the corpus's small
+    // scans are what most tests submit: the tests of OCR turn it on.
+    c.inferencer.ocr_model = String::new();
     // Tests store little: reserve little, so that many test servers fit on
     // a CI disk (JetStream reserves each limit against 75% of the free disk).
     c.nats.max_blob_bytes = 1 << 30;
@@ -393,6 +397,7 @@ pub async fn rendered(
         max_pixels: config.splitter.max_pixels,
         pages,
         skip: std::collections::HashSet::new(),
+        text: true,
     });
     let mut out = Vec::new();
     while let Some(ev) = events.recv().await {
@@ -456,4 +461,60 @@ pub fn assert_live_progress(id: &str, events: &[(String, Value)]) {
     assert_eq!(events.last().unwrap().0, "state", "{id}: the terminal state comes last");
     let n = events.last().unwrap().1["page_count"].as_u64().unwrap();
     assert_eq!(last, [n, n, n], "{id}: final counts");
+}
+
+/// A one-page born-digital PDF (US Letter width, 4 inches high) with
+/// `lines` in 28-point Helvetica: a text layer, and glyphs OCR can read.
+pub fn text_pdf(lines: &[&str]) -> Vec<u8> {
+    let mut content = String::from("BT /F1 28 Tf 36 240 Td 34 TL\n");
+    for l in lines {
+        let escaped = l.replace('\\', "\\\\").replace('(', "\\(").replace(')', "\\)");
+        content.push_str(&format!("({escaped}) Tj T*\n"));
+    }
+    content.push_str("ET\n");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 288] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
+            .to_string(),
+        format!("<< /Length {} >>\nstream\n{content}endstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    ];
+    let mut pdf = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        offsets.push(pdf.len());
+        pdf.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = pdf.len();
+    pdf.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for o in offsets {
+        pdf.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
+    }
+    pdf.extend_from_slice(
+        format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes(),
+    );
+    pdf
+}
+
+/// For each of `pdfs`, the words of each page's text layer as the
+/// splitter reads them at `dpi` (0 for a page without one), without
+/// rendering. pdfium binds once per process: one call per test.
+pub fn text_layer_word_counts(pdfs: &[PathBuf], dpi: f32) -> Vec<Vec<usize>> {
+    use pagestream_splitter::render::{bind, fit_size};
+    let cfg = pagestream_splitter::SplitterConfig::default();
+    let pdfium = bind(&cfg.pdfium_library).expect("libpdfium binds (scripts/setup)");
+    pdfs.iter()
+        .map(|pdf| {
+            let doc = pdfium.load_pdf_from_file(pdf, None).expect("the PDF opens");
+            doc.pages()
+                .iter()
+                .map(|page| {
+                    let (w, h, _) = fit_size(page.width().value, page.height().value, dpi, cfg.max_pixels);
+                    let text = pagestream_splitter::text::page_text(&page, w, h).expect("the text layer reads");
+                    text.map_or(0, |t| t.words.len())
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -24,7 +24,7 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// The environment every stage process of a test shares: its NATS server
-/// and prefix, no admin ports, one inference thread, quiet logs. Tests add
+/// and prefix, no admin ports, one inference thread, no OCR, quiet logs. Tests add
 /// what they exercise.
 pub fn stage_env(nats_url: &str, prefix: &str) -> Vec<(String, String)> {
     [
@@ -34,6 +34,8 @@ pub fn stage_env(nats_url: &str, prefix: &str) -> Vec<(String, String)> {
         ("PAGESTREAM_INFERENCER_ADMIN_ADDR", String::new()),
         ("PAGESTREAM_UPLOADER_ADMIN_ADDR", String::new()),
         ("PAGESTREAM_INFERENCER_THREADS", "1".into()),
+        // No OCR (seconds a page on a scan); the tests of OCR turn it on.
+        ("PAGESTREAM_INFERENCER_OCR_MODEL", String::new()),
         ("PAGESTREAM_LOG", "info,async_nats=error".into()),
     ]
     .into_iter()

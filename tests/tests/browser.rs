@@ -188,6 +188,25 @@ async fn upload_through_the_page_and_see_it_complete_with_detections() {
     assert_eq!(labels[0], page1["detections"][0]["label"]);
     let width = driver.script("return document.querySelector('#canvas img').naturalWidth").await;
     assert_eq!(width, page1["width"]);
+    // Beside the boxes, what the page says: the first region with text, in
+    // reading order, and its source.
+    let first_text = page1["detections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(page1["unassigned_text"].as_array().into_iter().flatten())
+        .filter(|d| !d["text"].as_str().unwrap_or("").is_empty())
+        .min_by_key(|d| d["order"].as_u64().unwrap())
+        .expect("page 1 of the article has text")
+        .clone();
+    let shown = driver
+        .script("const p = document.querySelector('#pagetext .item'); return p && [p.dataset.source, p.lastChild.textContent]")
+        .await;
+    assert_eq!(
+        shown,
+        json!(["text_layer", first_text["text"]]),
+        "the text panel starts with the first text in reading order"
+    );
     // Another page.
     driver.script("document.querySelector('#pages [data-page=\"5\"]').click()").await;
     driver
@@ -213,7 +232,19 @@ async fn upload_through_the_page_and_see_it_complete_with_detections() {
     let meta = meta.as_str().unwrap();
     assert!(meta.contains("28 of 28 pages done") && meta.contains("pages/s"), "viewer header: {meta}");
     let links = driver.script("return [...document.querySelectorAll('[data-download]')].map(a => a.textContent)").await;
-    assert_eq!(links, json!(["manifest.json", "COCO (all pages)", "page 1 JSON"]), "download links");
+    assert_eq!(
+        links,
+        json!(["manifest.json", "COCO (all pages)", "Markdown", "chunks (JSON Lines)", "page 1 JSON"]),
+        "download links"
+    );
+    let hrefs = driver
+        .script("return [...document.querySelectorAll('[data-download]')].map(a => a.getAttribute('href'))")
+        .await;
+    let hrefs: Vec<&str> = hrefs.as_array().unwrap().iter().map(|h| h.as_str().unwrap_or("")).collect();
+    assert!(
+        hrefs[2].ends_with("/results?format=markdown") && hrefs[3].ends_with("/results?format=chunks"),
+        "export links: {hrefs:?}"
+    );
 
     // A failed document says why, in its row and in its viewer.
     let bad = h.client.submit_file(&corpus("enc_aes256_pw-asdfzxcv.pdf"), Some("locked")).await.unwrap();

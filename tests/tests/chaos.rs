@@ -3,7 +3,9 @@
 //! and restarts it, restarts nats-server once (file storage survives), and
 //! freezes the S3 server for ~10 s. At the end every page of every document
 //! has exactly one result set, every manifest is right, nothing is stuck and
-//! the dead-letter stream is empty.
+//! the dead-letter stream is empty. What each page says survives too: every
+//! word of a born-digital page's text layer is in its page JSON exactly
+//! once, and each page of the scans (read by OCR) has its OCR text.
 //!
 //! Needs the stage binaries: `cargo build --bins` (scripts/test does it).
 
@@ -64,6 +66,9 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
         ("PAGESTREAM_UPLOADER_S3_ACCESS_KEY_ID", "test".into()),
         ("PAGESTREAM_UPLOADER_S3_SECRET_ACCESS_KEY", "test".into()),
         ("PAGESTREAM_LOG", "info,async_nats=error,aws=error".into()),
+        // OCR loaded, off unless a document asks (the scans below do).
+        ("PAGESTREAM_INFERENCER_OCR_MODEL", "ppocr_v4".into()),
+        ("PAGESTREAM_INFERENCER_OCR", "never".into()),
     ];
     let mut cluster = Cluster::new(with_vars(stage_env(&nats.url(), PREFIX), &extra), logs.path());
     let ports = [free_port().unwrap(), free_port().unwrap()];
@@ -90,7 +95,9 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     ];
     let mut docs = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        docs.push(accepted(&clients[i % 2].submit_file(f, None).await.unwrap()));
+        // The two scans are read by OCR.
+        let ocr = if i >= 3 { vec![("ocr", "auto".to_string())] } else { Vec::new() };
+        docs.push(accepted(&clients[i % 2].submit_file_with(f, None, &ocr, None).await.unwrap()));
     }
 
     // Follow every document's event stream through the chaos (reconnecting
@@ -196,6 +203,43 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
         assert!(pages.iter().enumerate().all(|(i, p)| p["page"] == i as u64 + 1 && p["status"] == "ok"));
     }
     assert!(pages_total >= 150, "{pages_total} pages");
+
+    // What each page says: the text layer's words exactly once (none lost,
+    // none doubled by a redelivery), the scans' OCR text on every page.
+    let layers = tokio::task::block_in_place(|| pagestream_e2e::text_layer_word_counts(&files, 150.0));
+    for ((id, file), layer) in docs.iter().zip(&files).zip(layers) {
+        let n = layer.len() as u64;
+        for p in 1..=n {
+            let page: Value = serde_json::from_slice(
+                &s3.get_object()
+                    .bucket(BUCKET)
+                    .key(format!("{id}/pages/{p}.json"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .body
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_vec(),
+            )
+            .unwrap();
+            let texts: Vec<(&str, &str)> = page["detections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(page["unassigned_text"].as_array().into_iter().flatten())
+                .map(|d| (d["text"].as_str().unwrap(), d["text_source"].as_str().unwrap()))
+                .collect();
+            let words: usize = texts.iter().map(|(t, _)| t.split_whitespace().count()).sum();
+            let expected = layer[p as usize - 1];
+            if expected > 0 {
+                assert_eq!(words, expected, "{} page {p}: words in the page JSON vs its text layer", file.display());
+            } else {
+                assert!(texts.iter().any(|(t, s)| *s == "ocr" && !t.is_empty()), "{} page {p}: {page}", file.display());
+            }
+        }
+    }
 
     // Progress as the live streams saw it: never backwards, never above the
     // page count, exactly one terminal state, and it came last.

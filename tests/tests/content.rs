@@ -44,7 +44,7 @@ async fn text_layer(pdf: &str, dpi: f32) -> Vec<HashMap<String, usize>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_word_lands_once_in_reading_order_and_exports_follow() {
-    let h = Harness::start(|_| {}).await.unwrap();
+    let h = Harness::start(|c| c.uploader.crops = vec!["figure".into(), "table".into()]).await.unwrap();
     let born_digital = upload(&h.client, "fig_dbscan-jss.pdf", &[("dpi", "72")]).await;
     let scan = upload(&h.client, "scan_cardinal-rotated.pdf", &[("dpi", "72")]).await;
     for id in [&born_digital, &scan] {
@@ -74,6 +74,43 @@ async fn every_word_lands_once_in_reading_order_and_exports_follow() {
         }
     }
     assert!(with_text > 100, "only {with_text} regions got text");
+
+    // Crops (uploader.crops = figure, table): each such region's image is
+    // beside its page, named in its JSON, the box's size, served by the API.
+    let mut crops = 0;
+    for n in 1..=28 {
+        let page = h.result(&born_digital, &format!("pages/{n}.json"));
+        for d in page["detections"].as_array().unwrap() {
+            let role = pagestream_results::content::role(d["label"].as_str().unwrap());
+            let cropped =
+                matches!(role, pagestream_results::content::Role::Figure | pagestream_results::content::Role::Table);
+            let Some(rel) = d["crop"].as_str() else {
+                assert!(!cropped, "page {n}: a {role:?} without its crop: {d}");
+                continue;
+            };
+            assert!(cropped, "page {n}: a {role:?} cropped: {d}");
+            assert_eq!(rel, format!("pages/{n}-{}.png", d["order"]));
+            let b: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let (status, png) =
+                h.client.get_bytes(&format!("/v1/documents/{born_digital}/results/{rel}")).await.unwrap();
+            assert_eq!(status, 200, "{rel}");
+            let img = image::load_from_memory(&png).unwrap();
+            assert!(
+                (f64::from(img.width()) - (b[2] - b[0])).abs() <= 2.0,
+                "{rel}: {}x{} for {b:?}",
+                img.width(),
+                img.height()
+            );
+            assert!(
+                (f64::from(img.height()) - (b[3] - b[1])).abs() <= 2.0,
+                "{rel}: {}x{} for {b:?}",
+                img.width(),
+                img.height()
+            );
+            crops += 1;
+        }
+    }
+    assert!(crops >= 5, "only {crops} figures and tables cropped");
     // A scan has no text layer: every region says so.
     for n in 1..=4 {
         let page = h.result(&scan, &format!("pages/{n}.json"));

@@ -25,6 +25,7 @@ async fn detections_match_rapid_layout_on_every_page() {
         max_pixels: config.splitter.max_pixels,
         pages: 1..=u32::MAX,
         skip: HashSet::new(),
+        text: true,
     });
     let Some(RenderEvent::Opened { page_count }) = events.recv().await else { panic!("document did not open") };
     let ref_pages = fixture["pages"].as_array().unwrap();

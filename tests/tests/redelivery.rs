@@ -37,6 +37,7 @@ async fn redelivered_pages_whose_work_is_done_are_acknowledged_not_dead_lettered
             image: missing(doc, page),
             render_ms: None,
             text: None,
+            ocr: None,
         };
         // Its inference, as the inferencer would have published it.
         let inferred = PageInferred {

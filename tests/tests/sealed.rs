@@ -169,6 +169,7 @@ fn request(pdf: &Path, password: Option<&str>, pages: std::ops::RangeInclusive<u
         max_pixels: Config::default().splitter.max_pixels,
         pages,
         skip: HashSet::new(),
+        text: true,
     }
 }
 

@@ -232,6 +232,8 @@ async fn webhooks_are_signed_retried_ordered_and_delivered_once_per_id() {
     assert!(first_doc_attempt > last_page, "no attempt of the document's event before every page was delivered");
     assert_eq!(last.1["data"]["pages"]["uploaded"], 28);
     assert_eq!(last.1["data"]["links"]["results"], format!("/v1/documents/{a}/results"));
+    assert_eq!(last.1["data"]["links"]["markdown"], format!("/v1/documents/{a}/results?format=markdown"));
+    assert_eq!(last.1["data"]["links"]["chunks"], format!("/v1/documents/{a}/results?format=chunks"));
     let page3 = delivered_a.iter().find(|(_, v)| v["data"]["page"] == 3).unwrap();
     assert_eq!(page3.1["data"]["links"]["detections"], format!("/v1/documents/{a}/results/pages/3.json"));
     assert_eq!(page3.0.id, format!("msg_{a}_p3_uploaded"));

@@ -87,6 +87,22 @@ pub fn load(
     }
 }
 
+/// Loads `weights` for inputs of any shape (the OCR models: a page's size,
+/// a text line's width). ONNX Runtime takes them as they come; tract plans
+/// the model once per input shape it meets and keeps the last plans.
+pub fn load_any_shape(opts: &EngineOptions, model: &str, weights: &[u8]) -> Result<Box<dyn Backend>, String> {
+    match opts.backend {
+        BackendKind::Ort => {
+            let one = EngineOptions { sessions: 1, ..opts.clone() };
+            Ok(Box::new(OrtBackend::load(&one, model, weights)?))
+        }
+        #[cfg(feature = "tract")]
+        BackendKind::Tract => Ok(Box::new(tract_backend::TractShapes::load(model, weights)?)),
+        #[cfg(not(feature = "tract"))]
+        BackendKind::Tract => Err("this inferencer was built without the tract backend (cargo feature `tract`)".into()),
+    }
+}
+
 static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
 /// Loads libonnxruntime (once per process).
@@ -284,41 +300,124 @@ mod tract_backend {
             .unwrap_or_default()
     }
 
+    /// The model as tract reads it, and its declared interface.
+    fn read(model: &str, weights: &[u8]) -> Result<(InferenceModel, ModelIo), String> {
+        let fail = |what: &str, e: TractError| format!("model {model}: tract {what}: {e:#}");
+        let onnx = tract_onnx::onnx();
+        let proto = onnx.proto_model_for_read(&mut &weights[..]).map_err(|e| fail("cannot read it", e))?;
+        let graph = proto.graph.as_ref().ok_or_else(|| format!("model {model}: the ONNX file has no graph"))?;
+        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let io = ModelIo {
+            inputs: graph
+                .input
+                .iter()
+                .filter(|i| !initializers.contains(i.name.as_str()))
+                .map(|i| (i.name.clone(), dims(i)))
+                .collect(),
+            outputs: graph.output.iter().map(|o| (o.name.clone(), dims(o))).collect(),
+            metadata: proto.metadata_props.iter().map(|p| (p.key.clone(), p.value.clone())).collect::<HashMap<_, _>>(),
+        };
+        let inference = onnx.model_for_proto_model(&proto).map_err(|e| fail("cannot translate it", e))?;
+        Ok((inference, io))
+    }
+
+    /// `inference` planned for one input shape, single-threaded.
+    fn plan(model: &str, inference: InferenceModel, index: usize, shape: &[usize]) -> Result<Plan, String> {
+        let fail = |what: &str, e: TractError| format!("model {model}: tract {what}: {e:#}");
+        let options = RunOptions { executor: Some(Executor::SingleThread), ..Default::default() };
+        inference
+            .with_input_fact(index, f32::fact(shape).into())
+            .map_err(|e| fail("input shape", e))?
+            .into_optimized()
+            .map_err(|e| fail("cannot optimise it", e))?
+            .into_runnable_with_options(&options)
+            .map_err(|e| fail("cannot plan it", e))
+    }
+
+    fn to_out(io: &ModelIo, outputs: TVec<TValue>) -> Result<Vec<OutTensor>, String> {
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let name = io.outputs.get(i).map(|(n, _)| n.clone()).unwrap_or_else(|| format!("output{i}"));
+                let t = v.cast_to::<f32>().map_err(|e| format!("output {name:?}: {e}"))?;
+                let data: Vec<f32> = t
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| format!("output {name:?}: {e}"))?
+                    .iter()
+                    .copied()
+                    .collect();
+                Ok(OutTensor { name, shape: t.shape().iter().map(|&d| d as i64).collect(), data })
+            })
+            .collect()
+    }
+
     impl TractBackend {
         pub fn load(threads: usize, model: &str, weights: &[u8], input: (&str, u32, u32)) -> Result<Self, String> {
-            let fail = |what: &str, e: TractError| format!("model {model}: tract {what}: {e:#}");
-            let onnx = tract_onnx::onnx();
-            let proto = onnx.proto_model_for_read(&mut &weights[..]).map_err(|e| fail("cannot read it", e))?;
-            let graph = proto.graph.as_ref().ok_or_else(|| format!("model {model}: the ONNX file has no graph"))?;
-            let initializers: std::collections::HashSet<&str> =
-                graph.initializer.iter().map(|t| t.name.as_str()).collect();
-            let io = ModelIo {
-                inputs: graph
-                    .input
-                    .iter()
-                    .filter(|i| !initializers.contains(i.name.as_str()))
-                    .map(|i| (i.name.clone(), dims(i)))
-                    .collect(),
-                outputs: graph.output.iter().map(|o| (o.name.clone(), dims(o))).collect(),
-                metadata: proto
-                    .metadata_props
-                    .iter()
-                    .map(|p| (p.key.clone(), p.value.clone()))
-                    .collect::<HashMap<_, _>>(),
-            };
+            let (inference, io) = read(model, weights)?;
             let (name, w, h) = input;
             let index = io.inputs.iter().position(|(n, _)| n == name).unwrap_or(0);
-            let options = RunOptions { executor: Some(Executor::SingleThread), ..Default::default() };
-            let plan = onnx
-                .model_for_proto_model(&proto)
-                .map_err(|e| fail("cannot translate it", e))?
-                .with_input_fact(index, f32::fact([1, 3, h as usize, w as usize]).into())
-                .map_err(|e| fail("input shape", e))?
-                .into_optimized()
-                .map_err(|e| fail("cannot optimise it", e))?
-                .into_runnable_with_options(&options)
-                .map_err(|e| fail("cannot plan it", e))?;
+            let plan = plan(model, inference, index, &[1, 3, h as usize, w as usize])?;
             Ok(TractBackend { plan, io, threads: threads.max(1) })
+        }
+    }
+
+    /// Most input shapes a [`TractShapes`] keeps planned.
+    const PLANS_KEPT: usize = 24;
+
+    /// tract for a model whose input shape changes from run to run: tract
+    /// cannot plan the PP-OCR models with symbolic sizes ("Impossible to
+    /// unify" in the detector's upsampling, "shape input is variable" in
+    /// the recogniser's reshapes), so each shape gets its own plan (0.1 to
+    /// 0.2 s to make), the last [`PLANS_KEPT`] kept.
+    pub struct TractShapes {
+        model: String,
+        inference: InferenceModel,
+        io: ModelIo,
+        plans: std::sync::Mutex<Vec<([usize; 4], Plan)>>,
+    }
+
+    impl TractShapes {
+        pub fn load(model: &str, weights: &[u8]) -> Result<Self, String> {
+            let (inference, io) = read(model, weights)?;
+            Ok(TractShapes { model: model.to_string(), inference, io, plans: Default::default() })
+        }
+
+        fn plan_for(&self, shape: [usize; 4]) -> Result<Plan, String> {
+            let mut plans = self.plans.lock().map_err(|_| "plan cache lock poisoned".to_string())?;
+            if let Some(i) = plans.iter().position(|(s, _)| *s == shape) {
+                let hit = plans.remove(i);
+                let plan = hit.1.clone();
+                plans.push(hit);
+                return Ok(plan);
+            }
+            let plan = plan(&self.model, self.inference.clone(), 0, &shape)?;
+            if plans.len() >= PLANS_KEPT {
+                plans.remove(0);
+            }
+            plans.push((shape, plan.clone()));
+            Ok(plan)
+        }
+    }
+
+    impl Backend for TractShapes {
+        fn io(&self) -> &ModelIo {
+            &self.io
+        }
+
+        fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String> {
+            let plan = self.plan_for(shape)?;
+            let tensor = Tensor::from_shape(&shape, &input).map_err(|e| format!("input tensor: {e}"))?;
+            let outputs = plan.run(tvec!(tensor.into())).map_err(|e| format!("inference failed: {e:#}"))?;
+            to_out(&self.io, outputs)
+        }
+
+        fn max_batch(&self) -> usize {
+            usize::MAX
+        }
+
+        fn device(&self) -> &'static str {
+            "cpu"
         }
     }
 
@@ -330,21 +429,7 @@ mod tract_backend {
         fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<OutTensor>, String> {
             let tensor = Tensor::from_shape(&shape, &input).map_err(|e| format!("input tensor: {e}"))?;
             let outputs = self.plan.run(tvec!(tensor.into())).map_err(|e| format!("inference failed: {e:#}"))?;
-            outputs
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let name = self.io.outputs.get(i).map(|(n, _)| n.clone()).unwrap_or_else(|| format!("output{i}"));
-                    let t = v.cast_to::<f32>().map_err(|e| format!("output {name:?}: {e}"))?;
-                    let data: Vec<f32> = t
-                        .to_plain_array_view::<f32>()
-                        .map_err(|e| format!("output {name:?}: {e}"))?
-                        .iter()
-                        .copied()
-                        .collect();
-                    Ok(OutTensor { name, shape: t.shape().iter().map(|&d| d as i64).collect(), data })
-                })
-                .collect()
+            to_out(&self.io, outputs)
         }
 
         fn max_batch(&self) -> usize {

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use pagestream_pipeline::config::Section;
+use pagestream_schemas::OcrMode;
 use serde::{Deserialize, Serialize};
 
 /// Inference backend (`inferencer.backend`).
@@ -83,6 +84,12 @@ pub struct InferencerConfig {
     /// replicas of the same model names (a canary); without it such a
     /// replica refuses to start.
     pub canary: bool,
+    /// Which pages OCR reads when their document does not say (its `ocr`
+    /// option): `auto` (pages without a text layer), `always`, `never`.
+    pub ocr: OcrMode,
+    /// OCR model set: a manifest `models/<name>/ocr.toml`, loaded at start
+    /// (empty: no OCR; pages without a text layer then have no text).
+    pub ocr_model: String,
     /// Address of /metrics, /livez, /readyz (empty: disabled).
     pub admin_addr: String,
 }
@@ -116,6 +123,8 @@ impl Default for InferencerConfig {
             batch_wait_ms: 20,
             max_detections: 500,
             canary: false,
+            ocr: OcrMode::Auto,
+            ocr_model: "ppocr_v4".into(),
             admin_addr: "127.0.0.1:9102".into(),
         }
     }
@@ -143,6 +152,11 @@ impl Section for InferencerConfig {
                 "inferencer.device {:?}: the tract backend runs on the CPU only (use inferencer.backend = \"ort\" for CUDA)",
                 self.device.as_str()
             ));
+        }
+        if !self.ocr_model.is_empty() {
+            if let Err(e) = pagestream_schemas::validate_model_name(&self.ocr_model) {
+                errors.push(format!("inferencer.ocr_model: {e}"));
+            }
         }
         if !(1..=64).contains(&self.batch_size) {
             errors.push("inferencer.batch_size must be within 1..=64".into());

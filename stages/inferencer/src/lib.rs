@@ -27,6 +27,7 @@ mod config;
 pub mod engine;
 pub mod manifest;
 pub mod nms;
+pub mod ocr;
 pub mod picodet;
 pub mod preprocess;
 pub mod yolov8;
@@ -57,6 +58,8 @@ pub struct Inferencer {
     blobs: BlobStore,
     /// Served models, `inferencer.model` first.
     models: Vec<Batcher>,
+    /// The OCR models (`inferencer.ocr_model`), if any.
+    ocr: Option<Arc<ocr::Ocr>>,
     progress: Progress,
     /// This process in the model registry.
     replica: String,
@@ -103,10 +106,29 @@ impl Inferencer {
             );
             models.push(Batcher::spawn(Arc::new(detector), cfg.batch_size, wait));
         }
+        let ocr = if cfg.ocr_model.is_empty() {
+            tracing::info!("no OCR (inferencer.ocr_model is empty): pages without a text layer get no text");
+            None
+        } else {
+            let c = cfg.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                ocr::Ocr::load(&c.models_dir, &c.weights_dir, &c.ocr_model, &backend::EngineOptions::from_config(&c))
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(
+                model = %loaded.manifest.name,
+                sha256 = %loaded.sha256,
+                backend = cfg.backend.as_str(),
+                default_mode = cfg.ocr.as_str(),
+                "OCR models loaded"
+            );
+            Some(Arc::new(loaded))
+        };
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         let replica = registry::replica_id();
-        Ok(Inferencer { ctx, cfg, blobs, models, progress, replica })
+        Ok(Inferencer { ctx, cfg, blobs, models, ocr, progress, replica })
     }
 
     /// This replica's registry entries, one per served model.
@@ -174,7 +196,7 @@ impl Inferencer {
             model,
             detections: Vec::new(),
             image: Some(page.image.clone()),
-            timings: Timings { render_ms: page.render_ms, infer_ms: None },
+            timings: Timings { render_ms: page.render_ms, infer_ms: None, ocr_ms: None },
             error: None,
             text: page.text.clone(),
         }
@@ -199,9 +221,13 @@ impl Inferencer {
             Err(e) => Err(e),
         };
         let permanent = match detected {
-            Ok((detections, infer_ms)) => {
+            Ok((detections, infer_ms, read)) => {
                 out.detections = detections;
                 out.timings.infer_ms = Some(infer_ms);
+                if let Some((text, ocr_ms)) = read {
+                    out.text = Some(text);
+                    out.timings.ocr_ms = Some(ocr_ms);
+                }
                 None
             }
             // Redelivered after a lost ack: the page went downstream and the
@@ -237,11 +263,16 @@ impl Inferencer {
         }
     }
 
-    async fn detect(
-        &self,
-        page: &PageRendered,
-        batcher: &Batcher,
-    ) -> Result<(Vec<pagestream_schemas::Detection>, f32), StageError> {
+    /// The OCR models, when `page` is to be read by OCR (its document's
+    /// `ocr` option, else `inferencer.ocr`, and its text layer).
+    fn ocr_for(&self, page: &PageRendered) -> Option<Arc<ocr::Ocr>> {
+        let mode = page.ocr.unwrap_or(self.cfg.ocr);
+        self.ocr.clone().filter(|_| mode.wants_ocr(page.text.as_ref()))
+    }
+
+    /// The page's detections and their time, and what OCR read on it with
+    /// its time, when it is to be read ([`Inferencer::ocr_for`]).
+    async fn detect(&self, page: &PageRendered, batcher: &Batcher) -> Result<Detected, StageError> {
         let bytes = read_image(&self.blobs, &page.image).await?;
         let started = std::time::Instant::now();
         let img = tokio::task::spawn_blocking(move || decode_image(&bytes))
@@ -249,8 +280,22 @@ impl Inferencer {
             .map_err(transient("join"))?
             .map_err(|m| StageError::permanent("image_invalid", m))?;
         let decode_ms = started.elapsed().as_secs_f32() * 1000.0;
+        let ocr = self.ocr_for(page).map(|o| (o, img.clone()));
         let (mut detections, t) =
             batcher.detect(img).await.map_err(|m| StageError::permanent("inference_failed", m))?;
+        let read = match ocr {
+            Some((ocr, img)) => {
+                let started = std::time::Instant::now();
+                let page_read = tokio::task::spawn_blocking(move || ocr.recognize(&img))
+                    .await
+                    .map_err(transient("join"))?
+                    .map_err(|m| StageError::permanent("ocr_failed", format!("OCR failed: {m}")))?;
+                let ms = started.elapsed().as_secs_f32() * 1000.0;
+                tracing::debug!(doc_id = %page.doc_id, page = page.page, lines = page_read.lines.len(), ms, "page read by OCR");
+                Some((page_read.text, ms))
+            }
+            None => None,
+        };
         let max = self.cfg.max_detections;
         if detections.len() > max {
             tracing::warn!(doc_id = %page.doc_id, page = page.page, found = detections.len(), kept = max, "too many detections; keeping the highest scores (inferencer.max_detections)");
@@ -259,9 +304,13 @@ impl Inferencer {
         }
         // The page's own work (PNG decode, pre-processing, model, decoding),
         // not the time it waited for the inference thread behind another page.
-        Ok((detections, decode_ms + t.preprocess_ms + t.model_ms + t.decode_ms))
+        Ok((detections, decode_ms + t.preprocess_ms + t.model_ms + t.decode_ms, read))
     }
 }
+
+/// A page's detections, their time (ms), and its text read by OCR with
+/// the time that took (ms), if it was.
+type Detected = (Vec<pagestream_schemas::Detection>, f32, Option<(pagestream_schemas::PageText, f32)>);
 
 /// Which of the `served` models (its index) infers a page pulled from the
 /// queue of model `queue` (the page's subject names its document's model);

@@ -26,16 +26,33 @@ use pagestream_results::ResultStore;
 use crate::error::{bytes_response, json_response, ApiError, Resp};
 use crate::{Caller, Ingress};
 
-/// `<n>.png` or `<n>.json`, nothing else (no path can escape the document).
-fn parse_page_file(file: &str) -> Option<(u32, &'static str)> {
-    let (n, ext) = file.split_once('.')?;
-    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+/// A page's result file: its image, its JSON, or a region's crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageFile {
+    Image(u32),
+    Json(u32),
+    /// Page, and the region's `order`.
+    Crop(u32, u32),
+}
+
+/// `<n>.png`, `<n>.json` or `<n>-<order>.png`, nothing else (no path can
+/// escape the document).
+fn parse_page_file(file: &str) -> Option<PageFile> {
+    let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    let (stem, ext) = file.split_once('.')?;
+    let (n, order) = match stem.split_once('-') {
+        Some((n, o)) if digits(o) => (n, Some(o.parse::<u32>().ok()?)),
+        Some(_) => return None,
+        None => (stem, None),
+    };
+    if !digits(n) {
         return None;
     }
     let page: u32 = n.parse().ok().filter(|p| *p > 0)?;
-    match ext {
-        "png" => Some((page, "png")),
-        "json" => Some((page, "json")),
+    match (ext, order) {
+        ("png", None) => Some(PageFile::Image(page)),
+        ("json", None) => Some(PageFile::Json(page)),
+        ("png", Some(o)) => Some(PageFile::Crop(page, o)),
         _ => None,
     }
 }
@@ -257,10 +274,15 @@ impl Ingress {
     /// web page uses this route, so it needs no CORS rules on the bucket.
     pub(crate) async fn result_file(&self, caller: &Caller, id: &str, file: &str) -> Result<Resp, ApiError> {
         self.read_status(caller, id, false).await?;
-        let (page, ext) = parse_page_file(file)
-            .ok_or_else(|| ApiError::not_found(format!("no result file {file:?}: use <page>.png or <page>.json")))?;
+        let which = parse_page_file(file).ok_or_else(|| {
+            ApiError::not_found(format!("no result file {file:?}: use <page>.png, <page>.json or <page>-<order>.png"))
+        })?;
         let keys = self.keys(id);
-        let key = if ext == "png" { keys.page_image(page) } else { keys.page_json(page) };
+        let (key, ext) = match which {
+            PageFile::Image(p) => (keys.page_image(p), "png"),
+            PageFile::Json(p) => (keys.page_json(p), "json"),
+            PageFile::Crop(p, o) => (keys.crop(p, o), "png"),
+        };
         let rel = format!("pages/{file}");
         let bytes = self
             .results
@@ -337,9 +359,26 @@ mod tests {
 
     #[test]
     fn page_file_names() {
-        assert_eq!(parse_page_file("12.png"), Some((12, "png")));
-        assert_eq!(parse_page_file("3.json"), Some((3, "json")));
-        for bad in ["0.png", "../1.png", "1.png/..", "x.png", "1.pdf", ".png", "1", "-1.json"] {
+        assert_eq!(parse_page_file("12.png"), Some(PageFile::Image(12)));
+        assert_eq!(parse_page_file("3.json"), Some(PageFile::Json(3)));
+        assert_eq!(parse_page_file("3-0.png"), Some(PageFile::Crop(3, 0)));
+        assert_eq!(parse_page_file("12-17.png"), Some(PageFile::Crop(12, 17)));
+        for bad in [
+            "0.png",
+            "../1.png",
+            "1.png/..",
+            "x.png",
+            "1.pdf",
+            ".png",
+            "1",
+            "-1.json",
+            "1-.png",
+            "1-x.png",
+            "1-2.json",
+            "1-2-3.png",
+            "0-1.png",
+            "1-99999999999.png",
+        ] {
             assert_eq!(parse_page_file(bad), None, "{bad}");
         }
     }

@@ -158,6 +158,8 @@ impl Notifier {
                 "status": self.link(format!("/v1/documents/{doc}")),
                 "results": self.link(format!("/v1/documents/{doc}/results")),
                 "coco": self.link(format!("/v1/documents/{doc}/results?format=coco")),
+                "markdown": self.link(format!("/v1/documents/{doc}/results?format=markdown")),
+                "chunks": self.link(format!("/v1/documents/{doc}/results?format=chunks")),
             },
         });
         if let Some(e) = ev.error.as_ref().or(st.as_ref().and_then(|s| s.error.as_ref())) {

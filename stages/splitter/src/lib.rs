@@ -415,6 +415,7 @@ impl Splitter {
             image,
             render_ms: Some(page.render_ms),
             text: page.text,
+            ocr: sub.options.ocr,
         };
         let id = format!("{}:{}:rendered", sub.doc_id, page.page);
         self.publish_when_room(&id, &msg, model_of(sub)).await?;
@@ -558,6 +559,7 @@ impl Splitter {
             max_pixels: cfg.max_pixels,
             pages: plan.pages(),
             skip,
+            text: cfg.text_layer,
         });
         let page_count = match events.recv().await {
             Some(RenderEvent::Opened { page_count }) => page_count,

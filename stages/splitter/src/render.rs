@@ -33,6 +33,8 @@ pub struct RenderRequest {
     pub pages: RangeInclusive<u32>,
     /// 1-based pages already rendered (skipped after a redelivery).
     pub skip: HashSet<u32>,
+    /// Read each page's text layer (`splitter.text_layer`).
+    pub text: bool,
 }
 
 /// One page, ready to publish.
@@ -255,7 +257,7 @@ fn render_page(
         DynamicImage::ImageRgb8(i) => i,
         other => other.to_rgb8(),
     };
-    let text = crate::text::page_text(&page, rgb.width(), rgb.height()).unwrap_or(None);
+    let text = if req.text { crate::text::page_text(&page, rgb.width(), rgb.height()).unwrap_or(None) } else { None };
     Ok((rgb, dpi, text))
 }
 

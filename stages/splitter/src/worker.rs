@@ -120,6 +120,7 @@ struct WireRequest {
     first: u32,
     last: u32,
     skip: Vec<u32>,
+    text: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -291,6 +292,7 @@ pub fn worker_main() -> i32 {
             max_pixels: req.max_pixels,
             pages: req.first..=req.last,
             skip: req.skip.into_iter().collect(),
+            text: req.text,
         };
         let mut alive = true;
         crate::render::render_document(&pdfium, &request, &mut |event| {
@@ -497,6 +499,7 @@ fn supervise(
             first: next,
             last: *req.pages.end(),
             skip: req.skip.iter().copied().collect(),
+            text: req.text,
         };
         worker.max_frame.store(max_frame_bytes(req.max_pixels), Ordering::Relaxed);
         let fault = 'job: {

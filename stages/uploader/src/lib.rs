@@ -30,6 +30,7 @@ use pagestream_results::layout::{Keys, Manifest, PageResult, SourceInfo, MANIFES
 use pagestream_results::ResultStore;
 
 mod config;
+mod crops;
 pub use config::UploaderConfig;
 
 pub const STAGE: &str = "uploader";
@@ -41,6 +42,8 @@ pub struct Uploader {
     blobs: BlobStore,
     store: ResultStore,
     progress: Progress,
+    /// The roles of the regions cut out of the page (`uploader.crops`).
+    crop_roles: Vec<pagestream_results::content::Role>,
 }
 
 fn store_err(e: anyhow::Error) -> StageError {
@@ -54,7 +57,8 @@ impl Uploader {
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
         ctx.health.set_ready(STAGE, true);
-        Ok(Uploader { ctx, cfg, blobs, store, progress })
+        let crop_roles = cfg.crop_roles();
+        Ok(Uploader { ctx, cfg, blobs, store, progress, crop_roles })
     }
 
     fn keys(&self, doc_id: &str) -> Keys {
@@ -119,11 +123,13 @@ impl Uploader {
                     }
                     Err(e) => return Err(e),
                 };
+                let png_for_crops = if self.crop_roles.is_empty() { Vec::new() } else { png.clone() };
                 self.put("image", &keys.page_image(msg.page), png, "image/png").await?;
                 // What each box says, in reading order (pure; the rules are
                 // pagestream_results::content's).
-                let (detections, unassigned_text) =
+                let (mut detections, unassigned_text) =
                     pagestream_results::content::assign(&msg.detections, msg.text.as_ref());
+                self.write_crops(&keys, msg.page, &png_for_crops, &mut detections).await?;
                 let result = PageResult {
                     page: msg.page,
                     width: msg.width,
@@ -154,6 +160,40 @@ impl Uploader {
         }
         let model = (!msg.model.name.is_empty()).then(|| msg.model.clone());
         self.finalize_if_done(&doc_id, msg.page_count, model).await
+    }
+
+    /// Cuts the regions `uploader.crops` names out of the page image and
+    /// writes each beside the page (before the page JSON that names them:
+    /// a redelivered page writes the same keys again).
+    async fn write_crops(
+        &self,
+        keys: &Keys,
+        page: u32,
+        png: &[u8],
+        detections: &mut [pagestream_results::DetectionResult],
+    ) -> Result<(), StageError> {
+        let wanted: Vec<usize> = detections
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| self.crop_roles.contains(&pagestream_results::content::role(&d.label)))
+            .map(|(i, _)| i)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let boxes: Vec<[f32; 4]> = wanted.iter().map(|&i| detections[i].bbox).collect();
+        let png = png.to_vec();
+        let crops = tokio::task::spawn_blocking(move || crops::cut(&png, &boxes))
+            .await
+            .map_err(pagestream_pipeline::consumer::transient("join"))?
+            .map_err(|m| StageError::permanent("image_invalid", m))?;
+        for (i, crop) in wanted.into_iter().zip(crops) {
+            let Some(bytes) = crop else { continue };
+            let order = detections[i].order.unwrap_or(i as u32);
+            self.put("crop", &keys.crop(page, order), bytes, "image/png").await?;
+            detections[i].crop = Some(pagestream_results::layout::rel_crop(page, order));
+        }
+        Ok(())
     }
 
     /// Writes the manifest when every page has an outcome.

@@ -25,6 +25,7 @@ async fn pass(mode: &str, pdf: &PathBuf, dpi: f32) -> (f64, usize) {
             max_pixels: cfg.max_pixels,
             pages: 1..=u32::MAX,
             skip: Default::default(),
+            text: true,
         });
         let (mut total, mut pages) = (0.0f64, 0u32);
         while let Some(ev) = events.recv().await {
