@@ -156,19 +156,30 @@ def stop(procs: list):
             p.wait()
 
 
-def base_env(work: Path) -> dict:
+# What each pagestream contender reads besides the boxes. The peer reads no
+# text: the rows compared with it run without OCR (the text layer, which
+# costs ~5% of a render, stays on as it is by default).
+SETTINGS = {
+    "text": {"PAGESTREAM_INFERENCER_OCR": "never"},
+    "no text": {"PAGESTREAM_INFERENCER_OCR": "never", "PAGESTREAM_SPLITTER_TEXT_LAYER": "false"},
+    "text + OCR": {"PAGESTREAM_INFERENCER_OCR": "auto"},
+}
+
+
+def base_env(work: Path, settings: dict = None) -> dict:
     env = dict(os.environ)
     env.update(
         {
             "PAGESTREAM_NATS_PREFIX": "bench",
             "PAGESTREAM_UPLOADER_DIR": str(work / "out"),
             "PAGESTREAM_LOG": env.get("PAGESTREAM_LOG", "warn"),
+            **(settings or {}),
         }
     )
     return env
 
 
-def run_stages(args, files, work: Path) -> dict:
+def run_stages(args, files, work: Path, settings: dict) -> dict:
     nats_port, api_port = free_port(), free_port()
     store = work / "nats"
     log = open(work / "stages.log", "w")
@@ -177,7 +188,7 @@ def run_stages(args, files, work: Path) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
-    env = base_env(work)
+    env = base_env(work, settings)
     env.update(
         {
             "PAGESTREAM_NATS_URL": f"nats://127.0.0.1:{nats_port}",
@@ -207,10 +218,10 @@ def run_stages(args, files, work: Path) -> dict:
             "store_peak": sampler.peak}
 
 
-def run_all_in_one(args, files, work: Path) -> dict:
+def run_all_in_one(args, files, work: Path, settings: dict) -> dict:
     api_port = free_port()
     store = work / "nats"
-    env = base_env(work)
+    env = base_env(work, settings)
     env["PAGESTREAM_INGRESS_ADDR"] = f"127.0.0.1:{api_port}"
     log = open(work / "run.log", "w")
     p = subprocess.Popen(
@@ -262,6 +273,11 @@ def main():
     ap.add_argument("--deps", type=Path, default=ROOT / ".deps")
     ap.add_argument("--venv", type=Path, default=ROOT / ".deps/venv")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--text",
+        action="store_true",
+        help="also the stages with the text layer off, and with OCR on (auto: the scans)",
+    )
     ap.add_argument("files", type=Path, nargs="+")
     args = ap.parse_args()
     files = [f.resolve() for f in args.files]
@@ -269,7 +285,16 @@ def main():
     load = os.getloadavg()
     print(f"# bench-compare {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f}")
     print(f"# files: {', '.join(f.name for f in files)}")
-    contenders = [("stages", run_stages), ("all-in-one", run_all_in_one), ("peer", run_peer)]
+    def ours(fn, settings):
+        return lambda a, f, w: fn(a, f, w, SETTINGS[settings])
+
+    contenders = [("stages", ours(run_stages, "text")), ("all-in-one", ours(run_all_in_one, "text"))]
+    if args.text:
+        contenders += [
+            ("stages, text off", ours(run_stages, "no text")),
+            ("stages, OCR auto", ours(run_stages, "text + OCR")),
+        ]
+    contenders.append(("peer", run_peer))
     results = {name: [] for name, _ in contenders}
     for r in range(args.runs):
         for name, fn in contenders:
@@ -325,6 +350,16 @@ def main():
         f"{bound['pages'] / bound_pps:.1f} | {bound_pps:.2f} | {bound_pps / peer_pps:.2f} | 1.00 | "
         f"{best_layout['cpu_s_per_page']:.3f} | — | — |"
     )
+    if args.text:
+        def pps(name):
+            return statistics.median(r["pages"] / r["seconds"] for r in results[name])
+
+        on, off = pps("stages"), pps("stages, text off")
+        print(f"\ntext layer on / off: {on:.2f} / {off:.2f} pages/s = {on / off:.3f} "
+              f"(costs {100 * (1 - on / off):.1f}% of pages/s)")
+        per_run = [a["pages"] / a["seconds"] / (b["pages"] / b["seconds"])
+                   for a, b in zip(results["stages"], results["stages, text off"])]
+        print("per run (on / off): " + ", ".join(f"{x:.3f}" for x in per_run))
     print(f"\nmedians of {args.runs} alternating runs; RSS and store: the largest of the runs")
 
 
