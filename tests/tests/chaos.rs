@@ -44,6 +44,12 @@ async fn status(clients: &[ApiClient], id: &str) -> Option<Value> {
     None
 }
 
+/// An object of the test bucket, as JSON.
+async fn s3_json(s3: &aws_sdk_s3::Client, key: &str) -> Value {
+    let object = s3.get_object().bucket(BUCKET).key(key).send().await.unwrap_or_else(|e| panic!("{key}: {e}"));
+    serde_json::from_slice(&object.body.collect().await.unwrap().to_vec()).unwrap()
+}
+
 fn terminal(st: &Value) -> bool {
     matches!(st["state"].as_str(), Some("completed" | "completed_with_errors" | "failed"))
 }
@@ -182,20 +188,7 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
         want.push(format!("{id}/manifest.json"));
         want.sort();
         assert_eq!(keys, want, "objects of {id}");
-        let manifest: Value = serde_json::from_slice(
-            &s3.get_object()
-                .bucket(BUCKET)
-                .key(format!("{id}/manifest.json"))
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .to_vec(),
-        )
-        .unwrap();
+        let manifest: Value = s3_json(&s3, &format!("{id}/manifest.json")).await;
         assert_eq!(manifest["status"], "completed");
         assert_eq!(manifest["page_count"], n);
         let pages = manifest["pages"].as_array().unwrap();
@@ -210,20 +203,7 @@ async fn kills_restarts_and_outages_lose_and_duplicate_nothing() {
     for ((id, file), layer) in docs.iter().zip(&files).zip(layers) {
         let n = layer.len() as u64;
         for p in 1..=n {
-            let page: Value = serde_json::from_slice(
-                &s3.get_object()
-                    .bucket(BUCKET)
-                    .key(format!("{id}/pages/{p}.json"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .body
-                    .collect()
-                    .await
-                    .unwrap()
-                    .to_vec(),
-            )
-            .unwrap();
+            let page: Value = s3_json(&s3, &format!("{id}/pages/{p}.json")).await;
             let texts: Vec<(&str, &str)> = page["detections"]
                 .as_array()
                 .unwrap()

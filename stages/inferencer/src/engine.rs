@@ -80,6 +80,26 @@ impl EngineOptions {
     }
 }
 
+/// Reads a model file and checks it is the one its manifest pins
+/// (sha256); `what` names it in the errors ("model layout_cdla", "OCR
+/// model ppocr_v4 (rec)"). Returns the bytes and their sha256.
+pub(crate) fn read_weights(what: &str, path: &std::path::Path, sha256: &str) -> Result<(Vec<u8>, String), LoadError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        LoadError::Weights(format!(
+            "{what}: cannot read {}: {e} (run scripts/setup, or set PAGESTREAM_INFERENCER_WEIGHTS_DIR)",
+            path.display()
+        ))
+    })?;
+    let got = hex::encode(Sha256::digest(&bytes));
+    if got != sha256 {
+        return Err(LoadError::Weights(format!(
+            "{what}: {} has sha256 {got}, the manifest expects {sha256}: the file is corrupt or another model (re-run scripts/setup)",
+            path.display()
+        )));
+    }
+    Ok((bytes, got))
+}
+
 impl Detector {
     /// Loads `model` as the config says (backend, device, threads).
     pub fn load(cfg: &InferencerConfig, model: &str) -> Result<Detector, LoadError> {
@@ -91,20 +111,7 @@ impl Detector {
     pub fn load_with(cfg: &InferencerConfig, model: &str, opts: &EngineOptions) -> Result<Detector, LoadError> {
         let manifest = Manifest::load(&cfg.models_dir, model).map_err(LoadError::Manifest)?;
         let weights = manifest.weights_path(&cfg.weights_dir);
-        let bytes = std::fs::read(&weights).map_err(|e| {
-            LoadError::Weights(format!(
-                "model {model}: cannot read weights {}: {e} (run scripts/setup, or set PAGESTREAM_INFERENCER_WEIGHTS_DIR)",
-                weights.display()
-            ))
-        })?;
-        let sha = hex::encode(Sha256::digest(&bytes));
-        if sha != manifest.weights.sha256 {
-            return Err(LoadError::Weights(format!(
-                "model {model}: {} has sha256 {sha}, the manifest expects {} (re-run scripts/setup)",
-                weights.display(),
-                manifest.weights.sha256
-            )));
-        }
+        let (bytes, sha) = read_weights(&format!("model {model}"), &weights, &manifest.weights.sha256)?;
         let input = &manifest.input;
         let backend_impl =
             backend::load(opts, model, &bytes, (&input.name, input.width, input.height)).map_err(LoadError::Backend)?;

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::backend::{self, Backend, EngineOptions};
-use crate::engine::LoadError;
+use crate::engine::{self, LoadError};
 use db::{DbParams, Pt, Quad};
 use image_ops::{perspective_transform, resize_linear, warp_perspective_cubic, Bgr};
 
@@ -196,21 +196,7 @@ struct Crop {
 }
 
 fn read_weights(name: &str, part: &str, file: &str, sha256: &str, dir: &Path) -> Result<(Vec<u8>, String), LoadError> {
-    let path = dir.join(file);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        LoadError::Weights(format!(
-            "OCR model {name} ({part}): cannot read {}: {e} (run scripts/setup, or set PAGESTREAM_INFERENCER_WEIGHTS_DIR)",
-            path.display()
-        ))
-    })?;
-    let got = hex::encode(Sha256::digest(&bytes));
-    if got != sha256 {
-        return Err(LoadError::Weights(format!(
-            "OCR model {name} ({part}): {} has sha256 {got}, the manifest expects {sha256}: the file is corrupt or another model (re-run scripts/setup)",
-            path.display()
-        )));
-    }
-    Ok((bytes, got))
+    engine::read_weights(&format!("OCR model {name} ({part})"), &dir.join(file), sha256)
 }
 
 impl Ocr {
