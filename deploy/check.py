@@ -5,6 +5,12 @@ scripts/check-deploy; no container engine, Nomad or Kubernetes needed).
 - compose (single node, and with deploy/compose/cluster.yml): every
   PAGESTREAM_* setting is one the configuration table knows; the cluster
   has 3 NATS nodes and gives every stage all of them with replicas = 3.
+- compose against scripts/compose-check (deploy/local/compose_check.py):
+  every stage and NATS node has a restart policy and a health check on the
+  endpoint the script reads (the stages' /readyz on the port the
+  Dockerfile binds, NATS's /healthz), every stage a mem_limit; the image
+  variables are the ones scripts/build-images prints; docs/deploy.md shows
+  exactly the compose commands the script runs.
 - Nomad (deploy/nomad/pagestream.nomad.hcl, parsed with python-hcl2): one
   group per stage running that stage's binary from the image, a /readyz
   check, restart and resources, a canary update with auto-revert, a scaling
@@ -28,6 +34,7 @@ config output), or check.py --self-test ... to also prove that
 broken files are caught.
 """
 import copy
+import importlib.util
 import json
 import re
 import sys
@@ -135,6 +142,63 @@ def check_compose(merged, cluster, known, errors):
             cmd = services[n]["command"]
             if "--user" not in cmd or "-js" not in cmd:
                 errors.append(f"{where}: NATS node {n} runs without JetStream or without client auth")
+
+
+def compose_check_module():
+    """deploy/local/compose_check.py (standard library only; importing it runs nothing)."""
+    spec = importlib.util.spec_from_file_location("compose_check", ROOT / "deploy/local/compose_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def probe_url(test):
+    """The URL a compose health check probes: pagestream-probe URL (stages),
+    wget … URL (NATS)."""
+    test = list(test or [])
+    if test[:1] == ["CMD"] and len(test) >= 3 and test[1] in ("pagestream-probe", "wget"):
+        return test[-1]
+    return None
+
+
+def check_compose_live(merged, cluster, cc, raw_files, dockerfile, deploy_doc, build_images, errors):
+    """The compose files agree with what scripts/compose-check runs and reads."""
+    where = "compose" + (" (cluster)" if cluster else "")
+    services = merged.get("services", {})
+    for name, svc in services.items():
+        kind = "nats" if name == "nats" or re.fullmatch(r"nats-\d+", name) else name
+        if kind not in cc.HEALTH:
+            continue
+        if svc.get("restart") not in ("unless-stopped", "always", "on-failure"):
+            errors.append(f"{where}: service {name} has no restart policy")
+        url = probe_url((svc.get("healthcheck") or {}).get("test"))
+        if url != cc.HEALTH[kind]:
+            errors.append(f"{where}: service {name}'s health check probes {url}, scripts/compose-check reads {cc.HEALTH[kind]}")
+        if kind != "nats" and not svc.get("mem_limit"):
+            errors.append(f"{where}: service {name} has no mem_limit")
+        deps = svc.get("depends_on") or {}
+        if kind != "nats" and (not isinstance(deps, dict) or (deps.get("nats") or {}).get("condition") != "service_healthy"):
+            errors.append(f"{where}: service {name} does not wait for a healthy NATS (depends_on condition)")
+    for stage in STAGES + OPTIONAL:
+        port = cc.HEALTH[stage].split(":")[2].split("/")[0]
+        var = "PAGESTREAM_INGRESS_ADDR" if stage == "ingress" else f"PAGESTREAM_{stage.upper()}_ADMIN_ADDR"
+        if f"{var}=0.0.0.0:{port}" not in dockerfile:
+            errors.append(f"Dockerfile: {var} does not bind 0.0.0.0:{port}, the port of {stage}'s health check")
+    used = set()
+    for text in raw_files:
+        used |= set(re.findall(r"^\s*image:\s*\$\{([A-Z_]+):-[^}]+\}", text, re.M))
+        for line in re.findall(r"^\s*image:.*$", text, re.M):
+            if "${" not in line:
+                errors.append(f"{where}: `{line.strip()}` is not chosen by a variable")
+    if used != set(cc.IMAGE_VARS):
+        errors.append(f"{where}: image variables {sorted(used)}, scripts/compose-check sets {sorted(cc.IMAGE_VARS)}")
+    printed = set(re.findall(r"^([A-Z_]+)=\$", build_images, re.M))
+    if printed != set(cc.IMAGE_VARS):
+        errors.append(f"scripts/build-images prints {sorted(printed)}, scripts/compose-check reads {sorted(cc.IMAGE_VARS)}")
+    for name, args in cc.COMMANDS.items():
+        line = "docker compose " + " ".join(args)
+        if not re.search(rf"^\s*{re.escape(line)}\s*$", deploy_doc, re.M):
+            errors.append(f"docs/deploy.md: no line `{line}` (the command scripts/compose-check runs as {name!r})")
 
 
 def env_names_in(task):
@@ -364,12 +428,22 @@ def check_keda(docs, schema, queues, errors, metrics=None):
         errors.append("keda: no ScaledObject for an inferencer model consumer")
 
 
-def run(single, cluster, nomad, keda_docs, dash, docs):
+def live_inputs():
+    return (compose_check_module(),
+            [(ROOT / f).read_text() for f in ["docker-compose.yml", "deploy/compose/cluster.yml"]],
+            (ROOT / "Dockerfile").read_text(), (ROOT / "docs/deploy.md").read_text(),
+            (ROOT / "scripts/build-images").read_text())
+
+
+def run(single, cluster, nomad, keda_docs, dash, docs, live=None):
     known, metrics, queues = known_settings(), registered_metrics(), code_queues()
     schema = json.loads((ROOT / "deploy/k8s/schema/scaledobject-v1alpha1.json").read_text())
     errors = []
     check_compose(single, False, known, errors)
     check_compose(cluster, True, known, errors)
+    live = live or live_inputs()
+    check_compose_live(single, False, *live, errors)
+    check_compose_live(cluster, True, *live, errors)
     check_nomad(nomad, known, metrics, errors)
     check_keda(keda_docs, schema, queues, errors)
     check_grafana(dash, metrics, errors)
@@ -399,8 +473,14 @@ def main():
         # Each kind of mistake must be caught.
         bad_single = copy.deepcopy(single)
         bad_single["services"]["splitter"]["environment"]["PAGESTREAM_SPLITTER_BOGUS"] = "1"
+        bad_single["services"]["inferencer"]["healthcheck"]["test"][-1] = "http://127.0.0.1:9102/livez"
+        del bad_single["services"]["uploader"]["mem_limit"]
         bad_cluster = copy.deepcopy(cluster)
         bad_cluster["services"]["uploader"]["environment"]["PAGESTREAM_NATS_REPLICAS"] = "1"
+        del bad_cluster["services"]["nats-3"]["restart"]
+        cc, raw, dockerfile, deploy_doc, build_images = live_inputs()
+        bad_live = (cc, [raw[0].replace("${NATS_IMAGE:-", "${NATS_IMG:-"), raw[1]], dockerfile,
+                    deploy_doc.replace("docker compose down -v", "docker compose down --volumes"), build_images)
         bad_nomad = copy.deepcopy(nomad)
         group = named(bad_nomad["job"][0]['"pagestream"'], "group")["inferencer"]
         group["service"][0]["check"][0]["path"] = '"/livez"'
@@ -420,8 +500,10 @@ def main():
             "\n[gone](docs/no-such-file.md) [moved](docs/operations.md#no-such-heading) [here](#no-such-anchor)"
             " `[not a link](nowhere.md)`\n```\n[in a code block](nowhere-either.md)\n```\n")
         bad_dash["panels"] = [p for p in bad_dash["panels"] if "pagestream_model_info" not in json.dumps(p)]
-        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_docs)
-        wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3", "group inferencer has no http check",
+        found = run(bad_single, bad_cluster, bad_nomad, bad_keda, bad_dash, bad_docs, bad_live)
+        wants = ["PAGESTREAM_SPLITTER_BOGUS", "PAGESTREAM_NATS_REPLICAS=3",
+                 "inferencer's health check probes http://127.0.0.1:9102/livez", "service uploader has no mem_limit",
+                 "service nats-3 has no restart policy", "'NATS_IMG'", "no line `docker compose down -v`", "group inferencer has no http check",
                  "expected one per stage ['inferencer', 'ingress', 'notifier'",
                  "pagestream_queue_pending has no label tenant", "uploader_typo", "minReplicaCount", "pagestream_pagez_total",
                  "metric pagestream_queue_redelivered is registered", "documents metric pagestream_queue_redeliverd",
@@ -434,7 +516,8 @@ def main():
         if missed:
             print(f"check-deploy: self-test: mistakes not caught: {missed} (found: {found})", file=sys.stderr)
             sys.exit(1)
-    print(f"[check-deploy] compose (single, cluster), Nomad, {sum(1 for d in keda_docs if d)} KEDA objects and the "
+    print(f"[check-deploy] compose (single, cluster; health checks, restarts, memory limits, images and commands "
+          f"as scripts/compose-check runs them), Nomad, {sum(1 for d in keda_docs if d)} KEDA objects and the "
           f"Grafana dashboard OK; {METRICS_DOC} documents every metric; links in {len(docs)} documents resolve",
           file=sys.stderr)
 
