@@ -15,13 +15,18 @@ ARG BASE_IMAGE=debian:bookworm-slim
 
 # What every runtime image has: CA certificates (S3 and webhooks over
 # https), an unprivileged user, the settings that bind the endpoints on
-# every interface of the container.
+# every interface of the container, and the stages' names as links to
+# `pagestream`: one executable, which runs the stage it is called by
+# (`splitter` runs the splitter; each stage's own executable is the same
+# code, and seven copies of the runtime would triple the image), next to
+# `render-worker`.
 FROM ${BASE_IMAGE} AS base
 RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
       apt-get update && apt-get install -y --no-install-recommends ca-certificates \
       && rm -rf /var/lib/apt/lists/* /var/cache/apt/*; \
     fi \
- && useradd --system --uid 10001 pagestream
+ && useradd --system --uid 10001 pagestream \
+ && for stage in ingress splitter inferencer uploader notifier; do ln -s pagestream "/usr/local/bin/$stage"; done
 ENV PAGESTREAM_DEPS=/opt/pagestream/deps \
     PAGESTREAM_INFERENCER_MODELS_DIR=/opt/pagestream/models \
     PAGESTREAM_INGRESS_ADDR=0.0.0.0:8080 \
@@ -50,7 +55,7 @@ COPY . .
 RUN PAGESTREAM_DEPS=/opt/pagestream/deps scripts/setup
 RUN cargo build --release --locked --bins \
  && mkdir -p /opt/pagestream/bin \
- && cp target/release/ingress target/release/splitter target/release/render-worker target/release/inferencer target/release/uploader target/release/notifier target/release/pagestream /opt/pagestream/bin/ \
+ && cp target/release/pagestream target/release/render-worker /opt/pagestream/bin/ \
  && strip /opt/pagestream/bin/*
 
 # The default target: the same layout as runtime-host, compiled above.

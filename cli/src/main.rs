@@ -95,7 +95,37 @@ enum Cmd {
     },
 }
 
+/// The stage this executable is when called by that stage's name: the
+/// container image has one executable, `pagestream`, and links each stage's
+/// name to it (docs/deploy.md#images). Called `pagestream` (or anything
+/// else) it is the CLI.
+type StageBinary = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+fn stage_called(argv0: &std::ffi::OsStr) -> Option<StageBinary> {
+    let name = std::path::Path::new(argv0).file_name()?.to_str()?;
+    Some(match name {
+        "ingress" => || Box::pin(pagestream_ingress::binary()),
+        "splitter" => || Box::pin(pagestream_splitter::binary()),
+        "inferencer" => || Box::pin(pagestream_inferencer::binary()),
+        "uploader" => || Box::pin(pagestream_uploader::binary()),
+        "notifier" => || Box::pin(pagestream_notifier::binary()),
+        _ => return None,
+    })
+}
+
 fn main() {
+    if let Some(stage) = std::env::args_os().next().as_deref().and_then(stage_called) {
+        // As the stage's own executable does (`#[tokio::main]`, an error
+        // returned from main).
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let outcome = runtime.block_on(stage());
+        drop(runtime);
+        if let Err(e) = outcome {
+            eprintln!("Error: {e:?}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -182,3 +182,39 @@ fn help_per_command_completions_and_usage_errors() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("talking to http://127.0.0.1:1"), "{err}");
 }
+
+/// The container image has one executable: each stage's name is a link to
+/// `pagestream` (Dockerfile, docs/deploy.md#images). Called by a stage's
+/// name it is that stage, exactly as the stage's own executable: same usage,
+/// same refusal of a bad argument; called anything else it is the CLI.
+#[test]
+fn pagestream_called_by_a_stage_name_is_that_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |exe: &Path, arg: &str| {
+        let out = Command::new(exe).arg(arg).env_remove("PAGESTREAM_CONFIG").output().unwrap();
+        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), s(&out.stdout), s(&out.stderr))
+    };
+    for stage in ["ingress", "splitter", "inferencer", "uploader", "notifier"] {
+        let link = tmp.path().join(stage);
+        std::os::unix::fs::symlink(bin_dir().join("pagestream"), &link).unwrap();
+        let own = bin_dir().join(stage);
+        let (code, usage, _) = run(&link, "--help");
+        assert_eq!(code, Some(0), "{stage} --help through the link");
+        assert!(usage.starts_with(&format!("{stage} — ")), "{stage}: {usage}");
+        assert_eq!(
+            (code, usage),
+            {
+                let (c, u, _) = run(&own, "--help");
+                (c, u)
+            },
+            "{stage}: the link's usage is the stage's own"
+        );
+        assert_eq!(run(&link, "--bogus"), run(&own, "--bogus"), "{stage}: a bad argument");
+    }
+    let other = tmp.path().join("pagestream-cli");
+    std::os::unix::fs::symlink(bin_dir().join("pagestream"), &other).unwrap();
+    let (code, help, _) = run(&other, "--help");
+    assert_eq!(code, Some(0));
+    assert!(help.contains("Run the whole pipeline locally"), "{help}");
+}

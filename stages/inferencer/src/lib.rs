@@ -419,6 +419,20 @@ pub async fn run(ctx: StageContext, cfg: InferencerConfig, shutdown: Cancellatio
     Ok(())
 }
 
+/// The `inferencer` executable: its settings from the configuration sources,
+/// its admin endpoints, [`run`] until SIGTERM. `pagestream` runs this
+/// too when it is called `inferencer` (a link to it, as in the container image).
+pub async fn binary() -> Result<()> {
+    pagestream_pipeline::bin::run_stage(
+        STAGE,
+        "inferencer — runs the ONNX detection model on each rendered page",
+        |sources| sources.section::<InferencerConfig>(),
+        |c| c.admin_addr.clone(),
+        run,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

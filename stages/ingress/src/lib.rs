@@ -481,6 +481,21 @@ pub async fn run(ctx: StageContext, cfg: Settings, shutdown: CancellationToken) 
     serve(ctx, cfg, listener, shutdown).await
 }
 
+/// The `ingress` executable: its settings from the configuration sources,
+/// its admin endpoints, [`run`] until SIGTERM. `pagestream` runs this
+/// too when it is called `ingress` (a link to it, as in the container image).
+pub async fn binary() -> Result<()> {
+    pagestream_pipeline::bin::run_stage(
+        STAGE,
+        "ingress — HTTP API: upload PDFs, follow their progress",
+        Settings::read,
+        // The API listener serves /livez, /readyz and /metrics itself.
+        |_| String::new(),
+        run,
+    )
+    .await
+}
+
 /// `key=value` pairs of a query string, percent-decoded.
 pub fn url_query(q: &str) -> Vec<(String, String)> {
     q.split('&')

@@ -296,3 +296,17 @@ pub async fn run(ctx: StageContext, cfg: NotifierConfig, shutdown: CancellationT
     let swept = sweeper.await.context("the sweep panicked")?;
     events.and(deliveries.context("the delivery loop panicked")?).and(swept)
 }
+
+/// The `notifier` executable: its settings from the configuration sources,
+/// its admin endpoints, [`run`] until SIGTERM. `pagestream` runs this
+/// too when it is called `notifier` (a link to it, as in the container image).
+pub async fn binary() -> Result<()> {
+    pagestream_pipeline::bin::run_stage(
+        STAGE,
+        "notifier — delivers signed webhooks (Standard Webhooks) for document and page events",
+        |sources| sources.section::<NotifierConfig>(),
+        |c| c.admin_addr.clone(),
+        run,
+    )
+    .await
+}

@@ -837,6 +837,20 @@ pub async fn run(ctx: StageContext, cfg: SplitterConfig, shutdown: CancellationT
     result.map(|_| ())
 }
 
+/// The `splitter` executable: its settings from the configuration sources,
+/// its admin endpoints, [`run`] until SIGTERM. `pagestream` runs this
+/// too when it is called `splitter` (a link to it, as in the container image).
+pub async fn binary() -> Result<()> {
+    pagestream_pipeline::bin::run_stage(
+        STAGE,
+        "splitter — renders each submitted PDF page by page (pdfium)",
+        |sources| sources.section::<SplitterConfig>(),
+        |c| c.admin_addr.clone(),
+        run,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

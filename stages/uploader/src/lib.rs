@@ -391,6 +391,20 @@ pub async fn run(ctx: StageContext, cfg: UploaderConfig, shutdown: CancellationT
     spec.run(&ctx, uploader, shutdown).await
 }
 
+/// The `uploader` executable: its settings from the configuration sources,
+/// its admin endpoints, [`run`] until SIGTERM. `pagestream` runs this
+/// too when it is called `uploader` (a link to it, as in the container image).
+pub async fn binary() -> Result<()> {
+    pagestream_pipeline::bin::run_stage(
+        STAGE,
+        "uploader — writes page images, detections and manifests (local directory or S3)",
+        |sources| sources.section::<UploaderConfig>(),
+        |c| c.admin_addr.clone(),
+        run,
+    )
+    .await
+}
+
 /// The model a manifest names: the weights the page message that finished
 /// the document names (they really processed it), else the model the
 /// splitter decided for the document (name and weights, on its split event,
