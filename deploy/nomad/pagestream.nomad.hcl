@@ -276,10 +276,13 @@ job "pagestream" {
         PAGESTREAM_INFERENCER_MODEL      = "layout_cdla"
       }
 
-      # The model is loaded once per process (~100 MiB resident for layout_cdla).
+      # The layout model is loaded once per process (~100 MiB resident for
+      # layout_cdla); OCR of scanned pages took the inferencer to 1065 MiB
+      # (BENCHMARKS.md), hence the same 1280 MiB as docker-compose.yml
+      # (docs/deploy.md#memory-limits; 512 with PAGESTREAM_INFERENCER_OCR_MODEL="").
       resources {
         cpu    = 2000
-        memory = 768
+        memory = 1280
       }
     }
   }

@@ -231,6 +231,14 @@ async fn a_failed_dependency_answers_503_without_its_internals() {
     assert_eq!((ans.status.as_u16(), ans.json["error"]["code"].as_str()), (503, Some("unavailable")), "{}", ans.json);
     let message = ans.json["error"]["message"].as_str().unwrap();
     assert!(message.contains("reference"), "{message}");
+    // With a hint of when to try again, as a client library reads it.
+    let mut raw = api.connect().await;
+    raw.write_all(b"GET /v1/documents/some-doc HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_answer(&mut raw, Duration::from_secs(20)).await.expect("an answer");
+    assert_eq!(status, 503, "{head}");
+    assert!(head.to_ascii_lowercase().contains("\r\nretry-after: 2"), "{head}");
     let port = nats_url.rsplit(':').next().unwrap();
     for internal in ["nats", "127.0.0.1", port, "hostile-down", "events"] {
         assert!(!message.to_lowercase().contains(internal), "{internal:?} leaked: {message}");

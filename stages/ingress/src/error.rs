@@ -27,7 +27,9 @@ impl ApiError {
     }
     /// A dependency (NATS, the blob or result store) failed. The detail —
     /// internal names, addresses, error chains — goes to the log under a
-    /// reference; the client gets the reference and a retry hint.
+    /// reference; the client gets the reference and a retry hint, also as
+    /// `Retry-After` (a NATS cluster elects a new stream leader within a few
+    /// seconds of losing a node: scripts/compose-check saw one such 503).
     pub fn unavailable(detail: impl Into<String>) -> Self {
         let reference = next_reference();
         tracing::warn!(reference, detail = %detail.into(), "answering 503 unavailable");
@@ -51,9 +53,15 @@ impl ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
         }
+        if self.code == "unavailable" {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(RETRY_UNAVAILABLE_SECS));
+        }
         resp
     }
 }
+
+/// `Retry-After` of a 503 `unavailable`.
+pub const RETRY_UNAVAILABLE_SECS: u32 = 2;
 
 /// A short id tying a client-visible error to its log line.
 fn next_reference() -> String {
