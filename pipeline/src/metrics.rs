@@ -76,6 +76,12 @@ pub const CATALOG: &[Def] = &[
     def("pagestream_sse_clients", Gauge, &[], "Live progress streams (SSE) open now"),
     def("pagestream_ready", Gauge, &[], "1 when every component of this process is ready"),
     def(
+        "pagestream_ocr_models_loaded",
+        Gauge,
+        &["model"],
+        "1 once this inferencer holds the OCR models in memory (loaded by the first page to read), 0 before",
+    ),
+    def(
         "pagestream_model_info",
         Gauge,
         &["model", "backend", "requested", "device"],
@@ -295,6 +301,12 @@ impl Metrics {
     pub fn model_loaded(&self, model: &str, backend: &'static str, requested: &'static str, device: &'static str) {
         gauge!("pagestream_model_info", "model" => model.to_string(), "backend" => backend, "requested" => requested, "device" => device)
             .set(1.0);
+    }
+
+    /// Whether the inferencer holds the OCR models `model` in memory
+    /// (checked at start, loaded by the first page to read: 0 until then).
+    pub fn ocr_models_loaded(&self, model: &str, loaded: bool) {
+        gauge!("pagestream_ocr_models_loaded", "model" => model.to_string()).set(if loaded { 1.0 } else { 0.0 });
     }
 
     pub fn model_page(&self, model: &str) {

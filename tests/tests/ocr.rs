@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pagestream_e2e::api::upload;
+use pagestream_e2e::api::{metric, metrics_text, upload};
 use pagestream_e2e::cer::line_cer_pct;
 use pagestream_e2e::procs::{bin_dir, stage_env, with_vars};
 use pagestream_e2e::Harness;
@@ -86,6 +86,9 @@ fn texts(page: &Value) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scans_say_what_they_say_end_to_end() {
     let h = Harness::start(|c| c.inferencer.ocr_model = "ppocr_v4".into()).await.unwrap();
+    // Checked at start, not held until a page is to be read.
+    let loaded = |text: &str| metric(text, r#"pagestream_ocr_models_loaded{model="ppocr_v4"}"#);
+    assert_eq!(loaded(&metrics_text(&h.client).await), Some(0.0));
     let auto = upload(&h.client, "scan_c03-29.pdf", &[]).await;
     let never = upload(&h.client, "scan_c03-29.pdf", &[("ocr", "never")]).await;
     // A born-digital page: its text layer by default, OCR when asked.
@@ -116,6 +119,7 @@ async fn scans_say_what_they_say_end_to_end() {
     let (status, md) = h.client.get_bytes(&format!("/v1/documents/{auto}/results?format=markdown")).await.unwrap();
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&md).contains("morning"));
+    assert_eq!(loaded(&metrics_text(&h.client).await), Some(1.0));
 
     // ocr=never: the same scan completes, every region empty, "none".
     let page = h.result(&never, "pages/1.json");

@@ -58,11 +58,52 @@ pub struct Inferencer {
     blobs: BlobStore,
     /// Served models, `inferencer.model` first.
     models: Vec<Batcher>,
-    /// The OCR models (`inferencer.ocr_model`), if any.
-    ocr: Option<Arc<ocr::Ocr>>,
+    /// The OCR models (`inferencer.ocr_model`), if any: checked at start,
+    /// loaded when the first page to be read comes ([`LazyOcr`]).
+    ocr: Option<LazyOcr>,
     progress: Progress,
     /// This process in the model registry.
     replica: String,
+}
+
+/// The OCR models of `inferencer.ocr_model`, loaded on first use and kept.
+struct LazyOcr {
+    cfg: InferencerConfig,
+    metrics: Arc<pagestream_pipeline::metrics::Metrics>,
+    loaded: tokio::sync::OnceCell<Arc<ocr::Ocr>>,
+}
+
+impl LazyOcr {
+    async fn load_now(&self) -> anyhow::Result<Arc<ocr::Ocr>> {
+        let c = self.cfg.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            ocr::Ocr::load(&c.models_dir, &c.weights_dir, &c.ocr_model, &backend::EngineOptions::from_config(&c))
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Arc::new(loaded))
+    }
+
+    /// The models, loaded by the first caller (the others wait for it). A
+    /// load that fails (it passed at start: the files changed since, or
+    /// memory ran out) fails the page as transient, to be redelivered.
+    async fn get(&self) -> Result<Arc<ocr::Ocr>, StageError> {
+        self.loaded
+            .get_or_try_init(|| async {
+                let started = std::time::Instant::now();
+                let ocr = self.load_now().await?;
+                tracing::info!(
+                    model = %ocr.manifest.name,
+                    ms = started.elapsed().as_millis() as u64,
+                    "OCR models loaded for the first page to read"
+                );
+                self.metrics.ocr_models_loaded(&self.cfg.ocr_model, true);
+                Ok::<_, anyhow::Error>(ocr)
+            })
+            .await
+            .cloned()
+            .map_err(|e| StageError::transient("ocr_load", format!("loading the OCR models: {e:#}")))
+    }
 }
 
 /// Decodes a PNG page image.
@@ -110,20 +151,22 @@ impl Inferencer {
             tracing::info!("no OCR (inferencer.ocr_model is empty): pages without a text layer get no text");
             None
         } else {
-            let c = cfg.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                ocr::Ocr::load(&c.models_dir, &c.weights_dir, &c.ocr_model, &backend::EngineOptions::from_config(&c))
-            })
-            .await?
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let lazy = LazyOcr { cfg: cfg.clone(), metrics: ctx.metrics.clone(), loaded: Default::default() };
+            // Loaded once now, so that a missing, corrupt or mismatched
+            // model stops the stage at start, then dropped until a page
+            // needs it: ~140 MiB of ONNX Runtime sessions not held by an
+            // inferencer that sees only pages with a text layer.
+            let checked = lazy.load_now().await?;
             tracing::info!(
-                model = %loaded.manifest.name,
-                sha256 = %loaded.sha256,
+                model = %checked.manifest.name,
+                sha256 = %checked.sha256,
                 backend = cfg.backend.as_str(),
                 default_mode = cfg.ocr.as_str(),
-                "OCR models loaded"
+                "OCR models checked; loaded again when the first page to read comes"
             );
-            Some(Arc::new(loaded))
+            drop(checked);
+            ctx.metrics.ocr_models_loaded(&cfg.ocr_model, false);
+            Some(lazy)
         };
         let blobs = ctx.blobs().await?;
         let progress = ctx.progress(STAGE);
@@ -264,10 +307,14 @@ impl Inferencer {
     }
 
     /// The OCR models, when `page` is to be read by OCR (its document's
-    /// `ocr` option, else `inferencer.ocr`, and its text layer).
-    fn ocr_for(&self, page: &PageRendered) -> Option<Arc<ocr::Ocr>> {
+    /// `ocr` option, else `inferencer.ocr`, and its text layer); loaded by
+    /// the first page that needs them.
+    async fn ocr_for(&self, page: &PageRendered) -> Result<Option<Arc<ocr::Ocr>>, StageError> {
         let mode = page.ocr.unwrap_or(self.cfg.ocr);
-        self.ocr.clone().filter(|_| mode.wants_ocr(page.text.as_ref()))
+        match &self.ocr {
+            Some(lazy) if mode.wants_ocr(page.text.as_ref()) => Ok(Some(lazy.get().await?)),
+            _ => Ok(None),
+        }
     }
 
     /// The page's detections and their time, and what OCR read on it with
@@ -280,7 +327,7 @@ impl Inferencer {
             .map_err(transient("join"))?
             .map_err(|m| StageError::permanent("image_invalid", m))?;
         let decode_ms = started.elapsed().as_secs_f32() * 1000.0;
-        let ocr = self.ocr_for(page).map(|o| (o, img.clone()));
+        let ocr = self.ocr_for(page).await?.map(|o| (o, img.clone()));
         let (mut detections, t) =
             batcher.detect(img).await.map_err(|m| StageError::permanent("inference_failed", m))?;
         let read = match ocr {
