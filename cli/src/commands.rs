@@ -609,9 +609,9 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
             }
         }
         if m["complete"] == true {
-            let failed = !DocState::parse(state).is_none_or(DocState::succeeded);
-            let ended = state;
-            let state = m["status"].as_str().unwrap_or("?");
+            let status = m["status"].as_str().unwrap_or("?");
+            let (ended, failed) = how_it_ended(state, status);
+            let state = status;
             if a.format == ResultsFormat::Coco {
                 let ans = client.get(&format!("{path}?format=coco")).await?;
                 if report_error(&ans) {
@@ -636,6 +636,18 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
+}
+
+/// How a document whose manifest is complete ended, and whether without
+/// results (`failed`, `cancelled`): its status's `state` once terminal, else
+/// the manifest's own `status` — the manifest can be written a moment before
+/// the document's status records the end (`state` still `running`).
+fn how_it_ended<'a>(state: &'a str, manifest_status: &'a str) -> (&'a str, bool) {
+    let ended = match DocState::parse(state) {
+        Some(s) if s.is_terminal() => state,
+        _ => manifest_status,
+    };
+    (ended, DocState::parse(ended).is_some_and(|s| !s.succeeded()))
 }
 
 /// `results --follow` of a document that ended `failed` or `cancelled`:
@@ -940,6 +952,20 @@ mod tests {
         assert_eq!(parse(&["x", "a.pdf"]).unwrap().request(), SubmitRequest::default());
         assert!(parse(&["x", "--priority", "urgent", "a.pdf"]).is_err());
         assert!(parse(&["x", "--ocr", "sometimes", "a.pdf"]).is_err());
+    }
+
+    #[test]
+    fn a_complete_manifest_ahead_of_the_status_says_how_it_ended() {
+        // The status still says running: the manifest decides.
+        assert_eq!(how_it_ended("running", "completed"), ("completed", false));
+        assert_eq!(how_it_ended("running", "completed_with_errors"), ("completed_with_errors", false));
+        assert_eq!(how_it_ended("running", "failed"), ("failed", true));
+        assert_eq!(how_it_ended("", "cancelled"), ("cancelled", true));
+        // A terminal state sticks (a cancellation the manifest raced).
+        assert_eq!(how_it_ended("cancelled", "completed"), ("cancelled", true));
+        assert_eq!(how_it_ended("completed", "completed"), ("completed", false));
+        // Neither known: not called a failure.
+        assert_eq!(how_it_ended("running", "?"), ("?", false));
     }
 }
 
