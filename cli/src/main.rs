@@ -6,12 +6,14 @@
 //! pagestream run [--config FILE] [--embedded-nats]   all stages in one process until Ctrl-C
 //! pagestream submit FILE... [--watch]          API client commands (--url, --token)
 //! pagestream status ID | list | results ID [--follow] [--download DIR] [--format coco] | cancel ID | models
+//! pagestream gate MODEL@VARIANT FILE.pdf...    accuracy gate of a quantized variant
 //! pagestream completions bash|zsh|fish|…
 //! ```
 //!
 //! Arguments are parsed by `clap` (`pagestream help <command>`).
 
 mod commands;
+mod gate;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -84,6 +86,13 @@ enum Cmd {
     Cancel(commands::IdArgs),
     /// The models live inferencers serve, with replica counts and weights
     Models(commands::ApiArgs),
+    /// The accuracy gate of a model variant (`layout_cdla@int8`): its
+    /// detections against its model's on the pages of PDFs
+    ///
+    /// Per-label F1 (same label, IoU ≥ 0.7). F1 ≥ 0.98 passes and writes the
+    /// record inferencers need to serve the variant (`<file>.gate.json`
+    /// beside its weights); under it exits 1 and removes any earlier record.
+    Gate(gate::GateArgs),
     /// Print a shell completion script
     ///
     /// bash: `pagestream completions bash > ~/.local/share/bash-completion/completions/pagestream`;
@@ -146,6 +155,7 @@ fn main() {
             Cmd::Results(a) => commands::results(&a).await,
             Cmd::Cancel(a) => commands::cancel(&a).await,
             Cmd::Models(a) => commands::models(&a).await,
+            Cmd::Gate(a) => gate::gate(&a).await,
             Cmd::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "pagestream", &mut std::io::stdout());
                 Ok(0)

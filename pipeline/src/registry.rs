@@ -66,7 +66,14 @@ pub fn host_name() -> String {
 }
 
 fn key(entry: &ModelReplica) -> String {
-    format!("{}.{}", entry.model, entry.replica)
+    format!("{}.{}", key_model(&entry.model), entry.replica)
+}
+
+/// A model name as a key-value key token: keys allow `=` but not `@`, so
+/// a variant (`layout_cdla@int8`) is written `layout_cdla=int8`; the entry's
+/// value keeps the name as is.
+fn key_model(model: &str) -> String {
+    model.replace('@', "=")
 }
 
 /// Writes `entries` now, then every [`HEARTBEAT`] until `shutdown`, then
@@ -289,7 +296,7 @@ impl LiveModels {
 /// start-up checks, not per request). Entries of a replica that died less
 /// than [`TTL`] ago are still there.
 pub async fn read_model(store: &kv::Store, model: &str) -> Result<Option<ServedModel>> {
-    let prefix = format!("{model}.");
+    let prefix = format!("{}.", key_model(model));
     let keys: Vec<String> = store.keys().await.context("listing the model registry")?.try_collect().await?;
     let mut replicas = Vec::new();
     for key in keys.into_iter().filter(|k| k.starts_with(&prefix)) {

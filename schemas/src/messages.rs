@@ -663,14 +663,22 @@ pub fn without_passwords(bytes: &[u8]) -> Vec<u8> {
 /// Longest model name.
 pub const MAX_MODEL_NAME: usize = 64;
 
-/// A model name is one NATS subject token and one consumer name:
-/// 1 to 64 of `A-Z a-z 0-9 _ -`.
+/// A model name is one NATS subject token and one consumer name: 1 to 64
+/// of `A-Z a-z 0-9 _ -`, optionally followed by `@` and a variant of it of
+/// the same characters (`layout_cdla@int8`: the manifest's `int8` variant).
 pub fn validate_model_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_MODEL_NAME {
         return Err(format!("model name {name:?} must have 1 to {MAX_MODEL_NAME} characters"));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-        return Err(format!("model name {name:?} may contain only A-Z, a-z, 0-9, `_` and `-`"));
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let ok = match name.split_once('@') {
+        Some((base, variant)) => plain(base) && plain(variant),
+        None => plain(name),
+    };
+    if !ok {
+        return Err(format!(
+            "model name {name:?} may contain only A-Z, a-z, 0-9, `_` and `-`, and one `@` before a variant (layout_cdla@int8)"
+        ));
     }
     Ok(())
 }

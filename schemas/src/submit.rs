@@ -378,7 +378,7 @@ mod tests {
             ("dpi", "5000", "dpi 5000 is outside 10..=1200"),
             ("dpi", "9.5", "dpi 9.5 is outside 10..=1200"),
             ("dpi", "NaN", "dpi NaN is outside 10..=1200"),
-            ("model", "a b", "model name \"a b\" may contain only A-Z, a-z, 0-9, `_` and `-`"),
+            ("model", "a b", "model name \"a b\" may contain only A-Z, a-z, 0-9, `_` and `-`, and one `@` before a variant (layout_cdla@int8)"),
             ("wait_for_model", "yes", "wait_for_model \"yes\" is not true or false"),
             ("priority", "urgent", "priority \"urgent\" is not one of high, normal, low"),
             ("callback_events", "all", "callback_events \"all\" is not one of document, page"),
@@ -495,7 +495,7 @@ mod tests {
         assert_eq!(reason(dpi.clone()), dpi.validate().unwrap_err().in_options());
         assert_eq!(reason(dpi), "options.dpi 5000 is outside 10..=1200");
         let model = SubmitOptions { model: Some("a b".into()), ..SubmitOptions::default() };
-        assert_eq!(reason(model), "options.model: model name \"a b\" may contain only A-Z, a-z, 0-9, `_` and `-`");
+        assert_eq!(reason(model), "options.model: model name \"a b\" may contain only A-Z, a-z, 0-9, `_` and `-`, and one `@` before a variant (layout_cdla@int8)");
         let url = SubmitOptions { callback_url: Some("https://u:p@x.org".into()), ..SubmitOptions::default() };
         assert_eq!(reason(url), "options.callback_url must not contain credentials (user:password@)");
         // A title is the request's, not the message's: a long one decodes.

@@ -324,3 +324,14 @@ fn older_pages_with_options_still_decode() {
     assert!(old.options.contains_key("dpi") || old.options.is_empty(), "{:?}", old.options.keys());
     assert_eq!(decode::<PageRendered>(&bytes).unwrap(), rendered());
 }
+
+#[test]
+fn model_names_may_name_a_variant_after_one_at() {
+    for ok in ["layout_cdla", "yolov8n_doclaynet@int8", "a-b@c_d"] {
+        assert_eq!(validate_model_name(ok), Ok(()), "{ok}");
+    }
+    for bad in ["", "@int8", "layout_cdla@", "a@b@c", "a.b", "a b@int8", "layout_cdla@in.t8", "a*"] {
+        let err = validate_model_name(bad).unwrap_err();
+        assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+    }
+}

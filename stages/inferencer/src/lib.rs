@@ -25,6 +25,7 @@ pub mod batch;
 pub mod boxes;
 mod config;
 pub mod engine;
+pub mod gate;
 pub mod manifest;
 pub mod nms;
 pub mod ocr;

@@ -2,9 +2,10 @@
 //! weights are, how to prepare the input and how to decode the outputs;
 //! [`crate::engine`] checks it against the ONNX model's declared I/O at load.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Manifests compiled into the binary, used when no `models/` folder is found.
 const BUILTIN: &[(&str, &str)] = &[
@@ -21,8 +22,75 @@ pub struct Manifest {
     #[serde(default)]
     pub license: String,
     pub weights: Weights,
+    /// The weights' arithmetic: `fp32` unless said (a quantized model of
+    /// one's own says `int8`).
+    #[serde(default)]
+    pub precision: Precision,
     pub input: Input,
     pub output: Output,
+    /// Variants of these weights that `scripts/quantize` makes, selected
+    /// as `<name>@<variant>` (`layout_cdla@int8`).
+    #[serde(default)]
+    pub variants: BTreeMap<String, Variant>,
+    /// Set when loaded as a variant: the accuracy-gate record its weights
+    /// must have (their sha256 is the record's, not the manifest's).
+    #[serde(skip)]
+    pub gate: Option<GateRequirement>,
+}
+
+/// Numeric precision of a model's weights and arithmetic.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+    Int8,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+/// `[variants.<name>]`: weights derived from the model's own by
+/// `scripts/quantize`, served only with a passing accuracy-gate record.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// The variant's file in the weights directory.
+    pub file: String,
+    pub precision: Precision,
+    /// How `scripts/quantize` makes it, for people.
+    #[serde(default)]
+    pub recipe: String,
+    /// The pages it is calibrated on, for people.
+    #[serde(default)]
+    pub calibration: String,
+    /// The recipe `scripts/quantize` follows (read there only).
+    #[serde(default)]
+    pub quantize: toml::Table,
+}
+
+/// Least F1 a variant's detections must reach against its model's own
+/// (same label, IoU ≥ [`GATE_IOU`]) on the gate's pages.
+pub const GATE_F1: f64 = 0.98;
+/// IoU at which a variant's box matches its model's.
+pub const GATE_IOU: f32 = 0.7;
+
+/// What a variant's gate record must show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateRequirement {
+    /// The model's own weights, the variant's source.
+    pub source_sha256: String,
+    pub min_f1: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -163,12 +231,58 @@ impl Manifest {
         if self.weights.sha256.len() != 64 {
             return Err("weights.sha256 must be 64 hex characters".into());
         }
+        for (name, v) in &self.variants {
+            pagestream_schemas::validate_model_name(name).map_err(|e| format!("variants.{name}: {e}"))?;
+            if name.contains('@') {
+                return Err(format!("variants.{name}: a variant's name has no `@`"));
+            }
+            if v.file == self.weights.file {
+                return Err(format!("variants.{name}.file must differ from weights.file"));
+            }
+        }
         Ok(())
     }
 
     /// Loads `<models_dir>/<name>/model.toml`, else the built-in manifest of
-    /// that name.
+    /// that name; `<name>@<variant>` is that manifest's variant.
     pub fn load(models_dir: &Path, name: &str) -> Result<Manifest, String> {
+        match name.split_once('@') {
+            Some((base, variant)) => Manifest::load_base(models_dir, base)?.variant(variant),
+            None => Manifest::load_base(models_dir, name),
+        }
+    }
+
+    /// This model's `variant`, as a manifest of its own named
+    /// `<name>@<variant>`: the same input and output, the variant's file
+    /// and precision, and the gate record it needs.
+    pub fn variant(&self, variant: &str) -> Result<Manifest, String> {
+        let name = format!("{}@{variant}", self.name);
+        let Some(v) = self.variants.get(variant) else {
+            let known: Vec<&str> = self.variants.keys().map(String::as_str).collect();
+            return Err(format!(
+                "unknown model {name:?}: model {} has no variant {variant:?} (its variants: {})",
+                self.name,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ));
+        };
+        Ok(Manifest {
+            name,
+            description: format!("{} ({} variant)", self.description, v.precision.as_str()),
+            license: self.license.clone(),
+            weights: Weights {
+                file: v.file.clone(),
+                sha256: String::new(),
+                source: format!("scripts/quantize from {} ({})", self.weights.file, v.recipe),
+            },
+            precision: v.precision,
+            input: self.input.clone(),
+            output: self.output.clone(),
+            variants: BTreeMap::new(),
+            gate: Some(GateRequirement { source_sha256: self.weights.sha256.clone(), min_f1: GATE_F1 }),
+        })
+    }
+
+    fn load_base(models_dir: &Path, name: &str) -> Result<Manifest, String> {
         let path = models_dir.join(name).join("model.toml");
         if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;

@@ -7,7 +7,10 @@
 //!
 //!     scripts/bench-infer [--pages N] [--device cuda] [--model NAME] [--no-reference]
 //!     bench-infer --bound FILE.pdf...   the model-only bound on every page of FILEs (JSON line;
-//!                                       scripts/bench-compare uses it)
+//!                                       scripts/bench-compare uses it). The model, device and
+//!                                       batch size are the inferencer's settings
+//!                                       (PAGESTREAM_INFERENCER_MODEL, _DEVICE, _BATCH_SIZE): on
+//!                                       CUDA one layout, all threads, batches of that size
 
 use std::path::Path;
 use std::process::Command;
@@ -121,7 +124,7 @@ async fn main() -> Result<()> {
         }
         // Throughput: every page handed to the inferencer's batcher at
         // once, as pulled pages are (tract runs `threads` pages side by side).
-        row.throughput = pages.len() as f64 / all_at_once(d, &pages).await?;
+        row.throughput = pages.len() as f64 / all_at_once(d, &pages, 1, Duration::ZERO).await?;
         eprintln!("{} × {threads}: loaded in {load_ms:.0} ms, {:.2} pages/s", row.engine, row.pages_per_s());
         rows.push(row);
     }
@@ -292,13 +295,15 @@ async fn bound(files: &[String]) -> Result<()> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut layouts = Vec::new();
     // (threads, sessions): one thread; every core inside one run; one
-    // single-thread session per core, pages side by side.
-    let mut layout: Vec<(usize, usize)> = vec![(1, 1), (cores, 1), (cores, cores)];
+    // single-thread session per core, pages side by side. On a GPU: one
+    // session, batches of inferencer.batch_size.
+    let mut layout: Vec<(usize, usize)> =
+        if cfg.device == Device::Cpu { vec![(1, 1), (cores, 1), (cores, cores)] } else { vec![(cores, 1)] };
     layout.dedup();
     for (threads, sessions) in layout {
         let opts = EngineOptions {
             backend: BackendKind::Ort,
-            device: Device::Cpu,
+            device: cfg.device,
             threads,
             sessions,
             onnxruntime_library: cfg.onnxruntime_library.clone(),
@@ -307,10 +312,13 @@ async fn bound(files: &[String]) -> Result<()> {
         for p in pages.iter().take(2) {
             d.detect(p).map_err(anyhow::Error::msg)?;
         }
+        let (device, max_batch) = (d.device(), d.max_batch());
+        let batch = cfg.batch_size.clamp(1, max_batch.max(1));
         let cpu0 = process_cpu_s();
-        let secs = all_at_once(d, &pages).await?;
+        let secs = all_at_once(d, &pages, batch, Duration::from_millis(cfg.batch_wait_ms)).await?;
         layouts.push(serde_json::json!({
-            "backend": "ort", "threads": threads, "sessions": sessions,
+            "backend": "ort", "device": device, "model": cfg.model, "threads": threads, "sessions": sessions,
+            "batch": batch, "model_max_batch": max_batch,
             "pages_per_s": pages.len() as f64 / secs,
             "cpu_s_per_page": (process_cpu_s() - cpu0) / pages.len() as f64,
         }));
@@ -322,8 +330,8 @@ async fn bound(files: &[String]) -> Result<()> {
 
 /// Hands every page at once to a batcher over `d` (as the inferencer hands
 /// it pulled pages) and returns the seconds until the last answer.
-async fn all_at_once(d: Detector, pages: &[RgbImage]) -> Result<f64> {
-    let batcher = Arc::new(Batcher::spawn(Arc::new(d), 1, Duration::ZERO));
+async fn all_at_once(d: Detector, pages: &[RgbImage], batch: usize, wait: Duration) -> Result<f64> {
+    let batcher = Arc::new(Batcher::spawn(Arc::new(d), batch, if batch > 1 { wait } else { Duration::ZERO }));
     let started = Instant::now();
     let tasks: Vec<_> = pages
         .iter()

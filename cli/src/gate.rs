@@ -1,0 +1,132 @@
+//! `pagestream gate MODEL@VARIANT FILE.pdf…`: the accuracy gate of a model
+//! variant. Renders every page as the splitter does, runs the model and the
+//! variant on each, matches the variant's boxes to the model's (same label,
+//! IoU ≥ 0.7) and prints per-label F1. F1 ≥ 0.98 passes: the record that
+//! lets inferencers serve the variant is written beside its weights. Under
+//! it, the variant is refused (exit 1) and any earlier record removed.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use pagestream::Config;
+use pagestream_inferencer::backend::EngineOptions;
+use pagestream_inferencer::gate::{self, Comparison, GateRecord, GATE_F1, GATE_IOU};
+use pagestream_inferencer::{decode_image, Detector};
+use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
+
+#[derive(clap::Args, Debug)]
+pub struct GateArgs {
+    /// The variant, `<model>@<variant>` (a `[variants.<variant>]` of the
+    /// model's manifest), e.g. `yolov8n_doclaynet@int8`
+    #[arg(value_name = "MODEL@VARIANT")]
+    pub model: String,
+    /// PDFs whose pages are compared (keep them apart from the pages the
+    /// variant was calibrated on)
+    #[arg(value_name = "FILE.pdf", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Compare and print only: write or remove no record
+    #[arg(long)]
+    pub dry_run: bool,
+    /// TOML configuration file (models_dir, weights_dir, threads, DPI)
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+pub async fn gate(a: &GateArgs) -> Result<i32> {
+    let config = Config::load(a.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let Some((base, _)) = a.model.split_once('@') else {
+        bail!("{:?} is not a variant: name one as <model>@<variant>, e.g. yolov8n_doclaynet@int8", a.model);
+    };
+    let cfg = &config.inferencer;
+    let opts = EngineOptions::from_config(cfg);
+    let reference = Detector::load(cfg, base).with_context(|| format!("loading model {base}"))?;
+    let variant = Detector::load_for_gate(cfg, &a.model, &opts).with_context(|| format!("loading {}", a.model))?;
+    let renderer = Renderer::in_process(&config.splitter.pdfium_library)?;
+    let mut cmp = Comparison::default();
+    let (mut reference_s, mut variant_s) = (0.0, 0.0);
+    let mut documents = Vec::new();
+    for file in &a.files {
+        documents.push(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let mut events = renderer.render(RenderRequest {
+            pdf: file.clone(),
+            password: None,
+            dpi: config.splitter.dpi,
+            max_pixels: config.splitter.max_pixels,
+            pages: 1..=u32::MAX,
+            skip: Default::default(),
+            text: false,
+        });
+        while let Some(ev) = events.recv().await {
+            let page = match ev {
+                RenderEvent::Page(p) => p,
+                RenderEvent::Opened { .. } => continue,
+                RenderEvent::OpenFailed { code, message } => bail!("{}: {code}: {message}", file.display()),
+                RenderEvent::PageFailed { page, code, message } => {
+                    bail!("{} page {page}: {code}: {message}", file.display())
+                }
+            };
+            let img = decode_image(&page.png).map_err(anyhow::Error::msg)?;
+            let t = Instant::now();
+            let (want, _) = reference.detect(&img).with_context(|| format!("model {base}"))?;
+            reference_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let (got, _) = variant.detect(&img).with_context(|| format!("model {}", a.model))?;
+            variant_s += t.elapsed().as_secs_f64();
+            cmp.add_page(&want, &got, GATE_IOU);
+        }
+    }
+    let pages = cmp.pages.max(1) as f64;
+    println!(
+        "accuracy gate of {} ({}) against {base}: {} pages of {} PDFs, a box matches when its label is the same and IoU ≥ {GATE_IOU}",
+        a.model,
+        variant.manifest.precision.as_str(),
+        cmp.pages,
+        a.files.len()
+    );
+    println!("\n| label | {base} boxes | variant boxes | matched | F1 |\n|---|---:|---:|---:|---:|");
+    let total = cmp.total();
+    for (label, c) in cmp.per_label.iter().chain([(&"all".to_string(), &total)]) {
+        println!("| {label} | {} | {} | {} | {:.4} |", c.matched + c.missed, c.matched + c.extra, c.matched, c.f1());
+    }
+    println!(
+        "\nmodel time per page, one page at a time: {base} {:.0} ms, {} {:.0} ms ({:.2}×)",
+        reference_s * 1000.0 / pages,
+        a.model,
+        variant_s * 1000.0 / pages,
+        reference_s / variant_s.max(1e-9)
+    );
+    let f1 = cmp.f1();
+    let weights = variant.manifest.weights_path(&cfg.weights_dir);
+    let record_path = gate::record_path(&weights);
+    if f1 >= GATE_F1 {
+        let record = GateRecord {
+            model: a.model.clone(),
+            precision: variant.manifest.precision.as_str().into(),
+            sha256: variant.model.sha256.clone(),
+            source_sha256: reference.model.sha256.clone(),
+            f1,
+            min_f1: GATE_F1,
+            min_iou: GATE_IOU,
+            pages: cmp.pages,
+            documents,
+            per_label: cmp.per_label.clone(),
+        };
+        if a.dry_run {
+            println!("passed: F1 {f1:.4} ≥ {GATE_F1} (dry run: no record written)");
+        } else {
+            let json = serde_json::to_vec_pretty(&record)?;
+            std::fs::write(&record_path, json).with_context(|| format!("writing {}", record_path.display()))?;
+            println!("passed: F1 {f1:.4} ≥ {GATE_F1}; inferencers may serve it: {} written", record_path.display());
+        }
+        Ok(0)
+    } else {
+        let mut said = format!("refused: F1 {f1:.4} < {GATE_F1}; inferencers will not serve {}", a.model);
+        if !a.dry_run && record_path.exists() {
+            std::fs::remove_file(&record_path).with_context(|| format!("removing {}", record_path.display()))?;
+            said.push_str(&format!(" (the earlier record {} removed)", record_path.display()));
+        }
+        println!("{said}");
+        Ok(1)
+    }
+}
