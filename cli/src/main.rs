@@ -123,6 +123,7 @@ fn stage_called(argv0: &std::ffi::OsStr) -> Option<StageBinary> {
 }
 
 fn main() {
+    pagestream_pipeline::util::cap_malloc_arenas();
     if let Some(stage) = std::env::args_os().next().as_deref().and_then(stage_called) {
         // As the stage's own executable does (`#[tokio::main]`, an error
         // returned from main).

@@ -65,6 +65,7 @@ where
     F: FnOnce(StageContext, S, CancellationToken) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
+    crate::util::cap_malloc_arenas();
     let (config, settings) = load_config_or_exit(usage, read);
     crate::util::init_tracing_for(&format!("pagestream-{name}"));
     let metrics = Arc::new(Metrics::new());

@@ -29,6 +29,26 @@ pub fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
 /// `info`; `PAGESTREAM_LOG_FORMAT=json` writes one JSON object per line (for
 /// log shippers), anything else plain text — coloured only on a terminal,
 /// so a log file or a pipe never gets escape codes.
+/// glibc gives a thread that allocates while another holds the malloc lock
+/// an arena of its own (up to 8 per core) and keeps what is freed there for
+/// that arena: with ONNX Runtime's threads beside tokio's that raised
+/// `pagestream run`'s peak RSS from ~320 to ~390 MiB on the 152-page mix
+/// (BENCHMARKS.md, "Memory"). glibc reads the cap, `MALLOC_ARENA_MAX`, once
+/// when the process starts, so when it is unset this executes the program
+/// again with `MALLOC_ARENA_MAX=2` — same pid, arguments and `argv[0]` —
+/// and never returns; a cap the user set is kept. Call it first in `main`.
+pub fn cap_malloc_arenas() {
+    use std::os::unix::process::CommandExt as _;
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let err = std::process::Command::new(&exe).arg0(argv0).args(args).env("MALLOC_ARENA_MAX", "2").exec();
+    eprintln!("could not execute {} again with MALLOC_ARENA_MAX=2 ({err}); running without the cap", exe.display());
+}
+
 pub fn init_tracing() {
     init_tracing_for("pagestream");
 }

@@ -218,3 +218,36 @@ fn pagestream_called_by_a_stage_name_is_that_stage() {
     assert_eq!(code, Some(0));
     assert!(help.contains("Run the whole pipeline locally"), "{help}");
 }
+
+/// A stage caps glibc's malloc arenas (`MALLOC_ARENA_MAX=2`) by executing
+/// itself again at start, keeping its pid; a cap the user set is kept.
+#[test]
+fn stages_cap_glibc_malloc_arenas_unless_told_otherwise() {
+    for (given, want) in [(None, "MALLOC_ARENA_MAX=2"), (Some("4"), "MALLOC_ARENA_MAX=4")] {
+        let mut cmd = Command::new(bin_dir().join("ingress"));
+        // No NATS there: the ingress keeps trying for 10 s, long enough to look.
+        cmd.env("PAGESTREAM_NATS_URL", "nats://127.0.0.1:1")
+            .env_remove("MALLOC_ARENA_MAX")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(v) = given {
+            cmd.env("MALLOC_ARENA_MAX", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..50 {
+            let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap_or_default();
+            seen = environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            if seen.iter().any(|v| v.starts_with("MALLOC_ARENA_MAX=")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let caps: Vec<&String> = seen.iter().filter(|v| v.starts_with("MALLOC_ARENA_MAX=")).collect();
+        assert_eq!(caps, [want], "given {given:?}");
+        assert_eq!(comm.trim(), "ingress", "the same process, still the ingress");
+    }
+}

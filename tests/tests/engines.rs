@@ -16,7 +16,14 @@ use pagestream_schemas::Detection;
 
 fn opts(backend: BackendKind, threads: usize) -> EngineOptions {
     let cfg = Config::default().inferencer;
-    EngineOptions { backend, device: Device::Cpu, threads, sessions: 1, onnxruntime_library: cfg.onnxruntime_library }
+    EngineOptions {
+        backend,
+        device: Device::Cpu,
+        threads,
+        sessions: 1,
+        onnxruntime_library: cfg.onnxruntime_library,
+        cpu_arena: cfg.ort_cpu_arena,
+    }
 }
 
 fn fixture_config() -> InferencerConfig {

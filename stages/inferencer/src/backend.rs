@@ -25,6 +25,8 @@ pub struct EngineOptions {
     /// with `threads / sessions` intra-op threads). 1 = one run at a time
     /// using every thread.
     pub sessions: usize,
+    /// ONNX Runtime on the CPU: each session's memory arena.
+    pub cpu_arena: bool,
     /// Path of libonnxruntime (ort only).
     pub onnxruntime_library: std::path::PathBuf,
 }
@@ -153,6 +155,8 @@ impl OrtBackend {
         };
         let cpu = || {
             builder()?
+                .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(opts.cpu_arena).build()])
+                .map_err(|e| format!("model {model}: ONNX Runtime session options: {e}"))?
                 .with_memory_pattern(false)
                 .map_err(|e| format!("model {model}: ONNX Runtime session options: {e}"))?
                 .commit_from_memory(weights)

@@ -74,6 +74,10 @@ pub struct InferencerConfig {
     /// ONNX Runtime on the CPU: sessions running pages side by side, the
     /// threads divided among them (0: one single-thread session per thread).
     pub ort_sessions: usize,
+    /// ONNX Runtime on the CPU: keep each session's memory arena (freed
+    /// tensors stay reserved for the next page) instead of the system
+    /// allocator.
+    pub ort_cpu_arena: bool,
     /// Pages run as one batch when the model has a dynamic batch axis.
     pub batch_size: usize,
     /// Longest wait for a batch to fill once its first page arrived.
@@ -119,6 +123,7 @@ impl Default for InferencerConfig {
             device: Device::Cpu,
             threads: 0,
             ort_sessions: 0,
+            ort_cpu_arena: true,
             batch_size: 1,
             batch_wait_ms: 20,
             max_detections: 500,

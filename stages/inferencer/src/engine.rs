@@ -75,6 +75,7 @@ impl EngineOptions {
             device: cfg.device,
             threads,
             sessions: if cfg.ort_sessions == 0 { threads } else { cfg.ort_sessions },
+            cpu_arena: cfg.ort_cpu_arena,
             onnxruntime_library: cfg.onnxruntime_library.clone(),
         }
     }

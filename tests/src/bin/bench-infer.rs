@@ -104,6 +104,7 @@ async fn main() -> Result<()> {
             threads,
             sessions: 1,
             onnxruntime_library: cfg.onnxruntime_library.clone(),
+            cpu_arena: cfg.ort_cpu_arena,
         };
         let (d, load_ms) = time_ms(|| Detector::load_with(&cfg, &model, &opts));
         let d = d.map_err(anyhow::Error::msg)?;
@@ -307,6 +308,7 @@ async fn bound(files: &[String]) -> Result<()> {
             threads,
             sessions,
             onnxruntime_library: cfg.onnxruntime_library.clone(),
+            cpu_arena: cfg.ort_cpu_arena,
         };
         let d = Detector::load_with(&cfg, &cfg.model, &opts).map_err(anyhow::Error::msg)?;
         for p in pages.iter().take(2) {
