@@ -257,3 +257,50 @@ fn gpu_check_without_a_gpu_says_so_and_installs_nothing() {
     );
     assert!(!deps.exists(), "gpu-check installed something without a GPU");
 }
+
+/// The INT8 variant `scripts/quantize` made and the gate passed
+/// (`scripts/test` runs it first) through the whole pipeline: a document
+/// that asks for it is inferred by it — its name and the gated file's
+/// sha256 in the results — and its boxes are the fp32 model's on a real
+/// article, as the gate measured over its 146 pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gated_int8_variant_serves_the_documents_that_ask_for_it() {
+    let record_path = deps_dir().join("models/yolov8n-doclaynet.int8.onnx.gate.json");
+    let record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: scripts/quantize yolov8n_doclaynet@int8 did not make it, or the gate refused it",
+            record_path.display()
+        )
+    }))
+    .unwrap();
+    assert!(record["f1"].as_f64().unwrap() >= 0.98, "{record}");
+    let h = Harness::start(|c| {
+        c.inferencer.models = vec!["yolov8n_doclaynet".into(), "yolov8n_doclaynet@int8".into()];
+    })
+    .await
+    .unwrap();
+    let pdf = "fig_dbscan-jss.pdf";
+    let int8 = upload(&h.client, pdf, &[("model", "yolov8n_doclaynet@int8")]).await;
+    let fp32 = upload(&h.client, pdf, &[("model", "yolov8n_doclaynet")]).await;
+    for id in [&int8, &fp32] {
+        let st = h.wait_terminal(id, Duration::from_secs(300)).await.unwrap();
+        assert_eq!(st["state"], "completed", "{st}");
+    }
+    let manifest = h.result(&int8, "manifest.json");
+    assert_eq!(manifest["model"]["name"], "yolov8n_doclaynet@int8");
+    assert_eq!(manifest["model"]["sha256"], record["sha256"], "the file the gate passed");
+    let pages = manifest["page_count"].as_u64().unwrap();
+    let (mut want, mut got, mut same) = (0, 0, 0);
+    for n in 1..=pages {
+        let a = boxes(&h.result(&fp32, &format!("pages/{n}.json"))["detections"]);
+        let b = boxes(&h.result(&int8, &format!("pages/{n}.json"))["detections"]);
+        want += a.len();
+        got += b.len();
+        same += matched(&a, &b, 0.7);
+    }
+    let f1 = 2.0 * same as f64 / (want + got) as f64;
+    println!("{pdf}: {same} of {want} fp32 boxes matched by {got} INT8 boxes (IoU ≥ 0.7): F1 {f1:.3}");
+    assert!(want > 200, "{want} boxes");
+    assert!(f1 >= 0.95, "F1 {f1:.3} of the INT8 variant against fp32 on {pdf}");
+    h.stop().await.unwrap();
+}
