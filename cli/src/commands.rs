@@ -627,7 +627,7 @@ async fn follow_results(a: &ResultsArgs, client: &ApiClient, path: &str) -> Resu
                 download(client, &format!("{path}/manifest.json"), &dir.join("manifest.json")).await?;
                 eprintln!("{id}: {state}; {files} files and manifest.json written to {}", dir.display());
             } else if !failed {
-                eprintln!("{id}: {state}; {} pages ({failures} without results)", seen.len());
+                eprintln!("{id}: {ended}; {} pages ({failures} without results)", seen.len());
             }
             if failed {
                 return ended_without_results(client, id, ended, seen.len(), failures).await;

@@ -1,9 +1,11 @@
 //! `pagestream gate MODEL@VARIANT FILE.pdf…`: the accuracy gate of a model
 //! variant. Renders every page as the splitter does, runs the model and the
 //! variant on each, matches the variant's boxes to the model's (same label,
-//! IoU ≥ 0.7) and prints per-label F1. F1 ≥ 0.98 passes: the record that
-//! lets inferencers serve the variant is written beside its weights. Under
-//! it, the variant is refused (exit 1) and any earlier record removed.
+//! IoU ≥ 0.7) and prints per-label F1. F1 ≥ 0.98 on at least 100 of the
+//! model's boxes passes: the record that lets inferencers serve the variant
+//! is written beside its weights (exit 0). Under it, the variant is refused
+//! (exit 1) and any earlier record removed. Any other failure (a model that
+//! does not load, a PDF that does not open) exits 2.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use pagestream::Config;
 use pagestream_inferencer::backend::EngineOptions;
-use pagestream_inferencer::gate::{self, Comparison, GateRecord, GATE_F1, GATE_IOU};
+use pagestream_inferencer::gate::{self, Comparison, GateRecord, GATE_F1, GATE_IOU, GATE_MIN_BOXES};
 use pagestream_inferencer::{decode_image, Detector};
 use pagestream_splitter::render::{RenderEvent, RenderRequest, Renderer};
 
@@ -33,8 +35,21 @@ pub struct GateArgs {
     pub config: Option<PathBuf>,
 }
 
+/// Exit code 0: passed; 1: refused; 2: the gate could not judge it.
 pub async fn gate(a: &GateArgs) -> Result<i32> {
-    let config = Config::load(a.config.as_deref()).map_err(anyhow::Error::msg)?;
+    match judge(a).await {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(2)
+        }
+    }
+}
+
+async fn judge(a: &GateArgs) -> Result<i32> {
+    let mut config = Config::load(a.config.as_deref()).map_err(anyhow::Error::msg)?;
+    // Variants are served by ONNX Runtime only: judged with it.
+    config.inferencer.backend = pagestream_inferencer::Backend::Ort;
     let Some((base, _)) = a.model.split_once('@') else {
         bail!("{:?} is not a variant: name one as <model>@<variant>, e.g. yolov8n_doclaynet@int8", a.model);
     };
@@ -99,6 +114,19 @@ pub async fn gate(a: &GateArgs) -> Result<i32> {
     let f1 = cmp.f1();
     let weights = variant.manifest.weights_path(&cfg.weights_dir);
     let record_path = gate::record_path(&weights);
+    let boxes = total.matched + total.missed;
+    if boxes < GATE_MIN_BOXES {
+        let mut said = format!(
+            "refused: the model found {boxes} boxes on these pages, under {GATE_MIN_BOXES}: too few to judge {} (F1 {f1:.4}); give the gate more pages",
+            a.model
+        );
+        if !a.dry_run && record_path.exists() {
+            std::fs::remove_file(&record_path).with_context(|| format!("removing {}", record_path.display()))?;
+            said.push_str(&format!(" (the earlier record {} removed)", record_path.display()));
+        }
+        println!("{said}");
+        return Ok(1);
+    }
     if f1 >= GATE_F1 {
         let record = GateRecord {
             model: a.model.clone(),
@@ -115,8 +143,12 @@ pub async fn gate(a: &GateArgs) -> Result<i32> {
         if a.dry_run {
             println!("passed: F1 {f1:.4} ≥ {GATE_F1} (dry run: no record written)");
         } else {
+            // Written whole, then renamed: an inferencer starting now reads
+            // the old record or the new one, never half of it.
             let json = serde_json::to_vec_pretty(&record)?;
-            std::fs::write(&record_path, json).with_context(|| format!("writing {}", record_path.display()))?;
+            let part = record_path.with_extension("json.part");
+            std::fs::write(&part, json).with_context(|| format!("writing {}", part.display()))?;
+            std::fs::rename(&part, &record_path).with_context(|| format!("writing {}", record_path.display()))?;
             println!("passed: F1 {f1:.4} ≥ {GATE_F1}; inferencers may serve it: {} written", record_path.display());
         }
         Ok(0)

@@ -89,9 +89,11 @@ enum Cmd {
     /// The accuracy gate of a model variant (`layout_cdla@int8`): its
     /// detections against its model's on the pages of PDFs
     ///
-    /// Per-label F1 (same label, IoU ≥ 0.7). F1 ≥ 0.98 passes and writes the
-    /// record inferencers need to serve the variant (`<file>.gate.json`
-    /// beside its weights); under it exits 1 and removes any earlier record.
+    /// Per-label F1 (same label, IoU ≥ 0.7). F1 ≥ 0.98 on at least 100 of
+    /// the model's boxes passes and writes the record inferencers need to
+    /// serve the variant (`<file>.gate.json` beside its weights); otherwise
+    /// exits 1 and removes any earlier record. Exits 2 when it cannot judge
+    /// (a model that does not load, a PDF that does not open).
     Gate(gate::GateArgs),
     /// Print a shell completion script
     ///

@@ -1,5 +1,6 @@
 //! The live registry of served models: key-value bucket `<prefix>_models`,
-//! one key `<model>.<replica>` per inferencer replica and model it serves,
+//! one key `<model>.<replica>` per inferencer replica and model it serves
+//! (a variant's `@` written `=`: `layout_cdla=int8.<replica>`),
 //! value a [`ModelReplica`] (JSON).
 //!
 //! A replica rewrites its keys every [`HEARTBEAT`] ([`advertise`]) and

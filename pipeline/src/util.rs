@@ -25,10 +25,6 @@ pub fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
     Ok(items.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect())
 }
 
-/// Initialises logging: `PAGESTREAM_LOG` (or `RUST_LOG`) filter, default
-/// `info`; `PAGESTREAM_LOG_FORMAT=json` writes one JSON object per line (for
-/// log shippers), anything else plain text — coloured only on a terminal,
-/// so a log file or a pipe never gets escape codes.
 /// glibc gives a thread that allocates while another holds the malloc lock
 /// an arena of its own (up to 8 per core) and keeps what is freed there for
 /// that arena: with ONNX Runtime's threads beside tokio's that raised
@@ -36,10 +32,13 @@ pub fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
 /// (BENCHMARKS.md, "Memory"). glibc reads the cap, `MALLOC_ARENA_MAX`, once
 /// when the process starts, so when it is unset this executes the program
 /// again with `MALLOC_ARENA_MAX=2` — same pid, arguments and `argv[0]` —
-/// and never returns; a cap the user set is kept. Call it first in `main`.
+/// and never returns; a cap the user set (`MALLOC_ARENA_MAX`, or
+/// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`) is kept. Call it early (the
+/// stages: when their configuration is read).
 pub fn cap_malloc_arenas() {
     use std::os::unix::process::CommandExt as _;
-    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc.arena_max"));
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os("MALLOC_ARENA_MAX").is_some() || tuned {
         return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
@@ -49,6 +48,10 @@ pub fn cap_malloc_arenas() {
     eprintln!("could not execute {} again with MALLOC_ARENA_MAX=2 ({err}); running without the cap", exe.display());
 }
 
+/// Initialises logging: `PAGESTREAM_LOG` (or `RUST_LOG`) filter, default
+/// `info`; `PAGESTREAM_LOG_FORMAT=json` writes one JSON object per line (for
+/// log shippers), anything else plain text — coloured only on a terminal,
+/// so a log file or a pipe never gets escape codes.
 pub fn init_tracing() {
     init_tracing_for("pagestream");
 }

@@ -78,9 +78,13 @@ impl Variants {
 
     /// `pagestream gate MODEL@VARIANT fig_dbscan-jss.pdf`: (exit code, stdout).
     fn gate(&self, model: &str) -> (i32, String) {
+        self.gate_on(model, "fig_dbscan-jss.pdf")
+    }
+
+    fn gate_on(&self, model: &str, pdf: &str) -> (i32, String) {
         let out = Command::new(bin_dir().join("pagestream"))
             .args(["gate", model])
-            .arg(corpus("fig_dbscan-jss.pdf"))
+            .arg(corpus(pdf))
             .env("PAGESTREAM_INFERENCER_MODELS_DIR", &self.models)
             .env("PAGESTREAM_INFERENCER_WEIGHTS_DIR", &self.weights)
             .output()
@@ -138,12 +142,15 @@ fn the_gate_refuses_a_broken_variant_and_only_a_passed_file_is_served() {
     let err = v.load("layout_cdla@zeroed").err().unwrap();
     assert!(err.contains("is not the file the accuracy gate passed"), "{err}");
     // A record of that file under the threshold (hand-edited): refused.
-    edit_json(&v.record("layout_cdla.zeroed.onnx"), |r| {
-        let sha = d.model.sha256.clone();
-        r["f1"] = 0.5.into();
-        r["sha256"] = sha.into();
-    });
+    // The same file's bytes under the zeroed name, with the record of the
+    // `same` variant: a record of another variant is refused.
     std::fs::copy(v.weights.join("layout_cdla.same.onnx"), v.weights.join("layout_cdla.zeroed.onnx")).unwrap();
+    let err = v.load("layout_cdla@zeroed").err().unwrap();
+    assert!(err.contains("is for layout_cdla@same at IoU 0.7, not for this variant"), "{err}");
+    edit_json(&v.record("layout_cdla.zeroed.onnx"), |r| {
+        r["model"] = "layout_cdla@zeroed".into();
+        r["f1"] = 0.5.into();
+    });
     let err = v.load("layout_cdla@zeroed").err().unwrap();
     assert!(err.contains("refused by the accuracy gate: F1 0.5000"), "{err}");
     // Made from other weights than the model's own: refused.
@@ -153,8 +160,16 @@ fn the_gate_refuses_a_broken_variant_and_only_a_passed_file_is_served() {
     // A variant the manifest does not declare, and a gate asked of a plain model.
     let err = v.load("layout_cdla@int4").err().unwrap();
     assert!(err.contains("has no variant \"int4\" (its variants: int8, same, zeroed)"), "{err}");
-    let (code, _) = v.gate("layout_cdla");
-    assert_eq!(code, 1);
+    // On pages where the model finds nothing every variant would score F1 1:
+    // the gate refuses to judge (a blank page), and says so.
+    let (code, out) = v.gate_on("layout_cdla@zeroed", "stress_blank-no-content.pdf");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the model found 0 boxes on these pages, under 100: too few to judge"), "{out}");
+    assert!(out.contains("(the earlier record") && !v.record("layout_cdla.zeroed.onnx").exists(), "{out}");
+    // What the gate cannot judge at all exits 2, not 1 (a refusal): a plain
+    // model, a PDF that does not open.
+    assert_eq!(v.gate("layout_cdla").0, 2);
+    assert_eq!(v.gate_on("layout_cdla@same", "bad_invalid-header-eof.pdf").0, 2);
 }
 
 #[test]

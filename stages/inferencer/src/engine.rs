@@ -144,8 +144,8 @@ impl Detector {
             return Err(LoadError::Backend(format!(
                 "model {model}: the tract backend does not serve {} models: it runs their quantize/dequantize \
                  pairs without 8-bit kernels, slower than the fp32 model (yolov8n: 1.28 s a page against 0.71 s), \
-                 and the accuracy gate passed them with ONNX Runtime; serve it with inferencer.backend = \"ort\", \
-                 or the fp32 model {} with tract",
+                 and the accuracy gate judges variants with ONNX Runtime; serve it with inferencer.backend = \"ort\", \
+                 or an fp32 model ({}) with tract",
                 manifest.precision.as_str(),
                 model.split('@').next().unwrap_or(model)
             )));

@@ -98,6 +98,10 @@ impl Comparison {
     }
 }
 
+/// Fewest boxes of the model's own the gate needs to judge a variant: on
+/// pages where the model finds (almost) nothing, any variant would score F1 1.
+pub const GATE_MIN_BOXES: u64 = 100;
+
 /// `<variant file>.gate.json`: what the gate measured when it passed the
 /// variant (written only on a pass).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +151,21 @@ pub fn check(manifest: &Manifest, need: &GateRequirement, weights: &Path, sha256
         return Err(format!(
             "model {name}: the accuracy gate compared it with weights sha256 {}, the model's are {}: {remake}",
             record.source_sha256, need.source_sha256
+        ));
+    }
+    if record.model != manifest.name || record.min_iou < GATE_IOU {
+        return Err(format!(
+            "model {name}: the accuracy-gate record {} is for {} at IoU {}, not for this variant at IoU {GATE_IOU}: {remake}",
+            path.display(),
+            record.model,
+            record.min_iou
+        ));
+    }
+    let boxes: u64 = record.per_label.values().map(|c| c.matched + c.missed).sum();
+    if boxes < GATE_MIN_BOXES {
+        return Err(format!(
+            "model {name}: its accuracy-gate record judged it on {boxes} boxes of the model's own, under \
+             {GATE_MIN_BOXES}: too few to judge; {remake}"
         ));
     }
     if record.f1.is_nan() || record.f1 < need.min_f1 {
