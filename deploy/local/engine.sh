@@ -31,8 +31,8 @@ if [ ${#need[@]} -gt 0 ]; then
     SUDO="sudo -n"
   fi
   engine_log "installing ${need[*]} (apt)"
-  apt_install() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
-  apt_install "${need[@]}" 2>/dev/null || { $SUDO apt-get update -qq >/dev/null && apt_install "${need[@]}"; }
+  apt_install() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$@" >/dev/null; }
+  apt_install "${need[@]}" 2>/dev/null || { $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null && apt_install "${need[@]}"; }
 fi
 
 export CONTAINERS_CONF="$ENGINE_DIR/containers.conf"
