@@ -111,6 +111,15 @@ async fn judge(a: &GateArgs) -> Result<i32> {
         variant_s * 1000.0 / pages,
         reference_s / variant_s.max(1e-9)
     );
+    let build = pagestream_inferencer::backend::onnxruntime_build().unwrap_or_default();
+    println!(
+        "judged with ONNX Runtime [{}]; CPU features: {}",
+        build.trim_start_matches("ORT Build Info:").trim(),
+        match gate::cpu_features() {
+            f if f.is_empty() => "none known".to_string(),
+            f => f.join(" "),
+        }
+    );
     let f1 = cmp.f1();
     let weights = variant.manifest.weights_path(&cfg.weights_dir);
     let record_path = gate::record_path(&weights);
@@ -139,6 +148,7 @@ async fn judge(a: &GateArgs) -> Result<i32> {
             pages: cmp.pages,
             documents,
             per_label: cmp.per_label.clone(),
+            judged_on: Some(gate::JudgedOn { onnxruntime: build, cpu: gate::cpu_features() }),
         };
         if a.dry_run {
             println!("passed: F1 {f1:.4} ≥ {GATE_F1} (dry run: no record written)");

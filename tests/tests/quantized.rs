@@ -134,6 +134,13 @@ fn the_gate_refuses_a_broken_variant_and_only_a_passed_file_is_served() {
     );
     assert_eq!((r["pages"].as_u64(), r["f1"].as_f64()), (Some(28), Some(1.0)));
     assert!(r["per_label"]["text"]["matched"].as_u64().unwrap() > 50, "{r}");
+    // Where it was judged: the ONNX Runtime that ran it, this CPU's features.
+    let judged = &r["judged_on"];
+    assert!(judged["onnxruntime"].as_str().unwrap().contains("git-commit-id="), "{r}");
+    let cpu: Vec<&str> = judged["cpu"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    assert_eq!(cpu.contains(&"avx2"), flags.contains(" avx2"), "{r}");
+    assert!(out.contains("judged with ONNX Runtime [git-branch=") && out.contains("; CPU features: "), "{out}");
     let d = v.load("layout_cdla@same").unwrap();
     assert_eq!((d.model.name.as_str(), d.model.sha256.as_str()), ("layout_cdla@same", CDLA_SHA));
 

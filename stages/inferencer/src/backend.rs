@@ -127,6 +127,14 @@ fn ort_environment(library: &Path) -> Result<&'static ort::environment::Environm
         .map_err(Clone::clone)
 }
 
+/// The ONNX Runtime this process loaded (its build info up to the compile
+/// flags: git commit, build type), once a session was created.
+pub fn onnxruntime_build() -> Option<String> {
+    ORT_ENV.get()?.as_ref().ok()?;
+    let info = ort::info();
+    Some(info.split(", cmake").next().unwrap_or(info).trim().to_string())
+}
+
 pub struct OrtBackend {
     /// One per page run side by side (CPU; a single one on CUDA).
     sessions: Vec<Mutex<Session>>,

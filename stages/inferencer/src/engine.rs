@@ -154,7 +154,10 @@ impl Detector {
             // A variant: its sha256 is the one its gate record passed.
             Some(need) if gated => {
                 let (bytes, sha) = read_any_weights(&format!("model {model}"), &weights)?;
-                crate::gate::check(&manifest, need, &weights, &sha).map_err(LoadError::Weights)?;
+                let record = crate::gate::check(&manifest, need, &weights, &sha).map_err(LoadError::Weights)?;
+                if let Some(warning) = crate::gate::cpu_warning(&record, &crate::gate::cpu_features()) {
+                    tracing::warn!("{warning}");
+                }
                 (bytes, sha)
             }
             Some(_) => read_any_weights(&format!("model {model}"), &weights)?,

@@ -52,6 +52,60 @@ pub struct Comparison {
     pub per_label: BTreeMap<String, Counts>,
 }
 
+/// The machine a gate record's figures were measured on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgedOn {
+    /// ONNX Runtime's build info (its git commit and build type).
+    pub onnxruntime: String,
+    /// The CPU's vector and matrix features ONNX Runtime's kernels pick
+    /// from ([`CPU_FEATURES`]), as `/proc/cpuinfo` names them.
+    pub cpu: Vec<String>,
+}
+
+/// The CPU features that decide which 8-bit and 16-bit kernels ONNX
+/// Runtime runs.
+pub const CPU_FEATURES: [&str; 8] =
+    ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"];
+
+/// The features with 8-bit dot products: without one, ONNX Runtime's
+/// u8×s8 products can saturate.
+const INT8_DOT: [&str; 3] = ["avx512_vnni", "avx_vnni", "amx_int8"];
+
+/// [`CPU_FEATURES`] this machine has (from `/proc/cpuinfo`; none known
+/// elsewhere).
+pub fn cpu_features() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    features_in(&info)
+}
+
+fn features_in(cpuinfo: &str) -> Vec<String> {
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags").and_then(|rest| rest.trim_start().strip_prefix(':')))
+        .map(|f| f.split_whitespace().collect())
+        .unwrap_or_default();
+    CPU_FEATURES.iter().filter(|f| flags.contains(f)).map(|f| f.to_string()).collect()
+}
+
+/// A warning when an INT8 variant judged on a CPU with 8-bit dot products
+/// is served on one without: its detections may differ from what the
+/// gate measured.
+pub fn cpu_warning(record: &GateRecord, here: &[String]) -> Option<String> {
+    let judged = record.judged_on.as_ref()?;
+    let dot = |f: &[String]| f.iter().any(|x| INT8_DOT.contains(&x.as_str()));
+    (record.precision == "int8" && dot(&judged.cpu) && !dot(here)).then(|| {
+        format!(
+            "model {}: its accuracy gate ran on a CPU with {} and this one has none of {}: ONNX Runtime's \
+             8-bit kernels differ here and can saturate, so F1 {:.4} may not hold; run `pagestream gate {}` on this machine",
+            record.model,
+            judged.cpu.iter().filter(|x| INT8_DOT.contains(&x.as_str())).cloned().collect::<Vec<_>>().join(", "),
+            INT8_DOT.join(", "),
+            record.f1,
+            record.model
+        )
+    })
+}
+
 impl Comparison {
     /// Adds one page: each of the model's boxes, highest score first, takes
     /// the variant's unmatched box of the same label with the largest IoU,
@@ -120,6 +174,11 @@ pub struct GateRecord {
     /// The documents the pages came from.
     pub documents: Vec<String>,
     pub per_label: BTreeMap<String, Counts>,
+    /// Where it was judged: INT8 products run on other kernels on a CPU
+    /// without VNNI (and may saturate there), so the figures hold for
+    /// that kind of CPU. Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_on: Option<JudgedOn>,
 }
 
 /// Where the gate record of weights at `weights` is.
@@ -204,5 +263,37 @@ mod tests {
         c.add_page(&reference, &reference, 0.7);
         c.add_page(&[], &[], 0.7);
         assert_eq!((c.pages, c.f1()), (2, 1.0));
+    }
+
+    #[test]
+    fn a_record_judged_with_int8_dot_products_warns_on_a_cpu_without() {
+        let cpuinfo = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni amx_int8 amx_tile\n\nprocessor\t: 1\n";
+        let here = features_in(cpuinfo);
+        assert_eq!(here, ["avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"]);
+        assert_eq!(features_in("no flags here"), Vec::<String>::new());
+        let mut record = GateRecord {
+            model: "m@int8".into(),
+            precision: "int8".into(),
+            sha256: "a".into(),
+            source_sha256: "b".into(),
+            f1: 0.99,
+            min_f1: GATE_F1,
+            min_iou: GATE_IOU,
+            pages: 1,
+            documents: vec![],
+            per_label: BTreeMap::new(),
+            judged_on: Some(JudgedOn { onnxruntime: "ORT".into(), cpu: here.clone() }),
+        };
+        let avx2 = vec!["avx2".to_string()];
+        let w = cpu_warning(&record, &avx2).expect("a warning without VNNI");
+        assert!(w.contains("avx512_vnni, amx_int8") && w.contains("pagestream gate m@int8"), "{w}");
+        assert_eq!(cpu_warning(&record, &here), None, "the same CPU");
+        assert_eq!(cpu_warning(&record, &["avx_vnni".to_string()]), None, "another CPU with VNNI");
+        record.judged_on = None;
+        assert_eq!(cpu_warning(&record, &avx2), None, "an older record says nothing");
+        // An older record (no judged_on) still reads.
+        let old = r#"{"model":"m@int8","precision":"int8","sha256":"a","source_sha256":"b","f1":0.99,"min_f1":0.98,
+            "min_iou":0.7,"pages":1,"documents":[],"per_label":{}}"#;
+        assert_eq!(serde_json::from_str::<GateRecord>(old).unwrap().judged_on, None);
     }
 }
