@@ -111,30 +111,28 @@ async fn judge(a: &GateArgs) -> Result<i32> {
         variant_s * 1000.0 / pages,
         reference_s / variant_s.max(1e-9)
     );
-    let build = pagestream_inferencer::backend::onnxruntime_build().unwrap_or_default();
+    let judged_on = gate::JudgedOn {
+        onnxruntime: pagestream_inferencer::backend::onnxruntime_build().unwrap_or_default(),
+        cpu: gate::cpu_features(),
+    };
     println!(
         "judged with ONNX Runtime [{}]; CPU features: {}",
-        build.trim_start_matches("ORT Build Info:").trim(),
-        match gate::cpu_features() {
-            f if f.is_empty() => "none known".to_string(),
-            f => f.join(" "),
-        }
+        judged_on.onnxruntime.trim_start_matches("ORT Build Info:").trim(),
+        if judged_on.cpu.is_empty() { "none known".to_string() } else { judged_on.cpu.join(" ") }
     );
     let f1 = cmp.f1();
     let weights = variant.manifest.weights_path(&cfg.weights_dir);
     let record_path = gate::record_path(&weights);
     let boxes = total.matched + total.missed;
     if boxes < GATE_MIN_BOXES {
-        let mut said = format!(
-            "refused: the model found {boxes} boxes on these pages, under {GATE_MIN_BOXES}: too few to judge {} (F1 {f1:.4}); give the gate more pages",
-            a.model
+        return refuse(
+            format!(
+                "refused: the model found {boxes} boxes on these pages, under {GATE_MIN_BOXES}: too few to judge {} (F1 {f1:.4}); give the gate more pages",
+                a.model
+            ),
+            &record_path,
+            a.dry_run,
         );
-        if !a.dry_run && record_path.exists() {
-            std::fs::remove_file(&record_path).with_context(|| format!("removing {}", record_path.display()))?;
-            said.push_str(&format!(" (the earlier record {} removed)", record_path.display()));
-        }
-        println!("{said}");
-        return Ok(1);
     }
     if f1 >= GATE_F1 {
         let record = GateRecord {
@@ -148,27 +146,33 @@ async fn judge(a: &GateArgs) -> Result<i32> {
             pages: cmp.pages,
             documents,
             per_label: cmp.per_label.clone(),
-            judged_on: Some(gate::JudgedOn { onnxruntime: build, cpu: gate::cpu_features() }),
+            judged_on: Some(judged_on),
         };
         if a.dry_run {
             println!("passed: F1 {f1:.4} ≥ {GATE_F1} (dry run: no record written)");
         } else {
-            // Written whole, then renamed: an inferencer starting now reads
-            // the old record or the new one, never half of it.
-            let json = serde_json::to_vec_pretty(&record)?;
-            let part = record_path.with_extension("json.part");
-            std::fs::write(&part, json).with_context(|| format!("writing {}", part.display()))?;
-            std::fs::rename(&part, &record_path).with_context(|| format!("writing {}", record_path.display()))?;
+            // Written whole: an inferencer starting now reads the old record
+            // or the new one, never half of it.
+            pagestream_results::store::write_atomic(&record_path, &serde_json::to_vec_pretty(&record)?).await?;
             println!("passed: F1 {f1:.4} ≥ {GATE_F1}; inferencers may serve it: {} written", record_path.display());
         }
         Ok(0)
     } else {
-        let mut said = format!("refused: F1 {f1:.4} < {GATE_F1}; inferencers will not serve {}", a.model);
-        if !a.dry_run && record_path.exists() {
-            std::fs::remove_file(&record_path).with_context(|| format!("removing {}", record_path.display()))?;
-            said.push_str(&format!(" (the earlier record {} removed)", record_path.display()));
-        }
-        println!("{said}");
-        Ok(1)
+        refuse(
+            format!("refused: F1 {f1:.4} < {GATE_F1}; inferencers will not serve {}", a.model),
+            &record_path,
+            a.dry_run,
+        )
     }
+}
+
+/// A refusal (exit 1): says why, and removes the variant's earlier record
+/// (not in a dry run) so that no inferencer serves it.
+fn refuse(mut said: String, record_path: &std::path::Path, dry_run: bool) -> Result<i32> {
+    if !dry_run && record_path.exists() {
+        std::fs::remove_file(record_path).with_context(|| format!("removing {}", record_path.display()))?;
+        said.push_str(&format!(" (the earlier record {} removed)", record_path.display()));
+    }
+    println!("{said}");
+    Ok(1)
 }

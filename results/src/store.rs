@@ -196,7 +196,10 @@ pub async fn s3_client(conn: &S3Connection) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(conf)
 }
 
-async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` whole: into a temporary file beside it, then
+/// renamed over it, so a reader sees the old file or the new one, never
+/// half of one.
+pub async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("result key without a directory")?;
     tokio::fs::create_dir_all(dir).await.with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
