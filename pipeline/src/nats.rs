@@ -395,7 +395,7 @@ pub(crate) fn provisioning(js: &jetstream::Context) -> jetstream::Context {
     js
 }
 
-/// Runs `op` again while it fails with a timeout.
+/// Runs `op` again while it fails in a way that passes (see [`transient`]).
 ///
 /// Every stage provisions at start-up. In a cluster JetStream answers only
 /// the first of several identical concurrent create requests; the others
@@ -404,29 +404,63 @@ pub(crate) fn provisioning(js: &jetstream::Context) -> jetstream::Context {
 /// timeout at each contested step — 50 s before a 3-node cluster test's
 /// stages were ready — or failed to start when the timeout hit a step
 /// without a fallback. Asked again, the request finds the resource and
-/// returns at once. Other errors are returned as they are.
+/// returns at once.
+///
+/// A stream just created in a cluster can also be "not found" for a moment:
+/// until its replicas elect a leader, a replica that has not made the stream
+/// yet answers the info request (a clean-clone CI's ingress failed to start,
+/// "opening stream OBJ_…_blobs: stream not found", while another stage had
+/// just created the bucket). That answer is asked again after a pause
+/// (0.25 s, doubling to 2 s: under 10 s in all), as is JetStream's
+/// "temporarily unavailable" during a leader election. Other errors are
+/// returned as they are.
 pub(crate) async fn retry_timeouts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
     let mut attempt = 1;
+    let mut pause = Duration::from_millis(250);
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if attempt < PROVISION_ATTEMPTS && is_timeout(&e) => {
-                tracing::info!(what, attempt, "JetStream did not answer in time; asking again");
-                attempt += 1;
-            }
+            Err(e) if attempt < PROVISION_ATTEMPTS => match transient(&e) {
+                Some(Transient::Timeout) => {
+                    tracing::info!(what, attempt, "JetStream did not answer in time; asking again");
+                }
+                Some(Transient::NotYet) => {
+                    tracing::info!(what, attempt, error = %e, "JetStream is not ready with it yet; asking again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                None => return Err(e),
+            },
             Err(e) => return Err(e),
         }
+        attempt += 1;
     }
 }
 
-/// Whether a provisioning error is a request without an answer (the client
-/// reports the kinds as "timed out" in every error type it has).
-fn is_timeout(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.to_string().contains("timed out"))
+/// A provisioning error that passes when asked again.
+#[derive(Debug, PartialEq, Eq)]
+enum Transient {
+    /// A request without an answer (the client reports the kinds as "timed
+    /// out" in every error type it has): asked again at once.
+    Timeout,
+    /// A stream not found (JetStream error 10059) or JetStream temporarily
+    /// unavailable (10008) in a cluster settling: asked again after a pause.
+    NotYet,
+}
+
+fn transient(e: &anyhow::Error) -> Option<Transient> {
+    let text: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    if text.iter().any(|t| t.contains("timed out")) {
+        Some(Transient::Timeout)
+    } else if text.iter().any(|t| t.contains("error code 10059") || t.contains("error code 10008")) {
+        Some(Transient::NotYet)
+    } else {
+        None
+    }
 }
 
 /// A stage's own definitions file (`nats/splitter.json`,
@@ -668,6 +702,37 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), PROVISION_ATTEMPTS, "bounded");
+    }
+
+    #[tokio::test]
+    async fn provisioning_asks_again_for_a_stream_a_cluster_has_not_settled_yet() {
+        // As async-nats words it, under the context the caller adds.
+        let not_found = || {
+            Err::<u32, _>(anyhow::anyhow!("jetstream error: stream not found (code 404, error code 10059)"))
+                .context("opening stream OBJ_clus_blobs")
+        };
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let started = std::time::Instant::now();
+        let got = retry_timeouts("x", || async {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < 2 {
+                not_found()
+            } else {
+                Ok(n)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, 2, "not found twice, then found");
+        assert!(started.elapsed() >= Duration::from_millis(750), "asked again after 0.25 s, then 0.5 s");
+        let unavailable =
+            anyhow::anyhow!("jetstream error: JetStream system temporarily unavailable (code 503, error code 10008)");
+        assert_eq!(transient(&unavailable), Some(Transient::NotYet));
+        assert_eq!(transient(&not_found().unwrap_err()), Some(Transient::NotYet));
+        let other = anyhow::anyhow!(
+            "jetstream error: stream name already in use with a different configuration (code 400, error code 10058)"
+        );
+        assert_eq!(transient(&other), None, "any other refusal is final");
     }
 
     #[test]
