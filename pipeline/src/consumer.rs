@@ -200,11 +200,14 @@ pub async fn run<H: Handler>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let stream = js.get_stream(&spec.stream).await.with_context(|| format!("stream {}", spec.stream))?;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_consumer(&spec.durable)
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer {} on {}: {e}", spec.durable, spec.stream))?;
+    // Provisioned a moment ago: in a cluster its replicas may not have
+    // elected a leader yet (see `retry_timeouts`).
+    let what = format!("consumer {} on {}", spec.durable, spec.stream);
+    let consumer: jetstream::consumer::PullConsumer = crate::nats::retry_timeouts(&what, || async {
+        let stream = js.get_stream(&spec.stream).await.with_context(|| format!("stream {}", spec.stream))?;
+        stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    })
+    .await?;
     let ack_wait = consumer.cached_info().config.ack_wait;
     let lag = tokio::spawn(report_queue(consumer.clone(), spec.clone(), metrics.clone(), shutdown.clone()));
     let state = Arc::new(LoopState { ack_wait, deferred: std::sync::Mutex::default() });

@@ -406,9 +406,9 @@ pub(crate) fn provisioning(js: &jetstream::Context) -> jetstream::Context {
 /// without a fallback. Asked again, the request finds the resource and
 /// returns at once.
 ///
-/// A stream just created in a cluster can also be "not found" for a moment:
-/// until its replicas elect a leader, a replica that has not made the stream
-/// yet answers the info request (a clean-clone CI's ingress failed to start,
+/// A stream or consumer just created in a cluster can also be "not found"
+/// for a moment: until its replicas elect a leader, a replica that has not
+/// made it yet answers the info request (a clean-clone CI's ingress failed to start,
 /// "opening stream OBJ_…_blobs: stream not found", while another stage had
 /// just created the bucket). That answer is asked again after a pause
 /// (0.25 s, doubling to 2 s: under 10 s in all), as is JetStream's
@@ -447,8 +447,9 @@ enum Transient {
     /// A request without an answer (the client reports the kinds as "timed
     /// out" in every error type it has): asked again at once.
     Timeout,
-    /// A stream not found (JetStream error 10059) or JetStream temporarily
-    /// unavailable (10008) in a cluster settling: asked again after a pause.
+    /// A stream or consumer not found (JetStream errors 10059, 10014) or
+    /// JetStream temporarily unavailable (10008) in a cluster settling:
+    /// asked again after a pause.
     NotYet,
 }
 
@@ -456,7 +457,10 @@ fn transient(e: &anyhow::Error) -> Option<Transient> {
     let text: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     if text.iter().any(|t| t.contains("timed out")) {
         Some(Transient::Timeout)
-    } else if text.iter().any(|t| t.contains("error code 10059") || t.contains("error code 10008")) {
+    } else if text
+        .iter()
+        .any(|t| ["10059", "10014", "10008"].iter().any(|code| t.contains(&format!("error code {code}"))))
+    {
         Some(Transient::NotYet)
     } else {
         None
@@ -729,6 +733,8 @@ mod tests {
             anyhow::anyhow!("jetstream error: JetStream system temporarily unavailable (code 503, error code 10008)");
         assert_eq!(transient(&unavailable), Some(Transient::NotYet));
         assert_eq!(transient(&not_found().unwrap_err()), Some(Transient::NotYet));
+        let no_consumer = anyhow::anyhow!("jetstream error: consumer not found (code 404, error code 10014)");
+        assert_eq!(transient(&no_consumer), Some(Transient::NotYet));
         let other = anyhow::anyhow!(
             "jetstream error: stream name already in use with a different configuration (code 400, error code 10058)"
         );

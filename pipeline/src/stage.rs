@@ -44,14 +44,17 @@ impl StageContext {
     }
 
     pub async fn blobs(&self) -> Result<BlobStore> {
-        let store = nats::blob_store(&self.js, &self.names, &self.config.nats).await?;
         let bucket = self.names.blob_bucket();
-        let stream = self
-            .js
-            .get_stream(format!("OBJ_{bucket}"))
-            .await
-            .with_context(|| format!("opening the stream of bucket {bucket}"))?;
-        Ok(BlobStore::new(store, self.js.clone(), stream, bucket))
+        nats::retry_timeouts("the blob store", || async {
+            let store = nats::blob_store(&self.js, &self.names, &self.config.nats).await?;
+            let stream = self
+                .js
+                .get_stream(format!("OBJ_{bucket}"))
+                .await
+                .with_context(|| format!("opening the stream of bucket {bucket}"))?;
+            Ok(BlobStore::new(store, self.js.clone(), stream, bucket.clone()))
+        })
+        .await
     }
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.
