@@ -201,9 +201,9 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<()> {
     // Provisioned a moment ago: in a cluster its replicas may not have
-    // elected a leader yet (see `retry_timeouts`).
+    // elected a leader yet (see `retry_transient`).
     let what = format!("consumer {} on {}", spec.durable, spec.stream);
-    let consumer: jetstream::consumer::PullConsumer = crate::nats::retry_timeouts(&what, || async {
+    let consumer: jetstream::consumer::PullConsumer = crate::nats::retry_transient(&what, || async {
         let stream = js.get_stream(&spec.stream).await.with_context(|| format!("stream {}", spec.stream))?;
         stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
     })

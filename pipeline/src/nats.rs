@@ -375,7 +375,7 @@ pub async fn provision_model_consumer(
     let (stream_name, config) = model_consumer_config(names, cfg, model)?;
     let js = provisioning(js);
     let what = format!("creating or updating consumer {} on {stream_name}", names.model_consumer(model));
-    retry_timeouts(&what, || async {
+    retry_transient(&what, || async {
         let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
         stream.create_consumer(config.clone()).await.with_context(|| what.clone())?;
         Ok(())
@@ -388,7 +388,7 @@ const PROVISION_TIMEOUT: Duration = Duration::from_secs(2);
 /// Provisioning requests that time out are asked again this many times.
 const PROVISION_ATTEMPTS: u32 = 8;
 
-/// A context for provisioning requests: a short timeout, see [`retry_timeouts`].
+/// A context for provisioning requests: a short timeout, see [`retry_transient`].
 pub(crate) fn provisioning(js: &jetstream::Context) -> jetstream::Context {
     let mut js = js.clone();
     js.set_timeout(PROVISION_TIMEOUT);
@@ -414,7 +414,7 @@ pub(crate) fn provisioning(js: &jetstream::Context) -> jetstream::Context {
 /// (0.25 s, doubling to 2 s: under 10 s in all), as is JetStream's
 /// "temporarily unavailable" during a leader election. Other errors are
 /// returned as they are.
-pub(crate) async fn retry_timeouts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
+pub(crate) async fn retry_transient<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -453,14 +453,14 @@ enum Transient {
     NotYet,
 }
 
+/// JetStream's codes for [`Transient::NotYet`], as async-nats words them.
+const NOT_YET: [&str; 3] = ["error code 10059", "error code 10014", "error code 10008"];
+
 fn transient(e: &anyhow::Error) -> Option<Transient> {
     let text: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     if text.iter().any(|t| t.contains("timed out")) {
         Some(Transient::Timeout)
-    } else if text
-        .iter()
-        .any(|t| ["10059", "10014", "10008"].iter().any(|code| t.contains(&format!("error code {code}"))))
-    {
+    } else if text.iter().any(|t| NOT_YET.iter().any(|code| t.contains(code))) {
         Some(Transient::NotYet)
     } else {
         None
@@ -493,12 +493,12 @@ pub async fn provision_definitions(js: &jetstream::Context, names: &Names, file:
     let js = &provisioning(js);
     for cfg in defs.streams {
         let name = cfg.name.clone();
-        retry_timeouts(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
+        retry_transient(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
     }
     for def in defs.consumers {
         let durable = def.config.durable_name.clone().unwrap_or_default();
         let what = format!("creating or updating consumer {durable} on {}", def.stream);
-        retry_timeouts(&what, || async {
+        retry_transient(&what, || async {
             let stream = js.get_stream(&def.stream).await.with_context(|| format!("stream {}", def.stream))?;
             stream.create_consumer(def.config.clone()).await.with_context(|| what.clone())?;
             Ok(())
@@ -586,7 +586,11 @@ pub async fn idempotency_store(
 /// The Object Store bucket used for uploads and large page images, holding
 /// at most `nats.max_blob_bytes` (0: no limit) in `nats.replicas` copies
 /// (both applied to an existing bucket too).
-pub async fn blob_store(js: &jetstream::Context, names: &Names, cfg: &NatsConfig) -> Result<object_store::ObjectStore> {
+pub async fn blob_store(
+    js: &jetstream::Context,
+    names: &Names,
+    cfg: &NatsConfig,
+) -> Result<(object_store::ObjectStore, stream::Stream)> {
     let (max_bytes, replicas) = (cfg.max_blob_bytes, cfg.replicas);
     let bucket = names.blob_bucket();
     let limit = if max_bytes == 0 { -1 } else { i64::try_from(max_bytes).unwrap_or(i64::MAX) };
@@ -625,7 +629,7 @@ pub async fn blob_store(js: &jetstream::Context, names: &Names, cfg: &NatsConfig
             .await
             .with_context(|| format!("setting max_bytes and replicas of {stream_name}"))?;
     }
-    Ok(store)
+    Ok((store, stream))
 }
 
 /// What to do when JetStream refuses to reserve a stream's `max_bytes`
@@ -679,7 +683,7 @@ mod tests {
     #[tokio::test]
     async fn provisioning_asks_again_after_a_timeout_and_only_then() {
         let calls = std::sync::atomic::AtomicU32::new(0);
-        let got = retry_timeouts("x", || async {
+        let got = retry_transient("x", || async {
             let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if n < 2 {
                 Err(anyhow::anyhow!("jetstream request timed out")).context("creating stream X")
@@ -691,7 +695,7 @@ mod tests {
         .unwrap();
         assert_eq!(got, 2, "two timeouts, then the answer");
         let calls = std::sync::atomic::AtomicU32::new(0);
-        let err = retry_timeouts("x", || async {
+        let err = retry_transient("x", || async {
             calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Err::<(), _>(anyhow::anyhow!("insufficient storage resources available"))
         })
@@ -699,7 +703,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "{err}: not a timeout, not retried");
         let calls = std::sync::atomic::AtomicU32::new(0);
-        retry_timeouts("x", || async {
+        retry_transient("x", || async {
             calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Err::<(), _>(anyhow::anyhow!("timed out"))
         })
@@ -717,7 +721,7 @@ mod tests {
         };
         let calls = std::sync::atomic::AtomicU32::new(0);
         let started = std::time::Instant::now();
-        let got = retry_timeouts("x", || async {
+        let got = retry_transient("x", || async {
             let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if n < 2 {
                 not_found()

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use crate::config::NatsConfig;
 use crate::counters::Counters;
 use crate::nats::{
-    blob_store, idempotency_store, provision_stream, provisioning, render_template, retry_timeouts, ConsumerDef, Names,
+    blob_store, idempotency_store, provision_stream, provisioning, render_template, retry_transient, ConsumerDef, Names,
 };
 use crate::registry;
 
@@ -41,12 +41,12 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
     let js = &provisioning(js);
     for cfg in stream_configs(names, cfg)? {
         let name = cfg.name.clone();
-        retry_timeouts(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
+        retry_transient(&format!("stream {name}"), || provision_stream(js, names, cfg.clone())).await?;
     }
     for (stream_name, consumer_cfg) in consumer_configs(names, cfg)? {
         let durable = consumer_cfg.durable_name.clone().unwrap_or_default();
         let what = format!("creating or updating consumer {durable} on {stream_name}");
-        retry_timeouts(&what, || async {
+        retry_transient(&what, || async {
             let stream = js.get_stream(&stream_name).await.with_context(|| format!("stream {stream_name}"))?;
             // Creating a durable consumer with an identical config is a no-op;
             // a changed config is applied as an update.
@@ -55,10 +55,10 @@ pub async fn provision(js: &jetstream::Context, names: &Names, cfg: &NatsConfig)
         })
         .await?;
     }
-    retry_timeouts("the blob store", || blob_store(js, names, cfg)).await?;
-    retry_timeouts("the counters bucket", || Counters::open(js, names, cfg.replicas)).await?;
-    retry_timeouts("the model registry bucket", || registry::bucket(js, names, cfg.replicas)).await?;
-    retry_timeouts("the idempotency bucket", || idempotency_store(js, names, cfg.replicas)).await?;
+    retry_transient("the blob store", || blob_store(js, names, cfg)).await?;
+    retry_transient("the counters bucket", || Counters::open(js, names, cfg.replicas)).await?;
+    retry_transient("the model registry bucket", || registry::bucket(js, names, cfg.replicas)).await?;
+    retry_transient("the idempotency bucket", || idempotency_store(js, names, cfg.replicas)).await?;
     Ok(())
 }
 

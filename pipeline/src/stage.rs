@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use async_nats::jetstream;
 
 use crate::blob::BlobStore;
@@ -45,16 +45,10 @@ impl StageContext {
 
     pub async fn blobs(&self) -> Result<BlobStore> {
         let bucket = self.names.blob_bucket();
-        nats::retry_timeouts("the blob store", || async {
-            let store = nats::blob_store(&self.js, &self.names, &self.config.nats).await?;
-            let stream = self
-                .js
-                .get_stream(format!("OBJ_{bucket}"))
-                .await
-                .with_context(|| format!("opening the stream of bucket {bucket}"))?;
-            Ok(BlobStore::new(store, self.js.clone(), stream, bucket.clone()))
-        })
-        .await
+        let (store, stream) =
+            nats::retry_transient("the blob store", || nats::blob_store(&self.js, &self.names, &self.config.nats))
+                .await?;
+        Ok(BlobStore::new(store, self.js.clone(), stream, bucket))
     }
 
     /// Whether `doc_id` was cancelled; a failed check is a transient error.
